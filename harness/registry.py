@@ -1,0 +1,110 @@
+"""The model registry (``models.yaml``): names users type, mapped to where weights live.
+
+Validated with pydantic so that a typo or a YAML surprise (``revision: 0123456``
+read as an octal number) is reported with the file, the line and the text the
+user wrote, before anything is downloaded or loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from harness.errors import SuiteError
+from harness.validation import validate
+from harness.yamlload import YamlMap, load_yaml
+
+FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class ModelEntry(BaseModel):
+    """One registry entry: exactly one source (``hub``, ``gguf`` or ``embedded``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hub: str | None = None
+    revision: str | None = None
+    gguf: str | None = None
+    embedded: str | None = None
+    local: list[str] = []
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    chat: bool = True
+    adapter: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    description: str = ""
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _revision_is_text(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"YAML read the revision as a {type(value).__name__} ({value!r}), "
+                "not as text; quote it"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        sources = [k for k in ("hub", "gguf", "embedded") if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one of hub, gguf, embedded"
+                + (f" (got {', '.join(sources)})" if sources else "")
+            )
+        if self.trust_remote_code and not (self.revision and FULL_SHA.match(self.revision)):
+            raise ValueError(
+                "trust_remote_code: true runs code from the model repository, so it is only "
+                "allowed with a pinned revision: a full 40-hex commit id"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The whole ``models.yaml``: ``default`` is the model used without ``--model``."""
+
+    path: Path
+    default: str
+    models: dict[str, ModelEntry]
+
+
+def load_registry(path: Path) -> Registry:
+    """Read and validate ``path``; every problem is a SuiteError naming the line."""
+    if not path.is_file():
+        raise SuiteError(
+            path,
+            "model registry not found",
+            hint="pass --registry FILE, or create models.yaml at the rootdir",
+        )
+    data = load_yaml(path, what="model registry")
+    if not isinstance(data, YamlMap):
+        raise SuiteError(path, "a registry is a mapping with 'default' and 'models'", line=1)
+    unknown = sorted(set(data) - {"default", "models"})
+    if unknown:
+        raise SuiteError(
+            path, "unknown top-level key", line=data.lines[unknown[0]], key=unknown[0],
+            hint="the registry has only 'default' and 'models'",
+        )
+    models = data.get("models")
+    if not isinstance(models, YamlMap) or not models:
+        raise SuiteError(
+            path, "'models' must be a non-empty mapping of name to entry",
+            line=data.lines.get("models", 1), key="models",
+        )
+    entries = {
+        str(name): validate(ModelEntry, raw, path=path, root=data, loc=("models", name))
+        for name, raw in models.items()
+    }
+    default = data.get("default")
+    if default not in entries:
+        raise SuiteError(
+            path, f"default {default!r} is not one of the models",
+            line=data.lines.get("default", 1), key="default",
+            hint="known models: " + ", ".join(entries),
+        )
+    return Registry(path=path, default=str(default), models=entries)

@@ -1,0 +1,75 @@
+"""Turn pydantic validation errors into one SuiteError with file, line, key and fix."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from harness.errors import SuiteError
+from harness.yamlload import line_of, raw_of
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(cls: type[M], data: Any, *, path: Path, root: Any, loc: tuple[Any, ...] = ()) -> M:
+    """Validate ``data`` (found at ``loc`` inside ``root``) as ``cls``."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise to_suite_error(exc, cls=cls, path=path, root=root, loc=loc) from None
+
+
+def to_suite_error(
+    exc: ValidationError, *, cls: type[BaseModel], path: Path, root: Any, loc: tuple[Any, ...]
+) -> SuiteError:
+    err = exc.errors()[0]
+    # pydantic adds union member tags such as "function-after[...]" to locations
+    inner = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "-" in p and p.startswith("function"))))
+    full = loc + inner
+    line, key = line_of(root, full)
+    message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    hint: str | None = None
+    raw = raw_of(root, full)
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+        known = _fields_at(cls, inner[:-1])
+        match = difflib.get_close_matches(str(inner[-1]), known, n=1, cutoff=0.6)
+        if match:
+            hint = f"did you mean {match[0]!r}?"
+        elif known:
+            hint = "allowed keys here: " + ", ".join(sorted(known))
+    elif err["type"] == "missing":
+        message = "required field is missing"
+    elif raw is not None:
+        message += f" (you wrote {raw!r})"
+    return SuiteError(path, message, line=line, key=key, hint=hint)
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model that owns the location ``loc``."""
+    current: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = _model_in(fields[part].annotation)
+        if current is None:
+            return []
+    return [name for name in getattr(current, "model_fields", {})]
+
+
+def _model_in(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,144 @@
+"""Safe YAML loading that keeps what the user wrote: line numbers and raw scalars.
+
+Built on ``yaml.SafeLoader`` only. On top of it: duplicate keys are an error
+(PyYAML silently keeps the last), floats such as ``1e-5`` are floats (YAML 1.1
+reads them as strings), and every mapping remembers the line and the source text
+of each value so that validation errors can quote them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import SuiteError
+
+
+class YamlMap(dict):  # type: ignore[type-arg]
+    """A dict that remembers where each key sits in the file and its raw text."""
+
+    line: int
+    lines: dict[str, int]
+    raw: dict[str, str]
+
+
+class YamlList(list):  # type: ignore[type-arg]
+    """A list that remembers the line of each element."""
+
+    line: int
+    lines: list[int]
+
+
+_FLOAT_12 = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+# YAML 1.1 has no float without a dot before the exponent; YAML 1.2 and users do.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789.")
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> YamlMap:
+    loader.flatten_mapping(node)
+    result = YamlMap()
+    result.line = node.start_mark.line + 1
+    result.lines = {}
+    result.raw = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"unsupported mapping key {key!r}", key_node.start_mark
+            )
+        skey = str(key)
+        if skey in result.lines:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {skey!r} (first at line {result.lines[skey]}); "
+                "YAML would silently keep only the last one",
+                key_node.start_mark,
+            )
+        result[skey] = loader.construct_object(value_node, deep=True)
+        result.lines[skey] = value_node.start_mark.line + 1
+        if isinstance(value_node, yaml.ScalarNode):
+            result.raw[skey] = value_node.value
+    return result
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> YamlList:
+    result = YamlList(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
+
+
+def load_yaml(path: Path, *, what: str = "file") -> Any:
+    """Parse ``path`` safely; any YAML problem becomes a SuiteError with its line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(path, f"cannot read this {what}: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.constructor.ConstructorError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        problem = exc.problem or str(exc)
+        hint = None
+        if "could not determine a constructor" in problem:
+            tag = re.search(r"'([^']+)'", problem)
+            problem = f"unsafe or unknown YAML tag {tag.group(1) if tag else ''}".rstrip()
+            hint = "remove the tag: suites and registries are plain data, nothing in them is executed"
+        raise SuiteError(path, problem, line=line, hint=hint) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SuiteError(
+            path, f"YAML does not parse: {problem}", line=line, hint="check indentation and quoting"
+        ) from None
+
+
+def line_of(root: Any, loc: tuple[Any, ...]) -> tuple[int | None, str | None]:
+    """The line of the deepest existing node along ``loc`` and the key path text."""
+    node = root
+    line = getattr(root, "line", None)
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(node, YamlMap) and isinstance(part, str) and part in node:
+            line = node.lines.get(part, line)
+            parts.append(part)
+            node = node[part]
+        elif isinstance(node, YamlList) and isinstance(part, int) and 0 <= part < len(node):
+            line = node.lines[part]
+            parts.append(f"[{part}]")
+            node = node[part]
+        else:
+            parts.append(str(part))
+            break
+    key = ".".join(parts).replace(".[", "[") if parts else None
+    return line, key
+
+
+def raw_of(root: Any, loc: tuple[Any, ...]) -> str | None:
+    """The text the user wrote for the scalar at ``loc``, when known."""
+    node = root
+    for part in loc[:-1]:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    if isinstance(node, YamlMap) and loc and isinstance(loc[-1], str):
+        return node.raw.get(loc[-1])
+    return None
