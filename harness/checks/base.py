@@ -1,0 +1,143 @@
+"""The contract between suites and check kinds, and the registry of kinds.
+
+A kind is a pair: a ``CheckSpec`` subclass (what the YAML says, validated) and
+a ``Check`` subclass (what runs). Checks observe the model through a
+``CheckContext``; they never parse YAML, load models or decide where goldens live.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from harness.variants import ALL_KEYS, VariantSpec
+
+if TYPE_CHECKING:
+    import pytest
+
+    from harness.devices import Device
+    from harness.golden import GoldenStore
+    from harness.pool import Loaded, ModelPool
+
+
+class CheckSpec(BaseModel):
+    """Fields every check has; kinds add their own (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    kind: str
+    description: str = ""
+    variants: list[str] | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_safe(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("use letters, digits, '-', '_' and '.' (it names a file and a test)")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_known(cls, value: list[str] | None) -> list[str] | None:
+        for key in value or []:
+            if key not in ALL_KEYS:
+                match = difflib.get_close_matches(key, ALL_KEYS, n=1)
+                hint = f"; did you mean {match[0]!r}?" if match else ""
+                raise ValueError(f"unknown variant {key!r} (known: {', '.join(ALL_KEYS)}){hint}")
+        return value
+
+
+@dataclass
+class CheckContext:
+    """Everything a check may use: the pool, the variant, goldens, the pytest request."""
+
+    suite: str
+    suite_path: Path
+    check_id: str
+    variant: VariantSpec | None
+    pool: ModelPool
+    goldens: GoldenStore
+    device: Device
+    request: pytest.FixtureRequest
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pool.tokenizer
+
+    def loaded(self, variant: VariantSpec | None = None) -> Loaded:
+        target = variant or self.variant
+        assert target is not None, "a model-level check asked for a model"
+        return self.pool.get(target)
+
+    @property
+    def model(self) -> Any:
+        return self.loaded().model
+
+    def golden_path(self) -> Path:
+        return self.goldens.path(
+            suite=self.suite, check_id=self.check_id, variant=self.variant.key if self.variant else None
+        )
+
+    def assert_golden(self, actual: Any, explain: Callable[[Any, Any], str]) -> None:
+        __tracebackhide__ = True
+        extra: dict[str, Any] = {"check": f"{self.suite}::{self.check_id}"}
+        if self.variant is not None:
+            extra["variant"] = self.variant.key
+        self.goldens.assert_matches(self.golden_path(), actual, explain=explain, provenance_extra=extra)
+
+
+S = TypeVar("S", bound=CheckSpec)
+
+
+class Check(ABC, Generic[S]):
+    """Behaviour of one kind. ``per_variant = False`` kinds run once per model."""
+
+    Spec: ClassVar[type[CheckSpec]]
+    kind: ClassVar[str]
+    per_variant: ClassVar[bool] = True
+    needs_gpu: ClassVar[bool] = False
+
+    def __init__(self, spec: S) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def run(self, ctx: CheckContext) -> None:
+        """Observe and compare; raise CheckFailure with a reviewer's message on a difference."""
+
+
+_REGISTRY: dict[str, type[Check[Any]]] = {}
+
+
+def register_check(kind: str) -> Callable[[type[Check[Any]]], type[Check[Any]]]:
+    """Class decorator: make ``kind`` usable in suites. Names are unique."""
+
+    def decorate(cls: type[Check[Any]]) -> type[Check[Any]]:
+        if kind in _REGISTRY and _REGISTRY[kind] is not cls:
+            raise ValueError(f"check kind {kind!r} is registered twice ({_REGISTRY[kind]} and {cls})")
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return decorate
+
+
+def get_check(kind: str) -> type[Check[Any]]:
+    """The class for ``kind``; unknown names raise KeyError with a 'did you mean'."""
+    if kind not in _REGISTRY:
+        match = difflib.get_close_matches(kind, list(_REGISTRY), n=1)
+        hint = f"did you mean {match[0]!r}? " if match else ""
+        raise KeyError(f"{hint}known kinds: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[kind]
+
+
+def known_kinds() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,62 @@
+"""Prompts as suites write them (raw text or chat messages), turned into model inputs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from harness.errors import CheckFailure
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class NoChatTemplate(Exception):
+    """The tokenizer has no chat template; the check decides whether that skips or fails."""
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+    if not has_chat_template(tokenizer):
+        raise NoChatTemplate("the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(
+        [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_prompt(tokenizer: Any, *, prompt: str | None, messages: list[Message] | None) -> list[int]:
+    """Token ids the model sees. Chat text already holds its special tokens, so none are added."""
+    if messages is not None:
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert prompt is not None
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def context_limit(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def assert_fits_context(model: Any, n_prompt: int, max_new_tokens: int, *, what: str) -> None:
+    """A prompt past the context would be silently truncated or produce garbage: refuse it."""
+    __tracebackhide__ = True
+    limit = context_limit(model)
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        raise CheckFailure(
+            f"{what}: the prompt is {n_prompt} tokens and max_new_tokens is {max_new_tokens}, "
+            f"which exceeds the model's context of {limit} tokens. Fix: shorten the prompt or "
+            "lower max_new_tokens in the suite."
+        )

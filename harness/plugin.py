@@ -1,0 +1,169 @@
+"""The pytest plugin: options, hooks and fixtures. Thin; the work happens elsewhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.session import HarnessSession, Options
+
+_STATE = pytest.StashKey[HarnessSession]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness", "behaviour tests of causal language models (harness)")
+    group.addoption("--model", default=None, metavar="NAME|PATH",
+                    help="registry name, local model folder, .gguf file or hub id (default: the registry's default)")
+    group.addoption("--registry", default=None, metavar="FILE",
+                    help="model registry (default: models.yaml at the rootdir)")
+    group.addoption("--variants", default=None, metavar="LIST",
+                    help="comma list out of fp16,nf4,fp16-lora,nf4-lora (default: all; -lora ones where an adapter is known)")
+    group.addoption("--adapter", default=None, metavar="PATH",
+                    help="LoRA adapter folder; overrides the registry's adapter")
+    group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where models run (default: auto, a GPU when there is one)")
+    group.addoption("--golden-dir", default=None, metavar="DIR",
+                    help="golden files root (default: golden/ at the rootdir)")
+    group.addoption("--allow-update-in-ci", action="store_true", default=False,
+                    help="allow --snapshot-update when the CI environment variable is set")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "harness: an item generated from a YAML suite")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason where none is")
+    config.stash[_STATE] = HarnessSession(_options(config))
+
+
+def _options(config: pytest.Config) -> Options:
+    root = Path(config.rootpath)
+    golden = Path(config.getoption("golden_dir") or root / "golden")
+    if golden.exists() and not golden.is_dir():
+        raise pytest.UsageError(f"--golden-dir {golden}: this is a file, not a folder. Fix: pass a folder.")
+    update = bool(config.getoption("update_snapshots", default=False))
+    if update and os.environ.get("CI") and not config.getoption("allow_update_in_ci"):
+        raise pytest.UsageError(
+            "--snapshot-update refused: the CI environment variable is set, and a CI job that rewrites "
+            "goldens would pass on any change. Fix: update goldens on your machine and commit the reviewed "
+            "diff, or pass --allow-update-in-ci if this job really should write them."
+        )
+    variants = config.getoption("variants")
+    if variants:
+        from harness.variants import ALL_KEYS
+
+        bad = [v for v in variants.split(",") if v.strip() and v.strip() not in ALL_KEYS]
+        if bad:
+            raise pytest.UsageError(f"--variants: unknown variant {bad[0]!r}. Fix: choose from {','.join(ALL_KEYS)}.")
+    registry = Path(config.getoption("registry") or root / "models.yaml")
+    return Options(
+        model=config.getoption("model"), registry=registry, variants=variants,
+        adapter=config.getoption("adapter"), device=config.getoption("device"),
+        golden_dir=golden.resolve(), update=update, rootdir=root,
+    )
+
+
+def harness_state(config: pytest.Config) -> HarnessSession:
+    """The session's harness state; harness errors here are usage errors."""
+    return config.stash[_STATE]
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    from harness.collect import SuiteFile, is_suite_file
+
+    if is_suite_file(file_path, parent):
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order items so each variant loads once: model-level first, then variant by variant."""
+    from harness.collect import HarnessItem
+
+    def order(item: pytest.Item) -> int:
+        if isinstance(item, HarnessItem):
+            return item.run_order
+        spec = getattr(getattr(item, "callspec", None), "params", {}).get("variant")
+        if spec is not None:
+            from harness.variants import RUN_ORDER
+
+            return RUN_ORDER.index(spec.key)
+        return -2
+
+    items.sort(key=order)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Resolve the model once we know items need it: a missing model stops the session here."""
+    if session.config.option.collectonly:
+        return
+    if not any("harness_session" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    state = harness_state(session.config)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"harness: {line}")
+
+    try:
+        state.variants  # noqa: B018 - validates --variants against the adapter
+        state.resolve(progress=progress)
+    except (HarnessError, ValueError) as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Ordinary tests that use ``variant`` (or ``model``) run once per active variant."""
+    if "variant" in metafunc.fixturenames:
+        try:
+            variants = harness_state(metafunc.config).variants
+        except (HarnessError, ValueError) as exc:
+            raise pytest.UsageError(str(exc)) from None
+        metafunc.parametrize("variant", variants, ids=[v.key for v in variants], scope="function")
+
+
+@pytest.fixture(scope="session")
+def harness_session(request: pytest.FixtureRequest) -> HarnessSession:
+    """The harness state: pool, goldens, device. Model resolution errors end the session."""
+    state = harness_state(request.config)
+    try:
+        state.resolve()
+    except (HarnessError, ValueError) as exc:
+        pytest.exit(str(exc), returncode=4)
+    return state
+
+
+@pytest.fixture
+def tokenizer(harness_session: HarnessSession) -> Any:
+    """The model's tokenizer (pad token set for causal LMs)."""
+    return harness_session.pool.tokenizer
+
+
+@pytest.fixture
+def model(harness_session: HarnessSession, variant: Any) -> Any:
+    """The model loaded in the current ``variant`` (loaded once per session per variant)."""
+    from harness.pool import VariantUnavailable
+
+    try:
+        return harness_session.pool.get(variant).model
+    except VariantUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = harness_state(config)
+    opts = state.options
+    return [
+        f"harness: model={opts.model or '(registry default)'} registry={opts.registry} "
+        f"device={opts.device} variants={opts.variants or '(all)'} goldens={opts.golden_dir}"
+        + (" [updating goldens]" if opts.update else "")
+    ]
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from harness.report import terminal_summary
+
+    terminal_summary(terminalreporter, harness_state(config), config)

@@ -1,0 +1,263 @@
+"""ModelPool: loads each variant at most once per session and keeps one in memory.
+
+Loading follows the order lm-eval's ``HFLM._create_model`` uses: quantization
+config, then ``from_pretrained``, then the adapter. Failures are remembered per
+variant so that every item of a broken variant reports the same reason quickly
+while the other variants still run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.devices import Device
+from harness.errors import AdapterError, HarnessError, ModelLoadError
+from harness.sources import ResolvedModel
+from harness.variants import VariantSpec
+
+
+class VariantUnavailable(HarnessError):
+    """This variant cannot run on this machine (not a failure: items skip)."""
+
+
+@dataclass
+class Loaded:
+    """A loaded variant and what it cost."""
+
+    variant: VariantSpec
+    model: Any
+    seconds: float
+    weights_bytes: int
+
+
+@dataclass
+class ModelPool:
+    resolved: ResolvedModel
+    device: Device
+    notes: list[str] = field(default_factory=list)
+    load_counts: Counter[str] = field(default_factory=Counter)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+    weights_bytes: dict[str, int] = field(default_factory=dict)
+    _current: Loaded | None = None
+    _tokenizer: Any = None
+    _failed: dict[str, HarnessError] = field(default_factory=dict)
+    _observations: dict[tuple[str, str], Any] = field(default_factory=dict)
+    loader: Callable[[VariantSpec], Any] | None = None
+
+    # -- tokenizer -----------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self._load_tokenizer()
+        return self._tokenizer
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        entry = self.resolved.entry
+        tok = AutoTokenizer.from_pretrained(
+            str(self.resolved.path), trust_remote_code=entry.trust_remote_code
+        )
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ModelLoadError(
+                    f"Model {self.resolved.name!r}: the tokenizer has neither a pad nor an eos "
+                    "token, so batches cannot be padded. Fix: set pad_token in tokenizer_config.json."
+                )
+            tok.pad_token = tok.eos_token
+            self.notes.append(
+                f"tokenizer has no pad token: using eos {tok.eos_token!r} (id {tok.eos_token_id}) for padding"
+            )
+        return tok
+
+    # -- variants ------------------------------------------------------------
+    def get(self, variant: VariantSpec) -> Loaded:
+        """The loaded variant, loading it (and freeing the previous one) when needed."""
+        __tracebackhide__ = True
+        if self._current is not None and self._current.variant == variant:
+            return self._current
+        if variant.key in self._failed:
+            raise self._failed[variant.key]
+        self.release()
+        try:
+            self._current = self._load(variant)
+        except HarnessError as exc:
+            self._failed[variant.key] = exc
+            raise
+        return self._current
+
+    def release(self) -> None:
+        """Free the loaded variant (and the GPU cache) before the next one loads."""
+        if self._current is None:
+            return
+        self._current = None
+        gc.collect()
+        if self.device.is_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def observe(self, variant: VariantSpec, key: str, fn: Callable[[Loaded], Any]) -> Any:
+        """Memoize ``fn`` on a variant: references (drift, savings) are measured once."""
+        cache_key = (variant.key, key)
+        if cache_key not in self._observations:
+            self._observations[cache_key] = fn(self.get(variant))
+        return self._observations[cache_key]
+
+    def _load(self, variant: VariantSpec) -> Loaded:
+        if variant.quant == "nf4":
+            reason = nf4_unsupported_reason(self.device)
+            if reason:
+                raise VariantUnavailable(f"NF4 is not available on {self.device.description}: {reason}")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        start = time.perf_counter()
+        try:
+            model = self.loader(variant) if self.loader else self._from_pretrained(variant)
+        except HarnessError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one clear paragraph instead of a deep traceback
+            if _is_oom(exc):
+                raise ModelLoadError(
+                    f"Out of memory while loading {self.resolved.name!r} as {variant.key} on "
+                    f"{self.device.description}: {str(exc).splitlines()[0]}. The other variants still run. "
+                    "Fix: free memory, use --variants to pick fewer, or a smaller model."
+                ) from None
+            raise ModelLoadError(
+                f"Loading {self.resolved.name!r} ({self.resolved.path}) as {variant.key} failed: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
+        if variant.lora:
+            model = self._apply_adapter(model)
+        model.eval()
+        seconds = time.perf_counter() - start
+        footprint = int(model.get_memory_footprint())
+        self.load_counts[variant.key] += 1
+        self.load_seconds[variant.key] = seconds
+        self.weights_bytes[variant.key] = footprint
+        return Loaded(variant, model, seconds, footprint)
+
+    def _from_pretrained(self, variant: VariantSpec) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        entry = self.resolved.entry
+        kwargs: dict[str, Any] = {
+            "dtype": getattr(torch, entry.dtype),
+            "device_map": self.device.name,
+            "trust_remote_code": entry.trust_remote_code,
+            "use_safetensors": not entry.allow_pickle or None,
+        }
+        if variant.quant == "nf4":
+            kwargs["quantization_config"] = nf4_config()
+        return AutoModelForCausalLM.from_pretrained(str(self.resolved.path), **kwargs)
+
+    def _apply_adapter(self, model: Any) -> Any:
+        adapter = self.resolved.adapter
+        if adapter is None:
+            raise AdapterError(
+                f"Variant needs a LoRA adapter but none is known for {self.resolved.name!r}. "
+                "Fix: pass --adapter PATH or set `adapter:` in the registry."
+            )
+        return load_adapter(model, adapter, model_name=self.resolved.name)
+
+
+def nf4_config() -> Any:
+    """NF4 with double quantization and bfloat16 compute: the QLoRA recipe."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+_NF4_PROBE: dict[str, str | None] = {}
+
+
+def nf4_unsupported_reason(device: Device) -> str | None:
+    """None when bitsandbytes can quantize to NF4 on ``device``; else why not (probed once)."""
+    if device.name in _NF4_PROBE:
+        return _NF4_PROBE[device.name]
+    reason: str | None = None
+    try:
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        probe = torch.randn(64, 64, dtype=torch.bfloat16, device=device.name)
+        packed, state = bnbf.quantize_4bit(probe, quant_type="nf4", compress_statistics=True)
+        bnbf.dequantize_4bit(packed, state)
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot run here"
+        reason = f"bitsandbytes: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    _NF4_PROBE[device.name] = reason
+    return reason
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
+    """Apply a LoRA adapter, refusing ones that do not fit or that change nothing."""
+    from peft import PeftModel
+
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(
+            f"Adapter {adapter}: no adapter_config.json there, so it is not a peft adapter folder. "
+            "Fix: point --adapter (or the registry's `adapter:`) at the folder save_pretrained wrote."
+        )
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise AdapterError(
+            f"Adapter {adapter}: no adapter_model.safetensors (pickle .bin adapters are refused). "
+            "Fix: save the adapter with safe_serialization=True."
+        )
+    try:
+        trained_for = json.loads(config_file.read_text()).get("base_model_name_or_path") or "unknown"
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"Adapter {adapter}: adapter_config.json is not valid JSON ({exc}).") from None
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except Exception as exc:  # noqa: BLE001
+        detail = str(exc).strip().splitlines()
+        first = next((line for line in detail if "size mismatch" in line), detail[0] if detail else "")
+        raise AdapterError(
+            f"Adapter {adapter} (trained for base {trained_for!r}) does not fit model "
+            f"{model_name!r}: {type(exc).__name__}: {first.strip()[:300]}. "
+            "Fix: use an adapter trained on this base model, or pass the matching --model."
+        ) from None
+    _assert_adapter_loaded(model, adapter, model_name=model_name, trained_for=trained_for)
+    return model
+
+
+def _assert_adapter_loaded(model: Any, adapter: Path, *, model_name: str, trained_for: str) -> None:
+    """peft only warns on missing keys; a lora_B left at its zero init means they did not load."""
+    zero: list[str] = []
+    total = 0
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            total += 1
+            if not param.detach().float().abs().max().item() > 0:
+                zero.append(name)
+    if total == 0:
+        raise AdapterError(
+            f"Adapter {adapter} added no LoRA layers to {model_name!r} (trained for {trained_for!r}). "
+            "Fix: check target_modules in adapter_config.json."
+        )
+    if zero:
+        raise AdapterError(
+            f"Adapter {adapter} did not load into {model_name!r}: {len(zero)} of {total} lora_B "
+            f"weights are still zero (first: {zero[0]}), so their keys are missing from the file or "
+            "the adapter is a no-op. Fix: re-save the adapter from the trained model."
+        )

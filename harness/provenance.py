@@ -1,0 +1,99 @@
+"""Fingerprints of what produced an observation: model files, tokenizer, adapter, libraries.
+
+Stored in golden sidecars (never compared), so that a failing comparison can
+say whether the model or adapter changed since the golden was recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from harness.sources import cache_dir
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+
+def _sha_files(files: list[Path]) -> str | None:
+    """A digest over names and contents, memoized on disk by (path, size, mtime)."""
+    files = sorted(f for f in files if f.is_file())
+    if not files:
+        return None
+    memo_file = cache_dir() / "fingerprints.json"
+    try:
+        memo: dict[str, str] = json.loads(memo_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    if stamp in memo:
+        return memo[stamp]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    value = digest.hexdigest()[:16]
+    memo[stamp] = value
+    tmp = memo_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(memo_file)
+    return value
+
+
+@lru_cache(maxsize=None)
+def model_fingerprint(folder: Path) -> str | None:
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return _sha_files(files + [folder / "config.json"])
+
+
+@lru_cache(maxsize=None)
+def tokenizer_fingerprint(folder: Path) -> str | None:
+    return _sha_files([folder / name for name in TOKENIZER_FILES])
+
+
+@lru_cache(maxsize=None)
+def adapter_fingerprint(folder: Path | None) -> str | None:
+    if folder is None:
+        return None
+    return _sha_files([folder / "adapter_model.safetensors", folder / "adapter_config.json"])
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "tokenizers", "accelerate"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def describe_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human lines for the provenance fields that differ (model, adapter, tokenizer, versions)."""
+    lines: list[str] = []
+    labels = {
+        "model_fingerprint": "the model's weights", "tokenizer_fingerprint": "the tokenizer files",
+        "adapter_fingerprint": "the adapter", "revision": "the model revision",
+    }
+    for key, label in labels.items():
+        if key in recorded and recorded.get(key) != current.get(key):
+            lines.append(f"{label} changed since this golden was recorded "
+                         f"({recorded.get(key)} -> {current.get(key)})")
+    old_v, new_v = recorded.get("versions", {}), current.get("versions", {})
+    for dist in sorted(set(old_v) | set(new_v)):
+        if old_v.get(dist) != new_v.get(dist):
+            lines.append(f"{dist} {old_v.get(dist)} -> {new_v.get(dist)}")
+    if recorded.get("device") != current.get("device"):
+        lines.append(f"device {recorded.get('device')} -> {current.get('device')}")
+    return lines

@@ -1,0 +1,173 @@
+"""The harness's state for one pytest session: options, the model, its pool and goldens.
+
+Options are validated when pytest starts; the model is resolved (fetched,
+converted) only once items that need it were collected, and loaded lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.variants import VariantSpec, parse_variants
+
+if TYPE_CHECKING:
+    import pytest
+
+    from harness.devices import Device
+    from harness.golden import GoldenStore
+    from harness.pool import ModelPool
+    from harness.registry import Registry
+    from harness.sources import ResolvedModel
+    from harness.spec import CheckEntry, SuiteSpec
+
+
+@dataclass(frozen=True)
+class Options:
+    """The ``harness`` command-line options, validated."""
+
+    model: str | None
+    registry: Path
+    variants: str | None
+    adapter: str | None
+    device: str
+    golden_dir: Path
+    update: bool
+    rootdir: Path
+
+
+@dataclass
+class Outcome:
+    """One item's result, kept for the end-of-session report."""
+
+    nodeid: str
+    suite: str
+    check: str
+    variant: str | None
+    outcome: str
+    message: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+class HarnessSession:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self._registry: Registry | None = None
+        self._variants: list[VariantSpec] | None = None
+        self._resolved: ResolvedModel | None = None
+        self._pool: ModelPool | None = None
+        self._goldens: GoldenStore | None = None
+        self._device: Device | None = None
+        self.outcomes: list[Outcome] = []
+        self.progress_lines: list[str] = []
+        self.figures: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    # -- cheap, at collection ---------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            from harness.registry import load_registry
+
+            self._registry = load_registry(self.options.registry)
+        return self._registry
+
+    @property
+    def model_name(self) -> str:
+        """The registry name (or folder name) goldens are stored under, without resolving."""
+        from harness.sources import safe_name
+
+        value = self.options.model or self.registry.default
+        if value in self.registry.models:
+            return value
+        path = Path(value)
+        return safe_name(path.stem if path.suffix == ".gguf" else path.name)
+
+    @property
+    def variants(self) -> list[VariantSpec]:
+        if self._variants is None:
+            value = self.options.model or self.registry.default
+            entry = self.registry.models.get(value)
+            adapter_known = bool(self.options.adapter or (entry and entry.adapter))
+            self._variants = parse_variants(self.options.variants, adapter_known=adapter_known)
+        return self._variants
+
+    # -- expensive, once items need a model ----------------------------------------
+    def resolve(self, progress: Any = None) -> ResolvedModel:
+        if self._resolved is None:
+            from harness.sources import resolve
+
+            def note(line: str) -> None:
+                self.progress_lines.append(line)
+                if progress:
+                    progress(line)
+
+            self._resolved = resolve(
+                self.options.model, registry=self.registry, rootdir=self.options.rootdir,
+                adapter=self.options.adapter, progress=note,
+            )
+        return self._resolved
+
+    @property
+    def device(self) -> Device:
+        if self._device is None:
+            from harness.devices import pick_device
+
+            self._device = pick_device(self.options.device)
+        return self._device
+
+    @property
+    def pool(self) -> ModelPool:
+        if self._pool is None:
+            from harness.pool import ModelPool
+
+            self._pool = ModelPool(resolved=self.resolve(), device=self.device)
+        return self._pool
+
+    @property
+    def goldens(self) -> GoldenStore:
+        if self._goldens is None:
+            from harness.golden import GoldenStore
+
+            self._goldens = GoldenStore(
+                root=self.options.golden_dir, model=self.model_name, device_class=self.device.klass,
+                update=self.options.update, provenance=self.provenance(),
+            )
+        return self._goldens
+
+    def provenance(self) -> dict[str, Any]:
+        from harness.provenance import (
+            adapter_fingerprint, library_versions, model_fingerprint, tokenizer_fingerprint,
+        )
+
+        resolved = self.resolve()
+        return {
+            "model": self.model_name,
+            "source": resolved.source,
+            "revision": resolved.revision,
+            "model_fingerprint": model_fingerprint(resolved.path),
+            "tokenizer_fingerprint": tokenizer_fingerprint(resolved.path),
+            "adapter_fingerprint": adapter_fingerprint(resolved.adapter),
+            "device": self.device.klass,
+            "versions": library_versions(),
+        }
+
+    # -- running ----------------------------------------------------------------
+    def run_check(self, suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None,
+                  request: pytest.FixtureRequest) -> None:
+        __tracebackhide__ = True
+        import pytest
+
+        from harness.checks.base import CheckContext
+        from harness.pool import VariantUnavailable
+
+        if entry.check.needs_gpu and not self.device.is_cuda:
+            pytest.skip(f"{entry.check.kind} needs a CUDA device; running on {self.device.description}")
+        ctx = CheckContext(
+            suite=suite.name, suite_path=suite.path, check_id=entry.check.spec.id, variant=variant,
+            pool=self.pool, goldens=self.goldens, device=self.device, request=request,
+        )
+        try:
+            entry.check.run(ctx)
+        except VariantUnavailable as exc:
+            pytest.skip(str(exc))

@@ -1,0 +1,124 @@
+"""A suite file, validated: its name, shared defaults and checks, each with its YAML line.
+
+Every problem becomes a SuiteError naming the file, the line and the key, so
+that pytest reports it as a collection error of this file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.checks import Check, get_check, known_kinds
+from harness.errors import SuiteError
+from harness.validation import validate
+from harness.variants import ALL_KEYS
+from harness.yamlload import YamlList, YamlMap, load_yaml
+
+SUITE_KEYS = {"suite", "description", "defaults", "variants", "checks"}
+
+
+@dataclass(frozen=True)
+class CheckEntry:
+    check: Check[Any]
+    line: int
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    name: str
+    path: Path
+    description: str
+    checks: list[CheckEntry]
+
+
+def load_suite(path: Path) -> SuiteSpec:
+    data = load_yaml(path, what="suite")
+    if not isinstance(data, YamlMap):
+        raise SuiteError(
+            path, f"a suite is a mapping with 'checks', but this file holds a {type(data).__name__}",
+            line=getattr(data, "line", 1),
+            hint="start the file with `suite: NAME` and `checks:` followed by a list of checks",
+        )
+    for key in data:
+        if key not in SUITE_KEYS:
+            match = difflib.get_close_matches(key, sorted(SUITE_KEYS), n=1)
+            raise SuiteError(path, "unknown key", line=data.lines[key], key=key,
+                             hint=f"did you mean {match[0]!r}?" if match else
+                             f"allowed top-level keys: {', '.join(sorted(SUITE_KEYS))}")
+    name = data.get("suite", path.stem)
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise SuiteError(path, "the suite name must be letters, digits, '-' or '_'",
+                         line=data.lines.get("suite"), key="suite")
+    checks = data.get("checks")
+    if not isinstance(checks, YamlList) or not checks:
+        raise SuiteError(path, "'checks' must be a non-empty list", line=data.lines.get("checks", 1),
+                         key="checks", hint="add at least one check with an id and a kind")
+    defaults = data.get("defaults", YamlMap())
+    if not isinstance(defaults, YamlMap):
+        raise SuiteError(path, "'defaults' must be a mapping", line=data.lines.get("defaults"), key="defaults")
+    _check_defaults_used(path, defaults)
+    suite_variants = _suite_variants(path, data)
+    entries: list[CheckEntry] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(checks):
+        line = checks.lines[index]
+        entry = _check_entry(path, index, raw, line, defaults, suite_variants)
+        if entry.check.spec.id in seen:
+            raise SuiteError(path, f"duplicate check id {entry.check.spec.id!r} (first at line "
+                             f"{seen[entry.check.spec.id]})", line=line, key=f"checks[{index}].id",
+                             hint="give every check its own id: it names the test and its golden file")
+        seen[entry.check.spec.id] = line
+        entries.append(entry)
+    return SuiteSpec(name=name, path=path, description=str(data.get("description", "")), checks=entries)
+
+
+def _suite_variants(path: Path, data: YamlMap) -> list[str] | None:
+    value = data.get("variants")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in ALL_KEYS for v in value):
+        raise SuiteError(path, f"'variants' must be a list out of {', '.join(ALL_KEYS)}",
+                         line=data.lines["variants"], key="variants")
+    return list(value)
+
+
+def _check_entry(path: Path, index: int, raw: Any, line: int,
+                 defaults: YamlMap, suite_variants: list[str] | None) -> CheckEntry:
+    if not isinstance(raw, YamlMap):
+        raise SuiteError(path, "each check is a mapping with at least 'id' and 'kind'", line=line,
+                         key=f"checks[{index}]")
+    kind = raw.get("kind")
+    if not isinstance(kind, str):
+        raise SuiteError(path, "required field is missing" if kind is None else "kind must be text",
+                         line=raw.lines.get("kind", line), key=f"checks[{index}].kind",
+                         hint=f"known kinds: {', '.join(known_kinds())}")
+    try:
+        cls = get_check(kind)
+    except KeyError as exc:
+        raise SuiteError(path, f"unknown check kind {kind!r}", line=raw.lines["kind"],
+                         key=f"checks[{index}].kind", hint=str(exc.args[0])) from None
+    fields = cls.Spec.model_fields
+    merged = YamlMap({k: v for k, v in defaults.items() if k in fields and k not in raw})
+    merged.update(raw)
+    merged.line, merged.lines, merged.raw = raw.line, {**defaults.lines, **raw.lines}, {**defaults.raw, **raw.raw}
+    if suite_variants is not None and "variants" not in raw:
+        merged["variants"] = suite_variants
+    try:
+        spec = validate(cls.Spec, merged, path=path, root=merged)
+    except SuiteError as err:
+        key = f"checks[{index}]" + (f".{err.key}" if err.key else "")
+        raise dataclasses.replace(err, key=key, line=err.line or line) from None
+    return CheckEntry(check=cls(spec), line=line)
+
+
+def _check_defaults_used(path: Path, defaults: YamlMap) -> None:
+    every_field = {f for kind in known_kinds() for f in get_check(kind).Spec.model_fields}
+    for key in defaults:
+        if key not in every_field or key in ("id", "kind"):
+            match = difflib.get_close_matches(key, sorted(every_field), n=1)
+            raise SuiteError(path, "unknown key in defaults", line=defaults.lines[key], key=f"defaults.{key}",
+                             hint=f"did you mean {match[0]!r}?" if match else "defaults set fields of check kinds")
