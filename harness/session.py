@@ -171,3 +171,6 @@ class HarnessSession:
             entry.check.run(ctx)
         except VariantUnavailable as exc:
             pytest.skip(str(exc))
+        finally:
+            if ctx.figures:
+                self.figures[(request.node.nodeid, variant.key if variant else None)] = ctx.figures

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -68,6 +68,13 @@ class CheckContext:
     goldens: GoldenStore
     device: Device
     request: pytest.FixtureRequest
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, **figures: Any) -> None:
+        """Figures (MB, tokens/s, KL...) for the session report and JUnit properties."""
+        self.figures.update(figures)
+        for name, value in figures.items():
+            self.request.node.user_properties.append((name, value))
 
     @property
     def tokenizer(self) -> Any:
