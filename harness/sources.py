@@ -296,6 +296,7 @@ def _convert_gguf(gguf: Path, out: Path, *, source: dict[str, str], progress: Pr
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "harness-source.json").write_text(json.dumps(source, indent=2, sort_keys=True))
+    tmp.chmod(0o755)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

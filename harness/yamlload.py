@@ -20,16 +20,20 @@ from harness.errors import SuiteError
 class YamlMap(dict):  # type: ignore[type-arg]
     """A dict that remembers where each key sits in the file and its raw text."""
 
-    line: int
-    lines: dict[str, int]
-    raw: dict[str, str]
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.line: int | None = None
+        self.lines: dict[str, int] = {}
+        self.raw: dict[str, str] = {}
 
 
 class YamlList(list):  # type: ignore[type-arg]
     """A list that remembers the line of each element."""
 
-    line: int
-    lines: list[int]
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.line: int | None = None
+        self.lines: list[int] = []
 
 
 _FLOAT_12 = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")

@@ -7,6 +7,6 @@ complete; third-party kinds register the same way from their own modules.
 from __future__ import annotations
 
 from harness.checks.base import Check, CheckContext, CheckSpec, get_check, known_kinds, register_check
-from harness.checks import greedy  # noqa: E402,F401  (registration)
+from harness.checks import chat_template, drift, greedy, memory, padding, throughput, tokenization  # noqa: E402,F401  (registration)
 
 __all__ = ["Check", "CheckContext", "CheckSpec", "get_check", "known_kinds", "register_check"]

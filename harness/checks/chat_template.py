@@ -1,0 +1,218 @@
+"""``chat_template``: rendered chat prompts and their ids are a golden, and BOS is not doubled.
+
+Runs once per model. The chat template decides what an instruct model sees:
+a changed system default, a lost newline or a moved special token changes
+every chat prompt without failing anything else, so the rendering of a few
+conversations, with and without the generation prompt, is recorded.
+
+The doubled-BOS rule. The harness (like ``apply_chat_template(tokenize=True)``)
+encodes rendered chat text with ``add_special_tokens=False``, so a template
+that emits BOS is right for it. Two cases are still defects:
+
+* the template itself renders BOS twice: always a failure;
+* the template emits BOS and the tokenizer also adds BOS by default, so
+  ``tokenizer(rendered_text)``, the obvious call, starts with two BOS: users of
+  the model who do that get a degraded prompt. Reported per ``double_bos``
+  (``fail`` by default, ``warn`` for models that ship this way on purpose).
+
+A template that does not emit BOS while the tokenizer adds one by default is
+not flagged: many chat models (ChatML) are trained without BOS.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.checks.prompts import Message, NoChatTemplate, render_chat
+from harness.errors import CheckFailure
+
+DEFAULT_CONVERSATIONS: dict[str, list[Message]] = {
+    "system-user": [
+        Message(role="system", content="You are a concise assistant."),
+        Message(role="user", content="What is the capital of France?"),
+    ],
+    "user-only": [Message(role="user", content="Hello!")],
+    "multi-turn": [
+        Message(role="user", content="Can you help me with arithmetic?"),
+        Message(role="assistant", content="Of course. What would you like to compute?"),
+        Message(role="user", content="What is 12 times 7?"),
+    ],
+    "non-ascii": [
+        Message(role="user", content="Übersetze: «Où est la gare ?» 駅はどこですか？ 🚉\tfin"),
+    ],
+}
+
+
+class ChatTemplateWarning(UserWarning):
+    """A chat-template problem the suite chose to report without failing."""
+
+
+class ChatTemplateSpec(CheckSpec):
+    kind: Literal["chat_template"]
+    conversations: dict[str, list[Message]] | None = Field(None, min_length=1)
+    add_generation_prompt: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
+    if_no_chat_template: Literal["fail", "skip"] = "fail"
+    double_bos: Literal["fail", "warn"] = "fail"
+
+    @field_validator("conversations")
+    @classmethod
+    def _non_empty(cls, value: dict[str, list[Message]] | None) -> dict[str, list[Message]] | None:
+        for name, messages in (value or {}).items():
+            if not messages:
+                raise ValueError(f"conversation {name!r} has no messages")
+        return value
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _unique(cls, value: list[bool]) -> list[bool]:
+        if len(set(value)) != len(value):
+            raise ValueError("list each of true/false at most once")
+        return value
+
+
+def mode_key(add_generation_prompt: bool) -> str:
+    return f"add_generation_prompt={'true' if add_generation_prompt else 'false'}"
+
+
+@register_check("chat_template")
+class ChatTemplateCheck(Check[ChatTemplateSpec]):
+    Spec = ChatTemplateSpec
+    per_variant = False
+
+    @property
+    def conversations(self) -> dict[str, list[Message]]:
+        return dict(self.spec.conversations) if self.spec.conversations is not None else dict(DEFAULT_CONVERSATIONS)
+
+    def run(self, ctx: CheckContext) -> None:
+        __tracebackhide__ = True
+        import pytest
+
+        tokenizer = ctx.tokenizer
+        rendered: dict[str, dict[str, Any]] = {}
+        errors: list[str] = []
+        bos_problems: list[str] = []
+        double_on_encode: list[str] = []
+        for name, messages in self.conversations.items():
+            rendered[name] = {}
+            for flag in self.spec.add_generation_prompt:
+                label = f"{name!r} ({mode_key(flag)})"
+                try:
+                    text = render_chat(tokenizer, messages, add_generation_prompt=flag)
+                except NoChatTemplate:
+                    message = (f"{ctx.pool.resolved.name!r} has no chat template (tokenizer.chat_template "
+                               "is empty), so chat prompts cannot be rendered")
+                    if self.spec.if_no_chat_template == "skip":
+                        pytest.skip(message)
+                    raise CheckFailure(
+                        f"{self.spec.id}: {message}. Fix: add a chat template to the tokenizer, or set "
+                        "if_no_chat_template: skip for a base model."
+                    ) from None
+                except Exception as exc:  # noqa: BLE001 - a template error is the finding
+                    errors.append(f"{label}: the template raised {type(exc).__name__}: {exc}")
+                    continue
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                rendered[name][mode_key(flag)] = {"text": text, "ids": ids}
+                problem = _bos_problem(tokenizer, text, ids)
+                if problem == "template":
+                    bos_problems.append(label)
+                elif problem == "encode":
+                    double_on_encode.append(label)
+        if errors:
+            raise CheckFailure(
+                f"{self.spec.id}: the chat template failed to render:\n"
+                + "\n".join(f"  - {e}" for e in errors)
+                + "\nFix: correct the template, or give `conversations:` that this model supports "
+                "(some templates refuse a system message or require alternating roles)."
+            )
+        bos = f"{tokenizer.bos_token!r} (id {tokenizer.bos_token_id})"
+        if bos_problems:
+            raise CheckFailure(
+                f"{self.spec.id}: the chat template renders BOS {bos} twice at the start of "
+                f"{', '.join(bos_problems)}. The model sees a doubled BOS on every chat prompt, whatever "
+                "the caller does. Fix: emit `{{ bos_token }}` once in the template."
+            )
+        if double_on_encode:
+            message = (
+                f"{self.spec.id}: the chat template already emits BOS {bos}, and the tokenizer adds BOS again "
+                "by default, so `tokenizer(rendered_text)` (add_special_tokens=True) starts with two BOS "
+                f"for {', '.join(double_on_encode)}. The harness, like apply_chat_template(tokenize=True), "
+                "encodes chat text with add_special_tokens=False and is not affected, but code that "
+                "renders then encodes with the defaults feeds the model a doubled BOS. Fix: drop "
+                "`{{ bos_token }}` from the template or stop the tokenizer adding BOS "
+                "(add_bos_token: false); or set double_bos: warn if the model ships this way on purpose."
+            )
+            if self.spec.double_bos == "fail":
+                raise CheckFailure(message)
+            warnings.warn(message, ChatTemplateWarning, stacklevel=1)
+        ctx.record(chat_template_renders=sum(len(v) for v in rendered.values()))
+        ctx.assert_golden({"conversations": rendered},
+                          lambda exp, act: explain_chat_template(exp, act, tokenizer))
+
+
+def _bos_problem(tokenizer: Any, text: str, ids: list[int]) -> str | None:
+    """``template``: the rendering holds BOS twice; ``encode``: default encoding adds a second."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not ids or ids[0] != bos:
+        return None
+    if ids[:2] == [bos, bos]:
+        return "template"
+    default = list(tokenizer(text)["input_ids"])
+    if default[:2] == [bos, bos]:
+        return "encode"
+    return None
+
+
+def _visible_lines(text: str) -> list[str]:
+    """One repr per line, so that spaces, tabs, and a lost or added newline are visible."""
+    return [repr(line) for line in text.splitlines(keepends=True)] or ["''"]
+
+
+def _token(tokenizer: Any, ids: list[int], index: int) -> str:
+    if index >= len(ids):
+        return "end of prompt"
+    token_id = ids[index]
+    return f"{tokenizer.convert_ids_to_tokens(token_id)!r} (id {token_id})"
+
+
+def explain_chat_template(expected: dict[str, Any], actual: dict[str, Any], tokenizer: Any) -> str:
+    """Which conversation and mode changed, a visible-whitespace diff, and the first differing token."""
+    lines: list[str] = []
+    exp_all, act_all = expected.get("conversations", {}), actual.get("conversations", {})
+    for name in sorted(set(exp_all) | set(act_all)):
+        if name not in act_all:
+            lines.append(f"conversation {name!r} is in the golden but no longer checked")
+            continue
+        if name not in exp_all:
+            lines.append(f"conversation {name!r} is not in the golden (new in the suite)")
+            continue
+        for mode in sorted(set(exp_all[name]) | set(act_all[name])):
+            exp, act = exp_all[name].get(mode), act_all[name].get(mode)
+            if exp == act:
+                continue
+            if exp is None or act is None:
+                lines.append(f"conversation {name!r} ({mode}): "
+                             + ("not in the golden" if exp is None else "no longer rendered"))
+                continue
+            lines.append(f"conversation {name!r} ({mode}) changed:")
+            if exp["text"] != act["text"]:
+                diff = list(difflib.unified_diff(
+                    _visible_lines(exp["text"]), _visible_lines(act["text"]),
+                    "expected", "actual", lineterm="", n=1,
+                ))
+                lines.extend("    " + d for d in diff[:30])
+                if len(diff) > 30:
+                    lines.append(f"    ... ({len(diff) - 30} more diff lines)")
+            exp_ids, act_ids = exp["ids"], act["ids"]
+            index = next((i for i, (a, b) in enumerate(zip(exp_ids, act_ids)) if a != b),
+                         None if len(exp_ids) == len(act_ids) else min(len(exp_ids), len(act_ids)))
+            if index is not None:
+                lines.append(
+                    f"  first differing token at index {index}: expected {_token(tokenizer, exp_ids, index)}, "
+                    f"got {_token(tokenizer, act_ids, index)} ({len(exp_ids)} -> {len(act_ids)} tokens)"
+                )
+    return "\n".join(lines) or "the observation differs from the golden"

@@ -1,0 +1,319 @@
+"""``drift``: how far a variant's next-token distributions move from a reference variant.
+
+The reference (by default the variant's base: ``fp16`` for ``nf4``, ``fp16`` for
+``fp16-lora``, ``nf4`` for ``nf4-lora``) generates a greedy continuation of each prompt;
+both variants are then teacher-forced over prompt + continuation, and every position's
+next-token distribution is compared: mean and max KL(reference || variant), top-1
+agreement, and the first new token where the variant's greedy choice leaves the
+reference's path.
+
+The reference's log-probabilities are memoized in the pool (float32, on CPU) by the
+reference's own item, while it is loaded; so in a normal session nothing loads twice.
+A reference outside ``--variants`` is loaded once for the purpose (an extra load, shown
+in the session summary), after which the variant under test is loaded again.
+
+For an adapter compared with its own base, the check also asserts that the adapter
+changes something (``min_mean_kl``, default 1e-4): a no-op adapter fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.checks.greedy import generate_greedy
+from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, encode_prompt
+from harness.errors import CheckFailure
+from harness.measure import validate_budget_table
+from harness.variants import ALL_KEYS, VariantSpec
+
+ADAPTER_MIN_MEAN_KL = 1e-4
+
+
+class DriftBudget(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_mean_kl: float | None = Field(None, ge=0)
+    max_kl: float | None = Field(None, ge=0)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    min_mean_kl: float | None = Field(None, ge=0, description="the variant must differ at least this much")
+    min_first_divergence: int | None = Field(None, ge=0, description="new tokens that must match greedily")
+
+
+class DriftSpec(CheckSpec):
+    kind: Literal["drift"]
+    reference: str | None = None
+    prompts: list[str] = Field(default_factory=list)
+    chats: list[list[Message]] = Field(default_factory=list)
+    new_tokens: int = Field(16, ge=1, le=1024)
+    budgets: dict[str, DriftBudget] = Field(default_factory=dict)
+    device_budgets: dict[str, dict[str, DriftBudget]] = Field(default_factory=dict)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_known(cls, value: str | None) -> str | None:
+        if value is not None and value not in ALL_KEYS:
+            raise ValueError(f"unknown variant {value!r} (known: {', '.join(ALL_KEYS)})")
+        return value
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _variant_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key in value:
+                if key not in ALL_KEYS:
+                    hint = ("; per-device budgets go under device_budgets: {cpu: {nf4: {...}}}"
+                            if key in ("any", "cpu", "cuda") or str(key).startswith("cuda-") else "")
+                    raise ValueError(f"drift budgets are keyed by variant; {key!r} is not one "
+                                     f"(known: {', '.join(ALL_KEYS)}){hint}")
+        return value
+
+    @field_validator("device_budgets")
+    @classmethod
+    def _table(cls, value: dict[str, dict[str, DriftBudget]]) -> dict[str, dict[str, DriftBudget]]:
+        validate_budget_table(value)
+        return value
+
+    @model_validator(mode="after")
+    def _has_prompts(self) -> DriftSpec:
+        if not self.prompts and not self.chats:
+            raise ValueError("give at least one of 'prompts' (raw text) or 'chats' (lists of messages)")
+        return self
+
+
+def default_reference(variant: VariantSpec) -> VariantSpec:
+    """The variant's base: what an adapter or a quantization is measured against."""
+    if variant.lora:
+        return variant.base
+    return VariantSpec("fp16", False)
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """The reference's token paths and log-probabilities (float32, CPU)."""
+
+    variant: str
+    sequences: tuple[tuple[int, ...], ...]
+    prompt_lengths: tuple[int, ...]
+    logprobs: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    prompt: int
+    new_token: int
+    expected: int
+    got: int
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    reference: str
+    variant: str
+    mean_kl: float
+    max_kl: float
+    top1_agreement: float
+    positions: int
+    first_divergence: Divergence | None
+    diverged_prompts: int
+    new_tokens: tuple[int, ...]
+
+    def figures(self) -> dict[str, Any]:
+        first = self.first_divergence
+        return {
+            "drift_reference": self.reference,
+            "mean_kl": round(self.mean_kl, 6),
+            "max_kl": round(self.max_kl, 6),
+            "top1_agreement": round(self.top1_agreement, 4),
+            "positions": self.positions,
+            "first_divergence": None if first is None else first.new_token,
+            "diverged_prompts": self.diverged_prompts,
+        }
+
+
+def _logprobs(model: Any, sequence: tuple[int, ...]) -> Any:
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([sequence], device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def reference_observation(model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int, *,
+                          variant: str) -> DriftReference:
+    """Greedy continuations of the reference, and its log-probs over prompt + continuation."""
+    sequences: list[tuple[int, ...]] = []
+    logprobs: list[Any] = []
+    for ids in prompts:
+        new_ids, _ = generate_greedy(model, tokenizer, ids, new_tokens)
+        sequence = tuple(ids) + tuple(new_ids)
+        sequences.append(sequence)
+        logprobs.append(_logprobs(model, sequence))
+    return DriftReference(variant=variant, sequences=tuple(sequences),
+                          prompt_lengths=tuple(len(p) for p in prompts), logprobs=tuple(logprobs))
+
+
+def compare_to_reference(model: Any, reference: DriftReference, *, variant: str) -> DriftResult:
+    """KL(reference || variant) at every position, top-1 agreement and the first greedy divergence."""
+    import torch
+
+    kls: list[Any] = []
+    agree = 0
+    first: Divergence | None = None
+    diverged = 0
+    for index, (sequence, n_prompt, ref_lp) in enumerate(
+            zip(reference.sequences, reference.prompt_lengths, reference.logprobs)):
+        lp = _logprobs(model, sequence)
+        kl = (ref_lp.exp() * (ref_lp - lp)).sum(dim=-1).clamp_min(0).double()
+        kls.append(kl)
+        top = lp.argmax(dim=-1)
+        agree += int((top == ref_lp.argmax(dim=-1)).sum())
+        for j, token in enumerate(sequence[n_prompt:]):
+            got = int(top[n_prompt - 1 + j])
+            if got != token:
+                diverged += 1
+                if first is None or j < first.new_token:
+                    first = Divergence(prompt=index, new_token=j, expected=token, got=got)
+                break
+    every = torch.cat(kls)
+    return DriftResult(
+        reference=reference.variant, variant=variant, mean_kl=float(every.mean()), max_kl=float(every.max()),
+        top1_agreement=agree / every.numel(), positions=int(every.numel()), first_divergence=first,
+        diverged_prompts=diverged,
+        new_tokens=tuple(len(s) - n for s, n in zip(reference.sequences, reference.prompt_lengths)),
+    )
+
+
+@register_check("drift")
+class DriftCheck(Check[DriftSpec]):
+    Spec = DriftSpec
+
+    def reference_for(self, variant: VariantSpec) -> VariantSpec:
+        if self.spec.reference is not None:
+            return VariantSpec.from_key(self.spec.reference)
+        return default_reference(variant)
+
+    def _referencing(self, variant: VariantSpec) -> list[str]:
+        """Variants of this check that use ``variant`` as their reference."""
+        keys = self.spec.variants or list(ALL_KEYS)
+        return [k for k in keys if k != variant.key and self.reference_for(VariantSpec.from_key(k)) == variant]
+
+    def _prompt_ids(self, ctx: CheckContext) -> list[list[int]]:
+        tokenizer = ctx.tokenizer
+        out = [encode_prompt(tokenizer, prompt=p, messages=None) for p in self.spec.prompts]
+        try:
+            out += [encode_prompt(tokenizer, prompt=None, messages=chat) for chat in self.spec.chats]
+        except NoChatTemplate:
+            raise CheckFailure(
+                f"{ctx.pool.resolved.name!r} has no chat template, and this drift check has `chats`. "
+                "Fix: use `prompts:` (raw text) for a base model."
+            ) from None
+        return out
+
+    def _reference(self, ctx: CheckContext, variant: VariantSpec, prompts: list[list[int]]) -> DriftReference:
+        def observe(loaded: Any) -> DriftReference:
+            for ids in prompts:
+                assert_fits_context(loaded.model, len(ids), self.spec.new_tokens, what=self.spec.id)
+            return reference_observation(loaded.model, ctx.tokenizer, prompts, self.spec.new_tokens,
+                                         variant=variant.key)
+
+        return ctx.pool.observe(variant, f"{self.spec.id}:drift-reference", observe)
+
+    def _budget(self, klass: str, variant: str) -> tuple[DriftBudget | None, str | None]:
+        from harness.measure import budget_for
+
+        budget, key = budget_for(self.spec.device_budgets, device_class=klass, variant=variant)
+        if budget is not None:
+            return budget, f"device_budgets.{key}.{variant}"
+        if variant in self.spec.budgets:
+            return self.spec.budgets[variant], f"budgets.{variant}"
+        return None, None
+
+    def run(self, ctx: CheckContext) -> None:
+        __tracebackhide__ = True
+        import warnings
+
+        from harness.measure import NoBudgetWarning
+
+        variant = ctx.variant
+        assert variant is not None
+        klass = ctx.device.klass
+        where = f"{self.spec.id}[{variant.key}] on {klass}"
+        prompts = self._prompt_ids(ctx)
+        users = self._referencing(variant)
+        if users:
+            ctx.loaded()
+            self._reference(ctx, variant, prompts)
+        reference = self.reference_for(variant)
+        if reference == variant:
+            ctx.record(drift_reference=variant.key, reference_for=",".join(users) or "none")
+            return
+        loads_before = ctx.pool.load_counts[reference.key]
+        ref = self._reference(ctx, reference, prompts)
+        if ctx.pool.load_counts[reference.key] > loads_before:
+            ctx.record(reference_extra_load=reference.key)
+        result = compare_to_reference(ctx.model, ref, variant=variant.key)
+        ctx.record(**result.figures())
+        problems: list[str] = []
+        budget, key = self._budget(klass, variant.key)
+        is_adapter = variant.lora and reference == variant.base
+        min_mean = budget.min_mean_kl if budget is not None and budget.min_mean_kl is not None else (
+            ADAPTER_MIN_MEAN_KL if is_adapter else None)
+        label = f"KL({reference.key} || {variant.key})"
+        context = f"device class {klass}, variant {variant.key}"
+        if budget is None:
+            ctx.record(budget=f"none for {variant.key} on {klass}")
+            warnings.warn(NoBudgetWarning(
+                f"{where}: the suite sets no drift budget for variant {variant.key!r} on {klass!r}; "
+                "figures recorded, nothing judged" + (" except that the adapter changes something"
+                                                       if is_adapter else "")), stacklevel=1)
+        else:
+            ctx.record(budget=f"{key}: {budget.model_dump(exclude_none=True)}")
+            if budget.max_mean_kl is not None and result.mean_kl > budget.max_mean_kl:
+                problems.append(f"mean {label} {result.mean_kl:.5f} > max_mean_kl {budget.max_mean_kl:g} ({key}; {context})")
+            if budget.max_kl is not None and result.max_kl > budget.max_kl:
+                problems.append(f"max {label} {result.max_kl:.5f} > max_kl {budget.max_kl:g} ({key}; {context})")
+            if budget.min_top1_agreement is not None and result.top1_agreement < budget.min_top1_agreement:
+                problems.append(f"top-1 agreement with {reference.key} {result.top1_agreement:.4f} < "
+                                f"min_top1_agreement {budget.min_top1_agreement:g} ({key}; {context})")
+            first = result.first_divergence
+            if (budget.min_first_divergence is not None and first is not None
+                    and first.new_token < budget.min_first_divergence):
+                problems.append(f"greedy output leaves {reference.key}'s at new token {first.new_token} < "
+                                f"min_first_divergence {budget.min_first_divergence} ({key}; {context})")
+        if min_mean is not None and result.mean_kl < min_mean:
+            if is_adapter:
+                problems.append(
+                    f"the adapter changes nothing measurable: mean {label} = {result.mean_kl:.3g} over "
+                    f"{result.positions} positions (minimum {min_mean:g}), top-1 agreement "
+                    f"{result.top1_agreement:.4f}. A no-op adapter (lora_A or lora_B all zero, or "
+                    "keys that did not load) is a failure. Fix: re-save the trained adapter and check "
+                    "its target_modules and key names"
+                )
+            else:
+                problems.append(f"mean {label} {result.mean_kl:.3g} < min_mean_kl {min_mean:g} ({key}; {context})")
+        if problems:
+            detail = _describe_divergence(ctx.tokenizer, result, ref, reference.key, variant.key)
+            raise CheckFailure(
+                f"{where}: drift from {reference.key} out of budget:\n  " + "\n  ".join(problems)
+                + (f"\n{detail}" if detail else "")
+            )
+
+
+def _describe_divergence(tokenizer: Any, result: DriftResult, ref: DriftReference, reference: str,
+                         variant: str) -> str:
+    first = result.first_divergence
+    summary = (f"mean KL {result.mean_kl:.5f}, max KL {result.max_kl:.5f}, top-1 agreement "
+               f"{result.top1_agreement:.4f} over {result.positions} positions")
+    if first is None:
+        return f"{summary}; greedy paths identical for all {len(ref.sequences)} prompts"
+    n_prompt = ref.prompt_lengths[first.prompt]
+    before = tokenizer.decode(list(ref.sequences[first.prompt][n_prompt:n_prompt + first.new_token]))
+    return (f"{summary}; first greedy divergence: prompt {first.prompt}, new token {first.new_token} "
+            f"(after {before!r}): {reference} {tokenizer.decode([first.expected])!r} (id {first.expected}), "
+            f"{variant} {tokenizer.decode([first.got])!r} (id {first.got})")

