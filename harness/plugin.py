@@ -78,6 +78,17 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return None
 
 
+def pytest_collection(session: pytest.Session) -> None:
+    """Validate --variants against the registry before collecting, so a bad value is a usage error."""
+    state = harness_state(session.config)
+    if not state.options.registry.is_file():
+        return  # reported when a suite or fixture needs the registry
+    try:
+        state.variants  # noqa: B018
+    except (HarnessError, ValueError) as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order items so each variant loads once: model-level first, then variant by variant."""
     from harness.collect import HarnessItem
@@ -110,6 +121,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
     try:
         state.variants  # noqa: B018 - validates --variants against the adapter
+        state.device  # noqa: B018 - validates --device
         state.resolve(progress=progress)
     except (HarnessError, ValueError) as exc:
         raise pytest.UsageError(str(exc)) from None

@@ -1,0 +1,182 @@
+"""``chat_template`` on the real embedded tokenizer: goldens, template edits, doubled BOS, no template."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.checks.chat_template import DEFAULT_CONVERSATIONS, ChatTemplateSpec, explain_chat_template
+
+SUITE = """
+suite: chat
+checks:
+  - id: builtin
+    kind: chat_template
+  - id: one
+    kind: chat_template
+    add_generation_prompt: [true]
+    conversations:
+      hello:
+        - {role: user, content: "Hello!"}
+"""
+
+BOS_SUITE = """
+suite: chat
+checks:
+  - id: strict
+    kind: chat_template
+    conversations: {hello: [{role: user, content: "Hello!"}]}
+  - id: lenient
+    kind: chat_template
+    double_bos: warn
+    conversations: {hello: [{role: user, content: "Hello!"}]}
+"""
+
+NO_TEMPLATE_SUITE = """
+suite: chat
+checks:
+  - id: must-have
+    kind: chat_template
+  - id: optional
+    kind: chat_template
+    if_no_chat_template: skip
+"""
+
+# tokenizer.json post-processor that makes `tokenizer(text)` prepend BOS (<|im_start|>, id 1)
+ADD_BOS = {
+    "type": "TemplateProcessing",
+    "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+             {"Sequence": {"id": "B", "type_id": 1}}],
+    "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}},
+}
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    """A model folder whose tokenizer files can be edited; the weights are linked, not copied."""
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.suffix == ".safetensors":
+            (dst / file.name).symlink_to(file)
+        elif file.is_file():
+            shutil.copy(file, dst / file.name)
+    return dst
+
+
+class FakeTokenizer:
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return f"t{token_id}"
+
+
+# -- pure logic -----------------------------------------------------------------
+
+def test_spec_defaults_and_validation():
+    spec = ChatTemplateSpec.model_validate({"id": "c", "kind": "chat_template"})
+    assert spec.conversations is None and spec.add_generation_prompt == [False, True]
+    assert spec.if_no_chat_template == "fail" and spec.double_bos == "fail"
+    assert set(DEFAULT_CONVERSATIONS) == {"system-user", "user-only", "multi-turn", "non-ascii"}
+    for bad in ({"conversations": {"x": []}}, {"add_generation_prompt": [True, True]},
+                {"conversations": {"x": [{"role": "tool", "content": "hi"}]}}, {"double_bos": "ignore"}):
+        with pytest.raises(ValueError):
+            ChatTemplateSpec.model_validate({"id": "c", "kind": "chat_template", **bad})
+
+
+def test_explain_shows_mode_visible_whitespace_diff_and_first_token():
+    expected = {"conversations": {"a": {"add_generation_prompt=true": {"text": "x\ny\n", "ids": [1, 2, 3]},
+                                        "add_generation_prompt=false": {"text": "x\n", "ids": [1, 2]}},
+                                  "old": {"add_generation_prompt=true": {"text": "o", "ids": [9]}}}}
+    actual = {"conversations": {"a": {"add_generation_prompt=true": {"text": "x\ny \n", "ids": [1, 2, 4, 3]},
+                                      "add_generation_prompt=false": {"text": "x\n", "ids": [1, 2]}}}}
+    text = explain_chat_template(expected, actual, FakeTokenizer())
+    assert "conversation 'a' (add_generation_prompt=true) changed:" in text
+    assert "add_generation_prompt=false" not in text
+    assert "-'y\\n'" in text and "+'y \\n'" in text
+    assert "first differing token at index 2: expected 't3' (id 3), got 't4' (id 4) (3 -> 4 tokens)" in text
+    assert "conversation 'old' is in the golden but no longer checked" in text
+
+
+# -- the real tokenizer -----------------------------------------------------------
+
+def test_workflow_missing_update_pass_then_template_edit_fails(project, embedded_model_dir, tmp_path):
+    model = copy_model(embedded_model_dir, tmp_path / "mychat")
+    project.suite("chat", SUITE)
+    result = project.run(f"--model={model}", "--variants", "fp16")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*Golden file *mychat/tokenizer/chat/builtin.json is missing; nothing was written*"])
+    assert project.goldens() == []
+
+    project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
+    assert project.goldens() == ["mychat/tokenizer/chat/builtin.json", "mychat/tokenizer/chat/one.json"]
+    golden = json.loads((project.golden / "mychat/tokenizer/chat/builtin.json").read_text(encoding="utf-8"))
+    assert set(golden["conversations"]) == set(DEFAULT_CONVERSATIONS)
+    user_only = golden["conversations"]["user-only"]
+    assert set(user_only) == {"add_generation_prompt=false", "add_generation_prompt=true"}
+    assert user_only["add_generation_prompt=true"]["text"].endswith("<|im_start|>assistant\n")
+    assert user_only["add_generation_prompt=true"]["ids"][0] == 1
+    assert "駅はどこですか" in golden["conversations"]["non-ascii"]["add_generation_prompt=false"]["text"]
+    project.run(f"--model={model}", "--variants", "fp16").assert_outcomes(passed=2)
+
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text(encoding="utf-8").replace(
+        "message['content'] + '<|im_end|>'", "message['content'] + ' <|im_end|>'"), encoding="utf-8")
+    result = project.run(f"--model={model}", "--variants", "fp16")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*one: *",
+        "conversation 'hello' (add_generation_prompt=true) changed:",
+        "*-'<|im_start|>user\\n'",
+        "*-'Hello!<|im_end|>\\n'",
+        "*+'Hello! <|im_end|>\\n'",
+        "*first differing token at index *: expected '<|im_end|>' (id 2), got 'Ġ' (id *)*",
+        "*the tokenizer files changed since this golden was recorded*",
+        "*update with --snapshot-update*",
+    ])
+
+
+def test_bos_added_on_top_of_the_template_fails_or_warns(project, embedded_model_dir, tmp_path):
+    model = copy_model(embedded_model_dir, tmp_path / "addsbos")
+    path = model / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["post_processor"] = ADD_BOS
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    project.suite("chat", BOS_SUITE)
+    result = project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines([
+        "*strict: the chat template already emits BOS '<|im_start|>' (id 1), and the tokenizer adds BOS "
+        "again by default, so `tokenizer(rendered_text)` (add_special_tokens=True) starts with two BOS*",
+        "*ChatTemplateWarning*",
+    ])
+    assert "encodes chat text with add_special_tokens=False" in result.stdout.str()
+    # the failing check wrote nothing; the lenient one recorded its golden
+    assert project.goldens() == ["addsbos/tokenizer/chat/lenient.json"]
+
+
+def test_template_that_renders_bos_twice_always_fails(project, embedded_model_dir, tmp_path):
+    model = copy_model(embedded_model_dir, tmp_path / "twobos")
+    template = model / "chat_template.jinja"
+    template.write_text("{{ bos_token }}" + template.read_text(encoding="utf-8"), encoding="utf-8")
+    project.suite("chat", BOS_SUITE)
+    result = project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*strict: the chat template renders BOS '<|im_start|>' (id 1) twice at the start of 'hello' "
+        "(add_generation_prompt=false), 'hello' (add_generation_prompt=true)*",
+        "*lenient: the chat template renders BOS*twice*",
+    ])
+    assert project.goldens() == []
+
+
+def test_model_without_a_template_fails_or_skips(project, embedded_model_dir, tmp_path):
+    model = copy_model(embedded_model_dir, tmp_path / "base")
+    (model / "chat_template.jinja").unlink()
+    project.suite("chat", NO_TEMPLATE_SUITE)
+    result = project.run(f"--model={model}", "--variants", "fp16", "-rs")
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines([
+        "*must-have: 'base' has no chat template*set if_no_chat_template: skip for a base model.",
+        "SKIPPED*'base' has no chat template*",
+    ])
