@@ -64,6 +64,9 @@ class SuiteFile(pytest.File):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, SuiteError):
+            from harness.plugin import harness_state
+
+            harness_state(self.config).suite_errors += 1
             return str(excinfo.value)
         return super().repr_failure(excinfo)
 

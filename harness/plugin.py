@@ -127,6 +127,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """A broken suite is an error of that file only: the other suites still run."""
+    state = harness_state(session.config)
+    if session.testsfailed and session.testsfailed == state.suite_errors:
+        session.config.option.continue_on_collection_errors = True
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Ordinary tests that use ``variant`` (or ``model``) run once per active variant."""
     if "variant" in metafunc.fixturenames:

@@ -60,6 +60,7 @@ class HarnessSession:
         self._goldens: GoldenStore | None = None
         self._device: Device | None = None
         self.outcomes: list[Outcome] = []
+        self.suite_errors = 0
         self.progress_lines: list[str] = []
         self.figures: dict[tuple[str, str | None], dict[str, Any]] = {}
 

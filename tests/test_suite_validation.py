@@ -1,0 +1,113 @@
+"""Bad suites: one collection error naming file, line and key; the other suites still run."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import SuiteError
+from harness.spec import load_suite
+
+GOOD = """
+suite: good
+checks:
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: 3
+"""
+
+CASES = {
+    "unknown_kind": (
+        "checks:\n  - id: a\n    kind: greddy\n    prompt: x\n",
+        "bad.yaml:3: checks[0].kind: unknown check kind 'greddy'. Fix: did you mean 'greedy'?",
+    ),
+    "misspelled_key": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    max_new_token: 3\n",
+        "bad.yaml:5: checks[0].max_new_token: unknown key. Fix: did you mean 'max_new_tokens'?",
+    ),
+    "wrong_type": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    max_new_tokens: many\n",
+        "bad.yaml:5: checks[0].max_new_tokens: Input should be a valid integer, unable to parse string as an integer (you wrote 'many')",
+    ),
+    "missing_field": (
+        "checks:\n  - kind: greedy\n    prompt: x\n",
+        "bad.yaml:2: checks[0].id: required field is missing",
+    ),
+    "duplicate_id": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n  - id: a\n    kind: greedy\n    prompt: y\n",
+        "bad.yaml:5: checks[1].id: duplicate check id 'a' (first at line 2)",
+    ),
+    "unsafe_tag": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: !!python/object/apply:os.system ['touch pwned']\n",
+        "bad.yaml:4: unsafe or unknown YAML tag tag:yaml.org,2002:python/object/apply:os.system",
+    ),
+    "does_not_parse": (
+        "checks:\n  - id: a\n    kind: greedy\n   prompt: x\n",
+        "bad.yaml:4: YAML does not parse",
+    ),
+    "list_not_mapping": (
+        "- id: a\n  kind: greedy\n",
+        "bad.yaml:1: a suite is a mapping with 'checks', but this file holds a YamlList",
+    ),
+    "unknown_variant": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    variants: [fp16, nf8]\n",
+        "bad.yaml:5: checks[0].variants: unknown variant 'nf8'",
+    ),
+    "duplicate_key": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    prompt: y\n",
+        "bad.yaml:5: duplicate key 'prompt' (first at line 4)",
+    ),
+    "both_prompt_and_messages": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    messages: [{role: user, content: y}]\n",
+        "bad.yaml:2: checks[0]: give exactly one of 'prompt' (raw text) or 'messages' (chat)",
+    ),
+    "unknown_default": (
+        "defaults: {max_tokens: 3}\nchecks:\n  - id: a\n    kind: greedy\n    prompt: x\n",
+        "bad.yaml:1: defaults.max_tokens: unknown key in defaults. Fix: did you mean 'max_new_tokens'?",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_error_message(tmp_path, case):
+    text, expected = CASES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SuiteError) as info:
+        load_suite(path)
+    message = str(info.value).replace(str(tmp_path) + "/", "")
+    assert message.startswith(expected), message
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_float_exponent_is_a_float_and_defaults_apply(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("defaults: {max_new_tokens: 5}\nchecks:\n  - {id: a, kind: greedy, prompt: x}\n"
+                    "  - {id: b, kind: greedy, prompt: y, max_new_tokens: 2}\n")
+    suite = load_suite(path)
+    assert [c.check.spec.max_new_tokens for c in suite.checks] == [5, 2]
+    from harness.yamlload import load_yaml
+
+    path.write_text("atol: 1e-5\n")
+    assert load_yaml(path) == {"atol": 1e-05}
+
+
+def test_bad_suite_is_a_collection_error_of_that_file_only(project):
+    project.suite("good", GOOD)
+    project.suite("bad", CASES["unknown_kind"][0])
+    result = project.run("--variants", "fp16", "--snapshot-update")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR collecting suites/bad.yaml*",
+        "*bad.yaml:3: checks[[]0[]].kind: unknown check kind 'greddy'. Fix: did you mean 'greedy'?*",
+    ])
+    assert "Traceback" not in result.stdout.str()
+    assert project.goldens() == ["smollm2-135m/cpu/fp16/good/capital.json"]
+
+
+def test_items_are_named_by_check_and_variant_and_report_the_yaml_line(project):
+    project.suite("good", GOOD)
+    result = project.run("--variants", "fp16,nf4", "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["suites/good.yaml::capital[[]fp16[]]", "suites/good.yaml::capital[[]nf4[]]"])
+    selected = project.run("--variants", "fp16,nf4", "--collect-only", "-q", "-k", "nf4")
+    selected.stdout.fnmatch_lines(["suites/good.yaml::capital[[]nf4[]]", "*1/2 tests collected (1 deselected)*"])
