@@ -10,6 +10,13 @@ from typing import Any
 
 import pytest
 
+# pytester restores sys.modules after each test; torch cannot be imported a second time in one
+# process, so the heavy libraries that tests use directly are imported once, up front.
+import peft  # noqa: F401,E402
+import safetensors.torch  # noqa: F401,E402
+import torch  # noqa: F401,E402
+import transformers  # noqa: F401,E402
+
 pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parents[1]

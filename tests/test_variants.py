@@ -1,0 +1,122 @@
+"""The four variants on the real embedded model: load once, NF4 skip, the adapter and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+SUITE = """
+suite: gen
+checks:
+  - id: joke
+    kind: greedy
+    messages:
+      - {role: user, content: "Create a funny joke about chickens."}
+    max_new_tokens: 16
+  - id: capital
+    kind: greedy
+    messages:
+      - {role: user, content: "What is the capital of France?"}
+    max_new_tokens: 8
+"""
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER = REPO / "fixtures" / "adapters" / "smollm2-135m-pirate"
+
+
+def test_each_variant_loads_once_and_the_adapter_changes_the_answers(project):
+    project.suite("gen", SUITE)
+    result = project.run("--snapshot-update", "-v")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines([
+        "*joke?fp16? PASSED*", "*joke?fp16-lora? PASSED*", "*joke?nf4? PASSED*", "*joke?nf4-lora? PASSED*",
+    ])
+    for key in ("fp16", "fp16-lora", "nf4", "nf4-lora"):
+        result.stdout.fnmatch_lines([f"loaded {key}: 1x, *weights * MiB"])
+    texts = {
+        key: json.loads((project.golden / f"smollm2-135m/cpu/{key}/gen/joke.json").read_text())["text"]
+        for key in ("fp16", "fp16-lora", "nf4", "nf4-lora")
+    }
+    assert texts["fp16-lora"] != texts["fp16"] and texts["nf4-lora"] != texts["nf4"]
+    assert texts["fp16-lora"].startswith("Arr") and texts["nf4-lora"].startswith("Arr")
+    assert not texts["fp16"].startswith("Arr")
+
+
+def test_nf4_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(project):
+    project.suite("gen", SUITE)
+    (project.path / "conftest.py").write_text(
+        "import harness.pool\n"
+        "harness.pool.nf4_unsupported_reason = lambda device: 'bitsandbytes: simulated missing backend'\n"
+    )
+    result = project.run("--variants", "fp16,nf4", "--snapshot-update", "-rs")
+    result.assert_outcomes(passed=2, skipped=2)
+    result.stdout.fnmatch_lines(["*SKIPPED*NF4 is not available on CPU: bitsandbytes: simulated missing backend*"])
+
+
+def _tiny_adapter(folder: Path, *, base_name: str, hidden: int, zero_b: bool = False) -> Path:
+    """A real peft LoRA adapter for a small random Llama (another base model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=30,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.zero_() if zero_b else param.normal_()
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base_name
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_adapter_for_another_base_model_names_both_models(project, tmp_path):
+    adapter = _tiny_adapter(tmp_path / "other", base_name="tiny-llama-64", hidden=64)
+    project.suite("gen", SUITE)
+    result = project.run("--adapter", str(adapter), "--variants", "fp16-lora", "--snapshot-update")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*Adapter *other (trained for base 'tiny-llama-64') does not fit model 'smollm2-135m'*size mismatch*",
+    ])
+    assert "Traceback" not in result.stdout.str()
+    assert project.goldens() == []
+
+
+def test_adapter_that_changes_nothing_is_refused(project, tmp_path):
+    adapter = tmp_path / "noop"
+    shutil.copytree(ADAPTER, adapter)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: (v * 0 if "lora_B" in k else v) for k, v in weights.items()}, adapter / "adapter_model.safetensors")
+    project.suite("gen", SUITE)
+    result = project.run("--adapter", str(adapter), "--variants", "fp16,fp16-lora", "--snapshot-update")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(["*did not load into 'smollm2-135m': 120 of 120 lora_B weights are still zero*"])
+
+
+@pytest.mark.parametrize("broken", ["no_weights", "missing_keys"])
+def test_broken_adapter_folders(project, tmp_path, broken):
+    adapter = tmp_path / broken
+    shutil.copytree(ADAPTER, adapter)
+    if broken == "no_weights":
+        (adapter / "adapter_model.safetensors").unlink()
+        expected = "*no adapter_model.safetensors (pickle .bin adapters are refused)*"
+    else:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(adapter / "adapter_model.safetensors")
+        save_file({k: v for k, v in weights.items() if ".layers.7." not in k}, adapter / "adapter_model.safetensors")
+        expected = "*did not load into 'smollm2-135m': 4 of 120 lora_B weights are still zero*"
+    project.suite("gen", SUITE)
+    result = project.run("--adapter", str(adapter), "--variants", "fp16-lora", "--snapshot-update")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([expected])
