@@ -165,19 +165,3 @@ class GoldenStore:
             "then update with --snapshot-update.\n" if culprit else ""
         )
         return head + "".join(f"  provenance: {c}\n" for c in changes)
-
-    def unused(self, scopes: list[Path]) -> list[Path]:
-        """Goldens under ``scopes`` that no check of this session used."""
-        found: list[Path] = []
-        for scope in scopes:
-            if not scope.is_dir():
-                continue
-            for file in scope.rglob("*.json"):
-                if file.name.endswith(META_SUFFIX):
-                    golden = file.with_name(file.name[: -len(META_SUFFIX)] + ".json")
-                    if golden.exists():
-                        continue
-                elif file in self.used:
-                    continue
-                found.append(file)
-        return sorted(found)

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from harness.errors import HarnessError
+from harness.report import SessionRecord
 from harness.session import HarnessSession, Options
 
 _STATE = pytest.StashKey[HarnessSession]()
+_RECORD = pytest.StashKey[SessionRecord]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,6 +30,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where models run (default: auto, a GPU when there is one)")
     group.addoption("--golden-dir", default=None, metavar="DIR",
                     help="golden files root (default: golden/ at the rootdir)")
+    group.addoption("--harness-report", default=None, metavar="FILE.md",
+                    help="write a Markdown summary of the session (pasteable as a pull-request comment)")
     group.addoption("--allow-update-in-ci", action="store_true", default=False,
                     help="allow --snapshot-update when the CI environment variable is set")
 
@@ -36,6 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "harness: an item generated from a YAML suite")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason where none is")
     config.stash[_STATE] = HarnessSession(_options(config))
+    config.stash[_RECORD] = SessionRecord()
+    config.pluginmanager.register(_Recorder(config.stash[_RECORD]), "harness-recorder")
 
 
 def _options(config: pytest.Config) -> Options:
@@ -104,6 +110,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return -2
 
     items.sort(key=order)
+    for item in items:
+        if isinstance(item, HarnessItem):
+            # `pytest -n N --dist loadgroup` keeps a variant's items on one worker: one load each
+            variant = item.harness_variant
+            item.add_marker(pytest.mark.xdist_group(variant.key if variant else "tokenizer"))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -183,7 +194,71 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    from harness.report import terminal_summary
+class _Recorder:
+    """Hooks that need the config but whose signature lacks it (registered per config)."""
 
-    terminal_summary(terminalreporter, harness_state(config), config)
+    def __init__(self, record: SessionRecord) -> None:
+        self.record = record
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.record.deselected += len(items)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.record.add(report)
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist controller: each worker's load counts, for the summary."""
+        loads = getattr(node, "workeroutput", {}).get("harness_loads")
+        if loads:
+            self.record.worker_loads[node.gateway.id] = loads
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _warn_unpinned(session.config)
+
+
+def _warn_unpinned(config: pytest.Config) -> None:
+    """In gate mode (CI set), an unpinned hub model can change under the goldens."""
+    if not os.environ.get("CI"):
+        return
+    state = harness_state(config)
+    if not state.options.registry.is_file():
+        return
+    try:
+        entry = state.registry.models.get(state.options.model or state.registry.default)
+    except HarnessError:
+        return
+    if entry is not None and entry.hub and not (entry.revision and len(entry.revision) == 40):
+        import warnings
+
+        warnings.warn(pytest.PytestWarning(
+            f"model {entry.hub} has no pinned revision (a 40-hex commit) in {state.options.registry}: "
+            "the hub can change it under this gate. Fix: set `revision:` to a commit id."
+        ), stacklevel=1)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from harness.report import _pool_loads, markdown
+
+    config = session.config
+    state, record = harness_state(config), config.stash[_RECORD]
+    if hasattr(config, "workeroutput"):
+        if state._pool is not None:
+            config.workeroutput["harness_loads"] = _pool_loads(state._pool)
+        return
+    path = config.getoption("harness_report")
+    if path and record.outcomes:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(markdown(state, record, exitstatus=int(exitstatus)), encoding="utf-8")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    from harness.report import terminal_summary, unused_goldens
+
+    state, record = harness_state(config), config.stash[_RECORD]
+    terminal_summary(terminalreporter, state, record)
+    unused = unused_goldens(state, record, config, exitstatus=int(exitstatus))
+    if unused is not None and unused:
+        terminalreporter.write_line(f"goldens that no check used ({len(unused)}): delete them or restore their checks")
+        for file in unused:
+            terminalreporter.write_line(f"  {file}")

@@ -1,18 +1,94 @@
-"""End-of-session summary: what was loaded, what it cost, what goldens were written."""
+"""What the session did, for people: the terminal summary and the ``--harness-report`` Markdown.
+
+Built from pytest's test reports (and their ``user_properties``), so it is the
+same under pytest-xdist, where items run in workers and only reports come back.
+"""
 
 from __future__ import annotations
 
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness.session import HarnessSession
+from harness.variants import ALL_KEYS, RUN_ORDER
+
+_NODE = re.compile(r"^(?P<file>[^:]+)::(?P<check>[^\[@]+)(\[(?P<variant>[^\]]+)\])?")
+GOLDEN_PROPS = ("harness_golden", "harness_golden_written")
 
 
-def terminal_summary(reporter: Any, state: HarnessSession, config: pytest.Config) -> None:
+@dataclass
+class Outcome:
+    nodeid: str
+    suite: str
+    check: str
+    variant: str | None
+    outcome: str
+    reason: str = ""
+    detail: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SessionRecord:
+    """Collected from test reports as they arrive (controller side under xdist)."""
+
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    goldens_used: set[str] = field(default_factory=set)
+    goldens_written: list[str] = field(default_factory=list)
+    worker_loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deselected: int = 0
+    started: float = field(default_factory=time.time)
+
+    def add(self, report: pytest.TestReport) -> None:
+        if "harness" not in report.keywords:
+            return
+        props = dict(report.user_properties)
+        for name, value in report.user_properties:
+            if name == "harness_golden":
+                self.goldens_used.add(str(value))
+            elif name == "harness_golden_written":
+                self.goldens_written.append(str(value))
+        if report.when != "call" and report.passed:
+            return
+        match = _NODE.match(report.nodeid)
+        if not match:
+            return
+        variant = match["variant"] if match["variant"] in ALL_KEYS else None
+        outcome = "error" if report.when != "call" and report.failed else report.outcome
+        previous = self.outcomes.get(report.nodeid)
+        if previous and previous.outcome in ("failed", "error"):
+            return  # a teardown report must not hide the call's failure
+        detail = _longrepr_text(report)
+        self.outcomes[report.nodeid] = Outcome(
+            nodeid=report.nodeid, suite=Path(match["file"]).stem, check=match["check"], variant=variant,
+            outcome=outcome, reason=_one_line(detail, report), detail=detail,
+            figures={k: v for k, v in props.items() if k not in GOLDEN_PROPS},
+        )
+
+
+def _longrepr_text(report: pytest.TestReport) -> str:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    return str(report.longrepr or "")
+
+
+def _one_line(detail: str, report: pytest.TestReport) -> str:
+    lines = [line for line in detail.splitlines() if line.strip()]
+    if report.failed and len(lines) > 1 and re.match(r"^\S+\.ya?ml:\d+: ", lines[0]):
+        lines = lines[1:]  # our header "suite.yaml:LINE: check[variant]"
+    text = lines[0] if lines else ""
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord) -> None:
     pool = state._pool
-    goldens = state._goldens
-    if pool is None and goldens is None:
+    if pool is None and not record.outcomes and not record.worker_loads:
         return
     reporter.section("harness")
     if state._resolved is not None:
@@ -20,14 +96,135 @@ def terminal_summary(reporter: Any, state: HarnessSession, config: pytest.Config
     if pool is not None:
         for note in pool.notes:
             reporter.write_line(f"note: {note}")
-        for key, count in pool.load_counts.items():
-            reporter.write_line(
-                f"loaded {key}: {count}x, {pool.load_seconds[key]:.1f} s, "
-                f"weights {pool.weights_bytes[key] / 2**20:.1f} MiB"
-            )
-    if goldens is not None:
-        for label, paths in (("written", goldens.written), ("updated", goldens.updated)):
-            if paths:
-                reporter.write_line(f"goldens {label}: {len(paths)}")
-                for path in paths:
-                    reporter.write_line(f"  {path}")
+        for line in load_lines(_pool_loads(pool)):
+            reporter.write_line(line)
+    for worker, loads in sorted(record.worker_loads.items()):
+        for line in load_lines(loads):
+            reporter.write_line(f"{worker}: {line}")
+    if record.goldens_written:
+        reporter.write_line(f"goldens written or updated: {len(record.goldens_written)}")
+        for path in sorted(record.goldens_written):
+            reporter.write_line(f"  {path}")
+
+
+def _pool_loads(pool: Any) -> dict[str, Any]:
+    return {
+        key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0)}
+        for key, count in pool.load_counts.items()
+    }
+
+
+def load_lines(loads: dict[str, Any]) -> list[str]:
+    return [
+        f"loaded {key}: {info['count']}x, {info['seconds']:.1f} s, weights {info['bytes'] / 2**20:.1f} MiB"
+        for key, info in sorted(loads.items(), key=lambda kv: RUN_ORDER.index(kv[0]))
+    ]
+
+
+_SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skip"}
+
+
+def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -> str:
+    """A short Markdown report, pasteable as a pull-request comment."""
+    counts = Counter(o.outcome for o in record.outcomes.values())
+    lines = [f"# Behaviour report: {state.model_name}", ""]
+    lines += _provenance_lines(state)
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no harness items"
+    verdict = "green" if exitstatus == 0 else "red"
+    lines += [f"- **result: {verdict}** ({summary}) in {time.time() - record.started:.0f} s", ""]
+    lines += _matrix(record)
+    lines += _figures(record)
+    lines += _failures(record)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _provenance_lines(state: HarnessSession) -> list[str]:
+    try:
+        prov = state.provenance()
+    except Exception as exc:  # noqa: BLE001 - the report must still be written
+        return [f"- model: {state.model_name} (provenance unavailable: {exc})"]
+    versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
+    adapter = state._resolved.adapter if state._resolved else None
+    return [
+        f"- model: `{prov['model']}` ({prov['source']}), revision `{prov['revision'] or '-'}`, "
+        f"weights fingerprint `{prov['model_fingerprint']}`, tokenizer `{prov['tokenizer_fingerprint']}`",
+        f"- adapter: `{adapter or '-'}` fingerprint `{prov['adapter_fingerprint'] or '-'}`",
+        f"- device: {state.device.description} (class `{prov['device']}`)",
+        f"- libraries: {versions}",
+    ]
+
+
+def _matrix(record: SessionRecord) -> list[str]:
+    if not record.outcomes:
+        return []
+    variants = [v for v in RUN_ORDER if any(o.variant == v for o in record.outcomes.values())]
+    rows: dict[str, dict[str, Outcome]] = defaultdict(dict)
+    for outcome in record.outcomes.values():
+        rows[f"{outcome.suite}::{outcome.check}"][outcome.variant or "model"] = outcome
+    columns = (["model"] if any("model" in r for r in rows.values()) else []) + variants
+    lines = ["| check | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in sorted(rows):
+        cells = []
+        for column in columns:
+            outcome = rows[name].get(column)
+            if outcome is None:
+                cells.append("")
+            elif outcome.outcome == "passed":
+                cells.append("pass")
+            else:
+                cells.append(f"{_SYMBOL[outcome.outcome]}: {outcome.reason}".replace("|", "\\|"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _figures(record: SessionRecord) -> list[str]:
+    with_figures = [o for o in record.outcomes.values() if o.figures]
+    if not with_figures:
+        return []
+    lines = ["## Budgets and drift", "", "| check | variant | figures |", "|---|---|---|"]
+    for outcome in sorted(with_figures, key=lambda o: (o.suite, o.check, o.variant or "")):
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in outcome.figures.items())
+        lines.append(f"| {outcome.suite}::{outcome.check} | {outcome.variant or '-'} | {figures} |")
+    return lines + [""]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _failures(record: SessionRecord) -> list[str]:
+    failed = [o for o in record.outcomes.values() if o.outcome in ("failed", "error")]
+    if not failed:
+        return []
+    lines = ["## Failures", ""]
+    for outcome in failed:
+        body = outcome.detail.strip().splitlines()[:14]
+        lines += [f"### {outcome.nodeid}", "", "```", *body, "```", ""]
+    return lines
+
+
+def unused_goldens(state: HarnessSession, record: SessionRecord, config: pytest.Config, *,
+                   exitstatus: int) -> list[Path] | None:
+    """Goldens of the suites and variants that ran which no item touched; None when a partial run."""
+    partial = (
+        config.option.keyword or config.option.markexpr or exitstatus == pytest.ExitCode.INTERRUPTED
+        or any("::" in str(arg) for arg in config.args) or config.getoption("exitfirst", False)
+        or record.deselected
+    )
+    if partial or not record.outcomes or state._resolved is None:
+        return None
+    from harness.golden import TOKENIZER_SCOPE
+
+    root = state.options.golden_dir / state.model_name
+    suites = {o.suite for o in record.outcomes.values()}
+    variants = {o.variant for o in record.outcomes.values() if o.variant}
+    scopes = [root / TOKENIZER_SCOPE / s for s in suites]
+    scopes += [root / state.device.klass / v / s for v in variants for s in suites]
+    used = {Path(p) for p in record.goldens_used}
+    found: list[Path] = []
+    for scope in scopes:
+        if scope.is_dir():
+            found += [f for f in scope.rglob("*.json") if not f.name.endswith(".meta.json") and f not in used]
+    return sorted(found)

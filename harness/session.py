@@ -6,7 +6,7 @@ converted) only once items that need it were collected, and loaded lazily.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,19 +37,6 @@ class Options:
     rootdir: Path
 
 
-@dataclass
-class Outcome:
-    """One item's result, kept for the end-of-session report."""
-
-    nodeid: str
-    suite: str
-    check: str
-    variant: str | None
-    outcome: str
-    message: str = ""
-    figures: dict[str, Any] = field(default_factory=dict)
-
-
 class HarnessSession:
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -59,10 +46,8 @@ class HarnessSession:
         self._pool: ModelPool | None = None
         self._goldens: GoldenStore | None = None
         self._device: Device | None = None
-        self.outcomes: list[Outcome] = []
         self.suite_errors = 0
         self.progress_lines: list[str] = []
-        self.figures: dict[tuple[str, str | None], dict[str, Any]] = {}
 
     # -- cheap, at collection ---------------------------------------------------
     @property
@@ -168,10 +153,15 @@ class HarnessSession:
             suite=suite.name, suite_path=suite.path, check_id=entry.check.spec.id, variant=variant,
             pool=self.pool, goldens=self.goldens, device=self.device, request=request,
         )
+        golden = ctx.golden_path()
         try:
             entry.check.run(ctx)
         except VariantUnavailable as exc:
             pytest.skip(str(exc))
         finally:
-            if ctx.figures:
-                self.figures[(request.node.nodeid, variant.key if variant else None)] = ctx.figures
+            # user_properties travel to the xdist controller and into JUnit XML
+            goldens = self.goldens
+            if golden in goldens.used or golden.exists():
+                request.node.user_properties.append(("harness_golden", str(golden)))
+            if golden in goldens.written or golden in goldens.updated:
+                request.node.user_properties.append(("harness_golden_written", str(golden)))
