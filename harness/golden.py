@@ -63,6 +63,7 @@ class GoldenStore:
     device_class: str
     update: bool
     provenance: dict[str, Any]
+    obtained_dir: Path | None = None
     written: list[Path] = field(default_factory=list)
     updated: list[Path] = field(default_factory=list)
     used: set[Path] = field(default_factory=set)
@@ -108,13 +109,22 @@ class GoldenStore:
         if self.update:
             self._write(path, actual, provenance_extra)
             return
+        obtained = self._save_obtained(path, actual)
         if expected is None:
-            raise CheckFailure(self._missing_message(path))
+            raise CheckFailure(self._missing_message(path) + obtained)
         message = explain(expected, actual)
         raise CheckFailure(
-            f"{message}\n{self._provenance_lines(path, provenance_extra)}golden: {path}\n"
+            f"{message}\n{self._provenance_lines(path, provenance_extra)}golden: {path}\n{obtained}"
             "If this change is intended: review the diff, then update with --snapshot-update."
         )
+
+    def _save_obtained(self, path: Path, actual: Any) -> str:
+        """Outside the golden tree, what this run saw: for CI artifacts and side-by-side review."""
+        if self.obtained_dir is None:
+            return ""
+        target = self.obtained_dir / path.relative_to(self.root)
+        atomic_write(target, dumps(actual))
+        return f"obtained: {target}\n"
 
     def _write(self, path: Path, data: Any, provenance_extra: dict[str, Any] | None) -> None:
         existed = path.exists()

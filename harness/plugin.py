@@ -32,6 +32,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="golden files root (default: golden/ at the rootdir)")
     group.addoption("--harness-report", default=None, metavar="FILE.md",
                     help="write a Markdown summary of the session (pasteable as a pull-request comment)")
+    group.addoption("--harness-obtained", default=None, metavar="DIR",
+                    help="on a golden mismatch, write what was obtained under DIR (same layout as goldens)")
     group.addoption("--allow-update-in-ci", action="store_true", default=False,
                     help="allow --snapshot-update when the CI environment variable is set")
 
@@ -68,6 +70,7 @@ def _options(config: pytest.Config) -> Options:
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=config.getoption("adapter"), device=config.getoption("device"),
         golden_dir=golden.resolve(), update=update, rootdir=root,
+        obtained_dir=Path(config.getoption("harness_obtained")).resolve() if config.getoption("harness_obtained") else None,
     )
 
 

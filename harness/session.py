@@ -35,6 +35,7 @@ class Options:
     golden_dir: Path
     update: bool
     rootdir: Path
+    obtained_dir: Path | None = None
 
 
 class HarnessSession:
@@ -118,6 +119,7 @@ class HarnessSession:
             self._goldens = GoldenStore(
                 root=self.options.golden_dir, model=self.model_name, device_class=self.device.klass,
                 update=self.options.update, provenance=self.provenance(),
+                obtained_dir=self.options.obtained_dir,
             )
         return self._goldens
 

@@ -45,7 +45,8 @@ class Project:
 
     def run(self, *args: str, **kwargs: Any) -> pytest.RunResult:
         """Run pytest in a subprocess, as a user would, on suites/ unless paths are given."""
-        paths = [a for a in args if not a.startswith("-") and (self.path / a).exists()]
+        paths = [a for prev, a in zip(("",) + args, args)
+                 if not a.startswith("-") and not prev.startswith("-") and (self.path / a).exists()]
         argv = ([] if paths else ["suites"]) + ["-p", "no:cacheprovider", f"--rootdir={self.path}", *args]
         return self.pytester.runpytest_subprocess(*argv, **kwargs)
 
