@@ -125,9 +125,10 @@ def test_workflow_missing_update_pass_then_template_edit_fails(project, embedded
     result = project.run(f"--model={model}", "--variants", "fp16")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([
-        "*one: *",
+        "chat.yaml:*: one",
         "conversation 'hello' (add_generation_prompt=true) changed:",
-        "*-'<|im_start|>user\\n'",
+        "*@@ -3,3 +3,3 @@",
+        "*'<|im_start|>user\\n'",
         "*-'Hello!<|im_end|>\\n'",
         "*+'Hello! <|im_end|>\\n'",
         "*first differing token at index *: expected '<|im_end|>' (id 2), got 'Ġ' (id *)*",

@@ -30,13 +30,14 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 
 # Max |logit difference| tolerated between a padded batch row and the same
 # prompt run alone, by quantization (LoRA variants use their base's). Measured
-# on SmolLM2-135M on CPU, 7 prompts of 2-14 tokens: fp16 0.0625 (4 fp16 ulps at
-# logits of 16-32), nf4 0.227 (bf16 compute, 2 ulps); identical for left and
-# right padding, so the noise is batch shape, not padding. With the mask
-# ignored the same rows are off by 1.8 to 27 (1.8 with a single pad token).
-# The defaults leave 4x (fp16) and 2.6x (nf4) over the noise, and 3x under the
-# smallest leak.
-DEFAULT_ATOL: dict[str, float] = {"fp16": 0.25, "nf4": 0.6}
+# on SmolLM2-135M on CPU, 7 prompts of 2-14 tokens, as max over prompts:
+#   fp16 0.0625, fp16-lora 0.098 (4-6 fp16 ulps at logits of 16-32)
+#   nf4 0.227, nf4-lora 0.318 (bf16 compute: 2-3 ulps)
+# identical for left and right padding, so the noise is the batch shape, not
+# the padding. With the mask ignored, the padded rows are off by 1.8 to 31
+# (1.8 with a single pad token, nf4). The defaults sit 2.4x above the noise
+# and 2.5x (nf4) to 7x (fp16) below the smallest leak.
+DEFAULT_ATOL: dict[str, float] = {"fp16": 0.25, "nf4": 0.75}
 
 
 def default_atol(variant_key: str | None) -> float:

@@ -1,0 +1,194 @@
+"""``padding``: passes on a model that honours the attention mask, fails on one that ignores it.
+
+Unit tests run the check on a tiny random Llama with the real tokenizer (the
+behaviour does not depend on training); two pytester runs use the real model.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.checks.base import CheckContext
+from harness.checks.padding import DEFAULT_ATOL, PaddingCheck, PaddingSpec, default_atol
+from harness.errors import CheckFailure
+from harness.pool import Loaded
+from harness.variants import VariantSpec
+
+FP16 = VariantSpec("fp16", False)
+
+SUITE = """
+suite: pad
+checks:
+  - id: batch
+    kind: padding
+    prompts: ["Hi", "The capital of France is"]
+    max_new_tokens: 3
+"""
+
+# Installed as the pytester project's conftest.py: every Llama forward ignores the attention mask.
+IGNORE_MASK = """
+import functools
+
+import torch
+from transformers.models.llama import modeling_llama
+
+_forward = modeling_llama.LlamaModel.forward
+
+
+@functools.wraps(_forward)
+def _ignore_mask(self, *args, attention_mask=None, **kwargs):
+    if attention_mask is not None:
+        attention_mask = torch.ones_like(attention_mask)
+    return _forward(self, *args, attention_mask=attention_mask, **kwargs)
+
+
+modeling_llama.LlamaModel.forward = _ignore_mask
+"""
+
+
+@dataclass
+class FakePool:
+    tokenizer: Any
+    model: Any
+    resolved: Any = field(default_factory=lambda: types.SimpleNamespace(name="tiny"))
+
+    def get(self, variant: VariantSpec) -> Loaded:
+        return Loaded(variant, self.model, 0.0, 0)
+
+
+def make_ctx(tokenizer: Any, model: Any) -> CheckContext:
+    request = types.SimpleNamespace(node=types.SimpleNamespace(user_properties=[]))
+    return CheckContext(
+        suite="pad", suite_path=Path("pad.yaml"), check_id="batch", variant=FP16,
+        pool=FakePool(tokenizer, model), goldens=None, device=None, request=request,  # type: ignore[arg-type]
+    )
+
+
+def check(**fields: Any) -> PaddingCheck:
+    return PaddingCheck(PaddingSpec.model_validate({"id": "batch", "kind": "padding", **fields}))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir))
+
+
+@pytest.fixture
+def tiny_model(tokenizer: Any) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        initializer_range=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def ignore_mask(model: Any) -> None:
+    """Make ``model`` attend to pad tokens: its decoder gets an all-ones attention mask."""
+    import torch
+
+    inner = model.model
+    forward = inner.forward
+
+    def forward_ignoring_mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        if attention_mask is not None:
+            attention_mask = torch.ones_like(attention_mask)
+        return forward(*args, attention_mask=attention_mask, **kwargs)
+
+    inner.forward = forward_ignoring_mask
+
+
+# -- spec -------------------------------------------------------------------------
+
+def test_spec_defaults_and_validation():
+    spec = PaddingSpec.model_validate({"id": "p", "kind": "padding"})
+    assert len(spec.prompts) >= 2 and spec.max_new_tokens == 8 and spec.atol is None
+    assert spec.sides == ["left", "right"]
+    for bad in ({"prompts": ["only one"]}, {"prompts": ["a", "a"]}, {"prompts": ["a", ""]},
+                {"sides": ["left", "left"]}, {"sides": ["top"]}, {"atol": 0}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError):
+            PaddingSpec.model_validate({"id": "p", "kind": "padding", **bad})
+
+
+def test_default_atol_by_quantization():
+    assert default_atol("fp16") == default_atol("fp16-lora") == DEFAULT_ATOL["fp16"]
+    assert default_atol("nf4") == default_atol("nf4-lora") == DEFAULT_ATOL["nf4"]
+    assert DEFAULT_ATOL["fp16"] < DEFAULT_ATOL["nf4"]
+
+
+# -- a tiny random model with the real tokenizer --------------------------------
+
+def test_passes_when_the_mask_is_honoured_and_restores_padding_side(tokenizer, tiny_model):
+    tokenizer.padding_side = "right"
+    ctx = make_ctx(tokenizer, tiny_model)
+    check(atol=1e-4, max_new_tokens=4).run(ctx)
+    assert tokenizer.padding_side == "right"
+    assert ctx.figures["padding_atol"] == 1e-4
+    assert ctx.figures["padding_max_abs_diff_left"] < 1e-4
+    assert ctx.figures["padding_max_abs_diff_right"] < 1e-4
+
+
+def test_fails_when_the_mask_is_ignored(tokenizer, tiny_model):
+    ignore_mask(tiny_model)
+    tokenizer.padding_side = "right"
+    ctx = make_ctx(tokenizer, tiny_model)
+    with pytest.raises(CheckFailure) as info:
+        check(atol=1e-4, max_new_tokens=4).run(ctx)
+    message = str(info.value)
+    assert "a padded batch does not behave like its prompts run one at a time" in message
+    assert "prompt 0 'Hello!', left padding: last-token logits differ from the unpadded run by max |diff|" in message
+    # right padding cannot leak under a causal mask: pads come after every real token
+    assert "right padding" not in message
+    assert tokenizer.padding_side == "right"
+    assert ctx.figures["padding_max_abs_diff_left"] > 1e-2
+
+
+def test_generation_divergence_names_prompt_and_first_token(tokenizer, tiny_model):
+    ignore_mask(tiny_model)
+    ctx = make_ctx(tokenizer, tiny_model)
+    with pytest.raises(CheckFailure) as info:
+        check(atol=100.0, max_new_tokens=6, sides=["left"]).run(ctx)  # logits pass: only tokens can fail
+    message = str(info.value)
+    assert "last-token logits" not in message
+    assert "left padding: greedy continuation diverges at new token" in message
+    assert ": unpadded '" in message and ", batched '" in message and "unpadded logits margin" in message
+
+
+def test_prompts_of_equal_length_are_refused(tokenizer, tiny_model):
+    ctx = make_ctx(tokenizer, tiny_model)
+    with pytest.raises(CheckFailure, match="every prompt encodes to 1 tokens, so nothing gets padded"):
+        check(prompts=["Hi", "Yes"], atol=1e-4).run(ctx)
+
+
+# -- the real model ----------------------------------------------------------------
+
+def test_real_model_passes_and_writes_no_golden(project):
+    project.suite("pad", SUITE)
+    result = project.run("--variants", "fp16", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*suites/pad.yaml::batch?fp16? PASSED*"])
+    assert project.goldens() == []
+
+
+def test_real_model_that_ignores_the_mask_fails(project):
+    project.suite("pad", SUITE)
+    project.pytester.makeconftest(IGNORE_MASK)
+    result = project.run("--variants", "fp16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "batch: a padded batch does not behave like its prompts run one at a time*",
+        "*prompt 0 'Hi', left padding: last-token logits differ from the unpadded run by max |diff| * > atol 0.25*",
+        "*A model that ignores the attention mask*",
+    ])
+    assert "right padding: last-token logits" not in result.stdout.str()
