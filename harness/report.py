@@ -49,11 +49,12 @@ class SessionRecord:
         if "harness" not in report.keywords:
             return
         props = dict(report.user_properties)
-        for name, value in report.user_properties:
-            if name == "harness_golden":
-                self.goldens_used.add(str(value))
-            elif name == "harness_golden_written":
-                self.goldens_written.append(str(value))
+        if report.when == "teardown":  # every phase's report carries the same properties
+            for name, value in report.user_properties:
+                if name == "harness_golden":
+                    self.goldens_used.add(str(value))
+                elif name == "harness_golden_written":
+                    self.goldens_written.append(str(value))
         if report.when != "call" and report.passed:
             return
         match = _NODE.match(report.nodeid)

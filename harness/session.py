@@ -159,7 +159,9 @@ class HarnessSession:
         try:
             entry.check.run(ctx)
         except VariantUnavailable as exc:
-            pytest.skip(str(exc))
+            raise _skip_here(str(exc)) from None
+        except pytest.skip.Exception as exc:
+            raise _skip_here(exc.msg) from None
         finally:
             # user_properties travel to the xdist controller and into JUnit XML
             goldens = self.goldens
@@ -167,3 +169,11 @@ class HarnessSession:
                 request.node.user_properties.append(("harness_golden", str(golden)))
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))
+
+
+def _skip_here(reason: str) -> BaseException:
+    """A skip reported at the suite's YAML line, not inside the harness."""
+    import pytest
+
+    exc = pytest.skip.Exception(reason, _use_item_location=True)
+    return exc

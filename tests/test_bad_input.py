@@ -1,0 +1,139 @@
+"""Bad input and faults: each gets a clear error (file, line or key, the fix) and no golden is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+SUITE = """
+suite: gen
+checks:
+  - id: joke
+    kind: greedy
+    messages:
+      - {role: user, content: "Create a funny joke about chickens."}
+    max_new_tokens: 8
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: 4
+"""
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under the golden folder with its content hash."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def recorded(project):
+    project.suite("gen", SUITE)
+    project.run("--variants", "fp16,nf4", "--snapshot-update").assert_outcomes(passed=4)
+    return project
+
+
+def test_missing_golden_in_ci_fails_writes_nothing_and_stays_failed(project, monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    project.suite("gen", SUITE)
+    for _ in range(2):
+        result = project.run("--variants", "fp16")
+        result.assert_outcomes(failed=2)
+        result.stdout.fnmatch_lines(["*No goldens are recorded for model 'smollm2-135m' on device class 'cpu'*"])
+        assert _snapshot(project.golden) == {}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "hand-edited"])
+def test_corrupt_golden_names_the_file(recorded, damage):
+    path = recorded.golden / "smollm2-135m/cpu/fp16/gen/joke.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2] if damage == "truncated" else text.replace('"text"', "text"))
+    before = _snapshot(recorded.golden)
+    result = recorded.run("--variants", "fp16")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        f"*Golden file {path} is not valid JSON (line *, column *: *); it was truncated or edited by hand. "
+        "Fix: restore it with `git checkout -- *joke.json`*",
+    ])
+    assert "Traceback" not in result.stdout.str()
+    assert _snapshot(recorded.golden) == before
+
+
+def test_update_killed_mid_write_leaves_the_previous_golden_intact(recorded):
+    path = recorded.golden / "smollm2-135m/cpu/fp16/gen/joke.json"
+    golden = json.loads(path.read_text())
+    golden["text"] = "an older answer"
+    path.write_text(json.dumps(golden, indent=2, sort_keys=True))
+    before = path.read_bytes()
+    # the process dies after the new content is in the temporary file, before the rename
+    (recorded.path / "conftest.py").write_text(
+        "import os, harness.golden\n"
+        "def _die(fd):\n"
+        "    os._exit(9)\n"
+        "harness.golden.os.fsync = _die\n"
+    )
+    result = recorded.run("--variants", "fp16", "--snapshot-update")
+    assert result.ret == 9
+    assert path.read_bytes() == before
+    json.loads(path.read_text())  # still valid
+
+
+def test_tokenizer_without_pad_and_template_and_a_short_context(project, embedded_model_dir, tmp_path):
+    model = tmp_path / "nopad"
+    shutil.copytree(embedded_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink()
+    model_config = json.loads((model / "config.json").read_text())
+    model_config["max_position_embeddings"] = 16
+    model_config.pop("pad_token_id", None)
+    (model / "config.json").write_text(json.dumps(model_config))
+    project.suite("gen", SUITE + """
+  - id: long
+    kind: greedy
+    prompt: "one two three four five six seven eight nine ten eleven twelve thirteen"
+    max_new_tokens: 8
+  - id: skip-without-template
+    kind: greedy
+    messages: [{role: user, content: "Hi"}]
+    if_no_chat_template: skip
+""")
+    result = project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update", "-rs")
+    result.assert_outcomes(passed=1, failed=2, skipped=1)
+    result.stdout.fnmatch_lines([
+        "note: tokenizer has no pad token: using eos '<|im_end|>' (id 2) for padding",
+        "SKIPPED [[]1[]] suites/gen.yaml:18: 'nopad' has no chat template, and this check renders chat messages",
+    ])
+    out = result.stdout.str()
+    assert "'nopad' has no chat template, and this check renders chat messages. Fix: use `prompt:`" in out
+    assert ("long: the prompt is 13 tokens and max_new_tokens is 8, which exceeds the model's context of "
+            "16 tokens. Fix: shorten the prompt or lower max_new_tokens in the suite.") in out
+    assert project.goldens() == ["nopad/cpu/fp16/gen/capital.json"]
+
+
+def test_out_of_memory_in_one_variant_does_not_stop_the_others(recorded):
+    before = _snapshot(recorded.golden)
+    (recorded.path / "conftest.py").write_text(
+        "import torch, harness.pool\n"
+        "_real = harness.pool.ModelPool._from_pretrained\n"
+        "def _load(self, variant):\n"
+        "    if variant.quant == 'fp16':\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 MiB')\n"
+        "    return _real(self, variant)\n"
+        "harness.pool.ModelPool._from_pretrained = _load\n"
+    )
+    result = recorded.run("--variants", "fp16,nf4", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines([
+        "*Out of memory while loading 'smollm2-135m' as fp16 on CPU: CUDA out of memory. Tried to allocate 20.00 MiB. "
+        "The other variants still run.*",
+    ])
+    assert _snapshot(recorded.golden) == before
