@@ -98,6 +98,7 @@ def pytest_collection(session: pytest.Session) -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order items so each variant loads once: model-level first, then variant by variant."""
     from harness.collect import HarnessItem
