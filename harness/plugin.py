@@ -41,6 +41,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "harness: an item generated from a YAML suite")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason where none is")
+    # noise from dependencies' imports (torch.jit in bitsandbytes/peft), not from the model under test
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
     config.stash[_STATE] = HarnessSession(_options(config))
     config.stash[_RECORD] = SessionRecord()
     config.pluginmanager.register(_Recorder(config.stash[_RECORD]), "harness-recorder")
