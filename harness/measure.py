@@ -7,10 +7,13 @@ process's resident set size (RSS) sampled every few milliseconds while the workl
 runs: it includes Python, torch and everything else in the process, and is always
 labelled "process RSS", never GPU memory.
 
-Time (``optimum_benchmark/trackers/latency.py``): warm-up rounds first; prefill is one
-forward over the prompt batch; decode is a ``generate`` of exactly ``new_tokens`` tokens
-minus the prefill, so decode tokens/s counts ``new_tokens - 1`` tokens per row (the
-first new token comes out of the prefill). CUDA work is synchronized before each clock.
+Time (``optimum_benchmark/trackers/latency.py``, its per-token logits-processor clock):
+warm-up rounds first; then one ``generate`` of exactly ``new_tokens`` tokens per round,
+with a clock read at every decoding step. Prefill is the time to the first step (one
+forward over the prompt batch); decode is the rest, ``new_tokens - 1`` forwards with the
+cache, so decode tokens/s counts ``new_tokens - 1`` tokens per row. Both come from the
+same call: no subtraction of two separately timed runs, which clock noise can make
+negative. CUDA work is synchronized before each clock read.
 
 Sizes are MiB (2**20 bytes), as torch and nvidia-smi report them; suites call them MB.
 """
@@ -23,7 +26,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
@@ -215,14 +218,17 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], *, device: Any) -> dict[s
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
-def generate_exact(model: Any, tokenizer: Any, inputs: Mapping[str, Any], new_tokens: int) -> Any:
+def generate_exact(model: Any, tokenizer: Any, inputs: Mapping[str, Any], new_tokens: int,
+                   *, logits_processor: Any = None) -> Any:
     """Greedy generation of exactly ``new_tokens`` tokens per row (eos cannot stop it)."""
     import torch
 
+    extra = {"logits_processor": logits_processor} if logits_processor is not None else {}
     with torch.inference_mode():
         return model.generate(
             **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             num_beams=1, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+            **extra,
         )
 
 
@@ -255,13 +261,10 @@ class Shape:
 
 @dataclass(frozen=True)
 class RoundTiming:
-    prefill_s: float
-    generate_s: float
+    """One generate call: time to the first decoding step, and the rest."""
 
-    @property
-    def decode_s(self) -> float:
-        # Clock noise must not make decode free or negative.
-        return max(self.generate_s - self.prefill_s, 1e-9)
+    prefill_s: float
+    decode_s: float
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,6 @@ class ThroughputFigures:
     shape: Shape
     rounds: tuple[RoundTiming, ...]
     device: str
-    warm: bool = True
 
     @property
     def prefill_s(self) -> float:
@@ -311,32 +313,36 @@ def throughput_inputs(model: Any, tokenizer: Any, shape: Shape) -> dict[str, Any
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _prefill(model: Any, inputs: Mapping[str, Any]) -> None:
-    import inspect
+def _step_clock(device: Device) -> Any:
+    """A logits processor that only reads the clock: it runs once per step, after each forward."""
+    from transformers import LogitsProcessor
 
-    import torch
+    class StepClock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
 
-    kwargs: dict[str, Any] = {"use_cache": True}
-    # generate's own prefill computes logits for the last position only; so do we.
-    forward = getattr(model, "get_base_model", lambda: model)().forward
-    if "logits_to_keep" in inspect.signature(forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    with torch.inference_mode():
-        model(**inputs, **kwargs)
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            synchronize(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    return StepClock()
 
 
 def timed_round(model: Any, tokenizer: Any, inputs: Mapping[str, Any], shape: Shape, *,
                 device: Device) -> RoundTiming:
-    """One prefill and one generate of ``shape.new_tokens``, each between synchronizations."""
+    """One generate of ``shape.new_tokens``; prefill ends at its first step, decode is the rest."""
+    from transformers import LogitsProcessorList
+
+    clock = _step_clock(device)
     synchronize(device)
     start = time.perf_counter()
-    _prefill(model, inputs)
+    generate_exact(model, tokenizer, inputs, shape.new_tokens, logits_processor=LogitsProcessorList([clock]))
     synchronize(device)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    generate_exact(model, tokenizer, inputs, shape.new_tokens)
-    synchronize(device)
-    return RoundTiming(prefill_s=prefill, generate_s=time.perf_counter() - start)
+    end = time.perf_counter()
+    if len(clock.times) != shape.new_tokens:
+        raise RuntimeError(f"generate ran {len(clock.times)} steps, expected {shape.new_tokens}")
+    return RoundTiming(prefill_s=clock.times[0] - start, decode_s=end - clock.times[0])
 
 
 def measure_throughput(model: Any, tokenizer: Any, shape: Shape, *, device: Device, rounds: int,
@@ -359,7 +365,6 @@ class NF4Estimate:
     adapter_bytes: int = 0
     quantized_modules: int = 0
     bits_per_weight: float = NF4_BITS_PER_WEIGHT
-    notes: list[str] = field(default_factory=list)
 
     @property
     def quantized_bytes(self) -> float:
@@ -375,7 +380,6 @@ class NF4Estimate:
 
     def figures(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("notes")
         out.update(expected_nf4_mb=mib(self.total_bytes), quantized_mb=mib(self.quantized_bytes),
                    other_16bit_mb=mib(self.other_bytes))
         return out
@@ -476,6 +480,20 @@ def device_keys(device_class: str) -> list[str]:
     return keys
 
 
+def device_matches(devices: Sequence[str] | None, device_class: str) -> bool:
+    """Whether a list of device keys (None: all devices) covers ``device_class``."""
+    return devices is None or any(key in devices for key in device_keys(device_class))
+
+
+def validate_device_list(devices: list[str] | None) -> list[str] | None:
+    import re
+
+    for key in devices or []:
+        if not re.fullmatch(DEVICE_KEY_PATTERN, key):
+            raise ValueError(f"{key!r} is not a device class (cpu, cuda, cuda-smXY or any)")
+    return devices
+
+
 def budget_for(table: Mapping[str, Mapping[str, T]], *, device_class: str, variant: str) -> tuple[T | None, str | None]:
     """The budget for ``variant`` on ``device_class`` and the device key it came from."""
     for key in device_keys(device_class):
@@ -489,21 +507,28 @@ class NoBudgetWarning(UserWarning):
     """A budget check ran where its suite sets no budget: figures recorded, nothing judged."""
 
 
-def validate_budget_table(table: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
-    """Budget tables are ``{device class: {variant: budget}}``; typos must not disable a budget."""
+def validate_budget_table(table: Any) -> Any:
+    """Budget tables are ``{device class: {variant: budget}}``; typos must not disable a budget.
+
+    Runs before pydantic's own validation (``mode="before"``) so that a misplaced level
+    is reported as such, not as a type error one level down.
+    """
     import difflib
     import re
 
     from harness.variants import ALL_KEYS
 
+    if not isinstance(table, Mapping):
+        return table
     for device_key, per_variant in table.items():
+        device_key = str(device_key)
         if not re.fullmatch(DEVICE_KEY_PATTERN, device_key):
             hint = " (variants go one level down: budgets: {cpu: {nf4: {...}}})" if device_key in ALL_KEYS else ""
             raise ValueError(
                 f"budgets: {device_key!r} is not a device class; use cpu, cuda, cuda-smXY "
                 f"(e.g. cuda-sm90, as the report header shows) or any{hint}"
             )
-        for variant in per_variant:
+        for variant in per_variant if isinstance(per_variant, Mapping) else ():
             if variant not in ALL_KEYS:
                 match = difflib.get_close_matches(variant, ALL_KEYS, n=1)
                 raise ValueError(

@@ -71,11 +71,10 @@ class DriftSpec(CheckSpec):
                                      f"(known: {', '.join(ALL_KEYS)}){hint}")
         return value
 
-    @field_validator("device_budgets")
+    @field_validator("device_budgets", mode="before")
     @classmethod
-    def _table(cls, value: dict[str, dict[str, DriftBudget]]) -> dict[str, dict[str, DriftBudget]]:
-        validate_budget_table(value)
-        return value
+    def _table(cls, value: Any) -> Any:
+        return validate_budget_table(value)
 
     @model_validator(mode="after")
     def _has_prompts(self) -> DriftSpec:

@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.errors import CheckFailure
 from harness.measure import (
-    DEVICE_KEY_PATTERN, MIB, NoBudgetWarning, PeakMemory, budget_for, measure_peak, mib, nf4_estimate,
+    MIB, NoBudgetWarning, PeakMemory, budget_for, device_matches, measure_peak, mib, nf4_estimate,
     parallel_conflict, parallel_note, quant_state_bytes, run_workload, validate_budget_table,
+    validate_device_list,
 )
 from harness.variants import ALL_KEYS, VariantSpec
 
@@ -66,12 +67,7 @@ class Savings(BaseModel):
     @field_validator("devices")
     @classmethod
     def _device_keys(cls, value: list[str] | None) -> list[str] | None:
-        import re
-
-        for key in value or []:
-            if not re.fullmatch(DEVICE_KEY_PATTERN, key):
-                raise ValueError(f"{key!r} is not a device class (cpu, cuda, cuda-smXY or any)")
-        return value
+        return validate_device_list(value)
 
     @model_validator(mode="after")
     def _two_variants(self) -> Savings:
@@ -85,12 +81,17 @@ class MemorySpec(CheckSpec):
     workload: Workload
     budgets: dict[str, dict[str, MemoryBudget]] = Field(default_factory=dict)
     min_savings: list[Savings] = Field(default_factory=list)
+    devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
 
-    @field_validator("budgets")
+    @field_validator("devices")
     @classmethod
-    def _table(cls, value: dict[str, dict[str, MemoryBudget]]) -> dict[str, dict[str, MemoryBudget]]:
-        validate_budget_table(value)
-        return value
+    def _device_keys(cls, value: list[str] | None) -> list[str] | None:
+        return validate_device_list(value)
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _table(cls, value: Any) -> Any:
+        return validate_budget_table(value)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class MemoryFigures:
     peak: PeakMemory
     generated_tokens: int
     quant_state_bytes: int = 0
+    # bitsandbytes' CPU backend un-nests double quantization on first use (absmax -> bf16)
+    quant_state_after_bytes: int = 0
     expected_nf4_bytes: int | None = None
 
     def metric(self, name: str) -> int:
@@ -112,6 +115,8 @@ class MemoryFigures:
         if self.quant_state_bytes:
             out["quant_state_mb"] = mib(self.quant_state_bytes)
             out["weights_with_quant_state_mb"] = mib(self.weights_bytes + self.quant_state_bytes)
+        if self.quant_state_after_bytes and self.quant_state_after_bytes != self.quant_state_bytes:
+            out["quant_state_after_workload_mb"] = mib(self.quant_state_after_bytes)
         if self.expected_nf4_bytes is not None:
             out["expected_nf4_mb"] = mib(self.expected_nf4_bytes)
         return out
@@ -120,18 +125,20 @@ class MemoryFigures:
 def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device: Device) -> MemoryFigures:
     """Weights of the loaded variant and the peak while ``workload`` runs on it."""
     model = loaded.model
+    is_nf4 = loaded.variant.quant == "nf4"
+    state_before = quant_state_bytes(model) if is_nf4 else 0
     generated, peak = measure_peak(
         lambda: run_workload(model, tokenizer, workload.prompts, batch_size=workload.batch_size,
                              max_new_tokens=workload.max_new_tokens),
         device=device,
     )
-    is_nf4 = loaded.variant.quant == "nf4"
     return MemoryFigures(
         variant=loaded.variant.key,
         weights_bytes=int(loaded.weights_bytes),
         peak=peak,
         generated_tokens=generated,
-        quant_state_bytes=quant_state_bytes(model) if is_nf4 else 0,
+        quant_state_bytes=state_before,
+        quant_state_after_bytes=quant_state_bytes(model) if is_nf4 else 0,
         expected_nf4_bytes=nf4_estimate(model).total_bytes if is_nf4 else None,
     )
 
@@ -152,6 +159,7 @@ class MemoryCheck(Check[MemorySpec]):
         assert variant is not None
         klass = ctx.device.klass
         where = f"{self.spec.id}[{variant.key}] on {klass}"
+        skip_unless_device(self.spec.devices, ctx)
         conflict = parallel_conflict(ctx.device)
         if conflict:
             raise CheckFailure(f"{where}: refused to measure memory: {conflict}")
@@ -172,7 +180,7 @@ class MemoryCheck(Check[MemorySpec]):
             ctx.record(budget=f"{key}.{variant.key}: {budget.model_dump(exclude_none=True)}")
             problems += _over_budget(mine, budget, key=key, variant=variant.key, klass=klass)
         for saving in self.spec.min_savings:
-            if saving.variant != variant.key or not _applies(saving.devices, klass):
+            if saving.variant != variant.key or not device_matches(saving.devices, klass):
                 continue
             reference = self._observe(ctx, VariantSpec.from_key(saving.reference))
             ratio = reference.metric(saving.metric) / max(mine.metric(saving.metric), 1)
@@ -193,10 +201,13 @@ class MemoryCheck(Check[MemorySpec]):
             )
 
 
-def _applies(devices: list[str] | None, klass: str) -> bool:
-    from harness.measure import device_keys
+def skip_unless_device(devices: list[str] | None, ctx: CheckContext) -> None:
+    """A check declared for some device classes (``devices: [cuda]``) skips elsewhere, saying why."""
+    if not device_matches(devices, ctx.device.klass):
+        import pytest
 
-    return devices is None or any(key in devices for key in device_keys(klass))
+        pytest.skip(f"{ctx.check_id} runs on {', '.join(devices or [])} only; this session runs on "
+                    f"{ctx.device.description} (class {ctx.device.klass})")
 
 
 def _over_budget(figures: MemoryFigures, budget: MemoryBudget, *, key: str | None, variant: str,

@@ -10,16 +10,17 @@ reliable) the round runs once, cold: its figures are recorded but no budget is j
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
 from harness.errors import CheckFailure
+from harness.checks.memory import skip_unless_device
 from harness.measure import (
-    DEVICE_KEY_PATTERN, NoBudgetWarning, RoundTiming, Shape, ThroughputFigures, budget_for, device_keys,
-    measure_throughput, throughput_inputs, timed_round, validate_budget_table,
+    NoBudgetWarning, RoundTiming, Shape, ThroughputFigures, budget_for, device_matches, measure_throughput,
+    throughput_inputs, timed_round, validate_budget_table, validate_device_list,
 )
 from harness.variants import ALL_KEYS, VariantSpec
 
@@ -54,12 +55,7 @@ class SpeedRatio(BaseModel):
     @field_validator("devices")
     @classmethod
     def _device_keys(cls, value: list[str] | None) -> list[str] | None:
-        import re
-
-        for key in value or []:
-            if not re.fullmatch(DEVICE_KEY_PATTERN, key):
-                raise ValueError(f"{key!r} is not a device class (cpu, cuda, cuda-smXY or any)")
-        return value
+        return validate_device_list(value)
 
     @model_validator(mode="after")
     def _two_variants(self) -> SpeedRatio:
@@ -77,12 +73,17 @@ class ThroughputSpec(CheckSpec):
     warmup_rounds: int = Field(1, ge=0, le=1000)
     budgets: dict[str, dict[str, ThroughputBudget]] = Field(default_factory=dict)
     min_ratios: list[SpeedRatio] = Field(default_factory=list)
+    devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
 
-    @field_validator("budgets")
+    @field_validator("devices")
     @classmethod
-    def _table(cls, value: dict[str, dict[str, ThroughputBudget]]) -> dict[str, dict[str, ThroughputBudget]]:
-        validate_budget_table(value)
-        return value
+    def _devices(cls, value: list[str] | None) -> list[str] | None:
+        return validate_device_list(value)
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _table(cls, value: Any) -> Any:
+        return validate_budget_table(value)
 
     @property
     def shape(self) -> Shape:
@@ -104,6 +105,7 @@ class ThroughputCheck(Check[ThroughputSpec]):
         spec = self.spec
         klass = ctx.device.klass
         where = f"{spec.id}[{variant.key}] on {klass}"
+        skip_unless_device(spec.devices, ctx)
         model, tokenizer = ctx.model, ctx.tokenizer
         assert_fits_context(model, spec.prompt_tokens, spec.new_tokens, what=spec.id)
         benchmark = ctx.request.getfixturevalue("benchmark")
@@ -117,7 +119,7 @@ class ThroughputCheck(Check[ThroughputSpec]):
         benchmark.pedantic(one_round, rounds=spec.rounds, warmup_rounds=spec.warmup_rounds, iterations=1)
         judged = not benchmark.disabled
         measured = tuple(timings[-spec.rounds:] if judged else timings)
-        figures = ThroughputFigures(shape=spec.shape, rounds=measured, device=klass, warm=judged)
+        figures = ThroughputFigures(shape=spec.shape, rounds=measured, device=klass)
         values = figures.figures()
         benchmark.extra_info.update(values, variant=variant.key, device=ctx.device.description,
                                     device_class=klass)
@@ -151,7 +153,7 @@ class ThroughputCheck(Check[ThroughputSpec]):
         for ratio in spec.min_ratios:
             if ratio.variant != variant.key:
                 continue
-            if ratio.devices is not None and not any(k in ratio.devices for k in device_keys(klass)):
+            if not device_matches(ratio.devices, klass):
                 continue
             reference = ctx.pool.observe(
                 VariantSpec.from_key(ratio.reference), self._key,

@@ -1,0 +1,369 @@
+"""Budget checks (memory, throughput, drift) on the real embedded model, and their pure logic.
+
+Suites run in a subprocess (``runpytest_subprocess``) so that each test gets a fresh
+pool and fresh process memory. Figures are read back from JUnit properties, where
+``ctx.record`` puts them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PIRATE = ROOT / "fixtures" / "adapters" / "smollm2-135m-pirate"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _import_torch_before_pytester() -> None:
+    """pytester restores ``sys.modules`` after each test; torch must not be imported twice."""
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+
+def _suite(pytester: pytest.Pytester, text: str) -> None:
+    shutil.copy(ROOT / "models.yaml", pytester.path / "models.yaml")
+    suites = pytester.path / "suites"
+    suites.mkdir(exist_ok=True)
+    (suites / "budgets.yaml").write_text(textwrap.dedent(text))
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    golden = pytester.path / "golden"
+    return pytester.runpytest_subprocess(
+        "suites", "--golden-dir", str(golden), "-p", "no:cacheprovider", "--device", "cpu", "-rA",
+        "--junitxml", str(pytester.path / "junit.xml"), *args,
+    )
+
+
+def _figures(pytester: pytest.Pytester) -> dict[str, dict[str, str]]:
+    tree = ET.parse(pytester.path / "junit.xml")
+    return {case.get("name", ""): {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+            for case in tree.iter("testcase")}
+
+
+def _adapter(tmp: Path, *, zero: str) -> Path:
+    """A no-op copy of the pirate adapter: its ``lora_A`` or ``lora_B`` matrices set to zero.
+
+    It lives inside the pytester folder: a path argument outside it would move pytest's rootdir.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp / f"noop-{zero}"
+    out.mkdir()
+    if (PIRATE / "adapter_model.safetensors").is_file():
+        shutil.copy(PIRATE / "adapter_config.json", out / "adapter_config.json")
+        tensors = load_file(str(PIRATE / "adapter_model.safetensors"))
+    else:  # the fixture is not built here: make a small LoRA on the model with peft
+        tensors = _fresh_lora(out)
+    tensors = {k: torch.zeros_like(v) if zero in k else v for k, v in tensors.items()}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _fresh_lora(out: Path) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from harness.registry import load_registry
+    from harness.sources import resolve
+
+    resolved = resolve(None, registry=load_registry(ROOT / "models.yaml"), rootdir=ROOT)
+    model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+# -- memory ------------------------------------------------------------------------------------
+def test_memory_budget_too_small_fails_with_figure_and_budget(pytester: pytest.Pytester) -> None:
+    _suite(pytester, """
+        suite: budgets
+        checks:
+          - id: footprint
+            kind: memory
+            workload: {prompts: ["The capital of France is"], max_new_tokens: 2}
+            budgets:
+              cpu:
+                fp16: {max_weights_mb: 100, max_peak_mb: 100000}
+          - id: unbudgeted
+            kind: memory
+            workload: {prompts: ["Hi"], max_new_tokens: 1}
+            budgets:
+              cuda-sm90:
+                fp16: {max_weights_mb: 1}
+          - id: gpu-only
+            kind: memory
+            devices: [cuda]
+            workload: {prompts: ["Hi"], max_new_tokens: 1}
+    """)
+    result = _run(pytester, "--variants", "fp16")
+    result.assert_outcomes(passed=1, failed=1, skipped=1)
+    result.stdout.fnmatch_lines([
+        "*footprint[[]fp16[]] on cpu: memory budget not met:*",
+        "*weights 256.* MB > max_weights_mb 100 (budgets.cpu.fp16; device class cpu, variant fp16)*",
+    ])
+    # no budget for this device class: figures recorded, a visible warning, a pass
+    result.stdout.fnmatch_lines(["*no memory budget for device class 'cpu'*figures recorded, nothing judged*"])
+    figures = _figures(pytester)
+    assert figures["unbudgeted[fp16]"]["budget"] == "none for cpu"
+    assert figures["unbudgeted[fp16]"]["peak_kind"] == "process RSS"
+    assert float(figures["footprint[fp16]"]["weights_mb"]) > 100
+    # a GPU-only check skips with its reason on CPU
+    result.stdout.fnmatch_lines(["SKIPPED*gpu-only runs on cuda only; this session runs on CPU*"])
+
+
+def test_savings_ratio_and_drift_reference_come_from_the_same_session(pytester: pytest.Pytester) -> None:
+    _suite(pytester, """
+        suite: budgets
+        checks:
+          - id: footprint
+            kind: memory
+            workload: {prompts: ["The capital of France is", "Hello"], max_new_tokens: 2, batch_size: 2}
+            budgets:
+              cpu:
+                nf4: {max_weights_mb: 130}
+            min_savings:
+              - {variant: nf4, reference: fp16, metric: weights, ratio: 2.0}
+          - id: footprint-strict
+            kind: memory
+            workload: {prompts: ["Hi"], max_new_tokens: 1}
+            min_savings:
+              - {variant: nf4, reference: fp16, metric: weights, ratio: 10}
+          - id: drift
+            kind: drift
+            prompts: ["The capital of France is"]
+            new_tokens: 4
+            budgets:
+              nf4: {max_mean_kl: 0.0001}
+          - id: speed-ratio
+            kind: throughput
+            prompt_tokens: 4
+            new_tokens: 2
+            rounds: 1
+            warmup_rounds: 0
+            min_ratios:
+              - {variant: nf4, reference: fp16, metric: decode, ratio: 0.000001}
+    """)
+    result = _run(pytester, "--variants", "fp16,nf4")
+    result.assert_outcomes(passed=6, failed=2)
+    figures = _figures(pytester)
+    fp16, nf4 = figures["footprint[fp16]"], figures["footprint[nf4]"]
+    ratio = float(fp16["weights_mb"]) / float(nf4["weights_mb"])
+    assert float(nf4["saving_weights_vs_fp16"]) == pytest.approx(ratio, rel=1e-3)
+    assert 2.0 < ratio < 3.0
+    # the expected NF4 size from first principles is reported beside the measurement
+    assert float(nf4["expected_nf4_mb"]) == pytest.approx(float(nf4["weights_with_quant_state_mb"]), rel=0.02)
+    result.stdout.fnmatch_lines([
+        "*footprint-strict[[]nf4[]] on cpu: memory budget not met:*",
+        "*nf4 saves only 2.*x weights vs fp16 (*MB / *MB, both measured in this session), below "
+        "min_savings ratio 10 (device class cpu, variant nf4)*",
+    ])
+    result.stdout.fnmatch_lines([
+        "*drift[[]nf4[]] on cpu: drift from fp16 out of budget:*",
+        "*mean KL(fp16 || nf4) * > max_mean_kl 0.0001 (budgets.nf4; device class cpu, variant nf4)*",
+        "*mean KL *, max KL *, top-1 agreement * over * positions*",
+    ])
+    assert figures["drift[fp16]"]["reference_for"] == "nf4,fp16-lora"
+    speed16, speed4 = figures["speed-ratio[fp16]"], figures["speed-ratio[nf4]"]
+    assert float(speed4["decode_ratio_vs_fp16"]) == pytest.approx(
+        float(speed4["decode_tokens_per_s"]) / float(speed16["decode_tokens_per_s"]), rel=0.05)
+    # each variant loaded once: references were memoized, not reloaded
+    result.stdout.fnmatch_lines(["loaded fp16: 1x*", "loaded nf4: 1x*"])
+
+
+# -- drift: adapters ----------------------------------------------------------------------------
+DRIFT_SUITE = """
+    suite: budgets
+    checks:
+      - id: adapter-drift
+        kind: drift
+        prompts: ["The capital of France is"]
+        chats:
+          - [{role: user, content: "Tell me a joke."}]
+        new_tokens: 4
+"""
+
+
+def test_noop_adapter_fails_the_drift_check(pytester: pytest.Pytester) -> None:
+    _suite(pytester, DRIFT_SUITE)
+    noop = _adapter(pytester.path, zero="lora_A")  # lora_B non-zero: the pool's load check cannot see it
+    result = _run(pytester, "--variants", "fp16,fp16-lora", "--adapter", str(noop))
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*adapter-drift[[]fp16-lora[]] on cpu: drift from fp16 out of budget:*",
+        "*the adapter changes nothing measurable: mean KL(fp16 || fp16-lora) = 0 over * positions "
+        "(minimum 0.0001), top-1 agreement 1.0000*",
+    ])
+
+
+def test_adapter_with_zero_lora_b_fails_before_drift(pytester: pytest.Pytester) -> None:
+    _suite(pytester, DRIFT_SUITE)
+    noop = _adapter(pytester.path, zero="lora_B")
+    result = _run(pytester, "--variants", "fp16,fp16-lora", "--adapter", str(noop))
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*did not load*lora_B weights are still zero*no-op*"])
+
+
+# -- throughput -------------------------------------------------------------------------------------
+THROUGHPUT_SUITE = """
+    suite: budgets
+    checks:
+      - id: speed
+        kind: throughput
+        batch: 1
+        prompt_tokens: 8
+        new_tokens: 3
+        rounds: 2
+        warmup_rounds: 1
+        budgets:
+          cpu:
+            fp16: {min_decode_tokens_per_s: 0.001, min_prefill_tokens_per_s: 0.001}
+      - id: impossible
+        kind: throughput
+        prompt_tokens: 4
+        new_tokens: 2
+        rounds: 1
+        warmup_rounds: 0
+        budgets:
+          cpu:
+            fp16: {min_decode_tokens_per_s: 1.0e9}
+"""
+
+
+def test_throughput_lands_in_benchmark_json(pytester: pytest.Pytester) -> None:
+    _suite(pytester, THROUGHPUT_SUITE)
+    out = pytester.path / "bench.json"
+    result = _run(pytester, "--variants", "fp16", f"--benchmark-json={out}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*impossible[[]fp16[]] on cpu: throughput budget not met (CPU speed):*",
+        "*decode * tokens/s < min_decode_tokens_per_s 1e+09 (budgets.cpu.fp16; device class cpu, variant fp16;*",
+    ])
+    data = json.loads(out.read_text())
+    bench = {b["name"]: b for b in data["benchmarks"]}
+    speed = bench["speed[fp16]"]
+    assert speed["stats"]["rounds"] == 2
+    info = speed["extra_info"]
+    assert info["decode_tokens_per_s"] > 0 and info["prefill_tokens_per_s"] > 0
+    assert (info["variant"], info["device_class"], info["prompt_tokens"], info["new_tokens"]) == ("fp16", "cpu", 8, 3)
+    assert speed["group"].startswith("budgets::speed")
+
+
+def test_benchmark_disable_records_figures_without_judging(pytester: pytest.Pytester) -> None:
+    _suite(pytester, THROUGHPUT_SUITE)
+    result = _run(pytester, "--variants", "fp16", "--benchmark-disable")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*pytest-benchmark is disabled*no budget is judged*"])
+    figures = _figures(pytester)
+    assert figures["impossible[fp16]"]["budget"].startswith("not judged")
+    assert float(figures["impossible[fp16]"]["decode_tokens_per_s"]) > 0
+
+
+# -- pure logic (no model) --------------------------------------------------------------------------
+def test_expected_nf4_bytes_from_first_principles() -> None:
+    from transformers import LlamaConfig
+
+    from harness.measure import NF4_BITS_PER_WEIGHT, expected_nf4_bytes, nf4_estimate
+
+    assert NF4_BITS_PER_WEIGHT == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
+    hidden, inter, vocab, layers = 64, 128, 1000, 2
+    per_layer = hidden * hidden * 2 + hidden * 32 * 2 + hidden * inter * 3  # q,o + k,v (2 kv heads) + mlp
+    norms = layers * 2 * hidden + hidden
+    for tied in (True, False):
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             tie_word_embeddings=tied)
+        est = nf4_estimate(config)
+        assert est.quantized_weights == layers * per_layer
+        assert est.other_params == vocab * hidden * (1 if tied else 2) + norms  # lm_head stays 16-bit
+        expected = layers * per_layer * NF4_BITS_PER_WEIGHT / 8 + est.other_params * 2
+        assert expected_nf4_bytes(config) == round(expected)
+
+
+def test_budget_lookup_prefers_the_exact_device_class() -> None:
+    from harness.measure import budget_for, device_keys
+
+    assert device_keys("cuda-sm90") == ["cuda-sm90", "cuda", "any"]
+    table = {"cuda": {"nf4": 1}, "cuda-sm90": {"nf4": 2}, "any": {"fp16": 3}}
+    assert budget_for(table, device_class="cuda-sm90", variant="nf4") == (2, "cuda-sm90")
+    assert budget_for(table, device_class="cuda-sm80", variant="nf4") == (1, "cuda")
+    assert budget_for(table, device_class="cpu", variant="fp16") == (3, "any")
+    assert budget_for(table, device_class="cpu", variant="nf4") == (None, None)
+
+
+def test_peak_memory_refuses_shared_gpus_under_xdist(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from harness.devices import Device
+    from harness.measure import parallel_conflict, parallel_note
+
+    gpu = Device("cuda:0", "cuda-sm90", "NVIDIA H100 (cuda:0)")
+    cpu = Device("cpu", "cpu", "CPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert parallel_conflict(gpu) is None
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    reason = parallel_conflict(gpu)
+    assert reason is not None and "2 pytest-xdist workers share 1 GPU(s)" in reason
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parallel_conflict(gpu) is None  # one worker per GPU
+    assert parallel_conflict(cpu) is None
+    assert "this pytest-xdist worker only" in (parallel_note(cpu) or "")
+
+
+def test_rss_sampler_sees_a_transient_allocation() -> None:
+    from harness.devices import Device
+    from harness.measure import measure_peak
+
+    def allocate() -> int:
+        import time
+
+        block = bytearray(200 * 2**20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(0.05)
+        return len(block)
+
+    _, peak = measure_peak(allocate, device=Device("cpu", "cpu", "CPU"))
+    assert peak.label == "process RSS"
+    assert peak.peak_bytes - peak.baseline_bytes > 150 * 2**20
+
+
+@pytest.mark.parametrize(("kind", "fragment", "message"), [
+    ("memory", "workload: {prompts: [hi]}\n    budgets: {nf4: {max_weights_mb: 1}}",
+     "'nf4' is not a device class"),
+    ("memory", "workload: {prompts: [hi]}\n    budgets: {cpu: {nf5: {max_weights_mb: 1}}}",
+     "did you mean 'nf4'"),
+    ("throughput", "budgets: {cpu: {fp16: {min_decode_tokens_per_sec: 1}}}", "unknown key"),
+    ("drift", "prompts: [hi]\n    budgets: {cpu: {nf4: {max_mean_kl: 1}}}", "device_budgets"),
+    ("drift", "budgets: {nf4: {max_mean_kl: 1}}", "give at least one of 'prompts'"),
+    ("throughput", "new_tokens: 1", "greater than or equal to 2"),
+], ids=["variant-at-device-level", "misspelled-variant", "misspelled-budget-key", "drift-device-budget",
+        "drift-without-prompts", "one-new-token"])
+def test_budget_specs_are_validated(tmp_path: Path, kind: str, fragment: str, message: str) -> None:
+    from harness.errors import SuiteError
+    from harness.spec import load_suite
+
+    path = tmp_path / "suites" / "bad.yaml"
+    path.parent.mkdir()
+    path.write_text(f"suite: bad\nchecks:\n  - id: x\n    kind: {kind}\n    {fragment}\n")
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    assert message in str(err.value)
+    assert "bad.yaml:" in str(err.value)
