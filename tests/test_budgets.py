@@ -297,7 +297,7 @@ def test_expected_nf4_bytes_from_first_principles() -> None:
 
 
 def test_budget_lookup_prefers_the_exact_device_class() -> None:
-    from harness.measure import budget_for, device_keys
+    from harness.checks.budgets import budget_for, device_keys
 
     assert device_keys("cuda-sm90") == ["cuda-sm90", "cuda", "any"]
     table = {"cuda": {"nf4": 1}, "cuda-sm90": {"nf4": 2}, "any": {"fp16": 3}}

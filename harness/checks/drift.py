@@ -27,7 +27,7 @@ from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
 from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, encode_prompt
 from harness.errors import CheckFailure
-from harness.measure import validate_budget_table
+from harness.checks.budgets import validate_budget_table
 from harness.variants import ALL_KEYS, VariantSpec
 
 ADAPTER_MIN_MEAN_KL = 1e-4
@@ -224,7 +224,7 @@ class DriftCheck(Check[DriftSpec]):
         return ctx.pool.observe(variant, f"{self.spec.id}:drift-reference", observe)
 
     def _budget(self, klass: str, variant: str) -> tuple[DriftBudget | None, str | None]:
-        from harness.measure import budget_for
+        from harness.checks.budgets import budget_for
 
         budget, key = budget_for(self.spec.device_budgets, device_class=klass, variant=variant)
         if budget is not None:
@@ -237,7 +237,7 @@ class DriftCheck(Check[DriftSpec]):
         __tracebackhide__ = True
         import warnings
 
-        from harness.measure import NoBudgetWarning
+        from harness.checks.budgets import NoBudgetWarning
 
         variant = ctx.variant
         assert variant is not None

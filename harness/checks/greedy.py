@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, encode_prompt
+from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, describe_token, encode_prompt, greedy_generate
 
 
 class GreedySpec(CheckSpec):
@@ -63,20 +63,8 @@ def generate_greedy(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_t
 
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+    out = greedy_generate(model, tokenizer, input_ids, torch.ones_like(input_ids), max_new_tokens,
+                          return_dict_in_generate=True, output_logits=True)
     new_ids = out.sequences[0, len(prompt_ids):].tolist()
     logits = torch.stack([step[0].float().cpu() for step in out.logits]) if out.logits else None
     return new_ids, logits
@@ -96,8 +84,8 @@ def explain_divergence(expected: dict[str, Any], actual: dict[str, Any], logits:
         want = exp_ids[index] if index < len(exp_ids) else None
         got = act_ids[index] if index < len(act_ids) else None
         lines.append(
-            f"greedy output diverges at new token {index}: expected {_tok(tokenizer, want)}, "
-            f"got {_tok(tokenizer, got)}"
+            f"greedy output diverges at new token {index}: expected {describe_token(tokenizer, want)}, "
+            f"got {describe_token(tokenizer, got)}"
         )
         margin = _margin(logits, index, want, got)
         if margin:
@@ -114,12 +102,6 @@ def explain_divergence(expected: dict[str, Any], actual: dict[str, Any], logits:
         if len(diff) > 24:
             lines.append(f"  ... ({len(diff) - 24} more diff lines)")
     return "\n".join(lines)
-
-
-def _tok(tokenizer: Any, token_id: int | None) -> str:
-    if token_id is None:
-        return "end of output"
-    return f"{tokenizer.decode([token_id])!r} (id {token_id})"
 
 
 def _margin(logits: Any, index: int, want: int | None, got: int | None) -> str | None:

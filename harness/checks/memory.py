@@ -13,16 +13,18 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.errors import CheckFailure
-from harness.measure import (
-    MIB, NoBudgetWarning, PeakMemory, budget_for, device_matches, measure_peak, mib, nf4_estimate,
-    parallel_conflict, parallel_note, quant_state_bytes, run_workload, validate_budget_table,
-    validate_device_list,
+from harness.checks.budgets import (
+    NoBudgetWarning, VariantComparison, budget_for, device_matches, skip_unless_device, validate_budget_table, validate_device_list,
 )
-from harness.variants import ALL_KEYS, VariantSpec
+from harness.measure import (
+    MIB, PeakMemory, measure_peak, mib, nf4_estimate, parallel_conflict, parallel_note, quant_state_bytes,
+    run_workload,
+)
+from harness.variants import VariantSpec
 
 if TYPE_CHECKING:
     from harness.devices import Device
@@ -46,35 +48,10 @@ class MemoryBudget(BaseModel):
     max_peak_mb: float | None = Field(None, gt=0)
 
 
-class Savings(BaseModel):
+class Savings(VariantComparison):
     """``reference``'s figure divided by ``variant``'s must be at least ``ratio``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    variant: str
-    reference: str
     metric: Literal["weights", "peak"] = "weights"
-    ratio: float = Field(gt=0)
-    devices: list[str] | None = Field(None, description="device classes this applies to (default: all)")
-
-    @field_validator("variant", "reference")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in ALL_KEYS:
-            raise ValueError(f"unknown variant {value!r} (known: {', '.join(ALL_KEYS)})")
-        return value
-
-    @field_validator("devices")
-    @classmethod
-    def _device_keys(cls, value: list[str] | None) -> list[str] | None:
-        return validate_device_list(value)
-
-    @model_validator(mode="after")
-    def _two_variants(self) -> Savings:
-        if self.variant == self.reference:
-            raise ValueError("a saving compares two different variants")
-        return self
-
 
 class MemorySpec(CheckSpec):
     kind: Literal["memory"]
@@ -199,15 +176,6 @@ class MemoryCheck(Check[MemorySpec]):
                 + "\nFix: find what grew (model revision, adapter, dtype, quantization), or raise the "
                 "budget in the suite if the growth is intended and reviewed."
             )
-
-
-def skip_unless_device(devices: list[str] | None, ctx: CheckContext) -> None:
-    """A check declared for some device classes (``devices: [cuda]``) skips elsewhere, saying why."""
-    if not device_matches(devices, ctx.device.klass):
-        import pytest
-
-        pytest.skip(f"{ctx.check_id} runs on {', '.join(devices or [])} only; this session runs on "
-                    f"{ctx.device.description} (class {ctx.device.klass})")
 
 
 def _over_budget(figures: MemoryFigures, budget: MemoryBudget, *, key: str | None, variant: str,

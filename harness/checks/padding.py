@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
-from harness.checks.prompts import assert_fits_context
+from harness.checks.prompts import assert_fits_context, describe_token, greedy_generate
 from harness.errors import CheckFailure
 
 Side = Literal["left", "right"]
@@ -155,7 +155,7 @@ class PaddingCheck(Check[PaddingSpec]):
             g = got[at] if at < len(got) else None
             line = (
                 f"prompt {index} {self._label(index)}, left padding: greedy continuation diverges at new "
-                f"token {at}: unpadded {_tok(tokenizer, w)}, batched {_tok(tokenizer, g)}"
+                f"token {at}: unpadded {describe_token(tokenizer, w)}, batched {describe_token(tokenizer, g)}"
             )
             margin = _margin(single.step_logits, at, w, g)
             if margin is not None:
@@ -199,29 +199,11 @@ def padded_last_logits(model: Any, tokenizer: Any, prompt_ids: list[list[int]], 
 
 def generate_left_padded(model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of a left-padded batch (generate derives positions from the mask)."""
-    import torch
 
     device = next(model.parameters()).device
     input_ids, mask = _pad(tokenizer, prompt_ids, "left")
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    out = greedy_generate(model, tokenizer, input_ids.to(device), mask.to(device), max_new_tokens)
     return out[:, input_ids.shape[1]:].tolist()
-
-
-def _tok(tokenizer: Any, token_id: int | None) -> str:
-    if token_id is None:
-        return "end of output"
-    return f"{tokenizer.decode([token_id])!r} (id {token_id})"
 
 
 def _margin(step_logits: Any, index: int, want: int | None, got: int | None) -> float | None:

@@ -60,3 +60,30 @@ def assert_fits_context(model: Any, n_prompt: int, max_new_tokens: int, *, what:
             f"which exceeds the model's context of {limit} tokens. Fix: shorten the prompt or "
             "lower max_new_tokens in the suite."
         )
+
+
+def describe_token(tokenizer: Any, token_id: int | None) -> str:
+    """A token as a reviewer reads it in a failure: its text and its id."""
+    if token_id is None:
+        return "end of output"
+    return f"{tokenizer.decode([token_id])!r} (id {token_id})"
+
+
+def greedy_generate(model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int,
+                    **extra: Any) -> Any:
+    """``generate`` with greedy decoding forced, whatever the model's generation_config says."""
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )

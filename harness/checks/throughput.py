@@ -12,17 +12,17 @@ from __future__ import annotations
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
 from harness.errors import CheckFailure
-from harness.checks.memory import skip_unless_device
-from harness.measure import (
-    NoBudgetWarning, RoundTiming, Shape, ThroughputFigures, budget_for, device_matches, measure_throughput,
-    throughput_inputs, timed_round, validate_budget_table, validate_device_list,
+from harness.checks.budgets import (
+    NoBudgetWarning, VariantComparison, budget_for, device_matches, skip_unless_device, validate_budget_table,
+    validate_device_list,
 )
-from harness.variants import ALL_KEYS, VariantSpec
+from harness.measure import RoundTiming, Shape, ThroughputFigures, measure_throughput, throughput_inputs, timed_round
+from harness.variants import VariantSpec
 
 METRICS = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 
@@ -34,35 +34,10 @@ class ThroughputBudget(BaseModel):
     min_prefill_tokens_per_s: float | None = Field(None, gt=0)
 
 
-class SpeedRatio(BaseModel):
+class SpeedRatio(VariantComparison):
     """``variant``'s tokens/s must be at least ``ratio`` times ``reference``'s (same session)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    variant: str
-    reference: str
     metric: Literal["decode", "prefill"] = "decode"
-    ratio: float = Field(gt=0)
-    devices: list[str] | None = None
-
-    @field_validator("variant", "reference")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in ALL_KEYS:
-            raise ValueError(f"unknown variant {value!r} (known: {', '.join(ALL_KEYS)})")
-        return value
-
-    @field_validator("devices")
-    @classmethod
-    def _device_keys(cls, value: list[str] | None) -> list[str] | None:
-        return validate_device_list(value)
-
-    @model_validator(mode="after")
-    def _two_variants(self) -> SpeedRatio:
-        if self.variant == self.reference:
-            raise ValueError("a ratio compares two different variants")
-        return self
-
 
 class ThroughputSpec(CheckSpec):
     kind: Literal["throughput"]
