@@ -1,0 +1,32 @@
+"""The main job: the repository's suites pass against the committed goldens, and write nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _goldens() -> dict[str, str]:
+    return {str(p.relative_to(REPO)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((REPO / "golden").rglob("*")) if p.is_file()}
+
+
+def test_pytest_suites_passes_on_the_committed_goldens(tmp_path):
+    before = _goldens()
+    report = tmp_path / "report.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "suites/", "-p", "no:cacheprovider", "-q", "--harness-report", str(report)],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "goldens that no check used" not in proc.stdout
+    for key in ("fp16", "fp16-lora", "nf4", "nf4-lora"):
+        assert f"loaded {key}: 1x" in proc.stdout
+    assert _goldens() == before
+    text = report.read_text()
+    assert "**result: green**" in text and "| generation::chicken-joke |  | pass | pass | pass | pass |" in text
+    assert "## Budgets and drift" in text
