@@ -60,8 +60,13 @@ class Project:
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester) -> Project:
-    """The repository's registry and fixtures, an empty suites/ and no goldens."""
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Project:
+    """The repository's registry and fixtures, an empty suites/ and no goldens.
+
+    The runs inside stand for a developer's machine: CI's own ``CI`` variable (which makes
+    the harness refuse --snapshot-update) is removed; tests of gate mode set it themselves.
+    """
+    monkeypatch.delenv("CI", raising=False)
     shutil.copy(REPO / "models.yaml", pytester.path / "models.yaml")
     (pytester.path / "fixtures").symlink_to(REPO / "fixtures")
     (pytester.path / "pytest.ini").write_text("[pytest]\n")
