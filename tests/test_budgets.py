@@ -12,39 +12,28 @@ import shutil
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from conftest import Project
 
 ROOT = Path(__file__).resolve().parent.parent
 PIRATE = ROOT / "fixtures" / "adapters" / "smollm2-135m-pirate"
 
 
 # -- helpers ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _import_torch_before_pytester() -> None:
-    """pytester restores ``sys.modules`` after each test; torch must not be imported twice."""
-    import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401
+def _suite(project: Project, text: str) -> None:
+    project.suite("budgets", textwrap.dedent(text))
 
 
-def _suite(pytester: pytest.Pytester, text: str) -> None:
-    shutil.copy(ROOT / "models.yaml", pytester.path / "models.yaml")
-    suites = pytester.path / "suites"
-    suites.mkdir(exist_ok=True)
-    (suites / "budgets.yaml").write_text(textwrap.dedent(text))
+def _run(project: Project, *args: str) -> pytest.RunResult:
+    return project.run("--device", "cpu", "-rA", "--junitxml", str(project.path / "junit.xml"), *args)
 
 
-def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    golden = pytester.path / "golden"
-    return pytester.runpytest_subprocess(
-        "suites", "--golden-dir", str(golden), "-p", "no:cacheprovider", "--device", "cpu", "-rA",
-        "--junitxml", str(pytester.path / "junit.xml"), *args,
-    )
-
-
-def _figures(pytester: pytest.Pytester) -> dict[str, dict[str, str]]:
-    tree = ET.parse(pytester.path / "junit.xml")
+def _figures(project: Project) -> dict[str, dict[str, str]]:
+    tree = ET.parse(project.path / "junit.xml")
     return {case.get("name", ""): {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
             for case in tree.iter("testcase")}
 
@@ -91,8 +80,8 @@ def _fresh_lora(out: Path) -> dict[str, Any]:
 
 
 # -- memory ------------------------------------------------------------------------------------
-def test_memory_budget_too_small_fails_with_figure_and_budget(pytester: pytest.Pytester) -> None:
-    _suite(pytester, """
+def test_memory_budget_too_small_fails_with_figure_and_budget(project: Project) -> None:
+    _suite(project, """
         suite: budgets
         checks:
           - id: footprint
@@ -112,7 +101,7 @@ def test_memory_budget_too_small_fails_with_figure_and_budget(pytester: pytest.P
             devices: [cuda]
             workload: {prompts: ["Hi"], max_new_tokens: 1}
     """)
-    result = _run(pytester, "--variants", "fp16")
+    result = _run(project, "--variants", "fp16")
     result.assert_outcomes(passed=1, failed=1, skipped=1)
     result.stdout.fnmatch_lines([
         "*footprint[[]fp16[]] on cpu: memory budget not met:*",
@@ -120,7 +109,7 @@ def test_memory_budget_too_small_fails_with_figure_and_budget(pytester: pytest.P
     ])
     # no budget for this device class: figures recorded, a visible warning, a pass
     result.stdout.fnmatch_lines(["*no memory budget for device class 'cpu'*figures recorded, nothing judged*"])
-    figures = _figures(pytester)
+    figures = _figures(project)
     assert figures["unbudgeted[fp16]"]["budget"] == "none for cpu"
     assert figures["unbudgeted[fp16]"]["peak_kind"] == "process RSS"
     assert float(figures["footprint[fp16]"]["weights_mb"]) > 100
@@ -128,8 +117,8 @@ def test_memory_budget_too_small_fails_with_figure_and_budget(pytester: pytest.P
     result.stdout.fnmatch_lines(["SKIPPED*gpu-only runs on cuda only; this session runs on CPU*"])
 
 
-def test_savings_ratio_and_drift_reference_come_from_the_same_session(pytester: pytest.Pytester) -> None:
-    _suite(pytester, """
+def test_savings_ratio_and_drift_reference_come_from_the_same_session(project: Project) -> None:
+    _suite(project, """
         suite: budgets
         checks:
           - id: footprint
@@ -160,9 +149,9 @@ def test_savings_ratio_and_drift_reference_come_from_the_same_session(pytester: 
             min_ratios:
               - {variant: nf4, reference: fp16, metric: decode, ratio: 0.000001}
     """)
-    result = _run(pytester, "--variants", "fp16,nf4")
+    result = _run(project, "--variants", "fp16,nf4")
     result.assert_outcomes(passed=6, failed=2)
-    figures = _figures(pytester)
+    figures = _figures(project)
     fp16, nf4 = figures["footprint[fp16]"], figures["footprint[nf4]"]
     ratio = float(fp16["weights_mb"]) / float(nf4["weights_mb"])
     assert float(nf4["saving_weights_vs_fp16"]) == pytest.approx(ratio, rel=1e-3)
@@ -200,10 +189,10 @@ DRIFT_SUITE = """
 """
 
 
-def test_noop_adapter_fails_the_drift_check(pytester: pytest.Pytester) -> None:
-    _suite(pytester, DRIFT_SUITE)
-    noop = _adapter(pytester.path, zero="lora_A")  # lora_B non-zero: the pool's load check cannot see it
-    result = _run(pytester, "--variants", "fp16,fp16-lora", "--adapter", str(noop))
+def test_noop_adapter_fails_the_drift_check(project: Project) -> None:
+    _suite(project, DRIFT_SUITE)
+    noop = _adapter(project.path, zero="lora_A")  # lora_B non-zero: the pool's load check cannot see it
+    result = _run(project, "--variants", "fp16,fp16-lora", "--adapter", str(noop))
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
         "*adapter-drift[[]fp16-lora[]] on cpu: drift from fp16 out of budget:*",
@@ -212,10 +201,10 @@ def test_noop_adapter_fails_the_drift_check(pytester: pytest.Pytester) -> None:
     ])
 
 
-def test_adapter_with_zero_lora_b_fails_before_drift(pytester: pytest.Pytester) -> None:
-    _suite(pytester, DRIFT_SUITE)
-    noop = _adapter(pytester.path, zero="lora_B")
-    result = _run(pytester, "--variants", "fp16,fp16-lora", "--adapter", str(noop))
+def test_adapter_with_zero_lora_b_fails_before_drift(project: Project) -> None:
+    _suite(project, DRIFT_SUITE)
+    noop = _adapter(project.path, zero="lora_B")
+    result = _run(project, "--variants", "fp16,fp16-lora", "--adapter", str(noop))
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*did not load*lora_B weights are still zero*no-op*"])
 
@@ -246,10 +235,10 @@ THROUGHPUT_SUITE = """
 """
 
 
-def test_throughput_lands_in_benchmark_json(pytester: pytest.Pytester) -> None:
-    _suite(pytester, THROUGHPUT_SUITE)
-    out = pytester.path / "bench.json"
-    result = _run(pytester, "--variants", "fp16", f"--benchmark-json={out}")
+def test_throughput_lands_in_benchmark_json(project: Project) -> None:
+    _suite(project, THROUGHPUT_SUITE)
+    out = project.path / "bench.json"
+    result = _run(project, "--variants", "fp16", f"--benchmark-json={out}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
         "*impossible[[]fp16[]] on cpu: throughput budget not met (CPU speed):*",
@@ -265,12 +254,12 @@ def test_throughput_lands_in_benchmark_json(pytester: pytest.Pytester) -> None:
     assert speed["group"].startswith("budgets::speed")
 
 
-def test_benchmark_disable_records_figures_without_judging(pytester: pytest.Pytester) -> None:
-    _suite(pytester, THROUGHPUT_SUITE)
-    result = _run(pytester, "--variants", "fp16", "--benchmark-disable")
+def test_benchmark_disable_records_figures_without_judging(project: Project) -> None:
+    _suite(project, THROUGHPUT_SUITE)
+    result = _run(project, "--variants", "fp16", "--benchmark-disable")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*pytest-benchmark is disabled*no budget is judged*"])
-    figures = _figures(pytester)
+    figures = _figures(project)
     assert figures["impossible[fp16]"]["budget"].startswith("not judged")
     assert float(figures["impossible[fp16]"]["decode_tokens_per_s"]) > 0
 
