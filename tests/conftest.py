@@ -38,6 +38,10 @@ class Project:
     def golden(self) -> Path:
         return self.path / "golden"
 
+    def gen_suite(self, *, joke: int, capital: int, extra: str = "") -> Path:
+        """The greedy suite most tests use: a chat prompt and a raw completion, plus ``extra`` checks."""
+        return self.suite("gen", gen_suite(joke=joke, capital=capital) + extra)
+
     def suite(self, name: str, text: str) -> Path:
         path = self.path / "suites" / f"{name}.yaml"
         path.write_text(text, encoding="utf-8")
@@ -57,6 +61,23 @@ class Project:
         return sorted(
             str(p.relative_to(self.golden)) for p in self.golden.rglob("*.json") if not p.name.endswith(".meta.json")
         )
+
+
+def gen_suite(*, joke: int, capital: int) -> str:
+    """Suite ``gen``: ``joke`` (chat, the chicken prompt) and ``capital`` (raw text), greedy."""
+    return f"""
+suite: gen
+checks:
+  - id: joke
+    kind: greedy
+    messages:
+      - {{role: user, content: "Create a funny joke about chickens."}}
+    max_new_tokens: {joke}
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: {capital}
+"""
 
 
 @pytest.fixture

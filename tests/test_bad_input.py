@@ -9,19 +9,6 @@ from pathlib import Path
 
 import pytest
 
-SUITE = """
-suite: gen
-checks:
-  - id: joke
-    kind: greedy
-    messages:
-      - {role: user, content: "Create a funny joke about chickens."}
-    max_new_tokens: 8
-  - id: capital
-    kind: greedy
-    prompt: "The capital of France is"
-    max_new_tokens: 4
-"""
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -34,14 +21,14 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def recorded(project):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=8, capital=4)
     project.run("--variants", "fp16,nf4", "--snapshot-update").assert_outcomes(passed=4)
     return project
 
 
 def test_missing_golden_in_ci_fails_writes_nothing_and_stays_failed(project, monkeypatch):
     monkeypatch.setenv("CI", "1")
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=8, capital=4)
     for _ in range(2):
         result = project.run("--variants", "fp16")
         result.assert_outcomes(failed=2)
@@ -96,7 +83,7 @@ def test_tokenizer_without_pad_and_template_and_a_short_context(project, embedde
     model_config["max_position_embeddings"] = 16
     model_config.pop("pad_token_id", None)
     (model / "config.json").write_text(json.dumps(model_config))
-    project.suite("gen", SUITE + """
+    project.gen_suite(joke=8, capital=4, extra="""
   - id: long
     kind: greedy
     prompt: "one two three four five six seven eight nine ten eleven twelve thirteen"

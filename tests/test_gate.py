@@ -5,23 +5,10 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 
-SUITE = """
-suite: gen
-checks:
-  - id: joke
-    kind: greedy
-    messages:
-      - {role: user, content: "Create a funny joke about chickens."}
-    max_new_tokens: 10
-  - id: capital
-    kind: greedy
-    prompt: "The capital of France is"
-    max_new_tokens: 5
-"""
 
 
 def test_green_then_red_report(project):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=10, capital=5)
     project.run("--variants", "fp16,fp16-lora", "--snapshot-update").assert_outcomes(passed=4)
     green = project.run("--variants", "fp16,fp16-lora", "--harness-report", "report.md",
                         "--junitxml", "junit.xml")
@@ -53,7 +40,7 @@ def test_green_then_red_report(project):
 
 
 def test_unused_goldens_are_reported_on_full_runs_only(project):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=10, capital=5)
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
     stale = project.golden / "smollm2-135m/cpu/fp16/gen/removed-check.json"
     stale.write_text("{}")
@@ -72,7 +59,7 @@ def test_adapter_change_is_named_in_the_failure(project, tmp_path):
 
     adapter = tmp_path / "adapter"
     shutil.copytree(project.path / "fixtures/adapters/smollm2-135m-pirate", adapter)
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=10, capital=5)
     project.run("--adapter", str(adapter), "--variants", "fp16-lora", "--snapshot-update").assert_outcomes(passed=2)
     weights = load_file(adapter / "adapter_model.safetensors")
     save_file({k: (v * 0.3 if "lora_B" in k else v) for k, v in weights.items()}, adapter / "adapter_model.safetensors")

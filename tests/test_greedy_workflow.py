@@ -8,23 +8,10 @@ from pathlib import Path
 
 import pytest
 
-SUITE = """
-suite: gen
-checks:
-  - id: joke
-    kind: greedy
-    messages:
-      - {role: user, content: "Create a funny joke about chickens."}
-    max_new_tokens: 12
-  - id: capital
-    kind: greedy
-    prompt: "The capital of France is"
-    max_new_tokens: 6
-"""
 
 
 def test_missing_golden_fails_and_writes_nothing(project):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=12, capital=6)
     result = project.run("--variants", "fp16")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*No goldens are recorded for model 'smollm2-135m' on device class 'cpu'*"])
@@ -35,7 +22,7 @@ def test_missing_golden_fails_and_writes_nothing(project):
 
 
 def test_update_then_rerun_passes(project):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=12, capital=6)
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
     assert project.goldens() == [
         "smollm2-135m/cpu/fp16/gen/capital.json",
@@ -52,7 +39,7 @@ def test_update_then_rerun_passes(project):
 
 
 def test_changed_golden_fails_with_first_divergence_and_diff(project):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=12, capital=6)
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
     path = project.golden / "smollm2-135m/cpu/fp16/gen/capital.json"
     golden = json.loads(path.read_text())
@@ -75,7 +62,7 @@ def test_changed_layer_weights_fail_only_the_affected_checks(project, embedded_m
     """A subtle weight change (one layer) is caught; the tokenizer-only goldens are unaffected."""
     model_dir = tmp_path / "mymodel"
     shutil.copytree(embedded_model_dir, model_dir)
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=12, capital=6)
     project.run("--model", str(model_dir), "--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
     assert (project.golden / "mymodel/cpu/fp16/gen/joke.json").exists()
 
@@ -97,7 +84,7 @@ def test_changed_layer_weights_fail_only_the_affected_checks(project, embedded_m
 
 
 def test_snapshot_update_refused_in_ci(project, monkeypatch):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=12, capital=6)
     monkeypatch.setenv("CI", "true")
     result = project.run("--variants", "fp16", "--snapshot-update")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -6,18 +6,7 @@ import hashlib
 import json
 import re
 
-SUITE = """
-suite: gen
-checks:
-  - id: joke
-    kind: greedy
-    messages:
-      - {role: user, content: "Create a funny joke about chickens."}
-    max_new_tokens: 6
-  - id: capital
-    kind: greedy
-    prompt: "The capital of France is"
-    max_new_tokens: 4
+LIST_CHECK = """
   - id: list
     kind: greedy
     prompt: "Three primary colours are red,"
@@ -31,7 +20,7 @@ def _contents(root):
 
 
 def test_parallel_update_writes_what_a_serial_update_writes_and_loads_once_per_worker(project, tmp_path):
-    project.suite("gen", SUITE)
+    project.gen_suite(joke=6, capital=4, extra=LIST_CHECK)
     serial = project.run("--variants", "fp16,fp16-lora,nf4", "--snapshot-update",
                          "--golden-dir", str(tmp_path / "serial"))
     serial.assert_outcomes(passed=9)
