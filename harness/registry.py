@@ -22,7 +22,7 @@ FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class ModelEntry(BaseModel):
-    """One registry entry: exactly one source (``hub``, ``gguf`` or ``embedded``)."""
+    """One registry entry: exactly one source (``hub``, ``gguf``, ``embedded`` or a local ``path``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +30,7 @@ class ModelEntry(BaseModel):
     revision: str | None = None
     gguf: str | None = None
     embedded: str | None = None
+    path: str | None = None
     local: list[str] = []
     dtype: Literal["float16", "bfloat16"] = "float16"
     chat: bool = True
@@ -50,10 +51,10 @@ class ModelEntry(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelEntry:
-        sources = [k for k in ("hub", "gguf", "embedded") if getattr(self, k)]
+        sources = [k for k in ("hub", "gguf", "embedded", "path") if getattr(self, k)]
         if len(sources) != 1:
             raise ValueError(
-                "give exactly one of hub, gguf, embedded"
+                "give exactly one of hub, gguf, embedded, path"
                 + (f" (got {', '.join(sources)})" if sources else "")
             )
         if self.trust_remote_code and not (self.revision and FULL_SHA.match(self.revision)):

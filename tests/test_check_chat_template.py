@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -55,17 +53,6 @@ ADD_BOS = {
 }
 
 
-def copy_model(src: Path, dst: Path) -> Path:
-    """A model folder whose tokenizer files can be edited; the weights are linked, not copied."""
-    dst.mkdir(parents=True)
-    for file in src.iterdir():
-        if file.suffix == ".safetensors":
-            (dst / file.name).symlink_to(file)
-        elif file.is_file():
-            shutil.copy(file, dst / file.name)
-    return dst
-
-
 class FakeTokenizer:
     def convert_ids_to_tokens(self, token_id: int) -> str:
         return f"t{token_id}"
@@ -100,8 +87,8 @@ def test_explain_shows_mode_visible_whitespace_diff_and_first_token():
 
 # -- the real tokenizer -----------------------------------------------------------
 
-def test_workflow_missing_update_pass_then_template_edit_fails(project, embedded_model_dir, tmp_path):
-    model = copy_model(embedded_model_dir, tmp_path / "mychat")
+def test_workflow_missing_update_pass_then_template_edit_fails(project, editable_model, tmp_path):
+    model = editable_model("mychat")
     project.suite("chat", SUITE)
     result = project.run(f"--model={model}", "--variants", "fp16")
     result.assert_outcomes(failed=2)
@@ -137,8 +124,8 @@ def test_workflow_missing_update_pass_then_template_edit_fails(project, embedded
     ])
 
 
-def test_bos_added_on_top_of_the_template_fails_or_warns(project, embedded_model_dir, tmp_path):
-    model = copy_model(embedded_model_dir, tmp_path / "addsbos")
+def test_bos_added_on_top_of_the_template_fails_or_warns(project, editable_model, tmp_path):
+    model = editable_model("addsbos")
     path = model / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     data["post_processor"] = ADD_BOS
@@ -156,8 +143,8 @@ def test_bos_added_on_top_of_the_template_fails_or_warns(project, embedded_model
     assert project.goldens() == ["addsbos/tokenizer/chat/lenient.json"]
 
 
-def test_template_that_renders_bos_twice_always_fails(project, embedded_model_dir, tmp_path):
-    model = copy_model(embedded_model_dir, tmp_path / "twobos")
+def test_template_that_renders_bos_twice_always_fails(project, editable_model, tmp_path):
+    model = editable_model("twobos")
     template = model / "chat_template.jinja"
     template.write_text("{{ bos_token }}" + template.read_text(encoding="utf-8"), encoding="utf-8")
     project.suite("chat", BOS_SUITE)
@@ -171,8 +158,8 @@ def test_template_that_renders_bos_twice_always_fails(project, embedded_model_di
     assert project.goldens() == []
 
 
-def test_model_without_a_template_fails_or_skips(project, embedded_model_dir, tmp_path):
-    model = copy_model(embedded_model_dir, tmp_path / "base")
+def test_model_without_a_template_fails_or_skips(project, editable_model, tmp_path):
+    model = editable_model("base")
     (model / "chat_template.jinja").unlink()
     project.suite("chat", NO_TEMPLATE_SUITE)
     result = project.run(f"--model={model}", "--variants", "fp16", "-rs")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,17 +30,6 @@ checks:
     roundtrip: none
     texts: ["The quick brown fox.", "hello world"]
 """
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    """A model folder whose tokenizer files can be edited; the weights are linked, not copied."""
-    dst.mkdir(parents=True)
-    for file in src.iterdir():
-        if file.suffix == ".safetensors":
-            (dst / file.name).symlink_to(file)
-        elif file.is_file():
-            shutil.copy(file, dst / file.name)
-    return dst
 
 
 def edit_tokenizer_json(folder: Path, edit) -> None:
@@ -114,8 +102,8 @@ def test_workflow_missing_update_pass(project):
     assert "loaded fp16" not in result.stdout.str()  # the model itself is never loaded
 
 
-def test_swapped_vocab_ids_round_trip_but_fail_the_golden(project, embedded_model_dir, tmp_path):
-    model = copy_model(embedded_model_dir, tmp_path / "mytok")
+def test_swapped_vocab_ids_round_trip_but_fail_the_golden(project, editable_model, tmp_path):
+    model = editable_model("mytok")
     project.suite("tok", SUITE)
     project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
 
@@ -137,8 +125,8 @@ def test_swapped_vocab_ids_round_trip_but_fail_the_golden(project, embedded_mode
     assert "does not round-trip" not in result.stdout.str()
 
 
-def test_lossy_normalizer_fails_the_round_trip_and_is_never_recorded(project, embedded_model_dir, tmp_path):
-    model = copy_model(embedded_model_dir, tmp_path / "lowercased")
+def test_lossy_normalizer_fails_the_round_trip_and_is_never_recorded(project, editable_model, tmp_path):
+    model = editable_model("lowercased")
     edit_tokenizer_json(model, lambda data: data.update(normalizer={"type": "Lowercase"}))
     project.suite("tok", ROUNDTRIP_SUITE)
     result = project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update")

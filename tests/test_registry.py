@@ -42,7 +42,7 @@ def test_trust_remote_code_needs_a_full_commit(tmp_path):
 
 
 def test_exactly_one_source(tmp_path):
-    assert "give exactly one of hub, gguf, embedded (got hub, gguf)" in _load(
+    assert "give exactly one of hub, gguf, embedded, path (got hub, gguf)" in _load(
         tmp_path, HEAD + "    hub: org/m\n    gguf: m.gguf\n")
 
 
