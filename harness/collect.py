@@ -41,6 +41,7 @@ class SuiteFile(pytest.File):
 
         suite = load_suite(self.path)
         state = harness_state(self.config)
+        state.suite_names.claim(suite.name, self.path)
         for entry in suite.checks:
             yield from self._items(suite, entry, state.variants)
 

@@ -68,6 +68,13 @@ def _options(config: pytest.Config) -> Options:
         if bad:
             raise pytest.UsageError(f"--variants: unknown variant {bad[0]!r}. Fix: choose from {','.join(ALL_KEYS)}.")
     registry = Path(config.getoption("registry") or root / "models.yaml")
+    obtained = config.getoption("harness_obtained")
+    if obtained:
+        from harness.golden import overlap_problem
+
+        problem = overlap_problem(golden, Path(obtained))
+        if problem:
+            raise pytest.UsageError(problem)
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=config.getoption("adapter"), device=config.getoption("device"),
@@ -221,6 +228,12 @@ class _Recorder:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _warn_unpinned(session.config)
+    state = harness_state(session.config)
+    if state.options.update and not hasattr(session.config, "workerinput"):
+        # before any worker writes: a temporary file found now is an interrupted update's
+        from harness.golden import remove_leftover_temp_files
+
+        state.removed_temp_files = remove_leftover_temp_files(state.options.golden_dir)
 
 
 def _warn_unpinned(config: pytest.Config) -> None:
@@ -263,6 +276,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
     state, record = harness_state(config), config.stash[_RECORD]
     terminal_summary(terminalreporter, state, record)
+    from harness.golden import tree_report
+
+    if state.removed_temp_files:
+        terminalreporter.write_line(f"removed {len(state.removed_temp_files)} leftover temporary files of "
+                                    "an interrupted update from the golden folder")
+    for line in tree_report(state.options.golden_dir):
+        terminalreporter.write_line(line)
     unused = unused_goldens(state, record, config, exitstatus=int(exitstatus))
     if unused is not None and unused:
         terminalreporter.write_line(f"goldens that no check used ({len(unused)}): delete them or restore their checks")

@@ -97,6 +97,7 @@ def load_registry(path: Path) -> Registry:
             path, "'models' must be a non-empty mapping of name to entry",
             line=data.lines.get("models", 1), key="models",
         )
+    _check_model_names(path, models)
     entries = {
         str(name): validate(ModelEntry, raw, path=path, root=data, loc=("models", name))
         for name, raw in models.items()
@@ -109,3 +110,22 @@ def load_registry(path: Path) -> Registry:
             hint="known models: " + ", ".join(entries),
         )
     return Registry(path=path, default=str(default), models=entries)
+
+
+def _check_model_names(path: Path, models: YamlMap) -> None:
+    """A model name is its golden folder: it must be one safe path component, unique whatever the case."""
+    from harness.golden import name_problem
+
+    seen: dict[str, str] = {}
+    for name in models:
+        text = str(name)
+        line, key = models.lines.get(name, 1), f"models.{text}"
+        problem = name_problem(text)
+        if problem:
+            raise SuiteError(path, f"model name {text!r}: {problem}", line=line, key=key,
+                             hint="rename the entry, e.g. " + repr(re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "my-model"))
+        if text.casefold() in seen:
+            raise SuiteError(path, f"model name {text!r} differs from {seen[text.casefold()]!r} only by case: they "
+                             "would share a golden folder where case is ignored (macOS, Windows)", line=line, key=key,
+                             hint="give the two models names that differ by more than case")
+        seen[text.casefold()] = text

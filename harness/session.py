@@ -6,10 +6,12 @@ converted) only once items that need it were collected, and loaded lazily.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.golden import SuiteNames
 from harness.variants import VariantSpec, parse_variants
 
 if TYPE_CHECKING:
@@ -48,6 +50,8 @@ class HarnessSession:
         self._goldens: GoldenStore | None = None
         self._device: Device | None = None
         self.suite_errors = 0
+        self.suite_names = SuiteNames()
+        self.removed_temp_files: list[Path] = []
         self.progress_lines: list[str] = []
 
     # -- cheap, at collection ---------------------------------------------------
@@ -165,7 +169,7 @@ class HarnessSession:
         finally:
             # user_properties travel to the xdist controller and into JUnit XML
             goldens = self.goldens
-            if golden in goldens.used or golden.exists():
+            if golden in goldens.used or os.path.exists(golden):
                 request.node.user_properties.append(("harness_golden", str(golden)))
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))

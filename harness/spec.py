@@ -63,15 +63,18 @@ def load_suite(path: Path) -> SuiteSpec:
     _check_defaults_used(path, defaults)
     suite_variants = _suite_variants(path, data)
     entries: list[CheckEntry] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[str, int]] = {}
     for index, raw in enumerate(checks):
         line = checks.lines[index]
         entry = _check_entry(path, index, raw, line, defaults, suite_variants)
-        if entry.check.spec.id in seen:
-            raise SuiteError(path, f"duplicate check id {entry.check.spec.id!r} (first at line "
-                             f"{seen[entry.check.spec.id]})", line=line, key=f"checks[{index}].id",
+        check_id = entry.check.spec.id
+        if check_id.casefold() in seen:  # macOS and Windows file systems ignore case: one golden file
+            first, first_line = seen[check_id.casefold()]
+            same = "" if first == check_id else f" ({first!r} differs only by case: one golden file where case is ignored)"
+            raise SuiteError(path, f"duplicate check id {check_id!r} (first at line {first_line}){same}",
+                             line=line, key=f"checks[{index}].id",
                              hint="give every check its own id: it names the test and its golden file")
-        seen[entry.check.spec.id] = line
+        seen[check_id.casefold()] = (check_id, line)
         entries.append(entry)
     return SuiteSpec(name=name, path=path, description=str(data.get("description", "")), checks=entries)
 

@@ -43,6 +43,11 @@ class CheckSpec(BaseModel):
 
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
             raise ValueError("use letters, digits, '-', '_' and '.' (it names a file and a test)")
+        from harness.golden import check_id_problem
+
+        problem = check_id_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("variants")
