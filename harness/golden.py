@@ -37,10 +37,6 @@ SHA_KEY = "golden_sha256"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # ".<name>.<8 random characters>.tmp", what atomic_write leaves behind when killed
 _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-FILE_NAME_MAX = 255
-# the longest file name a check id yields: its sidecar's temporary file
-_NAME_OVERHEAD = len(f".{META_SUFFIX}.xxxxxxxx.tmp")
-MAX_CHECK_ID_LENGTH = FILE_NAME_MAX - _NAME_OVERHEAD
 
 Explain = Callable[[Any, Any], str]
 

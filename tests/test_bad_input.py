@@ -52,23 +52,56 @@ def test_corrupt_golden_names_the_file(recorded, damage):
     assert _snapshot(recorded.golden) == before
 
 
-def test_update_killed_mid_write_leaves_the_previous_golden_intact(recorded):
+@pytest.mark.parametrize("killed_in", ["data", "sidecar"])
+def test_update_killed_mid_write_leaves_the_previous_golden_intact(recorded, killed_in):
     path = recorded.golden / "smollm2-135m/cpu/fp16/gen/joke.json"
+    sidecar = path.with_name("joke.meta.json")
     golden = json.loads(path.read_text())
+    recorded_text = golden["text"]
     golden["text"] = "an older answer"
     path.write_text(json.dumps(golden, indent=2, sort_keys=True))
-    before = path.read_bytes()
-    # the process dies after the new content is in the temporary file, before the rename
+    meta = json.loads(sidecar.read_text())  # a sidecar that vouches for this older golden
+    meta["golden_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(meta))
+    before, sidecar_before = path.read_bytes(), sidecar.read_bytes()
+    # the process dies once the new content is in the temporary file, before its rename
     (recorded.path / "conftest.py").write_text(
         "import os, harness.golden\n"
-        "def _die(fd):\n"
-        "    os._exit(9)\n"
-        "harness.golden.os.fsync = _die\n"
+        "_real = os.replace\n"
+        "def _replace(src, dst):\n"
+        f"    if str(dst).endswith('.meta.json') == {killed_in == 'sidecar'}:\n"
+        "        os._exit(9)\n"
+        "    _real(src, dst)\n"
+        "harness.golden.os.replace = _replace\n"
     )
     result = recorded.run("--variants", "fp16", "--snapshot-update")
     assert result.ret == 9
-    assert path.read_bytes() == before
-    json.loads(path.read_text())  # still valid
+    leftovers = sorted(p.name for p in path.parent.glob(".*.tmp"))
+    assert len(leftovers) == 1
+    if killed_in == "data":
+        assert path.read_bytes() == before and sidecar.read_bytes() == sidecar_before
+        assert leftovers[0].startswith(".joke.json.")
+    else:  # the data file was renamed: the old sidecar no longer vouches for it
+        assert json.loads(path.read_text())["text"] == recorded_text
+        assert sidecar.read_bytes() == sidecar_before
+        assert leftovers[0].startswith(".joke.meta.json.")
+    (recorded.path / "conftest.py").unlink()
+
+    result = recorded.run("--variants", "fp16")
+    result.stdout.fnmatch_lines([
+        "leftover temporary files in the golden folder (1), from an interrupted update: the next "
+        "--snapshot-update removes them, or delete them",
+        f"  {path.parent / leftovers[0]}",
+    ])
+    if killed_in == "sidecar":
+        result.stdout.fnmatch_lines([f"  {sidecar}: describes another version of its golden*"])
+    else:
+        assert "cannot be trusted" not in result.stdout.str()
+    result = recorded.run("--variants", "fp16", "--snapshot-update")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["removed 1 leftover temporary files of an interrupted update from the golden folder"])
+    assert list(recorded.golden.rglob("*.tmp")) == []
+    assert "cannot be trusted" not in result.stdout.str()
 
 
 def test_tokenizer_without_pad_and_template_and_a_short_context(project, embedded_model_dir, tmp_path):

@@ -230,12 +230,6 @@ def test_a_check_id_too_long_for_a_file_name_is_a_clear_error(tmp_path):
         goldens.assert_matches(path, OBSERVED, explain=explain)
 
 
-def test_the_longest_allowed_check_id_can_be_written(tmp_path):
-    from harness.golden import MAX_CHECK_ID_LENGTH
-
-    record(tmp_path / "golden", check="x" * MAX_CHECK_ID_LENGTH)
-
-
 def test_a_golden_path_that_is_a_folder(tmp_path):
     root = tmp_path / "golden"
     path = root / "m/cpu/fp16/s/c.json"
@@ -306,3 +300,68 @@ def test_a_damaged_sidecar_is_named_and_the_comparison_still_reported(tmp_path, 
         store(root).assert_matches(path, {**OBSERVED, "text": "new"}, explain=explain)
     store(root, update=True).assert_matches(path, OBSERVED, explain=explain)  # an update repairs it
     assert tree_report(root) == []
+
+
+# -- workflows on the real model ------------------------------------------------------------------
+@pytest.fixture
+def recorded(project):
+    project.gen_suite(joke=4, capital=3)
+    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
+    return project
+
+
+def test_obtained_pointing_at_the_golden_folder_is_a_usage_error(recorded, monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    path = recorded.golden / "smollm2-135m/cpu/fp16/gen/capital.json"
+    path.write_text(path.read_text().replace('"max_new_tokens": 3', '"max_new_tokens": 2'))
+    before = files(recorded.golden)
+    for obtained in ("golden", "golden/smollm2-135m", "."):
+        result = recorded.run("--variants", "fp16", "--harness-obtained", obtained)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*--harness-obtained * the golden folder *: a failing run would write what "
+                                     "it obtained over the goldens, and the next run would pass. Fix:*"])
+        assert files(recorded.golden) == before
+    result = recorded.run("--variants", "fp16", "--harness-obtained", "obtained")
+    result.assert_outcomes(passed=1, failed=1)
+    assert files(recorded.golden) == before
+
+
+def test_a_full_disk_during_an_update_fails_that_check_only_and_loses_nothing(recorded):
+    before = files(recorded.golden)
+    (recorded.path / "conftest.py").write_text(
+        "import errno, os, harness.golden\n"
+        "_real = os.replace\n"
+        "def _replace(src, dst):\n"
+        "    if 'joke' in str(dst):\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "    _real(src, dst)\n"
+        "harness.golden.os.replace = _replace\n"
+    )
+    recorded.gen_suite(joke=5, capital=4)  # both goldens change
+    result = recorded.run("--variants", "fp16", "--snapshot-update")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*Cannot write the golden *joke.json: No space left on device (errno 28). The previous golden is "
+        "intact. Fix: free space on that disk, then run the update again.",
+    ])
+    assert "INTERNALERROR" not in result.stdout.str() and "Traceback" not in result.stdout.str()
+    after = files(recorded.golden)
+    joke = "smollm2-135m/cpu/fp16/gen/joke"
+    assert {k: v for k, v in after.items() if joke in k} == {k: v for k, v in before.items() if joke in k}
+    assert json.loads(after["smollm2-135m/cpu/fp16/gen/capital.json"])["max_new_tokens"] == 4
+
+
+def test_a_greedy_golden_with_fields_of_the_wrong_type_is_named_not_a_crash(recorded):
+    path = recorded.golden / "smollm2-135m/cpu/fp16/gen/joke.json"
+    golden = json.loads(path.read_text())
+    golden["new_token_ids"] = "abc"
+    path.write_text(json.dumps(golden))
+    meta_path(path).write_text("[]")
+    result = recorded.run("--variants", "fp16")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        f"*Golden file {path} does not have the layout this check records: new_token_ids is a JSON str where "
+        "this check records a list. It was edited by hand*",
+        f"  {meta_path(path)}: holds a JSON list, not an object",
+    ])
+    assert "INTERNALERROR" not in result.stdout.str()
