@@ -64,6 +64,18 @@ def test_a_golden_subfolder_symlinked_outside_the_tree_is_not_written_through(tm
     assert list(outside.rglob("*")) == []
 
 
+def test_a_golden_file_symlinked_outside_the_tree_is_neither_read_nor_replaced(tmp_path):
+    root, outside = tmp_path / "golden", tmp_path / "outside.json"
+    outside.write_text(dumps(OBSERVED))
+    path = root / "m/cpu/fp16/s/c.json"
+    path.parent.mkdir(parents=True)
+    path.symlink_to(outside)
+    for update in (False, True):
+        with pytest.raises(GoldenError, match="outside the golden folder"):
+            store(root, update=update).assert_matches(path, {**OBSERVED, "text": "new"}, explain=explain)
+    assert json.loads(outside.read_text()) == OBSERVED and path.is_symlink()
+
+
 def test_a_golden_root_that_is_itself_a_symlink_still_works(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "golden").symlink_to(tmp_path / "real")
