@@ -1,0 +1,95 @@
+"""``harness-diff OLD NEW``: what changed between two models or adapters, and where.
+
+Exit status as ``diff``: 0 no change, 1 changed, 2 the comparison could not be made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from harness.diff.run import DiffSide
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness-diff",
+        description="Compare two models and/or LoRA adapters: files, weights, behaviour on the suites' prompts, "
+                    "and the first layer where activations diverge beyond noise.",
+    )
+    p.add_argument("old", metavar="OLD", help="registry name, model folder, or adapter folder (on --base)")
+    p.add_argument("new", metavar="NEW", help="registry name, model folder, or adapter folder (on --base)")
+    p.add_argument("--base", help="base model for an adapter folder (default: the registry's default model)")
+    p.add_argument("--registry", default="models.yaml", help="model registry (default: ./models.yaml)")
+    p.add_argument("--suites", nargs="*", default=["suites"],
+                   help="suite files or folders whose greedy and drift prompts are run (default: suites/); "
+                        "none: files and weights only")
+    p.add_argument("--max-prompts", type=int, default=8, help="run at most this many prompts (default 8)")
+    p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per prompt (default 8)")
+    p.add_argument("--quant", choices=["fp16", "nf4"], default="fp16", help="load both as this variant")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default="model-diff", help="folder for diff.md, diff.json, diff.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from harness.errors import HarnessError
+
+    try:
+        from harness.devices import pick_device
+        from harness.diff.prompts import suite_prompts
+        from harness.diff.report import summary_lines, write_report
+        from harness.diff.run import run_diff
+
+        registry = _registry(Path(args.registry))
+        old = resolve_side(args.old, registry=registry, base=args.base)
+        new = resolve_side(args.new, registry=registry, base=args.base)
+        prompts = suite_prompts([Path(s) for s in args.suites])[: max(args.max_prompts, 0)]
+        diff = run_diff(old, new, prompts=prompts, device=pick_device(args.device), quant=args.quant,
+                        new_tokens=args.new_tokens, progress=_say)
+    except (HarnessError, ValueError) as exc:
+        print(f"harness-diff: {exc}", file=sys.stderr)
+        return 2
+    written = write_report(diff, Path(args.out))
+    for line in summary_lines(diff):
+        print(line)
+    _say("wrote " + ", ".join(str(p) for p in written))
+    return 0 if diff.unchanged else 1
+
+
+def _say(line: str) -> None:
+    print(f"harness-diff: {line}", file=sys.stderr, flush=True)
+
+
+def _registry(path: Path):  # type: ignore[no-untyped-def]
+    """The registry if there is one; folders alone need none."""
+    from harness.registry import Registry, load_registry
+
+    if path.is_file():
+        return load_registry(path)
+    return Registry(path=path, default="", models={})
+
+
+def resolve_side(value: str, *, registry, base: str | None) -> DiffSide:  # type: ignore[no-untyped-def]
+    """A registry name or model folder (no adapter), or an adapter folder applied to ``base``."""
+    from harness.errors import ModelNotFoundError
+    from harness.sources import resolve
+
+    rootdir = registry.path.parent.resolve()
+    folder = Path(value).expanduser()
+    if (folder / "adapter_config.json").is_file():
+        base_name = base or registry.default
+        if not base_name:
+            raise ModelNotFoundError(f"{value} is an adapter folder: pass --base MODEL (no registry default here).")
+        resolved = resolve(base_name, registry=registry, rootdir=rootdir, adapter=str(folder.resolve()),
+                           progress=_say)
+        return DiffSide(f"{base_name} + {folder.name}", resolved)
+    resolved = resolve(value, registry=registry, rootdir=rootdir, progress=_say)
+    return DiffSide(value if value in registry.models else folder.name, dataclasses.replace(resolved, adapter=None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""A model diff, end to end: files, weights, behaviour and localization of OLD vs NEW.
+
+Models load one at a time (OLD, then NEW) through the same ``ModelPool`` the
+suites use; everything NEW is compared with is kept from OLD's turn in float32 on
+the CPU: its greedy paths and log-probs (the ``drift`` check's functions) and its
+per-module activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.diff.files import FileChange, diff_folders
+from harness.diff.localize import ModuleDiff, compare_modules, describe, first_change, merge_worst
+from harness.diff.prompts import SuitePrompt
+from harness.diff.weights import Side, WeightsDiff, diff_weights
+from harness.sources import ResolvedModel
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DiffSide:
+    """One side of the diff: a label, the resolved model and (optionally) an adapter."""
+
+    label: str
+    resolved: ResolvedModel
+
+    @property
+    def adapter(self) -> Path | None:
+        return self.resolved.adapter
+
+    @property
+    def weights(self) -> Side:
+        return Side(self.resolved.path, self.adapter)
+
+
+@dataclass
+class PromptResult:
+    id: str
+    tokens_same: bool
+    prompt_tokens: int
+    new_tokens: int
+    mean_kl: float
+    max_kl: float
+    top1_agreement: float
+    first_divergence: dict[str, Any] | None
+    first_changed_module: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ModelDiff:
+    old: DiffSide
+    new: DiffSide
+    files: list[FileChange]
+    weights: WeightsDiff
+    prompts: list[PromptResult] = field(default_factory=list)
+    modules: list[ModuleDiff] = field(default_factory=list)
+    noise_method: str = ""
+    dtype: str = ""
+    device: str = ""
+
+    @property
+    def tokenizer_changed_prompts(self) -> list[str]:
+        return [p.id for p in self.prompts if not p.tokens_same]
+
+    @property
+    def first_change(self) -> ModuleDiff | None:
+        return first_change(self.modules)
+
+    @property
+    def localization(self) -> str:
+        if not self.prompts:
+            return "not measured (no prompts)"
+        first = self.first_change
+        return describe(first.name if first else None, tokenizer_changed=bool(self.tokenizer_changed_prompts))
+
+    def behaviour_totals(self) -> dict[str, Any]:
+        positions = [p.prompt_tokens + p.new_tokens - 1 for p in self.prompts]
+        total = sum(positions) or 1
+        return {
+            "prompts": len(self.prompts),
+            "mean_kl": sum(p.mean_kl * n for p, n in zip(self.prompts, positions)) / total,
+            "top1_agreement": sum(p.top1_agreement * n for p, n in zip(self.prompts, positions)) / total,
+            "greedy_diverged": sum(1 for p in self.prompts if p.first_divergence is not None),
+        }
+
+    @property
+    def unchanged(self) -> bool:
+        return (not self.files and self.weights.identical and not self.tokenizer_changed_prompts
+                and self.first_change is None)
+
+
+def diff_files(old: DiffSide, new: DiffSide) -> list[FileChange]:
+    """Model folders, then adapters (an adapter present on one side only is named)."""
+    changes = diff_folders(old.resolved.path, new.resolved.path)
+    if old.adapter and new.adapter:
+        changes += [dataclasses.replace(c, file=f"adapter/{c.file}") for c in diff_folders(old.adapter, new.adapter)]
+    elif old.adapter or new.adapter:
+        which = new.adapter or old.adapter
+        status = "added" if new.adapter else "removed"
+        changes.append(FileChange(f"adapter ({which})", "adapter", status, [f"LoRA adapter {which} was {status}"]))
+    return changes
+
+
+def run_diff(old: DiffSide, new: DiffSide, *, prompts: list[SuitePrompt], device: Any, quant: str = "fp16",
+             new_tokens: int = 8, progress: Progress = lambda _: None) -> ModelDiff:
+    """Files and weights (no model loaded), then OLD's turn, then NEW's turn."""
+    progress("comparing files")
+    files = diff_files(old, new)
+    progress("comparing weights (streamed)")
+    weights = diff_weights(old.weights, new.weights)
+    result = ModelDiff(old, new, files, weights, device=device.description)
+    if prompts:
+        _behaviour(result, prompts, device=device, quant=quant, new_tokens=new_tokens, progress=progress)
+    return result
+
+
+def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, quant: str, new_tokens: int,
+               progress: Progress) -> None:
+    from harness.checks.drift import DriftReference, compare_to_reference, reference_observation
+    from harness.diff.activations import capture
+    from harness.pool import ModelPool
+    from harness.variants import VariantSpec
+
+    progress(f"loading OLD ({result.old.label})")
+    pool = ModelPool(result.old.resolved, device)
+    model = pool.get(VariantSpec(quant, result.old.adapter is not None)).model  # type: ignore[arg-type]
+    old_ids = [p.encode(pool.tokenizer) for p in prompts]
+    reference = reference_observation(model, pool.tokenizer, old_ids, new_tokens, variant="OLD")
+    result.dtype = _compute_dtype(model)
+    old_acts = [capture(model, seq) for seq in reference.sequences]
+    noise, result.noise_method = _noise(model, reference.sequences, old_acts)
+    pool.release()
+    del model, pool
+
+    progress(f"loading NEW ({result.new.label})")
+    pool = ModelPool(result.new.resolved, device)
+    model = pool.get(VariantSpec(quant, result.new.adapter is not None)).model  # type: ignore[arg-type]
+    runs: list[list[ModuleDiff]] = []
+    for index, prompt in enumerate(prompts):
+        one = DriftReference("OLD", reference.sequences[index:index + 1], reference.prompt_lengths[index:index + 1],
+                             reference.logprobs[index:index + 1])
+        stats = compare_to_reference(model, one, variant="NEW")
+        rows = compare_modules(old_acts[index], capture(model, reference.sequences[index]), noise[index],
+                               result.dtype)
+        runs.append(rows)
+        first = first_change(rows)
+        div = stats.first_divergence
+        result.prompts.append(PromptResult(
+            id=prompt.id, tokens_same=prompt.encode(pool.tokenizer) == old_ids[index],
+            prompt_tokens=reference.prompt_lengths[index], new_tokens=stats.new_tokens[0],
+            mean_kl=stats.mean_kl, max_kl=stats.max_kl, top1_agreement=stats.top1_agreement,
+            first_divergence=None if div is None else {
+                "new_token": div.new_token, "expected": div.expected, "got": div.got,
+                "expected_text": pool.tokenizer.decode([div.expected]), "got_text": pool.tokenizer.decode([div.got])},
+            first_changed_module=first.name if first else None,
+        ))
+    result.modules = merge_worst(runs)
+    pool.release()
+
+
+def _compute_dtype(model: Any) -> str:
+    from harness.diff.activations import base_model
+
+    weight = base_model(model).get_input_embeddings().weight
+    return str(weight.dtype).removeprefix("torch.")
+
+
+def _noise(model: Any, sequences: Any, reference: list[dict[str, Any]]) -> tuple[list[dict[str, float]], str]:
+    """Per prompt and module: how far OLD moves when only its attention kernel changes."""
+    from harness.diff.activations import base_model, capture, relative_difference
+
+    inner = base_model(model)
+    current = getattr(inner.config, "_attn_implementation", None) or "sdpa"
+    other = "eager" if current != "eager" else "sdpa"
+    try:
+        inner.set_attn_implementation(other)
+    except Exception as exc:  # noqa: BLE001 - no second kernel: fall back to the dtype floor alone
+        return [{} for _ in sequences], (f"dtype floor only: {type(inner).__name__} cannot switch attention "
+                                         f"kernel ({str(exc).splitlines()[0][:120]})")
+    try:
+        noise = []
+        for seq, acts in zip(sequences, reference):
+            again = capture(model, seq)
+            noise.append({name: _finite_or_zero(relative_difference(acts[name], again[name]))
+                          for name in acts if name in again})
+    finally:
+        inner.set_attn_implementation(current)
+    return noise, f"OLD run twice, attention kernel {current} vs {other}"
+
+
+def _finite_or_zero(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
