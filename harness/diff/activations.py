@@ -18,7 +18,7 @@ KINDS = ("embedding", "norm", "attention", "mlp", "output", "head")
 
 _ATTENTION = re.compile(r"attn|attention", re.I)
 _MLP = re.compile(r"mlp|feed_forward|ffn", re.I)
-_NORM = re.compile(r"norm|ln", re.I)
+_NORM = re.compile(r"norm|^ln|_ln|ln_", re.I)
 
 
 def base_model(model: Any) -> Any:
@@ -59,14 +59,14 @@ def named_modules(model: Any) -> list[tuple[str, Any]]:
     for index, layer in enumerate(layers):
         norms = 0
         for child_name, child in layer.named_children():
-            if _ATTENTION.search(child_name):
-                found.append((f"layers.{index}.attention", child))
-            elif _MLP.search(child_name):
-                found.append((f"layers.{index}.mlp", child))
-            elif _NORM.search(child_name):
+            if _NORM.search(child_name):  # before attention: "post_attention_layernorm" is a norm
                 label = "input_norm" if norms == 0 else "post_norm" + (str(norms) if norms > 1 else "")
                 found.append((f"layers.{index}.{label}", child))
                 norms += 1
+            elif _ATTENTION.search(child_name):
+                found.append((f"layers.{index}.attention", child))
+            elif _MLP.search(child_name):
+                found.append((f"layers.{index}.mlp", child))
         found.append((f"layers.{index}.output", layer))
     final_norm = _final_norm(inner, layers)
     if final_norm is not None:
@@ -104,7 +104,12 @@ def capturing(model: Any) -> Iterator[dict[str, Any]]:
             store[name] = tensor.detach()[0].float().cpu()
         return record
 
-    for name, module in named_modules(model):
+    modules = named_modules(model)
+    names = [name for name, _ in modules]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{type(base_model(model)).__name__}: two submodules of one layer map to one name; "
+                         "cannot localize")
+    for name, module in modules:
         handles.append(module.register_forward_hook(hook(name)))
     try:
         yield store

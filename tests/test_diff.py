@@ -1,0 +1,197 @@
+"""harness-diff on the real embedded model with constructed updates, and fingerprint localization.
+
+Each update is a modified copy of the converted model folder (or of the pirate adapter)
+under a temporary folder; one prompt and two new tokens keep the CPU cost low.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.diff.cli import main
+from harness.diff.localize import fingerprint, localize
+
+REPO = Path(__file__).resolve().parents[1]
+ADAPTER = REPO / "fixtures" / "adapters" / "smollm2-135m-pirate"
+LAYER, TENSOR = 14, "model.layers.14.mlp.down_proj.weight"
+SUITE = """
+suite: mini
+checks:
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: 2
+"""
+
+
+def copy_with_weights(src: Path, dst: Path, edit: Any = None, *, metadata: dict[str, str] | None = None) -> Path:
+    """A full copy of a model folder; ``edit(tensors)`` changes the weights before they are written."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.is_file() and file.suffix != ".safetensors":
+            shutil.copy(file, dst / file.name)
+    tensors = load_file(str(src / "model.safetensors"))
+    if edit is not None:
+        edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata=metadata or {"format": "pt"})
+    return dst
+
+
+def _noise_on_layer(tensors: dict[str, Any]) -> None:
+    import torch
+
+    weight = tensors[TENSOR]
+    gen = torch.Generator().manual_seed(0)
+    tensors[TENSOR] = weight + torch.randn(weight.shape, generator=gen) * weight.std() * 0.05
+
+
+@pytest.fixture(scope="module")
+def layer_noise_model(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model with 5% Gaussian noise on layer 14's MLP down-projection."""
+    return copy_with_weights(embedded_model_dir, tmp_path_factory.mktemp("upd") / "layer14", _noise_on_layer)
+
+
+def run_diff(tmp_path: Path, old: str | Path, new: str | Path, *extra: str, suite: bool = True) -> tuple[int, dict[str, Any], Path]:
+    suites = tmp_path / "mini.yaml"
+    suites.write_text(SUITE)
+    out = tmp_path / "report"
+    argv = [str(old), str(new), "--registry", str(REPO / "models.yaml"), "--device", "cpu", "--out", str(out),
+            "--new-tokens", "2", "--suites", *([str(suites)] if suite else []), *extra]
+    rc = main(argv)
+    return rc, json.loads((out / "diff.json").read_text()), out
+
+
+def test_noise_on_one_layer_is_localized_to_that_layer(tmp_path: Path, layer_noise_model: Path) -> None:
+    rc, report, out = run_diff(tmp_path, "smollm2-135m", layer_noise_model)
+    assert rc == 1
+    assert report["files"] == []
+    weights = report["weights"]
+    assert [t["name"] for t in weights["most_changed"]] == [TENSOR]
+    assert weights["most_changed"][0]["relative_diff"] == pytest.approx(0.05, rel=0.05)
+    first = report["localization"]["first_change"]
+    assert first["module"] == f"layers.{LAYER}.mlp"
+    assert report["localization"]["verdict"] == f"behaviour first changes at layer {LAYER} (mlp)"
+    # Nothing upstream of the change moves at all; the noise floor was measured, not assumed.
+    upstream = [m for m in report["localization"]["modules"] if m["module"] != first["module"]][:4 * LAYER]
+    assert all(m["relative_diff"] == 0 and not m["changed"] for m in upstream)
+    assert "sdpa vs eager" in report["localization"]["noise"]["method"]
+    md = (out / "diff.md").read_text()
+    assert f"**behaviour first changes at layer {LAYER} (mlp)**" in md
+    assert f"| `{TENSOR}` | {LAYER} | 0.05 |" in md
+    assert (out / "diff.png").stat().st_size > 1000
+
+
+def test_tokenizer_edit_is_a_tokenizer_change_before_any_layer(tmp_path: Path, editable_model: Any) -> None:
+    new = editable_model("tok-edit")
+    data = json.loads((new / "tokenizer.json").read_text())
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if m != ["Ġcap", "ital"]]
+    (new / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    rc, report, out = run_diff(tmp_path, "smollm2-135m", new)
+    assert rc == 1
+    [change] = report["files"]
+    assert (change["file"], change["role"]) == ("tokenizer.json", "tokenizer")
+    assert "merges: 48900 -> 48899; 0 added, 1 removed" in change["summary"]
+    assert "- merge 'Ġcap ital'" in change["diff"]
+    assert report["weights"]["changed_count"] == 0
+    assert report["localization"]["tokenizer_changed_prompts"] == ["mini/capital"]
+    assert report["localization"]["verdict"].startswith("before layer 0: the tokenizer")
+    assert report["localization"]["first_change"] is None  # same ids in, same activations out
+
+
+def test_generation_config_edit_is_named(tmp_path: Path, editable_model: Any) -> None:
+    new = editable_model("gen-edit")
+    config = json.loads((new / "generation_config.json").read_text())
+    config.update(temperature=0.7, do_sample=True)
+    (new / "generation_config.json").write_text(json.dumps(config, indent=2))
+    rc, report, out = run_diff(tmp_path, "smollm2-135m", new, suite=False)
+    assert rc == 1
+    [change] = report["files"]
+    assert (change["file"], change["role"], change["status"]) == ("generation_config.json", "generation_config", "changed")
+    assert sorted(change["summary"]) == ["do_sample: added (true)", "temperature: added (0.7)"]
+    assert report["weights"]["changed_count"] == 0
+    assert "- files: generation_config.json (generation_config, changed)" in (out / "diff.md").read_text()
+
+
+def test_adapter_rescale_is_localized_to_its_target_modules(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    new = tmp_path / "pirate-rescaled"
+    shutil.copytree(ADAPTER, new)
+    tensors = load_file(str(new / "adapter_model.safetensors"))
+    save_file({k: v * 1.5 if ".lora_B." in k else v for k, v in tensors.items()},
+              str(new / "adapter_model.safetensors"))
+    rc, report, _ = run_diff(tmp_path, ADAPTER, new, "--base", "smollm2-135m")
+    assert rc == 1
+    targets = set(json.loads((ADAPTER / "adapter_config.json").read_text())["target_modules"])
+    changed = report["weights"]["most_changed"]
+    assert changed and report["weights"]["changed_count"] == 4 * 30
+    assert {name.split(".")[-2] for name in (c["name"] for c in changed)} <= targets
+    assert all(c["relative_diff"] > 0 for c in changed)
+    assert report["localization"]["first_change"]["module"] == "layers.0.attention"
+    assert report["localization"]["verdict"] == "behaviour first changes at layer 0 (attention)"
+    assert [c["file"] for c in report["files"]] == ["adapter/adapter_model.safetensors"] or report["files"] == []
+
+
+def test_unchanged_resave_reports_no_change(tmp_path: Path, embedded_model_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    new = copy_with_weights(embedded_model_dir, tmp_path / "resaved", metadata={"format": "pt", "saved": "again"})
+    config = json.loads((new / "config.json").read_text())
+    (new / "config.json").write_text(json.dumps(dict(reversed(list(config.items()))), indent=4))
+    assert (new / "model.safetensors").read_bytes() != (embedded_model_dir / "model.safetensors").read_bytes()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the chart is optional
+    rc, report, out = run_diff(tmp_path, embedded_model_dir, new)
+    assert rc == 0
+    assert report["unchanged"] is True
+    assert report["summary"] == ["no change: files, weights and activations on the suites' prompts are the same"]
+    assert report["behaviour"]["mean_kl"] == 0 and report["behaviour"]["greedy_diverged"] == 0
+    assert not (out / "diff.png").exists()
+    assert "![" not in (out / "diff.md").read_text()
+
+
+def test_fingerprints_localize_a_changed_layer_and_ignore_kernel_noise(embedded_model_dir: Path,
+                                                                       layer_noise_model: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(embedded_model_dir))("The capital of France is Paris.")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(embedded_model_dir), dtype=torch.float16).eval()
+    golden = fingerprint(model, ids)
+    model.set_attn_implementation("eager")
+    assert localize(golden, fingerprint(model, ids)) == "no change beyond noise at any layer"
+    assert json.loads(json.dumps(golden)) == golden  # storable in a sidecar as it is
+    assert len(golden["modules"]) == 1 + 30 * 5 + 2 and len(golden["modules"]["layers.0.mlp"]) == 9
+    changed = AutoModelForCausalLM.from_pretrained(str(layer_noise_model), dtype=torch.float16).eval()
+    assert localize(golden, fingerprint(changed, ids)).startswith(f"behaviour first changes at layer {LAYER} (mlp)")
+    assert localize(golden, fingerprint(changed, ids[:-1])) == \
+        "before layer 0: the tokenizer (the prompt encodes to different token ids)"
+
+
+def _fp(**modules: list[float]) -> dict[str, Any]:
+    return {"version": 1, "ids_sha256": "x", "modules": modules}
+
+
+def test_localize_reads_fingerprints_in_execution_order() -> None:
+    base = {"embedding": [1.0, 0.5, 0.5], "layers.2.attention": [1.0, 0.1, 0.2], "layers.2.mlp": [2.0, 1.0, 1.0],
+            "layers.10.mlp": [1.0, 0.3, 0.3], "head": [5.0, 1.0, 1.0]}
+    assert localize(_fp(**base), _fp(**base)) == "no change beyond noise at any layer"
+    later = {**base, "layers.10.mlp": [1.0, 0.9, 0.3], "head": [5.0, 3.0, 1.0]}
+    assert localize(_fp(**base), _fp(**later)).startswith("behaviour first changes at layer 10 (mlp)")
+    # Sorted keys put layers.10 before layers.2; execution order must not.
+    both = {**later, "layers.2.mlp": [2.0, 1.5, 1.0]}
+    assert localize(_fp(**base), _fp(**both)).startswith("behaviour first changes at layer 2 (mlp)")
+    assert localize(_fp(**base), _fp(**both), noise={"layers.2.mlp": 0.3}).startswith(
+        "behaviour first changes at layer 10 (mlp)")
+    assert localize(_fp(**base), _fp(**{**base, "embedding": [1.0, 0.9, 0.5]})) == \
+        "before layer 0: the tokenizer or embeddings"
+    assert localize(_fp(**base), _fp(**{**base, "layers.2.attention": [1.0, float("nan"), 0.2]})).startswith(
+        "behaviour first changes at layer 2 (attention)")
+    assert localize(_fp(**base), _fp(**{**base, "head": [5.0, 1.5, 1.0]})).startswith(
+        "behaviour first changes after the last layer (head)")
