@@ -27,7 +27,7 @@ def summary_lines(diff: ModelDiff) -> list[str]:
     if w.identical:
         lines.append("weights: identical")
     else:
-        parts = [f"{len(w.changed)} tensors changed"]
+        parts = [f"{len(w.changed)} tensor{'s' if len(w.changed) != 1 else ''} changed"]
         parts += [f"{len(w.added)} added"] if w.added else []
         parts += [f"{len(w.removed)} removed"] if w.removed else []
         parts += [f"{len(w.reshaped)} reshaped"] if w.reshaped else []
