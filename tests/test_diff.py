@@ -195,3 +195,13 @@ def test_localize_reads_fingerprints_in_execution_order() -> None:
         "behaviour first changes at layer 2 (attention)")
     assert localize(_fp(**base), _fp(**{**base, "head": [5.0, 1.5, 1.0]})).startswith(
         "behaviour first changes after the last layer (head)")
+
+
+def test_unusable_arguments_exit_2_with_one_actionable_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = ["--registry", str(REPO / "models.yaml"), "--out", str(tmp_path / "out")]
+    assert main(["smollm2-135m", "smollm2-135m", "--suites", str(tmp_path / "missing"), *registry]) == 2
+    assert "--suites" in capsys.readouterr().err
+    assert main(["smollm2-135m", str(tmp_path / "nowhere"), "--suites", *registry]) == 2
+    err = capsys.readouterr().err
+    assert "NEW: " in err and "Fix:" in err and "--model" not in err
+    assert not (tmp_path / "out").exists()

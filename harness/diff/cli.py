@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness.diff.report import summary_lines, write_report
         from harness.diff.run import run_diff
 
-        registry = _registry(Path(args.registry))
-        old = resolve_side(args.old, registry=registry, base=args.base)
-        new = resolve_side(args.new, registry=registry, base=args.base)
         prompts = suite_prompts([Path(s) for s in args.suites])[: max(args.max_prompts, 0)]
+        registry = _registry(Path(args.registry))
+        old = resolve_side(args.old, registry=registry, base=args.base, role="OLD")
+        new = resolve_side(args.new, registry=registry, base=args.base, role="NEW")
         diff = run_diff(old, new, prompts=prompts, device=pick_device(args.device), quant=args.quant,
                         new_tokens=args.new_tokens, progress=_say)
     except (HarnessError, ValueError) as exc:
@@ -73,8 +73,17 @@ def _registry(path: Path):  # type: ignore[no-untyped-def]
     return Registry(path=path, default="", models={})
 
 
-def resolve_side(value: str, *, registry, base: str | None) -> DiffSide:  # type: ignore[no-untyped-def]
+def resolve_side(value: str, *, registry, base: str | None, role: str) -> DiffSide:  # type: ignore[no-untyped-def]
     """A registry name or model folder (no adapter), or an adapter folder applied to ``base``."""
+    from harness.errors import ModelNotFoundError
+
+    try:
+        return _resolve_side(value, registry=registry, base=base)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"{role}: " + str(exc).removeprefix("--model ")) from None
+
+
+def _resolve_side(value: str, *, registry, base: str | None) -> DiffSide:  # type: ignore[no-untyped-def]
     from harness.errors import ModelNotFoundError
     from harness.sources import resolve
 

@@ -25,6 +25,9 @@ class SuitePrompt:
 def suite_files(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
+        if not path.exists():
+            raise ValueError(f"--suites {path}: no such file or folder. Fix: name suite files or folders "
+                             "(default: suites/), or pass --suites with nothing after it for files and weights only.")
         files.extend(sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")) if path.is_dir() else [path])
     return files
 

@@ -133,7 +133,10 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
     progress(f"loading OLD ({result.old.label})")
     pool = ModelPool(result.old.resolved, device)
     model = pool.get(VariantSpec(quant, result.old.adapter is not None)).model  # type: ignore[arg-type]
-    old_ids = [p.encode(pool.tokenizer) for p in prompts]
+    prompts, old_ids = _encodable(prompts, pool.tokenizer, progress)
+    if not prompts:
+        pool.release()
+        return
     reference = reference_observation(model, pool.tokenizer, old_ids, new_tokens, variant="OLD")
     result.dtype = _compute_dtype(model)
     old_acts = [capture(model, seq) for seq in reference.sequences]
@@ -155,7 +158,7 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
         first = first_change(rows)
         div = stats.first_divergence
         result.prompts.append(PromptResult(
-            id=prompt.id, tokens_same=prompt.encode(pool.tokenizer) == old_ids[index],
+            id=prompt.id, tokens_same=_encode_or_none(prompt, pool.tokenizer) == old_ids[index],
             prompt_tokens=reference.prompt_lengths[index], new_tokens=stats.new_tokens[0],
             mean_kl=stats.mean_kl, max_kl=stats.max_kl, top1_agreement=stats.top1_agreement,
             first_divergence=None if div is None else {
@@ -165,6 +168,30 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
         ))
     result.modules = merge_worst(runs)
     pool.release()
+
+
+def _encodable(prompts: list[SuitePrompt], tokenizer: Any,
+               progress: Progress) -> tuple[list[SuitePrompt], list[list[int]]]:
+    """The prompts OLD can encode (a chat prompt needs a chat template), with their ids."""
+    kept: list[SuitePrompt] = []
+    ids: list[list[int]] = []
+    for prompt in prompts:
+        encoded = _encode_or_none(prompt, tokenizer)
+        if encoded is None:
+            progress(f"skipping {prompt.id}: OLD's tokenizer has no chat template for its messages")
+            continue
+        kept.append(prompt)
+        ids.append(encoded)
+    return kept, ids
+
+
+def _encode_or_none(prompt: SuitePrompt, tokenizer: Any) -> list[int] | None:
+    from harness.checks.prompts import NoChatTemplate
+
+    try:
+        return prompt.encode(tokenizer)
+    except NoChatTemplate:
+        return None
 
 
 def _compute_dtype(model: Any) -> str:
