@@ -205,3 +205,20 @@ def test_unusable_arguments_exit_2_with_one_actionable_line(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "NEW: " in err and "Fix:" in err and "--model" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_difference_below_noise_is_named_but_not_called_a_change() -> None:
+    from harness.diff.localize import ModuleDiff
+    from harness.diff.run import ModelDiff, PromptResult
+    from harness.diff.weights import WeightsDiff
+
+    prompt = PromptResult("s/p", True, 5, 2, 0.0, 0.0, 1.0, None, None)
+    rows = [ModuleDiff("embedding", 0.0, 0.0, 2e-3), ModuleDiff("layers.3.mlp", 1e-4, 0.0, 2e-3),
+            ModuleDiff("layers.9.attention", 1e-3, 1e-3, 5e-3)]
+    diff = ModelDiff(None, None, [], WeightsDiff(), prompts=[prompt], modules=rows)  # type: ignore[arg-type]
+    assert diff.first_change is None
+    assert diff.localization == ("no change beyond noise at any layer; "
+                                 "the first (sub-noise) difference is at layer 3 (mlp)")
+    rows.append(ModuleDiff("layers.12.mlp", 0.1, 1e-3, 5e-3))
+    assert diff.localization == "behaviour first changes at layer 12 (mlp)"
+    assert not diff.unchanged

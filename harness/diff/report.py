@@ -57,6 +57,7 @@ def to_json(diff: ModelDiff) -> dict[str, Any]:
         "localization": {
             "verdict": diff.localization,
             "first_change": first.as_dict() if first else None,
+            "first_difference": diff.first_difference.as_dict() if diff.first_difference else None,
             "tokenizer_changed_prompts": diff.tokenizer_changed_prompts,
             "noise": {"method": diff.noise_method, "factor": FACTOR,
                       "dtype_floor": DTYPE_FLOOR.get(diff.dtype), "dtype": diff.dtype, "device": diff.device},

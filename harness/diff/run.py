@@ -80,7 +80,17 @@ class ModelDiff:
         if not self.prompts:
             return "not measured (no prompts)"
         first = self.first_change
-        return describe(first.name if first else None, tokenizer_changed=bool(self.tokenizer_changed_prompts))
+        text = describe(first.name if first else None, tokenizer_changed=bool(self.tokenizer_changed_prompts))
+        exact = self.first_difference
+        if first is None and exact is not None and not self.tokenizer_changed_prompts:
+            where = describe(exact.name).removeprefix("behaviour first changes ")
+            text += f"; the first (sub-noise) difference is {where}"
+        return text
+
+    @property
+    def first_difference(self) -> ModuleDiff | None:
+        """The first module whose output differs at all (same device, same kernels: upstream is bit-equal)."""
+        return next((m for m in self.modules if not m.relative == 0.0), None)
 
     def behaviour_totals(self) -> dict[str, Any]:
         positions = [p.prompt_tokens + p.new_tokens - 1 for p in self.prompts]
