@@ -41,7 +41,7 @@ def summary_lines(diff: ModelDiff) -> list[str]:
             lines.append(f"tokenization: {len(diff.tokenizer_changed_prompts)} of {len(diff.prompts)} prompts "
                          "encode to different token ids")
     lines.append("localization: " + diff.localization)
-    return lines
+    return lines + [f"note: {note}" for note in diff.notes]
 
 
 def to_json(diff: ModelDiff) -> dict[str, Any]:
@@ -50,6 +50,7 @@ def to_json(diff: ModelDiff) -> dict[str, Any]:
         "old": _side(diff.old), "new": _side(diff.new),
         "unchanged": diff.unchanged,
         "summary": summary_lines(diff),
+        "notes": diff.notes,
         "files": [c.as_dict() for c in diff.files],
         "weights": diff.weights.as_dict(),
         "behaviour": {**(diff.behaviour_totals() if diff.prompts else {}),

@@ -64,6 +64,7 @@ class ModelDiff:
     prompts: list[PromptResult] = field(default_factory=list)
     modules: list[ModuleDiff] = field(default_factory=list)
     noise_method: str = ""
+    notes: list[str] = field(default_factory=list)
     dtype: str = ""
     device: str = ""
 
@@ -149,6 +150,7 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
         return
     reference = reference_observation(model, pool.tokenizer, old_ids, new_tokens, variant="OLD")
     result.dtype = _compute_dtype(model)
+    old_vocab = _vocab_size(model)
     old_acts = [capture(model, seq) for seq in reference.sequences]
     noise, result.noise_method = _noise(model, reference.sequences, old_acts)
     pool.release()
@@ -157,25 +159,35 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
     progress(f"loading NEW ({result.new.label})")
     pool = ModelPool(result.new.resolved, device)
     model = pool.get(VariantSpec(quant, result.new.adapter is not None)).model  # type: ignore[arg-type]
+    new_vocab = _vocab_size(model)
+    if new_vocab != old_vocab:
+        result.notes.append(f"vocabulary sizes differ (OLD {old_vocab}, NEW {new_vocab}): next-token KL and "
+                            "top-1 agreement are not defined; activations are compared up to the head")
     runs: list[list[ModuleDiff]] = []
     for index, prompt in enumerate(prompts):
-        one = DriftReference("OLD", reference.sequences[index:index + 1], reference.prompt_lengths[index:index + 1],
-                             reference.logprobs[index:index + 1])
-        stats = compare_to_reference(model, one, variant="NEW")
-        rows = compare_modules(old_acts[index], capture(model, reference.sequences[index]), noise[index],
-                               result.dtype)
+        sequence = reference.sequences[index]
+        if max(sequence) >= new_vocab:
+            result.notes.append(f"{prompt.id}: OLD's token ids go past NEW's vocabulary; not run on NEW")
+            continue
+        rows = compare_modules(old_acts[index], capture(model, sequence), noise[index], result.dtype)
         runs.append(rows)
         first = first_change(rows)
-        div = stats.first_divergence
-        result.prompts.append(PromptResult(
+        row = PromptResult(
             id=prompt.id, tokens_same=_encode_or_none(prompt, pool.tokenizer) == old_ids[index],
-            prompt_tokens=reference.prompt_lengths[index], new_tokens=stats.new_tokens[0],
-            mean_kl=stats.mean_kl, max_kl=stats.max_kl, top1_agreement=stats.top1_agreement,
-            first_divergence=None if div is None else {
-                "new_token": div.new_token, "expected": div.expected, "got": div.got,
-                "expected_text": pool.tokenizer.decode([div.expected]), "got_text": pool.tokenizer.decode([div.got])},
+            prompt_tokens=reference.prompt_lengths[index], new_tokens=len(sequence) - reference.prompt_lengths[index],
+            mean_kl=math.nan, max_kl=math.nan, top1_agreement=math.nan, first_divergence=None,
             first_changed_module=first.name if first else None,
-        ))
+        )
+        if new_vocab == old_vocab:
+            one = DriftReference("OLD", (sequence,), reference.prompt_lengths[index:index + 1],
+                                 reference.logprobs[index:index + 1])
+            stats = compare_to_reference(model, one, variant="NEW")
+            div = stats.first_divergence
+            row.mean_kl, row.max_kl, row.top1_agreement = stats.mean_kl, stats.max_kl, stats.top1_agreement
+            row.first_divergence = None if div is None else {
+                "new_token": div.new_token, "expected": div.expected, "got": div.got,
+                "expected_text": pool.tokenizer.decode([div.expected]), "got_text": pool.tokenizer.decode([div.got])}
+        result.prompts.append(row)
     result.modules = merge_worst(runs)
     pool.release()
 
@@ -202,6 +214,12 @@ def _encode_or_none(prompt: SuitePrompt, tokenizer: Any) -> list[int] | None:
         return prompt.encode(tokenizer)
     except NoChatTemplate:
         return None
+
+
+def _vocab_size(model: Any) -> int:
+    from harness.diff.activations import base_model
+
+    return int(base_model(model).get_input_embeddings().num_embeddings)
 
 
 def _compute_dtype(model: Any) -> str:
