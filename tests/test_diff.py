@@ -222,3 +222,25 @@ def test_a_difference_below_noise_is_named_but_not_called_a_change() -> None:
     rows.append(ModuleDiff("layers.12.mlp", 0.1, 1e-3, 5e-3))
     assert diff.localization == "behaviour first changes at layer 12 (mlp)"
     assert not diff.unchanged
+
+
+def test_added_token_rows_are_a_reshape_and_a_head_change(tmp_path: Path, embedded_model_dir: Path) -> None:
+    import torch
+
+    def grow(tensors: dict[str, Any]) -> None:
+        emb = tensors["model.embed_tokens.weight"]
+        tensors["model.embed_tokens.weight"] = torch.cat([emb, emb[:2].clone()])
+
+    new = copy_with_weights(embedded_model_dir, tmp_path / "grown", grow)
+    config = json.loads((new / "config.json").read_text())
+    config["vocab_size"] += 2
+    (new / "config.json").write_text(json.dumps(config, indent=2))
+    rc, report, out = run_diff(tmp_path, embedded_model_dir, new)
+    assert rc == 1
+    assert [c["summary"] for c in report["files"]] == [["vocab_size: 49152 -> 49154"]]
+    assert report["weights"]["reshaped"] == [{"name": "model.embed_tokens.weight", "old": [49152, 576],
+                                             "new": [49154, 576]}]
+    assert report["localization"]["first_change"]["module"] == "head"
+    assert report["localization"]["verdict"] == "behaviour first changes after the last layer (head)"
+    assert any("vocabulary sizes differ (OLD 49152, NEW 49154)" in n for n in report["notes"])
+    assert "| nan |" in (out / "diff.md").read_text()
