@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from harness.diff.cli import main
-from harness.diff.localize import fingerprint, localize
+from harness.diff.localize import fingerprint, localize, sidecar_localization
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER = REPO / "fixtures" / "adapters" / "smollm2-135m-pirate"
@@ -156,7 +156,7 @@ def test_unchanged_resave_reports_no_change(tmp_path: Path, embedded_model_dir: 
     assert "![" not in (out / "diff.md").read_text()
 
 
-def test_fingerprints_localize_a_changed_layer_and_ignore_kernel_noise(embedded_model_dir: Path,
+def test_fingerprints_localize_a_changed_layer_and_ignore_kernel_noise(embedded_model_dir: Path, tmp_path: Path,
                                                                        layer_noise_model: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,6 +172,13 @@ def test_fingerprints_localize_a_changed_layer_and_ignore_kernel_noise(embedded_
     assert localize(golden, fingerprint(changed, ids)).startswith(f"behaviour first changes at layer {LAYER} (mlp)")
     assert localize(golden, fingerprint(changed, ids[:-1])) == \
         "before layer 0: the tokenizer (the prompt encodes to different token ids)"
+    sidecar = tmp_path / "capital.meta.json"
+    sidecar.write_text(json.dumps({"model": "smollm2-135m", "fingerprint": golden}, sort_keys=True, indent=2))
+    assert sidecar_localization(sidecar, changed, ids) == (
+        "localization (activation fingerprint vs the recording model): "
+        + localize(golden, fingerprint(changed, ids)))
+    sidecar.write_text(json.dumps({"model": "smollm2-135m"}))
+    assert sidecar_localization(sidecar, changed, ids) is None  # goldens recorded before fingerprints
 
 
 def _fp(**modules: list[float]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from harness.diff.activations import capture, layer_index, module_kind
@@ -174,6 +175,25 @@ def localize(fp_expected: dict[str, Any], fp_actual: dict[str, Any],
                 return "before layer 0: the tokenizer or embeddings"
             return describe(name) + f" (fingerprint moved {change:.3g} x RMS, noise {level:.3g})"
     return "no change beyond noise at any layer"
+
+
+def sidecar_localization(sidecar: Path, model: Any, input_ids: list[int],
+                         noise: float | dict[str, float] | None = None) -> str | None:
+    """For a failing golden: where ``model`` first differs from the model that recorded it.
+
+    Reads the ``fingerprint`` a golden's sidecar holds (written at record time from
+    ``fingerprint(model, input_ids)``); None when there is none to compare with.
+    """
+    import json
+
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("version") != FINGERPRINT_VERSION:
+        return None
+    return "localization (activation fingerprint vs the recording model): " + \
+        localize(recorded, fingerprint(model, input_ids), noise)
 
 
 def _order(name: str) -> tuple[int, int, str]:
