@@ -251,3 +251,20 @@ def test_added_token_rows_are_a_reshape_and_a_head_change(tmp_path: Path, embedd
     assert report["localization"]["verdict"] == "behaviour first changes after the last layer (head)"
     assert any("vocabulary sizes differ (OLD 49152, NEW 49154)" in n for n in report["notes"])
     assert "| nan |" in (out / "diff.md").read_text()
+
+
+def test_reference_stand_ins_judge_new_against_the_live_record_of_old(tmp_path: Path) -> None:
+    from harness.diff.reference import LiveReference, Recorder
+    from harness.errors import CheckFailure
+
+    golden = tmp_path / "golden" / "m" / "cpu" / "fp16" / "gen" / "capital.json"
+    recorder = Recorder()
+    recorder.assert_matches(golden, {"ids": (1, 2, 3)}, explain=lambda e, a: "unused")
+    assert recorder.records == {golden: {"ids": [1, 2, 3]}} and not golden.parent.exists()
+    live = LiveReference(recorder.records, "new-model vs smollm2-135m")
+    live.assert_matches(golden, {"ids": [1, 2, 3]}, explain=lambda e, a: "unused")
+    live.assert_matches(golden, {"ids": [1, 2, 4]}, explain=lambda e, a: "unused", judge=lambda e, a: True)
+    with pytest.raises(CheckFailure, match=r"^new-model vs smollm2-135m: ids differ: \[1, 2, 3\] -> \[1, 2, 4\]"):
+        live.assert_matches(golden, {"ids": [1, 2, 4]}, explain=lambda e, a: f"ids differ: {e['ids']} -> {a['ids']}")
+    with pytest.raises(CheckFailure, match="recorded nothing for this check, so it was not judged"):
+        live.assert_matches(golden.with_name("other.json"), {"ids": []}, explain=lambda e, a: "")
