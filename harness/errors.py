@@ -61,3 +61,7 @@ class CheckFailure(AssertionError):
     Subclassing AssertionError makes pytest report it as a failure (not an
     error) and show only our message, since ``harness`` frames are hidden.
     """
+
+
+class NotJudged(HarnessError):
+    """A check that could not be judged here; a gate run (CI) must not be green on it."""

@@ -29,8 +29,8 @@ def mib(n_bytes: float | int | None) -> float | None:
     return None if n_bytes is None else round(n_bytes / MIB, 2)
 
 
-def parallel_conflict(device: Device) -> str | None:
-    """Why a peak measured now would be wrong: other xdist workers share this GPU."""
+def parallel_conflict(device: Device, *, measuring: str = "peak") -> str | None:
+    """Why a ``measuring`` ("peak", "timings") taken now would be wrong: xdist workers share this GPU."""
     workers = xdist_workers()
     if workers <= 1 or not device.is_cuda:
         return None
@@ -39,10 +39,12 @@ def parallel_conflict(device: Device) -> str | None:
     gpus = torch.cuda.device_count()
     if workers <= gpus:
         return None
+    effect = ("other workers' models and activations would be counted in this peak" if measuring == "peak"
+              else f"other workers' kernels would run during these {measuring}")
     return (
-        f"{workers} pytest-xdist workers share {gpus} GPU(s), so other workers' models and "
-        f"activations would be counted in this peak on {device.description}. Fix: run budget "
-        "checks without -n (e.g. `pytest suites/budgets.yaml`), or with at most one worker per GPU."
+        f"{workers} pytest-xdist workers share {gpus} GPU(s), so {effect} on {device.description}. "
+        "Fix: run budget checks without -n (e.g. `pytest suites/budgets.yaml`), or with at most one "
+        "worker per GPU."
     )
 
 

@@ -35,6 +35,11 @@ class NF4Estimate:
     def total_bytes(self) -> int:
         return int(round(self.quantized_bytes + self.other_bytes + self.adapter_bytes))
 
+    @property
+    def sixteen_bit_bytes(self) -> int:
+        """The same model with every weight at 16 bits: the twin an NF4 saving is measured against."""
+        return (self.quantized_weights + self.other_params) * 2 + self.adapter_bytes
+
     def figures(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(expected_nf4_mb=mib(self.total_bytes), quantized_mb=mib(self.quantized_bytes),
