@@ -232,7 +232,7 @@ def _judge_saving(ctx: CheckContext, saving: Savings, mine: MemoryFigures, refer
     measured = reference.weights_bytes / max(mine.held_bytes, 1)
     expected = mine.expected_16bit_bytes / mine.expected_nf4_bytes
     fraction = measured / expected
-    ctx.record(**{f"saving_weights_vs_{saving.reference}": round(measured, 3),
+    ctx.record(**{f"saving_with_quant_state_vs_{saving.reference}": round(measured, 3),
                   f"expected_saving_vs_{saving.reference}": round(expected, 3),
                   f"saving_of_expected_vs_{saving.reference}": round(fraction, 3)})
     figures = (f"{variant} saves {measured:.3f}x weights vs {saving.reference} "
