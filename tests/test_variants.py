@@ -56,6 +56,52 @@ def test_nf4_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(project):
     result.stdout.fnmatch_lines(["*SKIPPED*NF4 is not available on CPU: bitsandbytes: simulated missing backend*"])
 
 
+BROKEN_BNB = {
+    # an exception inside a kernel that exists: a broken install, not a platform without NF4
+    "quantize-raises": (
+        "import bitsandbytes.functional as f\n"
+        "def broken(*a, **k):\n"
+        "    raise RuntimeError('simulated: CUDA Setup failed despite GPU being available')\n"
+        "f.quantize_4bit = broken\n",
+        "*NF4 cannot load: bitsandbytes failed to quantize a test tensor on CPU (RuntimeError: simulated: "
+        "CUDA Setup failed*",
+    ),
+    # an import error inside bitsandbytes (one of its own modules is missing)
+    "import-breaks": (
+        "import sys\nsys.modules['bitsandbytes.functional'] = None\n",
+        "*NF4 cannot load: bitsandbytes is installed but broken on this machine (ModuleNotFoundError:*",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BROKEN_BNB))
+def test_a_broken_bitsandbytes_fails_the_nf4_items_instead_of_skipping(project, fault):
+    code, expected = BROKEN_BNB[fault]
+    project.suite("gen", SUITE)
+    (project.path / "conftest.py").write_text(code)
+    result = project.run("--variants", "fp16,nf4", "--snapshot-update")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines([expected])
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
+def test_bitsandbytes_absent_skips_but_not_in_a_gate_with_goldens_for_it(project, monkeypatch):
+    """Not installed at all is a platform without NF4; a gate whose goldens expect nf4 is not judged."""
+    project.suite("gen", SUITE)
+    (project.path / "conftest.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n")
+    local = project.run("--variants", "fp16,nf4", "--snapshot-update", "-rs")
+    local.assert_outcomes(passed=2, skipped=2)
+    local.stdout.fnmatch_lines(["*SKIPPED*NF4 is not available on CPU: bitsandbytes is not installed*"])
+    nf4_goldens = project.golden / "smollm2-135m" / "cpu" / "nf4" / "gen"
+    nf4_goldens.mkdir(parents=True)
+    (nf4_goldens / "joke.json").write_text("{}")
+    monkeypatch.setenv("CI", "true")
+    gate = project.run("--variants", "fp16,nf4")
+    gate.assert_outcomes(passed=2, failed=2)
+    gate.stdout.fnmatch_lines(["*bitsandbytes is not installed*Goldens for this variant exist for this device "
+                               "class, so this gate run cannot be green without it*"])
+
+
 def _tiny_adapter(folder: Path, *, base_name: str, hidden: int, zero_b: bool = False) -> Path:
     """A real peft LoRA adapter for a small random Llama (another base model)."""
     import torch
@@ -103,20 +149,28 @@ def test_adapter_that_changes_nothing_is_refused(project, tmp_path):
     result.stdout.fnmatch_lines(["*did not load into 'smollm2-135m': 120 of 120 lora_B weights are still zero*"])
 
 
-@pytest.mark.parametrize("broken", ["no_weights", "missing_keys"])
+@pytest.mark.parametrize("broken", ["no_weights", "missing_layer", "every_lora_A", "config_is_a_list"])
 def test_broken_adapter_folders(project, tmp_path, broken):
     adapter = tmp_path / broken
     shutil.copytree(ADAPTER, adapter)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
     if broken == "no_weights":
         (adapter / "adapter_model.safetensors").unlink()
         expected = "*no adapter_model.safetensors (pickle .bin adapters are refused)*"
-    else:
-        from safetensors.torch import load_file, save_file
-
-        weights = load_file(adapter / "adapter_model.safetensors")
+    elif broken == "missing_layer":
         save_file({k: v for k, v in weights.items() if ".layers.7." not in k}, adapter / "adapter_model.safetensors")
-        expected = "*did not load into 'smollm2-135m': 4 of 120 lora_B weights are still zero*"
+        expected = "*did not load into 'smollm2-135m': 8 of the 240 tensors its LoRA layers need are missing*"
+    elif broken == "every_lora_A":  # lora_B still non-zero: only the keys tell
+        save_file({k: v for k, v in weights.items() if "lora_A" not in k}, adapter / "adapter_model.safetensors")
+        expected = ("*did not load into 'smollm2-135m': 120 of the 240 tensors its LoRA layers need are missing "
+                    "from the file (first: *lora_A*")
+    else:
+        (adapter / "adapter_config.json").write_text("[]")
+        expected = "*adapter_config.json holds a list, not a mapping of settings*"
     project.suite("gen", SUITE)
     result = project.run("--adapter", str(adapter), "--variants", "fp16-lora", "--snapshot-update")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([expected])
+    assert "INTERNALERROR" not in result.stdout.str() and "Traceback" not in result.stdout.str()

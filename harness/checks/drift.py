@@ -265,7 +265,7 @@ class DriftCheck(Check[DriftSpec]):
         if reference == variant:
             ctx.record(drift_reference=variant.key, reference_for=",".join(users) or "none")
             nothing_judged(where, f"{variant.key} is this check's reference" + (
-                f" (its distributions were measured here for {', '.join(users)})" if users else ""))
+                f" for {', '.join(users)}: its distributions were measured here" if users else ""))
         loads_before = ctx.pool.load_counts[reference.key]
         ref = self._reference(ctx, reference, prompts)
         if ctx.pool.load_counts[reference.key] > loads_before:
