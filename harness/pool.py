@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.devices import Device
-from harness.errors import AdapterError, HarnessError, ModelLoadError, NotJudged
+from harness.errors import AdapterError, HarnessError, ModelLoadError
 from harness.sources import ResolvedModel
 from harness.variants import VariantSpec
 
@@ -206,23 +206,26 @@ def _probe_nf4(device: Device) -> str | ModelLoadError | None:
     def first_line(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
-    try:
-        import bitsandbytes.functional as bnbf
-    except ModuleNotFoundError as exc:
-        if exc.name == "bitsandbytes":
-            return "bitsandbytes is not installed"
-        broken = exc
-    except Exception as exc:  # noqa: BLE001 - whatever breaks inside bitsandbytes' import
-        broken = exc
-    else:
-        broken = None
-    if broken is not None:
+    def broken(exc: BaseException) -> ModelLoadError:
         return ModelLoadError(
-            f"NF4 cannot load: bitsandbytes is installed but broken on this machine ({first_line(broken)}). "
+            f"NF4 cannot load: bitsandbytes is installed but broken on this machine ({first_line(exc)}). "
             "This is not a platform without NF4 support, so the nf4 items fail rather than skip. "
             "Fix: reinstall it (`python -m pip install --force-reinstall bitsandbytes`) and run "
             "`python -m bitsandbytes` to see its diagnostics."
         )
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "bitsandbytes":
+            return "bitsandbytes is not installed"
+        return broken(exc)
+    except Exception as exc:  # noqa: BLE001 - whatever breaks inside bitsandbytes' import
+        return broken(exc)
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as exc:  # noqa: BLE001
+        return broken(exc)
     import torch
 
     try:
@@ -239,20 +242,6 @@ def _probe_nf4(device: Device) -> str | ModelLoadError | None:
             "`python -m bitsandbytes`."
         )
     return None
-
-
-def unavailable_outcome(exc: VariantUnavailable, *, variant_has_goldens: bool, gate: bool) -> BaseException:
-    """A variant this platform cannot run: a skip with the reason, except in a gate run where
-    goldens for this device class expect the variant: there it could not be judged (NotJudged)."""
-    if gate and variant_has_goldens:
-        return NotJudged(
-            f"{exc} Goldens for this variant exist for this device class, so this gate run cannot be green "
-            "without it. Fix: run the gate where the variant loads, or remove its goldens if this device "
-            "class no longer supports it."
-        )
-    import pytest
-
-    return pytest.skip.Exception(str(exc), _use_item_location=True)
 
 
 def _is_oom(exc: BaseException) -> bool:

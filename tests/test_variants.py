@@ -85,21 +85,14 @@ def test_a_broken_bitsandbytes_fails_the_nf4_items_instead_of_skipping(project, 
     assert "INTERNALERROR" not in result.stdout.str()
 
 
-def test_bitsandbytes_absent_skips_but_not_in_a_gate_with_goldens_for_it(project, monkeypatch):
-    """Not installed at all is a platform without NF4; a gate whose goldens expect nf4 is not judged."""
+def test_bitsandbytes_absent_is_a_platform_without_nf4(project):
+    """Not installed at all: the nf4 items skip with that reason (a gate with nf4 goldens for this
+    device class does not accept the skip: that rule lives in the session)."""
     project.suite("gen", SUITE)
     (project.path / "conftest.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n")
-    local = project.run("--variants", "fp16,nf4", "--snapshot-update", "-rs")
-    local.assert_outcomes(passed=2, skipped=2)
-    local.stdout.fnmatch_lines(["*SKIPPED*NF4 is not available on CPU: bitsandbytes is not installed*"])
-    nf4_goldens = project.golden / "smollm2-135m" / "cpu" / "nf4" / "gen"
-    nf4_goldens.mkdir(parents=True)
-    (nf4_goldens / "joke.json").write_text("{}")
-    monkeypatch.setenv("CI", "true")
-    gate = project.run("--variants", "fp16,nf4")
-    gate.assert_outcomes(passed=2, failed=2)
-    gate.stdout.fnmatch_lines(["*bitsandbytes is not installed*Goldens for this variant exist for this device "
-                               "class, so this gate run cannot be green without it*"])
+    result = project.run("--variants", "fp16,nf4", "--snapshot-update", "-rs")
+    result.assert_outcomes(passed=2, skipped=2)
+    result.stdout.fnmatch_lines(["*SKIPPED*NF4 is not available on CPU: bitsandbytes is not installed*"])
 
 
 def _tiny_adapter(folder: Path, *, base_name: str, hidden: int, zero_b: bool = False) -> Path:
@@ -174,3 +167,31 @@ def test_broken_adapter_folders(project, tmp_path, broken):
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([expected])
     assert "INTERNALERROR" not in result.stdout.str() and "Traceback" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(("raised", "outcome"), [
+    (NotImplementedError("Could not run 'bitsandbytes::quantize_4bit' with arguments from the 'XLA' backend"),
+     "skip"),
+    (RuntimeError("CUDA error: no kernel image is available for execution on the device"), "fail"),
+    (OSError("libbitsandbytes_cuda128.so: cannot open shared object file"), "fail"),
+], ids=["no-kernel-for-device", "kernel-fails", "library-missing"])
+def test_nf4_probe_tells_a_platform_from_a_broken_install(monkeypatch, raised, outcome):
+    import bitsandbytes.functional as bnbf
+
+    import harness.pool as pool
+    from harness.devices import Device
+    from harness.errors import ModelLoadError
+
+    def quantize(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(bnbf, "quantize_4bit", quantize)
+    monkeypatch.setattr(pool, "_NF4_PROBE", {})
+    cpu = Device("cpu", "cpu", "CPU")
+    if outcome == "skip":
+        assert "no NF4 kernel for cpu (NotImplementedError: Could not run" in pool.nf4_unsupported_reason(cpu)
+    else:
+        with pytest.raises(ModelLoadError, match=type(raised).__name__):
+            pool.nf4_unsupported_reason(cpu)
+        with pytest.raises(ModelLoadError):  # remembered: every nf4 item fails the same way
+            pool.nf4_unsupported_reason(cpu)

@@ -235,8 +235,7 @@ class DriftCheck(Check[DriftSpec]):
             return reference_observation(loaded.model, ctx.tokenizer, prompts, self.spec.new_tokens,
                                          variant=variant.key)
 
-        fields = {"prompts": self.spec.prompts, "chats": [[m.model_dump() for m in chat] for chat in self.spec.chats],
-                  "new_tokens": self.spec.new_tokens}
+        fields = self.spec.model_dump(include={"prompts", "chats", "new_tokens"})
         return ctx.pool.observe(variant, observation_key(ctx, "drift-reference", fields), observe)
 
     def _budget(self, model: str, klass: str, variant: str) -> tuple[DriftBudget | None, str | None]:
