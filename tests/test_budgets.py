@@ -489,8 +489,11 @@ def test_rss_sampler_sees_a_transient_allocation() -> None:
     ("drift", "prompts: [hi]\n    budgets: {nf4: {max_mean_kl: 1}}", "'nf4' is a variant where a model name belongs"),
     ("drift", "budgets: {m: {nf4: {max_mean_kl: 1}}}", "give at least one of 'prompts'"),
     ("throughput", "new_tokens: 1", "greater than or equal to 2"),
+    ("throughput", "budgets: {m: {cpu: {fp16: {}}}}", "an empty budget judges nothing"),
+    ("drift", "prompts: [hi]\n    budgets: {m: {nf4: {}}}", "an empty budget judges nothing"),
 ], ids=["device-at-model-level", "variant-at-device-level", "misspelled-variant", "misspelled-budget-key",
-        "drift-device-budget", "drift-without-model", "drift-without-prompts", "one-new-token"])
+        "drift-device-budget", "drift-without-model", "drift-without-prompts", "one-new-token",
+        "empty-throughput-budget", "empty-drift-budget"])
 def test_budget_specs_are_validated(tmp_path: Path, kind: str, fragment: str, message: str) -> None:
     from harness.errors import SuiteError
     from harness.spec import load_suite

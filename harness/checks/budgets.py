@@ -86,6 +86,18 @@ def missing_budget(table: Mapping[str, Any], *, model: str, device_class: str, v
     return f"no budget for model {model!r} on device class {device_class!r}, variant {variant!r}"
 
 
+class Budget(BaseModel):
+    """A budget entry; one that sets no limit would judge nothing and pass, so it is refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _sets_a_limit(self) -> Budget:
+        if all(value is None for value in self.model_dump().values()):
+            raise ValueError(f"an empty budget judges nothing; set at least one of {', '.join(type(self).model_fields)}")
+        return self
+
+
 class NoBudgetWarning(UserWarning):
     """A budget check ran where its suite sets no budget: figures recorded, nothing judged."""
 

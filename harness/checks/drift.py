@@ -27,14 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
 from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, encode_prompt
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
-    NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
+    Budget, NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
     validate_model_table,
 )
 from harness.variants import ALL_KEYS, VariantSpec
@@ -42,8 +42,7 @@ from harness.variants import ALL_KEYS, VariantSpec
 ADAPTER_MIN_MEAN_KL = 1e-4
 
 
-class DriftBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class DriftBudget(Budget):
 
     max_mean_kl: float | None = Field(None, ge=0)
     max_kl: float | None = Field(None, ge=0)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.budgets import (
-    NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
+    Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )
 from harness.errors import CheckFailure
@@ -45,8 +45,7 @@ class Workload(BaseModel):
     batch_size: int = Field(1, ge=1, le=4096)
 
 
-class MemoryBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MemoryBudget(Budget):
 
     max_weights_mb: float | None = Field(None, gt=0)
     max_peak_mb: float | None = Field(None, gt=0)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
-    NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
+    Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )
 from harness.errors import NotJudged
@@ -33,8 +33,7 @@ from harness.variants import VariantSpec
 METRICS = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 
 
-class ThroughputBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ThroughputBudget(Budget):
 
     min_decode_tokens_per_s: float | None = Field(None, gt=0)
     min_prefill_tokens_per_s: float | None = Field(None, gt=0)
