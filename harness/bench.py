@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(report, out)
     print(render_markdown(report))
     print(f"harness-bench: wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'memory.png'}", file=sys.stderr)
+    failed = [row["variant"] for row in report["variants"] if row.get("status") == "failed"]
+    if failed:
+        print(f"harness-bench: {', '.join(failed)} failed to load: the report is incomplete", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -113,9 +117,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         _say(f"{variant.key}: loading")
         try:
             loaded = pool.get(variant)
-        except (VariantUnavailable, HarnessError) as exc:
+        except HarnessError as exc:
+            # a platform without the variant is a fact to report; a load that broke is a failure
             row["error"] = str(exc)
-            _say(f"{variant.key}: unavailable: {exc}")
+            row["status"] = "unavailable" if isinstance(exc, VariantUnavailable) else "failed"
+            _say(f"{variant.key}: {row['status']}: {exc}")
             continue
         row["load_seconds"] = round(loaded.seconds, 2)
         _say(f"{variant.key}: memory workload")
@@ -204,7 +210,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     for row in report["variants"]:
         if "error" in row:
-            rows.append([row["variant"], f"unavailable: {row['error'][:80]}"] + [""] * (len(COLUMNS) - 2))
+            rows.append([row["variant"], f"{row.get('status', 'unavailable')}: {row['error'][:80]}"]
+                        + [""] * (len(COLUMNS) - 2))
             continue
         mem, thr, drift = row["memory"], row["throughput"], row["drift"].get("fp16", {})
         rows.append([

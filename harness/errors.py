@@ -51,6 +51,18 @@ class AdapterError(ModelLoadError):
     """A LoRA adapter that does not fit the base model or did not load."""
 
 
+class NotJudged(HarnessError):
+    """A check that could not be judged here although it should be (not a platform limit).
+
+    The item is reported as skipped, tagged so that the session can tell it apart
+    from a skip a platform is entitled to: in a gate run (``CI`` set) any
+    not-judged item makes the session fail, outside CI it is listed loudly.
+    """
+
+
+NOT_JUDGED_PROPERTY = "harness_not_judged"
+
+
 class GoldenError(HarnessError):
     """A golden file that is missing, unreadable or may not be written."""
 

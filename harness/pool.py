@@ -183,25 +183,65 @@ def nf4_config() -> Any:
     )
 
 
-_NF4_PROBE: dict[str, str | None] = {}
+_NF4_PROBE: dict[str, str | ModelLoadError | None] = {}
 
 
 def nf4_unsupported_reason(device: Device) -> str | None:
-    """None when bitsandbytes can quantize to NF4 on ``device``; else why not (probed once)."""
-    if device.name in _NF4_PROBE:
-        return _NF4_PROBE[device.name]
-    reason: str | None = None
+    """None when bitsandbytes can quantize to NF4 on ``device``; else why this platform cannot.
+
+    A platform that cannot run NF4 (bitsandbytes absent, no kernel for this device) is a
+    reason to skip; a broken install (an import error inside bitsandbytes, an exception in
+    quantize or dequantize) is not: it raises ModelLoadError with the real error, so the
+    nf4 items fail instead of turning green by skipping. Probed once per device.
+    """
+    if device.name not in _NF4_PROBE:
+        _NF4_PROBE[device.name] = _probe_nf4(device)
+    outcome = _NF4_PROBE[device.name]
+    if isinstance(outcome, ModelLoadError):
+        raise outcome
+    return outcome
+
+
+def _probe_nf4(device: Device) -> str | ModelLoadError | None:
+    def first_line(exc: BaseException) -> str:
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+    def broken(exc: BaseException) -> ModelLoadError:
+        return ModelLoadError(
+            f"NF4 cannot load: bitsandbytes is installed but broken on this machine ({first_line(exc)}). "
+            "This is not a platform without NF4 support, so the nf4 items fail rather than skip. "
+            "Fix: reinstall it (`python -m pip install --force-reinstall bitsandbytes`) and run "
+            "`python -m bitsandbytes` to see its diagnostics."
+        )
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "bitsandbytes":
+            return "bitsandbytes is not installed"
+        return broken(exc)
+    except Exception as exc:  # noqa: BLE001 - whatever breaks inside bitsandbytes' import
+        return broken(exc)
     try:
         import bitsandbytes.functional as bnbf
-        import torch
+    except Exception as exc:  # noqa: BLE001
+        return broken(exc)
+    import torch
 
+    try:
         probe = torch.randn(64, 64, dtype=torch.bfloat16, device=device.name)
         packed, state = bnbf.quantize_4bit(probe, quant_type="nf4", compress_statistics=True)
         bnbf.dequantize_4bit(packed, state)
-    except Exception as exc:  # noqa: BLE001 - any failure means "cannot run here"
-        reason = f"bitsandbytes: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    _NF4_PROBE[device.name] = reason
-    return reason
+    except NotImplementedError as exc:  # the dispatcher has no kernel for this device
+        return f"bitsandbytes has no NF4 kernel for {device.name} ({first_line(exc)})"
+    except Exception as exc:  # noqa: BLE001 - a kernel that exists and fails is a broken install
+        return ModelLoadError(
+            f"NF4 cannot load: bitsandbytes failed to quantize a test tensor on {device.description} "
+            f"({first_line(exc)}). The nf4 items fail rather than skip: a broken install is not a "
+            "platform without NF4. Fix: reinstall bitsandbytes for this torch and device, and run "
+            "`python -m bitsandbytes`."
+        )
+    return None
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -224,9 +264,15 @@ def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
             "Fix: save the adapter with safe_serialization=True."
         )
     try:
-        trained_for = json.loads(config_file.read_text()).get("base_model_name_or_path") or "unknown"
-    except json.JSONDecodeError as exc:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"Adapter {adapter}: adapter_config.json is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"Adapter {config_file}: adapter_config.json holds a {type(config).__name__}, not a mapping of "
+            "settings (peft_type, r, target_modules, ...). Fix: restore the file save_pretrained wrote."
+        )
+    trained_for = config.get("base_model_name_or_path") or "unknown"
     try:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except Exception as exc:  # noqa: BLE001
@@ -237,8 +283,39 @@ def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
             f"{model_name!r}: {type(exc).__name__}: {first.strip()[:300]}. "
             "Fix: use an adapter trained on this base model, or pass the matching --model."
         ) from None
+    _assert_keys_match(model, adapter, model_name=model_name)
     _assert_adapter_loaded(model, adapter, model_name=model_name, trained_for=trained_for)
     return model
+
+
+def _assert_keys_match(model: Any, adapter: Path, *, model_name: str) -> None:
+    """peft only warns on missing keys: compare the file's tensors with the layers peft created.
+
+    A layer whose ``lora_A`` (or ``lora_B``) is missing from the file keeps its random (or
+    zero) initialisation, which a zero check alone cannot see.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as handle:
+        in_file = set(handle.keys())
+    # save_embedding_layers=False: no hub lookup; full embedding tensors are not LoRA layers anyway
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    missing = sorted(expected - in_file)
+    unused = sorted(key for key in in_file - expected if "lora_" in key)
+    if not missing and not unused:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the {len(expected)} tensors its LoRA layers need are missing from the file "
+                     f"(first: {missing[0]})")
+    if unused:
+        parts.append(f"{len(unused)} tensors in the file match no LoRA layer (first: {unused[0]})")
+    raise AdapterError(
+        f"Adapter {adapter} did not load into {model_name!r}: " + "; ".join(parts) + ". Those layers would run "
+        "with an untrained initialisation. Fix: re-save the adapter from the trained model "
+        "(save_pretrained), and check target_modules in adapter_config.json against the file."
+    )
 
 
 def _assert_adapter_loaded(model: Any, adapter: Path, *, model_name: str, trained_for: str) -> None:

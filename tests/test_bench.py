@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_writes_table_json_and_chart(tmp_path: Path) -> None:
+def test_bench_writes_table_json_and_chart(tmp_path: Path, embedded_model_dir: Path) -> None:
     out = tmp_path / "bench-out"
     cmd = [
         sys.executable, "-m", "harness.bench", "--registry", str(ROOT / "models.yaml"),
@@ -43,7 +43,13 @@ def test_bench_writes_table_json_and_chart(tmp_path: Path) -> None:
     assert fp16["memory"]["peak"]["label"] == "process RSS"
     assert nf4["memory"]["expected_nf4_bytes"] > 0
     assert nf4["throughput"]["decode_tokens_per_s"] > 0
-    assert 0 <= nf4["drift"]["fp16"]["top1_agreement"] <= 1
+    drift = nf4["drift"]["fp16"]
+    # every position of prompt + fp16's 3 greedy tokens compared, and NF4 moved the distributions
+    from transformers import AutoTokenizer
+
+    prompt_ids = AutoTokenizer.from_pretrained(embedded_model_dir)("The capital of France is")["input_ids"]
+    assert drift["positions"] == len(prompt_ids) + 3
+    assert drift["mean_kl"] > 1e-3
     assert report["load_counts"] == {"fp16": 1, "nf4": 1}
 
     assert (out / "memory.png").read_bytes()[:8] == PNG_MAGIC
@@ -68,12 +74,29 @@ def test_report_renders_an_unavailable_variant_and_a_gpu_label(tmp_path: Path) -
                                            "peak": {"peak_bytes": 2**22, "label": "GPU peak allocated"}},
              "throughput": {"prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 5.0},
              "drift": {}, "saving_vs_fp16": 1.0},
-            {"variant": "nf4", "error": "NF4 is not available here"},
+            {"variant": "nf4", "error": "NF4 is not available here", "status": "unavailable"},
+            {"variant": "nf4-lora", "error": "NF4 cannot load: bitsandbytes is broken", "status": "failed"},
         ],
     }
     md = render_markdown(report)
     assert "peak MiB (GPU peak allocated)" in md
     assert "process RSS" not in md
     assert "| nf4 | unavailable: NF4 is not available here" in md
+    assert "| nf4-lora | failed: NF4 cannot load" in md
     write_outputs(report, tmp_path)
     assert (tmp_path / "memory.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_variant_that_failed_to_load_fails_the_bench(tmp_path: Path, monkeypatch) -> None:
+    """A platform without NF4 is reported; a broken load is reported *and* exits non-zero."""
+    import harness.bench as bench
+
+    def report(status: str) -> dict:
+        return {"variants": [{"variant": "nf4", "error": "x", "status": status}]}
+
+    monkeypatch.setattr(bench, "write_outputs", lambda report, out: None)
+    monkeypatch.setattr(bench, "render_markdown", lambda report: "")
+    monkeypatch.setattr(bench, "run_bench", lambda args: report("unavailable"))
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(bench, "run_bench", lambda args: report("failed"))
+    assert bench.main(["--out", str(tmp_path)]) == 1

@@ -56,6 +56,45 @@ def test_nf4_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(project):
     result.stdout.fnmatch_lines(["*SKIPPED*NF4 is not available on CPU: bitsandbytes: simulated missing backend*"])
 
 
+BROKEN_BNB = {
+    # an exception inside a kernel that exists: a broken install, not a platform without NF4
+    "quantize-raises": (
+        "import bitsandbytes.functional as f\n"
+        "def broken(*a, **k):\n"
+        "    raise RuntimeError('simulated: CUDA Setup failed despite GPU being available')\n"
+        "f.quantize_4bit = broken\n",
+        "*NF4 cannot load: bitsandbytes failed to quantize a test tensor on CPU (RuntimeError: simulated: "
+        "CUDA Setup failed*",
+    ),
+    # an import error inside bitsandbytes (one of its own modules is missing)
+    "import-breaks": (
+        "import sys\nsys.modules['bitsandbytes.functional'] = None\n",
+        "*NF4 cannot load: bitsandbytes is installed but broken on this machine (ModuleNotFoundError:*",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BROKEN_BNB))
+def test_a_broken_bitsandbytes_fails_the_nf4_items_instead_of_skipping(project, fault):
+    code, expected = BROKEN_BNB[fault]
+    project.suite("gen", SUITE)
+    (project.path / "conftest.py").write_text(code)
+    result = project.run("--variants", "fp16,nf4", "--snapshot-update")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines([expected])
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
+def test_bitsandbytes_absent_is_a_platform_without_nf4(project):
+    """Not installed at all: the nf4 items skip with that reason (a gate with nf4 goldens for this
+    device class does not accept the skip: that rule lives in the session)."""
+    project.suite("gen", SUITE)
+    (project.path / "conftest.py").write_text("import sys\nsys.modules['bitsandbytes'] = None\n")
+    result = project.run("--variants", "fp16,nf4", "--snapshot-update", "-rs")
+    result.assert_outcomes(passed=2, skipped=2)
+    result.stdout.fnmatch_lines(["*SKIPPED*NF4 is not available on CPU: bitsandbytes is not installed*"])
+
+
 def _tiny_adapter(folder: Path, *, base_name: str, hidden: int, zero_b: bool = False) -> Path:
     """A real peft LoRA adapter for a small random Llama (another base model)."""
     import torch
@@ -103,20 +142,56 @@ def test_adapter_that_changes_nothing_is_refused(project, tmp_path):
     result.stdout.fnmatch_lines(["*did not load into 'smollm2-135m': 120 of 120 lora_B weights are still zero*"])
 
 
-@pytest.mark.parametrize("broken", ["no_weights", "missing_keys"])
+@pytest.mark.parametrize("broken", ["no_weights", "missing_layer", "every_lora_A", "config_is_a_list"])
 def test_broken_adapter_folders(project, tmp_path, broken):
     adapter = tmp_path / broken
     shutil.copytree(ADAPTER, adapter)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
     if broken == "no_weights":
         (adapter / "adapter_model.safetensors").unlink()
         expected = "*no adapter_model.safetensors (pickle .bin adapters are refused)*"
-    else:
-        from safetensors.torch import load_file, save_file
-
-        weights = load_file(adapter / "adapter_model.safetensors")
+    elif broken == "missing_layer":
         save_file({k: v for k, v in weights.items() if ".layers.7." not in k}, adapter / "adapter_model.safetensors")
-        expected = "*did not load into 'smollm2-135m': 4 of 120 lora_B weights are still zero*"
+        expected = "*did not load into 'smollm2-135m': 8 of the 240 tensors its LoRA layers need are missing*"
+    elif broken == "every_lora_A":  # lora_B still non-zero: only the keys tell
+        save_file({k: v for k, v in weights.items() if "lora_A" not in k}, adapter / "adapter_model.safetensors")
+        expected = ("*did not load into 'smollm2-135m': 120 of the 240 tensors its LoRA layers need are missing "
+                    "from the file (first: *lora_A*")
+    else:
+        (adapter / "adapter_config.json").write_text("[]")
+        expected = "*adapter_config.json holds a list, not a mapping of settings*"
     project.suite("gen", SUITE)
     result = project.run("--adapter", str(adapter), "--variants", "fp16-lora", "--snapshot-update")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([expected])
+    assert "INTERNALERROR" not in result.stdout.str() and "Traceback" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(("raised", "outcome"), [
+    (NotImplementedError("Could not run 'bitsandbytes::quantize_4bit' with arguments from the 'XLA' backend"),
+     "skip"),
+    (RuntimeError("CUDA error: no kernel image is available for execution on the device"), "fail"),
+    (OSError("libbitsandbytes_cuda128.so: cannot open shared object file"), "fail"),
+], ids=["no-kernel-for-device", "kernel-fails", "library-missing"])
+def test_nf4_probe_tells_a_platform_from_a_broken_install(monkeypatch, raised, outcome):
+    import bitsandbytes.functional as bnbf
+
+    import harness.pool as pool
+    from harness.devices import Device
+    from harness.errors import ModelLoadError
+
+    def quantize(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(bnbf, "quantize_4bit", quantize)
+    monkeypatch.setattr(pool, "_NF4_PROBE", {})
+    cpu = Device("cpu", "cpu", "CPU")
+    if outcome == "skip":
+        assert "no NF4 kernel for cpu (NotImplementedError: Could not run" in pool.nf4_unsupported_reason(cpu)
+    else:
+        with pytest.raises(ModelLoadError, match=type(raised).__name__):
+            pool.nf4_unsupported_reason(cpu)
+        with pytest.raises(ModelLoadError):  # remembered: every nf4 item fails the same way
+            pool.nf4_unsupported_reason(cpu)

@@ -14,6 +14,12 @@ in the session summary), after which the variant under test is loaded again.
 
 For an adapter compared with its own base, the check also asserts that the adapter
 changes something (``min_mean_kl``, default 1e-4): a no-op adapter fails.
+
+Budgets belong to a model (``budgets: {model: {variant: ...}}``, ``device_budgets:
+{model: {device class: {variant: ...}}}``): how far NF4 moves a model depends on the
+model. The reference variant's own item measures the reference and judges nothing, so it
+skips, saying so; it is kept (not left out at collection) because it measures while its
+variant is loaded, which spares a second load of the reference.
 """
 
 from __future__ import annotations
@@ -21,20 +27,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
 from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, encode_prompt
 from harness.errors import CheckFailure
-from harness.checks.budgets import validate_budget_table
+from harness.checks.budgets import (
+    Budget, NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
+    validate_model_table,
+)
 from harness.variants import ALL_KEYS, VariantSpec
 
 ADAPTER_MIN_MEAN_KL = 1e-4
 
 
-class DriftBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class DriftBudget(Budget):
 
     max_mean_kl: float | None = Field(None, ge=0)
     max_kl: float | None = Field(None, ge=0)
@@ -49,8 +57,8 @@ class DriftSpec(CheckSpec):
     prompts: list[str] = Field(default_factory=list)
     chats: list[list[Message]] = Field(default_factory=list)
     new_tokens: int = Field(16, ge=1, le=1024)
-    budgets: dict[str, DriftBudget] = Field(default_factory=dict)
-    device_budgets: dict[str, dict[str, DriftBudget]] = Field(default_factory=dict)
+    budgets: dict[str, dict[str, DriftBudget]] = Field(default_factory=dict)
+    device_budgets: dict[str, dict[str, dict[str, DriftBudget]]] = Field(default_factory=dict)
 
     @field_validator("reference")
     @classmethod
@@ -62,25 +70,30 @@ class DriftSpec(CheckSpec):
     @field_validator("budgets", mode="before")
     @classmethod
     def _variant_keys(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for key in value:
-                if key not in ALL_KEYS:
-                    hint = ("; per-device budgets go under device_budgets: {cpu: {nf4: {...}}}"
-                            if key in ("any", "cpu", "cuda") or str(key).startswith("cuda-") else "")
-                    raise ValueError(f"drift budgets are keyed by variant; {key!r} is not one "
-                                     f"(known: {', '.join(ALL_KEYS)}){hint}")
-        return value
+        return validate_model_table(value, _variant_table)
 
     @field_validator("device_budgets", mode="before")
     @classmethod
     def _table(cls, value: Any) -> Any:
-        return validate_budget_table(value)
+        return validate_model_table(value, validate_device_table, where="device_budgets")
 
     @model_validator(mode="after")
     def _has_prompts(self) -> DriftSpec:
         if not self.prompts and not self.chats:
             raise ValueError("give at least one of 'prompts' (raw text) or 'chats' (lists of messages)")
         return self
+
+
+def _variant_table(value: Any, *, where: str) -> Any:
+    """One model's drift budgets, keyed by variant (per-device ones go under ``device_budgets``)."""
+    if isinstance(value, dict):
+        for key in value:
+            if key not in ALL_KEYS:
+                hint = ("; per-device budgets go under device_budgets: {model: {cpu: {nf4: {...}}}}"
+                        if key in ("any", "cpu", "cuda") or str(key).startswith("cuda-") else "")
+                raise ValueError(f"{where}: drift budgets are keyed by variant; {key!r} is not one "
+                                 f"(known: {', '.join(ALL_KEYS)}){hint}")
+    return value
 
 
 def default_reference(variant: VariantSpec) -> VariantSpec:
@@ -221,27 +234,25 @@ class DriftCheck(Check[DriftSpec]):
             return reference_observation(loaded.model, ctx.tokenizer, prompts, self.spec.new_tokens,
                                          variant=variant.key)
 
-        return ctx.pool.observe(variant, f"{self.spec.id}:drift-reference", observe)
+        fields = self.spec.model_dump(include={"prompts", "chats", "new_tokens"})
+        return ctx.pool.observe(variant, observation_key(ctx, "drift-reference", fields), observe)
 
-    def _budget(self, klass: str, variant: str) -> tuple[DriftBudget | None, str | None]:
-        from harness.checks.budgets import budget_for
-
-        budget, key = budget_for(self.spec.device_budgets, device_class=klass, variant=variant)
+    def _budget(self, model: str, klass: str, variant: str) -> tuple[DriftBudget | None, str | None]:
+        budget, key = budget_for(self.spec.device_budgets, model=model, device_class=klass, variant=variant)
         if budget is not None:
-            return budget, f"device_budgets.{key}.{variant}"
-        if variant in self.spec.budgets:
-            return self.spec.budgets[variant], f"budgets.{variant}"
+            return budget, f"device_budgets.{key}"
+        per_variant = self.spec.budgets.get(model, {})
+        if variant in per_variant:
+            return per_variant[variant], f"budgets.{model}.{variant}"
         return None, None
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
         import warnings
 
-        from harness.checks.budgets import NoBudgetWarning
-
         variant = ctx.variant
         assert variant is not None
-        klass = ctx.device.klass
+        klass, model = ctx.device.klass, ctx.pool.resolved.name
         where = f"{self.spec.id}[{variant.key}] on {klass}"
         prompts = self._prompt_ids(ctx)
         users = self._referencing(variant)
@@ -251,7 +262,8 @@ class DriftCheck(Check[DriftSpec]):
         reference = self.reference_for(variant)
         if reference == variant:
             ctx.record(drift_reference=variant.key, reference_for=",".join(users) or "none")
-            return
+            nothing_judged(where, f"{variant.key} is this check's reference" + (
+                f" for {', '.join(users)}: its distributions were measured here" if users else ""))
         loads_before = ctx.pool.load_counts[reference.key]
         ref = self._reference(ctx, reference, prompts)
         if ctx.pool.load_counts[reference.key] > loads_before:
@@ -259,18 +271,20 @@ class DriftCheck(Check[DriftSpec]):
         result = compare_to_reference(ctx.model, ref, variant=variant.key)
         ctx.record(**result.figures())
         problems: list[str] = []
-        budget, key = self._budget(klass, variant.key)
+        budget, key = self._budget(model, klass, variant.key)
         is_adapter = variant.lora and reference == variant.base
         min_mean = budget.min_mean_kl if budget is not None and budget.min_mean_kl is not None else (
             ADAPTER_MIN_MEAN_KL if is_adapter else None)
         label = f"KL({reference.key} || {variant.key})"
         context = f"device class {klass}, variant {variant.key}"
         if budget is None:
-            ctx.record(budget=f"none for {variant.key} on {klass}")
-            warnings.warn(NoBudgetWarning(
-                f"{where}: the suite sets no drift budget for variant {variant.key!r} on {klass!r}; "
-                "figures recorded, nothing judged" + (" except that the adapter changes something"
-                                                       if is_adapter else "")), stacklevel=1)
+            missing = missing_budget({**self.spec.budgets, **self.spec.device_budgets}, model=model,
+                                     device_class=klass, variant=variant.key)
+            ctx.record(budget=missing)
+            if not is_adapter:
+                nothing_judged(where, missing)
+            warnings.warn(NoBudgetWarning(f"{where}: {missing}; judged only that the adapter changes something"),
+                          stacklevel=1)
         else:
             ctx.record(budget=f"{key}: {budget.model_dump(exclude_none=True)}")
             if budget.max_mean_kl is not None and result.mean_kl > budget.max_mean_kl:

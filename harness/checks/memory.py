@@ -1,10 +1,13 @@
-"""``memory``: weights and peak memory per variant, against budgets and savings ratios.
+"""``memory``: weights and peak memory per variant, against per-model budgets and savings.
 
 Weights are ``model.get_memory_footprint()`` (parameters and buffers). The peak is
 measured around a declared workload (``harness.measure.measure_peak``): GPU peak
-allocated on CUDA, process RSS on CPU. Budgets are keyed by device class, then
-variant; savings compare two variants measured in the same session (the pool
-memoizes each variant's figures, so a reference is measured once).
+allocated on CUDA, process RSS on CPU. Absolute budgets belong to a model
+(``budgets: {model: {device class: {variant: ...}}}``); savings compare two variants
+measured in the same session, either against a fixed ``ratio`` or against what the
+model's own layer shapes predict (``of_expected``), which holds for any model. The pool
+memoizes each variant's figures per suite, check and workload, so a reference is
+measured once.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.errors import CheckFailure
 from harness.checks.budgets import (
-    NoBudgetWarning, VariantComparison, budget_for, device_matches, skip_unless_device, validate_budget_table, validate_device_list,
+    Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
+    skip_unless_device, validate_budget_table, validate_device_list,
 )
+from harness.errors import CheckFailure
 from harness.measure import (
     MIB, PeakMemory, measure_peak, mib, nf4_estimate, parallel_conflict, parallel_note, quant_state_bytes,
     run_workload,
@@ -41,22 +45,47 @@ class Workload(BaseModel):
     batch_size: int = Field(1, ge=1, le=4096)
 
 
-class MemoryBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MemoryBudget(Budget):
 
     max_weights_mb: float | None = Field(None, gt=0)
     max_peak_mb: float | None = Field(None, gt=0)
 
 
 class Savings(VariantComparison):
-    """``reference``'s figure divided by ``variant``'s must be at least ``ratio``."""
+    """``reference``'s figure divided by ``variant``'s, against a fixed ``ratio`` or the expectation.
+
+    ``of_expected`` (weights of an NF4 variant against its 16-bit twin only): the measured
+    saving must be at least this fraction of the saving the model's own layer shapes predict
+    (``harness.measure.nf4_estimate``), and at most ``max_of_expected`` times it. A large
+    untied embedding and head stay 16-bit, so a fixed ratio right for one model is wrong for
+    another; the expectation is right for each.
+    """
 
     metric: Literal["weights", "peak"] = "weights"
+    ratio: float | None = Field(None, gt=0)
+    of_expected: float | None = Field(None, gt=0, le=1)
+    max_of_expected: float | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_criterion(self) -> Savings:
+        if (self.ratio is None) == (self.of_expected is None):
+            raise ValueError("give exactly one of `ratio` (a fixed saving) or `of_expected` (a fraction of "
+                             "the saving this model's layer shapes predict)")
+        if self.max_of_expected is not None and self.of_expected is None:
+            raise ValueError("`max_of_expected` goes with `of_expected`")
+        if self.of_expected is not None:
+            variant, reference = VariantSpec.from_key(self.variant), VariantSpec.from_key(self.reference)
+            if (self.metric != "weights" or variant.quant != "nf4" or reference.quant != "fp16"
+                    or variant.lora != reference.lora):
+                raise ValueError("`of_expected` compares the weights of an nf4 variant with its 16-bit twin "
+                                 "(nf4 vs fp16, nf4-lora vs fp16-lora); use `ratio` for anything else")
+        return self
+
 
 class MemorySpec(CheckSpec):
     kind: Literal["memory"]
     workload: Workload
-    budgets: dict[str, dict[str, MemoryBudget]] = Field(default_factory=dict)
+    budgets: dict[str, dict[str, dict[str, MemoryBudget]]] = Field(default_factory=dict)
     min_savings: list[Savings] = Field(default_factory=list)
     devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
 
@@ -83,15 +112,21 @@ class MemoryFigures:
     # bitsandbytes' CPU backend un-nests double quantization on first use (absmax -> bf16)
     quant_state_after_bytes: int = 0
     expected_nf4_bytes: int | None = None
+    expected_16bit_bytes: int | None = None
 
     def metric(self, name: str) -> int:
         return self.weights_bytes if name == "weights" else self.peak.peak_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Everything the weights hold: the footprint plus bitsandbytes' block constants."""
+        return self.weights_bytes + self.quant_state_bytes
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {"weights_mb": mib(self.weights_bytes), **self.peak.figures()}
         if self.quant_state_bytes:
             out["quant_state_mb"] = mib(self.quant_state_bytes)
-            out["weights_with_quant_state_mb"] = mib(self.weights_bytes + self.quant_state_bytes)
+            out["weights_with_quant_state_mb"] = mib(self.held_bytes)
         if self.quant_state_after_bytes and self.quant_state_after_bytes != self.quant_state_bytes:
             out["quant_state_after_workload_mb"] = mib(self.quant_state_after_bytes)
         if self.expected_nf4_bytes is not None:
@@ -104,6 +139,7 @@ def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device
     model = loaded.model
     is_nf4 = loaded.variant.quant == "nf4"
     state_before = quant_state_bytes(model) if is_nf4 else 0
+    estimate = nf4_estimate(model) if is_nf4 else None
     generated, peak = measure_peak(
         lambda: run_workload(model, tokenizer, workload.prompts, batch_size=workload.batch_size,
                              max_new_tokens=workload.max_new_tokens),
@@ -116,7 +152,8 @@ def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device
         generated_tokens=generated,
         quant_state_bytes=state_before,
         quant_state_after_bytes=quant_state_bytes(model) if is_nf4 else 0,
-        expected_nf4_bytes=nf4_estimate(model).total_bytes if is_nf4 else None,
+        expected_nf4_bytes=estimate.total_bytes if estimate else None,
+        expected_16bit_bytes=estimate.sixteen_bit_bytes if estimate else None,
     )
 
 
@@ -125,16 +162,16 @@ class MemoryCheck(Check[MemorySpec]):
     Spec = MemorySpec
 
     def _observe(self, ctx: CheckContext, variant: VariantSpec) -> MemoryFigures:
+        key = observation_key(ctx, "memory", self.spec.workload.model_dump())
         return ctx.pool.observe(
-            variant, f"{self.spec.id}:memory",
-            lambda loaded: measure_memory(loaded, ctx.tokenizer, self.spec.workload, device=ctx.device),
+            variant, key, lambda loaded: measure_memory(loaded, ctx.tokenizer, self.spec.workload, device=ctx.device),
         )
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
         variant = ctx.variant
         assert variant is not None
-        klass = ctx.device.klass
+        klass, model = ctx.device.klass, ctx.pool.resolved.name
         where = f"{self.spec.id}[{variant.key}] on {klass}"
         skip_unless_device(self.spec.devices, ctx)
         conflict = parallel_conflict(ctx.device)
@@ -147,35 +184,67 @@ class MemoryCheck(Check[MemorySpec]):
         if note:
             ctx.record(peak_note=note)
         problems: list[str] = []
-        budget, key = budget_for(self.spec.budgets, device_class=klass, variant=variant.key)
+        budget, key = budget_for(self.spec.budgets, model=model, device_class=klass, variant=variant.key)
+        judged = budget is not None
         if budget is None:
-            ctx.record(budget=f"none for {klass}")
-            warnings.warn(NoBudgetWarning(
-                f"{where}: the suite sets no memory budget for device class {klass!r} and variant "
-                f"{variant.key!r}; figures recorded, nothing judged"), stacklevel=1)
+            missing = missing_budget(self.spec.budgets, model=model, device_class=klass, variant=variant.key)
+            ctx.record(budget=missing)
         else:
-            ctx.record(budget=f"{key}.{variant.key}: {budget.model_dump(exclude_none=True)}")
+            ctx.record(budget=f"{key}: {budget.model_dump(exclude_none=True)}")
             problems += _over_budget(mine, budget, key=key, variant=variant.key, klass=klass)
         for saving in self.spec.min_savings:
-            if saving.variant != variant.key or not device_matches(saving.devices, klass):
+            if not saving.applies(variant=variant.key, device_class=klass, model=model):
                 continue
+            judged = True
             reference = self._observe(ctx, VariantSpec.from_key(saving.reference))
-            ratio = reference.metric(saving.metric) / max(mine.metric(saving.metric), 1)
-            ctx.record(**{f"saving_{saving.metric}_vs_{saving.reference}": round(ratio, 3)})
-            if ratio < saving.ratio:
-                what = "weights" if saving.metric == "weights" else f"peak ({mine.peak.label})"
-                problems.append(
-                    f"{variant.key} saves only {ratio:.2f}x {what} vs {saving.reference} "
-                    f"({reference.metric(saving.metric) / MIB:.1f} MB / {mine.metric(saving.metric) / MIB:.1f} MB, "
-                    f"both measured in this session), below min_savings ratio {saving.ratio:g} "
-                    f"(device class {klass}, variant {variant.key})"
-                )
+            problem = _judge_saving(ctx, saving, mine, reference, klass=klass)
+            if problem:
+                problems.append(problem)
         if problems:
             raise CheckFailure(
                 f"{where}: memory budget not met:\n  " + "\n  ".join(problems)
                 + "\nFix: find what grew (model revision, adapter, dtype, quantization), or raise the "
                 "budget in the suite if the growth is intended and reviewed."
             )
+        if not judged:
+            nothing_judged(where, missing)
+        if budget is None:
+            warnings.warn(NoBudgetWarning(f"{where}: {missing}; savings judged, absolute size not"), stacklevel=1)
+
+
+def _judge_saving(ctx: CheckContext, saving: Savings, mine: MemoryFigures, reference: MemoryFigures, *,
+                  klass: str) -> str | None:
+    """One ``min_savings`` entry: its figures recorded, a problem returned when it is not met."""
+    variant = mine.variant
+    context = f"device class {klass}, variant {variant}"
+    if saving.of_expected is None:
+        assert saving.ratio is not None
+        ratio = reference.metric(saving.metric) / max(mine.metric(saving.metric), 1)
+        ctx.record(**{f"saving_{saving.metric}_vs_{saving.reference}": round(ratio, 3)})
+        if ratio >= saving.ratio:
+            return None
+        what = "weights" if saving.metric == "weights" else f"peak ({mine.peak.label})"
+        return (f"{variant} saves only {ratio:.2f}x {what} vs {saving.reference} "
+                f"({reference.metric(saving.metric) / MIB:.1f} MB / {mine.metric(saving.metric) / MIB:.1f} MB, "
+                f"both measured in this session), below min_savings ratio {saving.ratio:g} ({context})")
+    assert mine.expected_nf4_bytes and mine.expected_16bit_bytes
+    measured = reference.weights_bytes / max(mine.held_bytes, 1)
+    expected = mine.expected_16bit_bytes / mine.expected_nf4_bytes
+    fraction = measured / expected
+    ctx.record(**{f"saving_with_quant_state_vs_{saving.reference}": round(measured, 3),
+                  f"expected_saving_vs_{saving.reference}": round(expected, 3),
+                  f"saving_of_expected_vs_{saving.reference}": round(fraction, 3)})
+    figures = (f"{variant} saves {measured:.3f}x weights vs {saving.reference} "
+               f"({reference.weights_bytes / MIB:.1f} MB / {mine.held_bytes / MIB:.1f} MB with quantization "
+               f"constants), {fraction:.3f} of the {expected:.3f}x this model's layer shapes predict "
+               f"({mine.expected_16bit_bytes / MIB:.1f} MB at 16 bits / {mine.expected_nf4_bytes / MIB:.1f} MB in NF4)")
+    if fraction < saving.of_expected:
+        return (f"{figures}: below of_expected {saving.of_expected:g} ({context}). Some weights that should be "
+                "4-bit are not (a module left out of quantization, an adapter merged at 16 bits?)")
+    if saving.max_of_expected is not None and fraction > saving.max_of_expected:
+        return (f"{figures}: above max_of_expected {saving.max_of_expected:g} ({context}). The reference "
+                f"is larger than 16 bits would make it, or {variant} lost weights")
+    return None
 
 
 def _over_budget(figures: MemoryFigures, budget: MemoryBudget, *, key: str | None, variant: str,
@@ -184,11 +253,11 @@ def _over_budget(figures: MemoryFigures, budget: MemoryBudget, *, key: str | Non
     if budget.max_weights_mb is not None and figures.weights_bytes / MIB > budget.max_weights_mb:
         problems.append(
             f"weights {figures.weights_bytes / MIB:.2f} MB > max_weights_mb {budget.max_weights_mb:g} "
-            f"(budgets.{key}.{variant}; device class {klass}, variant {variant})"
+            f"(budgets.{key}; device class {klass}, variant {variant})"
         )
     if budget.max_peak_mb is not None and figures.peak.peak_bytes / MIB > budget.max_peak_mb:
         problems.append(
             f"peak {figures.peak.label} {figures.peak.peak_bytes / MIB:.2f} MB > max_peak_mb "
-            f"{budget.max_peak_mb:g} (budgets.{key}.{variant}; device class {klass}, variant {variant})"
+            f"{budget.max_peak_mb:g} (budgets.{key}; device class {klass}, variant {variant})"
         )
     return problems

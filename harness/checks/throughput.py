@@ -3,8 +3,11 @@
 Each item runs ``benchmark.pedantic`` with explicit rounds and warm-up rounds, so
 ``--benchmark-json``, ``--benchmark-save`` and ``--benchmark-compare`` work as usual
 and carry tokens/s in ``extra_info``. When pytest-benchmark is disabled
-(``--benchmark-disable``, or automatically under pytest-xdist, where timings are not
-reliable) the round runs once, cold: its figures are recorded but no budget is judged.
+(``--benchmark-disable``, or automatically under pytest-xdist) or not loaded, the same
+rounds run on the harness's own per-step clock and the budgets are judged all the same:
+a floor is never waved through because a plugin switched itself off. Only where the
+timing itself would be wrong (xdist workers sharing one GPU) is the item not judged,
+which is an error, never a pass. Floors belong to a model, as goldens do.
 """
 
 from __future__ import annotations
@@ -12,23 +15,25 @@ from __future__ import annotations
 import warnings
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
-    NoBudgetWarning, VariantComparison, budget_for, device_matches, skip_unless_device, validate_budget_table,
-    validate_device_list,
+    Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
+    skip_unless_device, validate_budget_table, validate_device_list,
 )
-from harness.measure import RoundTiming, Shape, ThroughputFigures, measure_throughput, throughput_inputs, timed_round
+from harness.errors import NotJudged
+from harness.measure import (
+    RoundTiming, Shape, ThroughputFigures, measure_throughput, parallel_conflict, throughput_inputs, timed_round,
+)
 from harness.variants import VariantSpec
 
 METRICS = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 
 
-class ThroughputBudget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ThroughputBudget(Budget):
 
     min_decode_tokens_per_s: float | None = Field(None, gt=0)
     min_prefill_tokens_per_s: float | None = Field(None, gt=0)
@@ -38,6 +43,7 @@ class SpeedRatio(VariantComparison):
     """``variant``'s tokens/s must be at least ``ratio`` times ``reference``'s (same session)."""
 
     metric: Literal["decode", "prefill"] = "decode"
+    ratio: float = Field(gt=0)
 
 class ThroughputSpec(CheckSpec):
     kind: Literal["throughput"]
@@ -46,7 +52,7 @@ class ThroughputSpec(CheckSpec):
     new_tokens: int = Field(16, ge=2, description="at least 2: the first new token comes from the prefill")
     rounds: int = Field(3, ge=1, le=1000)
     warmup_rounds: int = Field(1, ge=0, le=1000)
-    budgets: dict[str, dict[str, ThroughputBudget]] = Field(default_factory=dict)
+    budgets: dict[str, dict[str, dict[str, ThroughputBudget]]] = Field(default_factory=dict)
     min_ratios: list[SpeedRatio] = Field(default_factory=list)
     devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
 
@@ -65,25 +71,41 @@ class ThroughputSpec(CheckSpec):
         return Shape(batch=self.batch, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens)
 
 
+def _benchmark(ctx: CheckContext) -> Any | None:
+    """pytest-benchmark's fixture, or None where the plugin is not loaded (``-p no:benchmark``)."""
+    import pytest
+
+    try:
+        return ctx.request.getfixturevalue("benchmark")
+    except pytest.FixtureLookupError:
+        return None
+
+
 @register_check("throughput")
 class ThroughputCheck(Check[ThroughputSpec]):
     Spec = ThroughputSpec
 
-    @property
-    def _key(self) -> str:
-        return f"{self.spec.id}:throughput"
-
-    def run(self, ctx: CheckContext) -> None:
-        __tracebackhide__ = True
-        variant = ctx.variant
-        assert variant is not None
+    def _key(self, ctx: CheckContext) -> str:
         spec = self.spec
-        klass = ctx.device.klass
-        where = f"{spec.id}[{variant.key}] on {klass}"
-        skip_unless_device(spec.devices, ctx)
-        model, tokenizer = ctx.model, ctx.tokenizer
-        assert_fits_context(model, spec.prompt_tokens, spec.new_tokens, what=spec.id)
-        benchmark = ctx.request.getfixturevalue("benchmark")
+        return observation_key(ctx, "throughput", {"shape": str(spec.shape), "rounds": spec.rounds,
+                                                   "warmup_rounds": spec.warmup_rounds})
+
+    def _measure(self, ctx: CheckContext, model: Any, tokenizer: Any) -> tuple[ThroughputFigures, str]:
+        """Timed rounds, on pytest-benchmark when it is enabled, else on the harness's own clock."""
+        spec = self.spec
+        benchmark = _benchmark(ctx)
+        if benchmark is None or benchmark.disabled:
+            conflict = parallel_conflict(ctx.device, measuring="timings")
+            if conflict:
+                raise NotJudged(f"{spec.id}[{ctx.variant}] on {ctx.device.klass}: throughput not judged: {conflict}")
+            why = "not loaded" if benchmark is None else "disabled (--benchmark-disable, or pytest-xdist)"
+
+            def own_clock() -> ThroughputFigures:
+                return measure_throughput(model, tokenizer, spec.shape, device=ctx.device, rounds=spec.rounds,
+                                          warmup_rounds=spec.warmup_rounds)
+
+            figures = benchmark.pedantic(own_clock) if benchmark is not None else own_clock()
+            return figures, f"harness per-step clock (pytest-benchmark {why})"
         benchmark.group = f"{ctx.suite}::{spec.id} ({spec.shape})"
         inputs = throughput_inputs(model, tokenizer, spec.shape)
         timings: list[RoundTiming] = []
@@ -92,46 +114,47 @@ class ThroughputCheck(Check[ThroughputSpec]):
             timings.append(timed_round(model, tokenizer, inputs, spec.shape, device=ctx.device))
 
         benchmark.pedantic(one_round, rounds=spec.rounds, warmup_rounds=spec.warmup_rounds, iterations=1)
-        judged = not benchmark.disabled
-        measured = tuple(timings[-spec.rounds:] if judged else timings)
-        figures = ThroughputFigures(shape=spec.shape, rounds=measured, device=klass)
-        values = figures.figures()
-        benchmark.extra_info.update(values, variant=variant.key, device=ctx.device.description,
-                                    device_class=klass)
-        ctx.record(**values)
-        if not judged:
-            ctx.record(budget="not judged: pytest-benchmark is disabled, one cold round")
-            warnings.warn(NoBudgetWarning(
-                f"{where}: pytest-benchmark is disabled (--benchmark-disable, or pytest-xdist, where "
-                "timings are unreliable): figures come from one cold round and no budget is judged"),
-                stacklevel=1)
-            return
-        ctx.pool.observe(variant, self._key, lambda _loaded: figures)
+        figures = ThroughputFigures(shape=spec.shape, rounds=tuple(timings[-spec.rounds:]), device=ctx.device.klass)
+        benchmark.extra_info.update(figures.figures(), variant=str(ctx.variant), device=ctx.device.description,
+                                    device_class=ctx.device.klass)
+        return figures, "pytest-benchmark"
+
+    def run(self, ctx: CheckContext) -> None:
+        __tracebackhide__ = True
+        variant = ctx.variant
+        assert variant is not None
+        spec = self.spec
+        klass, model_name = ctx.device.klass, ctx.pool.resolved.name
+        where = f"{spec.id}[{variant.key}] on {klass}"
+        skip_unless_device(spec.devices, ctx)
+        model, tokenizer = ctx.model, ctx.tokenizer
+        assert_fits_context(model, spec.prompt_tokens, spec.new_tokens, what=spec.id)
+        figures, timer = self._measure(ctx, model, tokenizer)
+        ctx.record(**figures.figures(), timer=timer)
+        ctx.pool.observe(variant, self._key(ctx), lambda _loaded: figures)
         problems: list[str] = []
-        budget, key = budget_for(spec.budgets, device_class=klass, variant=variant.key)
+        budget, key = budget_for(spec.budgets, model=model_name, device_class=klass, variant=variant.key)
+        judged = budget is not None
         if budget is None:
-            ctx.record(budget=f"none for {klass}")
-            warnings.warn(NoBudgetWarning(
-                f"{where}: the suite sets no throughput budget for device class {klass!r} and variant "
-                f"{variant.key!r}; figures recorded, nothing judged"), stacklevel=1)
+            missing = missing_budget(spec.budgets, model=model_name, device_class=klass, variant=variant.key)
+            ctx.record(budget=missing)
         else:
-            ctx.record(budget=f"{key}.{variant.key}: {budget.model_dump(exclude_none=True)}")
+            ctx.record(budget=f"{key}: {budget.model_dump(exclude_none=True)}")
             for name, floor in (("decode_tokens_per_s", budget.min_decode_tokens_per_s),
                                 ("prefill_tokens_per_s", budget.min_prefill_tokens_per_s)):
                 value = getattr(figures, name)
                 if floor is not None and value < floor:
                     problems.append(
                         f"{name.replace('_tokens_per_s', '')} {value:.1f} tokens/s < min_{name} {floor:g} "
-                        f"(budgets.{key}.{variant.key}; device class {klass}, variant {variant.key}; "
-                        f"{spec.shape}, median of {len(measured)} rounds)"
+                        f"(budgets.{key}; device class {klass}, variant {variant.key}; "
+                        f"{spec.shape}, median of {len(figures.rounds)} rounds, {timer})"
                     )
         for ratio in spec.min_ratios:
-            if ratio.variant != variant.key:
+            if not ratio.applies(variant=variant.key, device_class=klass, model=model_name):
                 continue
-            if not device_matches(ratio.devices, klass):
-                continue
+            judged = True
             reference = ctx.pool.observe(
-                VariantSpec.from_key(ratio.reference), self._key,
+                VariantSpec.from_key(ratio.reference), self._key(ctx),
                 lambda loaded: measure_throughput(loaded.model, tokenizer, spec.shape, device=ctx.device,
                                                   rounds=spec.rounds, warmup_rounds=spec.warmup_rounds),
             )
@@ -151,4 +174,7 @@ class ThroughputCheck(Check[ThroughputSpec]):
                 + "\nFix: profile what slowed down, or lower the budget in the suite if the machine "
                 "changed; compare runs with --benchmark-save / --benchmark-compare."
             )
-
+        if not judged:
+            nothing_judged(where, missing)
+        if budget is None:
+            warnings.warn(NoBudgetWarning(f"{where}: {missing}; ratios judged, absolute speed not"), stacklevel=1)
