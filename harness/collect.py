@@ -7,7 +7,7 @@ each item reports the YAML line of its check.
 
 from __future__ import annotations
 
-import re
+import fnmatch
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,19 +18,25 @@ from harness.errors import CheckFailure, HarnessError, SuiteError
 from harness.spec import CheckEntry, SuiteSpec, load_suite
 from harness.variants import RUN_ORDER, VariantSpec
 
-_CHECKS_LINE = re.compile(r"^checks\s*:", re.MULTILINE)
-
-
 def is_suite_file(path: Path, parent: pytest.Collector) -> bool:
-    """Suites are YAML files under a ``suites`` folder, named on the command line, or with ``checks:``."""
+    """Suites are YAML files under a ``suites`` folder of the project, named on the command line,
+    or matched by the ``harness_suites`` ini globs.
+
+    Other YAML is never sniffed for ``checks:``: a plugin installed in a shared virtualenv
+    must not turn another project's ``.codeclimate.yml`` into a failing suite.
+    """
     if path.suffix not in (".yaml", ".yml"):
         return False
-    if "suites" in path.parts[:-1] or parent.session.isinitpath(path):
+    if parent.session.isinitpath(path):
         return True
+    config = parent.config
     try:
-        return bool(_CHECKS_LINE.search(path.read_text(encoding="utf-8", errors="replace")))
-    except OSError:
+        relative = path.relative_to(config.rootpath)
+    except ValueError:
         return False
+    if "suites" in relative.parts[:-1]:
+        return True
+    return any(fnmatch.fnmatch(relative.as_posix(), pattern) for pattern in config.getini("harness_suites"))
 
 
 class SuiteFile(pytest.File):
@@ -53,15 +59,27 @@ class SuiteFile(pytest.File):
             )
             return
         wanted = check.spec.variants
-        for variant in variants:
-            if wanted is not None and variant.key not in wanted:
-                continue
+        selected = [v for v in variants if wanted is None or v.key in wanted]
+        if not selected:
+            self._note_unselected(entry, wanted or [], variants)
+        for variant in selected:
             item = HarnessItem.from_parent(
                 self, name=f"{check.spec.id}[{variant.key}]", callobj=_runner(suite, entry, variant),
                 suite_line=entry.line,
             )
             item.harness_variant = variant
             yield item
+
+    def _note_unselected(self, entry: CheckEntry, wanted: list[str], variants: list[VariantSpec]) -> None:
+        """A check that no variant of this session runs is said out loud, never dropped in silence."""
+        from harness.plugin import harness_state
+
+        session = ", ".join(v.key for v in variants)
+        harness_state(self.config).unselected.append(
+            f"{self.path.name}:{entry.line}: {entry.check.spec.id}: its variants ({', '.join(wanted)}) are none "
+            f"of this session's ({session}); choose them with --variants (a -lora variant needs an adapter), "
+            "or change the check's `variants:`"
+        )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, SuiteError):
@@ -85,10 +103,23 @@ class HarnessItem(pytest.Function):
     def reportinfo(self) -> tuple[Path, int, str]:
         return self.path, self.suite_line - 1, self.name
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Any:  # type: ignore[override]
+        """Harness errors show their message; anything else is this item's failure with its traceback.
+
+        The session goes on either way: an unexpected exception (a library's, or the harness's
+        own bug) must never escape as an INTERNALERROR that hides it and stops every other item.
+        """
+        header = f"{self.path.name}:{self.suite_line}: {self.name}"
         if isinstance(excinfo.value, (CheckFailure, HarnessError)):
-            return f"{self.path.name}:{self.suite_line}: {self.name}\n{excinfo.value}"
-        return super().repr_failure(excinfo, style=style)
+            return f"{header}\n{excinfo.value}"
+        try:
+            shown = str(super().repr_failure(excinfo))
+        except Exception:  # noqa: BLE001 - never let reporting a failure become an INTERNALERROR
+            import traceback
+
+            shown = "".join(traceback.format_exception(excinfo.value))
+        return (f"{header}\nunexpected {excinfo.exconly()} (a harness bug, or an input the harness does not "
+                f"validate yet; the traceback below shows where)\n{shown}")
 
     @property
     def run_order(self) -> int:

@@ -270,6 +270,25 @@ def shape_problem(expected: Any, actual: Any, where: str = "") -> str | None:
     return None
 
 
+def _explained(explain: Explain, expected: Any, actual: Any) -> str:
+    """The kind's explanation, never empty: a difference its ``explain`` does not cover still gets one."""
+    return explain(expected, actual).strip() or describe_difference(expected, actual)
+
+
+def describe_difference(expected: Any, actual: Any) -> str:
+    """A generic account of the values that differ (a layout difference is ``shape_problem``'s)."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        lines = [f"{k}: expected {_short(expected[k])}, got {_short(actual[k])}"
+                 for k in sorted(set(expected) & set(actual)) if expected[k] != actual[k]]
+        return "\n".join(lines) or "the golden differs from what was observed"
+    return f"expected {_short(expected)}, got {_short(actual)}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 @dataclass
 class GoldenStore:
     """All goldens of one model in one session, and what this session did to them."""
@@ -342,7 +361,7 @@ class GoldenStore:
                 f"`git checkout -- {path}`, or re-record it with --snapshot-update and review the diff.\n"
                 + obtained
             )
-        message = explain(expected, actual)
+        message = _explained(explain, expected, actual)
         raise CheckFailure(
             f"{message}\n{self._provenance_lines(path, provenance_extra)}golden: {path}\n{obtained}"
             "If this change is intended: review the diff, then update with --snapshot-update."

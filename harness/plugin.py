@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness.ci import in_ci
 from harness.errors import HarnessError
 from harness.report import SessionRecord
 from harness.session import HarnessSession, Options
@@ -36,6 +36,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="on a golden mismatch, write what was obtained under DIR (same layout as goldens)")
     group.addoption("--allow-update-in-ci", action="store_true", default=False,
                     help="allow --snapshot-update when the CI environment variable is set")
+    parser.addini("harness_suites", type="linelist", default=[],
+                  help="glob patterns (relative to the rootdir) of YAML files outside suites/ that are "
+                       "harness suites; YAML elsewhere is collected only when named on the command line")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,26 +52,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _options(config: pytest.Config) -> Options:
+    """Every option checked before anything runs: a bad value is one usage error, not N item errors."""
     root = Path(config.rootpath)
     golden = Path(config.getoption("golden_dir") or root / "golden")
     if golden.exists() and not golden.is_dir():
         raise pytest.UsageError(f"--golden-dir {golden}: this is a file, not a folder. Fix: pass a folder.")
     update = bool(config.getoption("update_snapshots", default=False))
-    if update and os.environ.get("CI") and not config.getoption("allow_update_in_ci"):
+    if update and in_ci() and not config.getoption("allow_update_in_ci"):
         raise pytest.UsageError(
             "--snapshot-update refused: the CI environment variable is set, and a CI job that rewrites "
             "goldens would pass on any change. Fix: update goldens on your machine and commit the reviewed "
-            "diff, or pass --allow-update-in-ci if this job really should write them."
+            "diff, or pass --allow-update-in-ci if this job really should write them (CI=false or CI=0 "
+            "means not CI)."
         )
-    variants = config.getoption("variants")
-    if variants:
-        from harness.variants import ALL_KEYS
-
-        bad = [v for v in variants.split(",") if v.strip() and v.strip() not in ALL_KEYS]
-        if bad:
-            raise pytest.UsageError(f"--variants: unknown variant {bad[0]!r}. Fix: choose from {','.join(ALL_KEYS)}.")
-    registry = Path(config.getoption("registry") or root / "models.yaml")
+    variants = _variants_option(config.getoption("variants"))
+    registry = _registry_option(config.getoption("registry"), root / "models.yaml")
+    _writable_file_option("--harness-report", config.getoption("harness_report"))
     obtained = config.getoption("harness_obtained")
+    if obtained and Path(obtained).exists() and not Path(obtained).is_dir():
+        raise pytest.UsageError(f"--harness-obtained {obtained}: this is a file, not a folder. Fix: pass a folder.")
     if obtained:
         from harness.golden import overlap_problem
 
@@ -79,8 +81,54 @@ def _options(config: pytest.Config) -> Options:
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=config.getoption("adapter"), device=config.getoption("device"),
         golden_dir=golden.resolve(), update=update, rootdir=root,
-        obtained_dir=Path(config.getoption("harness_obtained")).resolve() if config.getoption("harness_obtained") else None,
+        obtained_dir=Path(obtained).resolve() if obtained else None,
     )
+
+
+def _variants_option(value: str | None) -> str | None:
+    """``--variants`` names known variants, at least one: an empty selection would judge nothing."""
+    if value is None:
+        return None
+    from harness.variants import ALL_KEYS
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise pytest.UsageError(
+            f"--variants {value!r} selects no variant, so every per-variant check would silently "
+            f"disappear. Fix: list at least one of {','.join(ALL_KEYS)}, or leave the option out for all."
+        )
+    bad = [v for v in names if v not in ALL_KEYS]
+    if bad:
+        raise pytest.UsageError(f"--variants: unknown variant {bad[0]!r}. Fix: choose from {','.join(ALL_KEYS)}.")
+    return value
+
+
+def _registry_option(value: str | None, default: Path) -> Path:
+    """A registry that is a folder (or an explicit one that is missing) is one usage error, not one per suite."""
+    path = Path(value) if value else default
+    if path.is_dir():
+        raise pytest.UsageError(
+            f"--registry {path}: this is a folder; the registry is one YAML file. "
+            "Fix: pass the file, e.g. --registry models.yaml."
+        )
+    if value and not path.is_file():
+        raise pytest.UsageError(
+            f"--registry {path}: no such file. Fix: pass an existing registry file, or leave the option out "
+            "for models.yaml at the rootdir."
+        )
+    return path
+
+
+def _writable_file_option(name: str, value: str | None) -> None:
+    """A report path that cannot be a file is refused now, not after an hour of tests."""
+    if not value:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise pytest.UsageError(f"{name} {value}: this is a folder. Fix: pass a file name, e.g. {name} report.md.")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise pytest.UsageError(f"{name} {value}: {parent} is a file, not a folder. Fix: pass a path in a folder.")
 
 
 def harness_state(config: pytest.Config) -> HarnessSession:
@@ -116,9 +164,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if isinstance(item, HarnessItem):
             return item.run_order
         spec = getattr(getattr(item, "callspec", None), "params", {}).get("variant")
-        if spec is not None:
-            from harness.variants import RUN_ORDER
+        from harness.variants import RUN_ORDER, VariantSpec
 
+        if isinstance(spec, VariantSpec):  # a user's own "variant" parameter may be anything
             return RUN_ORDER.index(spec.key)
         return -2
 
@@ -161,12 +209,23 @@ def pytest_runtestloop(session: pytest.Session) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Ordinary tests that use ``variant`` (or ``model``) run once per active variant."""
-    if "variant" in metafunc.fixturenames:
+    if "variant" in metafunc.fixturenames and not _parametrizes(metafunc, "variant"):
         try:
             variants = harness_state(metafunc.config).variants
         except (HarnessError, ValueError) as exc:
             raise pytest.UsageError(str(exc)) from None
         metafunc.parametrize("variant", variants, ids=[v.key for v in variants], scope="function")
+
+
+def _parametrizes(metafunc: pytest.Metafunc, name: str) -> bool:
+    """Whether the test parametrizes ``name`` itself (then it is the user's, not the harness's)."""
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if name in names:
+            return True
+    return False
 
 
 @pytest.fixture(scope="session")
@@ -219,11 +278,14 @@ class _Recorder:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.record.add(report)
 
+    @pytest.hookimpl(optionalhook=True)  # defined by pytest-xdist, which only the dev extra installs
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        """xdist controller: each worker's load counts, for the summary."""
-        loads = getattr(node, "workeroutput", {}).get("harness_loads")
+        """xdist controller: each worker's loads and collection notes, for the summary."""
+        output = getattr(node, "workeroutput", {})
+        loads = output.get("harness_loads")
         if loads:
             self.record.worker_loads[node.gateway.id] = loads
+        self.record.add_unselected(output.get("harness_unselected", ()))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -238,7 +300,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def _warn_unpinned(config: pytest.Config) -> None:
     """In gate mode (CI set), an unpinned hub model can change under the goldens."""
-    if not os.environ.get("CI"):
+    if not in_ci():
         return
     state = harness_state(config)
     if not state.options.registry.is_file():
@@ -264,15 +326,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(config, "workeroutput"):
         if state._pool is not None:
             config.workeroutput["harness_loads"] = _pool_loads(state._pool)
+        config.workeroutput["harness_unselected"] = list(state.unselected)
         return
+    record.add_unselected(state.unselected)
+    if in_ci() and record.unjudged() and not config.option.collectonly and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        record.gate_failed = True
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     path = config.getoption("harness_report")
-    if path and record.outcomes:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(markdown(state, record, exitstatus=int(exitstatus)), encoding="utf-8")
+    if path and (record.outcomes or record.unjudged()):
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(markdown(state, record, exitstatus=int(session.exitstatus)), encoding="utf-8")
+        except Exception as exc:  # noqa: BLE001 - a report problem must not hide the verdict or flip it
+            record.report_error = f"--harness-report {path} could not be written: {type(exc).__name__}: {exc}"
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    from harness.report import terminal_summary, unused_goldens
+    from harness.report import terminal_summary, unjudged_section, unused_goldens
 
     state, record = harness_state(config), config.stash[_RECORD]
     terminal_summary(terminalreporter, state, record)
@@ -283,8 +353,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                                     "an interrupted update from the golden folder")
     for line in tree_report(state.options.golden_dir):
         terminalreporter.write_line(line)
-    unused = unused_goldens(state, record, config, exitstatus=int(exitstatus))
+    try:
+        unused = unused_goldens(state, record, config, exitstatus=int(exitstatus))
+    except OSError as exc:
+        terminalreporter.write_line(f"goldens that no check used: not listed, the golden folder cannot be read ({exc})")
+        unused = None
     if unused is not None and unused:
         terminalreporter.write_line(f"goldens that no check used ({len(unused)}): delete them or restore their checks")
         for file in unused:
             terminalreporter.write_line(f"  {file}")
+    unjudged_section(terminalreporter, record, ci=in_ci())
+    if record.report_error:
+        terminalreporter.write_line(f"harness: {record.report_error}", red=True)

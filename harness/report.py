@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from harness.errors import NOT_JUDGED_PROPERTY
 from harness.session import HarnessSession
 from harness.variants import ALL_KEYS, RUN_ORDER
 
 _NODE = re.compile(r"^(?P<file>[^:]+)::(?P<check>[^\[@]+)(\[(?P<variant>[^\]]+)\])?")
-GOLDEN_PROPS = ("harness_golden", "harness_golden_written")
+GOLDEN_PROPS = ("harness_golden", "harness_golden_written", NOT_JUDGED_PROPERTY)
 
 
 @dataclass
@@ -44,6 +45,21 @@ class SessionRecord:
     worker_loads: dict[str, dict[str, Any]] = field(default_factory=dict)
     deselected: int = 0
     started: float = field(default_factory=time.time)
+    not_judged: dict[str, str] = field(default_factory=dict)
+    unselected: list[str] = field(default_factory=list)
+    gate_failed: bool = False
+    report_error: str | None = None
+
+    def add_unselected(self, notes: Any) -> None:
+        """Checks whose ``variants:`` matched none of the session's (from collection, any worker)."""
+        for note in notes:
+            if note not in self.unselected:
+                self.unselected.append(note)
+
+    def unjudged(self) -> list[str]:
+        """One line per check that this session should have judged and did not."""
+        lines = [f"{nodeid}: {reason}" for nodeid, reason in sorted(self.not_judged.items())]
+        return lines + self.unselected
 
     def add(self, report: pytest.TestReport) -> None:
         if "harness" not in report.keywords:
@@ -66,6 +82,8 @@ class SessionRecord:
         if previous and previous.outcome in ("failed", "error"):
             return  # a teardown report must not hide the call's failure
         detail = _longrepr_text(report)
+        if NOT_JUDGED_PROPERTY in props and report.skipped:
+            self.not_judged[report.nodeid] = str(props[NOT_JUDGED_PROPERTY])
         self.outcomes[report.nodeid] = Outcome(
             nodeid=report.nodeid, suite=Path(match["file"]).stem, check=match["check"], variant=variant,
             outcome=outcome, reason=_one_line(detail, report), detail=detail,
@@ -108,6 +126,24 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
             reporter.write_line(f"  {path}")
 
 
+def unjudged_section(reporter: Any, record: SessionRecord, *, ci: bool) -> None:
+    """Checks not judged are never quiet: listed loudly, and in a gate run they failed the session."""
+    lines = record.unjudged()
+    if not lines:
+        return
+    if ci:
+        title = f"harness: {len(lines)} check(s) NOT JUDGED - this gate run fails"
+        why = ("CI is set: a gate must not be green on checks it did not judge. Fix the cause below, "
+               "or remove the check or its variant from the suite on purpose.")
+    else:
+        title = f"harness: WARNING {len(lines)} check(s) NOT JUDGED"
+        why = "this run would fail as a gate (with CI set): the checks below were not judged."
+    reporter.write_sep("=", title, red=ci, yellow=not ci, bold=True)
+    reporter.write_line(why)
+    for line in lines:
+        reporter.write_line(f"  {line}")
+
+
 def _pool_loads(pool: Any) -> dict[str, Any]:
     return {
         key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0)}
@@ -134,6 +170,7 @@ def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -
     verdict = "green" if exitstatus == 0 else "red"
     lines += [f"- **result: {verdict}** ({summary}) in {time.time() - record.started:.0f} s", ""]
     lines += _matrix(record)
+    lines += _unjudged(record)
     lines += _figures(record)
     lines += _failures(record)
     return "\n".join(lines).rstrip() + "\n"
@@ -176,6 +213,14 @@ def _matrix(record: SessionRecord) -> list[str]:
                 cells.append(f"{_SYMBOL[outcome.outcome]}: {outcome.reason}".replace("|", "\\|"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _unjudged(record: SessionRecord) -> list[str]:
+    lines = record.unjudged()
+    if not lines:
+        return []
+    head = "## Not judged" + (" (this gate run failed because of them)" if record.gate_failed else "")
+    return [head, "", *(f"- {line}" for line in lines), ""]
 
 
 def _figures(record: SessionRecord) -> list[str]:

@@ -6,11 +6,13 @@ converted) only once items that need it were collected, and loaded lazily.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.errors import NotJudged
 from harness.golden import SuiteNames
 from harness.variants import VariantSpec, parse_variants
 
@@ -53,6 +55,7 @@ class HarnessSession:
         self.suite_names = SuiteNames()
         self.removed_temp_files: list[Path] = []
         self.progress_lines: list[str] = []
+        self.unselected: list[str] = []  # checks whose `variants:` selects none of this session's
 
     # -- cheap, at collection ---------------------------------------------------
     @property
@@ -66,13 +69,12 @@ class HarnessSession:
     @property
     def model_name(self) -> str:
         """The registry name (or folder name) goldens are stored under, without resolving."""
-        from harness.sources import safe_name
-
         value = self.options.model or self.registry.default
         if value in self.registry.models:
-            return value
+            return golden_folder_name(value)
         path = Path(value)
-        return safe_name(path.stem if path.suffix == ".gguf" else path.name)
+        name = path.stem if path.suffix == ".gguf" else path.name
+        return golden_folder_name(name or path.resolve().name)
 
     @property
     def variants(self) -> list[VariantSpec]:
@@ -162,7 +164,13 @@ class HarnessSession:
         golden = ctx.golden_path()
         try:
             entry.check.run(ctx)
+        except NotJudged as exc:
+            raise _not_judged(request, str(exc)) from None
         except VariantUnavailable as exc:
+            expected = self._variant_has_goldens(variant)
+            if expected is not None:
+                raise _not_judged(request, f"{exc}; but goldens for {variant} on this device class exist "
+                                           f"({expected}), so this machine should run it") from None
             raise _skip_here(str(exc)) from None
         except pytest.skip.Exception as exc:
             raise _skip_here(exc.msg) from None
@@ -173,6 +181,40 @@ class HarnessSession:
                 request.node.user_properties.append(("harness_golden", str(golden)))
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))
+
+    def _variant_has_goldens(self, variant: VariantSpec | None) -> Path | None:
+        """The golden folder of ``variant`` on this device class, when it holds goldens."""
+        if variant is None:
+            return None
+        folder = self.options.golden_dir / self.model_name / self.device.klass / variant.key
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and any(folder.rglob("*.json")):
+                return folder
+        return None
+
+
+def golden_folder_name(text: str) -> str:
+    """The folder a model's goldens live in: safe, short and one-to-one with the name given.
+
+    A name that is already safe is used as it is; any other gets a short hash of the
+    original, so ``my model`` and ``my@model`` do not share (and overwrite) one folder.
+    """
+    import hashlib
+
+    from harness.sources import safe_name
+
+    safe = safe_name(text)[:64]
+    if safe == text:
+        return safe
+    return f"{safe}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+def _not_judged(request: pytest.FixtureRequest, reason: str) -> BaseException:
+    """A skip tagged as "not judged": in a gate run the session fails because of it."""
+    from harness.errors import NOT_JUDGED_PROPERTY
+
+    request.node.user_properties.append((NOT_JUDGED_PROPERTY, reason))
+    return _skip_here(f"NOT JUDGED: {reason}")
 
 
 def _skip_here(reason: str) -> BaseException:

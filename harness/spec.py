@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.checks import Check, get_check, known_kinds
+from harness.checks.base import MAX_ID_LENGTH
 from harness.errors import SuiteError
 from harness.validation import validate
 from harness.variants import ALL_KEYS
@@ -53,6 +54,10 @@ def load_suite(path: Path) -> SuiteSpec:
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise SuiteError(path, "the suite name must be letters, digits, '-' or '_'",
                          line=data.lines.get("suite"), key="suite")
+    if len(name) > MAX_ID_LENGTH:
+        raise SuiteError(path, f"the suite name is {len(name)} characters, at most {MAX_ID_LENGTH} are allowed "
+                         "(it names a golden folder)", line=data.lines.get("suite"), key="suite",
+                         hint="choose a shorter `suite:` name" if "suite" in data else "give the file a shorter name, or set a short `suite:` name")
     checks = data.get("checks")
     if not isinstance(checks, YamlList) or not checks:
         raise SuiteError(path, "'checks' must be a non-empty list", line=data.lines.get("checks", 1),
@@ -86,6 +91,10 @@ def _suite_variants(path: Path, data: YamlMap) -> list[str] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) and v in ALL_KEYS for v in value):
         raise SuiteError(path, f"'variants' must be a list out of {', '.join(ALL_KEYS)}",
                          line=data.lines["variants"], key="variants")
+    if not value:
+        raise SuiteError(path, "an empty list selects no variant, so no per-variant check of this suite would run",
+                         line=data.lines["variants"], key="variants",
+                         hint="remove the key (all variants) or list variants")
     return list(value)
 
 

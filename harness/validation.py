@@ -15,9 +15,13 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def validate(cls: type[M], data: Any, *, path: Path, root: Any, loc: tuple[Any, ...] = ()) -> M:
-    """Validate ``data`` (found at ``loc`` inside ``root``) as ``cls``."""
+    """Validate ``data`` (found at ``loc`` inside ``root``) as ``cls``.
+
+    Strictly: YAML already gives values their types, so ``max_new_tokens: true`` or
+    ``"32"`` is a mistake to report, not a value to coerce (ints still count as floats).
+    """
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, strict=True)
     except ValidationError as exc:
         raise to_suite_error(exc, cls=cls, path=path, root=root, loc=loc) from None
 
@@ -43,9 +47,39 @@ def to_suite_error(
             hint = "allowed keys here: " + ", ".join(sorted(known))
     elif err["type"] == "missing":
         message = "required field is missing"
+    elif err["type"] in _WANTED:
+        message = f"expected {_WANTED[err['type']]}, but YAML read {_yaml_kind(err.get('input'))}"
+        if raw is not None:
+            message += f" (you wrote {raw!r})"
     elif raw is not None:
         message += f" (you wrote {raw!r})"
     return SuiteError(path, message, line=line, key=key, hint=hint)
+
+
+_WANTED = {
+    "int_type": "a whole number", "float_type": "a number", "string_type": "text",
+    "bool_type": "true or false", "list_type": "a list", "dict_type": "a mapping",
+    "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
+
+
+def _yaml_kind(value: Any) -> str:
+    """What YAML made of what the user wrote, in the user's words."""
+    if isinstance(value, bool):
+        return "a boolean (YAML reads true/false, yes/no, on/off as booleans)"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a number with a fraction"
+    if isinstance(value, str):
+        return "text (quoted, or not a number YAML recognizes)"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

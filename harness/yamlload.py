@@ -84,6 +84,28 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> YamlList:
     return result
 
 
+def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> str:
+    """Text, with ``\\uD83D\\uDE00``-style surrogate pairs joined; a lone surrogate is an error.
+
+    A lone surrogate is not Unicode text: no tokenizer takes it and no golden file can hold it.
+    """
+    value = str(loader.construct_scalar(node))
+    if not any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return value
+    joined = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    bad = next((c for c in joined if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is not None:
+        raise yaml.constructor.ConstructorError(
+            None, None,
+            f"the text holds a lone surrogate \\u{ord(bad):04x}, which is not a character: it cannot be "
+            "tokenized nor written to a golden file. Fix: write the character itself, or both halves of its "
+            "surrogate pair (\\ud83d\\ude00 for U+1F600)",
+            node.start_mark,
+        )
+    return joined
+
+
+_Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)
 _Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
 
@@ -96,6 +118,11 @@ def load_yaml(path: Path, *, what: str = "file") -> Any:
         raise SuiteError(path, f"cannot read this {what}: {exc}") from None
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except RecursionError:
+        raise SuiteError(
+            path, f"this {what} is nested too deeply to be read (lists or mappings inside each other "
+            "hundreds of levels deep)", hint="a suite needs only a few levels; look for a runaway run of '[' or '-'",
+        ) from None
     except yaml.constructor.ConstructorError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         problem = exc.problem or str(exc)

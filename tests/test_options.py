@@ -27,6 +27,24 @@ def test_unknown_variant(project):
                         "*--variants: unknown variant 'fp8'. Fix: choose from fp16,nf4,fp16-lora,nf4-lora*")
 
 
+@pytest.mark.parametrize("value", [",", "", " , "])
+def test_variants_that_select_nothing(project, value):
+    project.suite("s", SUITE)
+    _assert_usage_error(project.run("--variants", value),
+                        f"*--variants {value!r} selects no variant, so every per-variant check would silently "
+                        "disappear. Fix: list at least one of fp16,nf4,fp16-lora,nf4-lora*")
+
+
+def test_report_and_obtained_paths_that_cannot_be_used(project):
+    project.suite("s", SUITE)
+    (project.path / "afile").write_text("x")
+    _assert_usage_error(project.run("--harness-report", "afile/report.md"),
+                        "*--harness-report afile/report.md: *afile is a file, not a folder*")
+    _assert_usage_error(project.run("--harness-obtained", "afile"),
+                        "*--harness-obtained afile: this is a file, not a folder*")
+    _assert_usage_error(project.run("--registry", "missing.yaml"), "*--registry missing.yaml: no such file*")
+
+
 def test_golden_dir_that_is_a_file(project):
     project.suite("s", SUITE)
     (project.path / "afile").write_text("x")

@@ -27,7 +27,64 @@ CASES = {
     ),
     "wrong_type": (
         "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    max_new_tokens: many\n",
-        "bad.yaml:5: checks[0].max_new_tokens: Input should be a valid integer, unable to parse string as an integer (you wrote 'many')",
+        "bad.yaml:5: checks[0].max_new_tokens: expected a whole number, but YAML read text (quoted, or not a number "
+        "YAML recognizes) (you wrote 'many')",
+    ),
+    "boolean_as_a_number": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    max_new_tokens: true\n",
+        "bad.yaml:5: checks[0].max_new_tokens: expected a whole number, but YAML read a boolean (YAML reads "
+        "true/false, yes/no, on/off as booleans) (you wrote 'true')",
+    ),
+    "quoted_number": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    max_new_tokens: \"32\"\n",
+        "bad.yaml:5: checks[0].max_new_tokens: expected a whole number, but YAML read text",
+    ),
+    "boolean_as_a_budget": (
+        "checks:\n  - id: a\n    kind: drift\n    reference: fp16\n    prompts: [x]\n"
+        "    budgets: {nf4: {max_mean_kl: yes}}\n",
+        "bad.yaml:6: checks[0].budgets.nf4.max_mean_kl: expected a number, but YAML read a boolean",
+    ),
+    "empty_variants_on_a_check": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    variants: []\n",
+        "bad.yaml:5: checks[0].variants: an empty list selects no variant, so the check would never run; "
+        "remove the key (all variants) or list variants",
+    ),
+    "empty_variants_on_a_suite": (
+        "variants: []\nchecks:\n  - id: a\n    kind: greedy\n    prompt: x\n",
+        "bad.yaml:1: variants: an empty list selects no variant, so no per-variant check of this suite would run. "
+        "Fix: remove the key (all variants) or list variants",
+    ),
+    "empty_greedy_prompt": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: \"\"\n",
+        "bad.yaml:4: checks[0].prompt: an empty prompt gives the model nothing to continue",
+    ),
+    "empty_greedy_messages": (
+        "checks:\n  - id: a\n    kind: greedy\n    messages: []\n",
+        "bad.yaml:4: checks[0].messages: an empty conversation has nothing to render",
+    ),
+    "empty_drift_prompt": (
+        "checks:\n  - id: a\n    kind: drift\n    prompts: [\"ok\", \"\"]\n",
+        "bad.yaml:4: checks[0].prompts[1]: an empty prompt gives the model nothing to continue",
+    ),
+    "empty_drift_chat": (
+        "checks:\n  - id: a\n    kind: drift\n    chats: [[]]\n",
+        "bad.yaml:4: checks[0].chats[0]: an empty conversation has nothing to render",
+    ),
+    "id_too_long_for_a_file_name": (
+        "checks:\n  - id: " + "a" * 300 + "\n    kind: greedy\n    prompt: x\n",
+        "bad.yaml:2: checks[0].id: an id is at most 100 characters, this one has 300",
+    ),
+    "suite_name_too_long": (
+        "suite: " + "s" * 200 + "\nchecks:\n  - id: a\n    kind: greedy\n    prompt: x\n",
+        "bad.yaml:1: suite: the suite name is 200 characters, at most 100 are allowed",
+    ),
+    "lone_surrogate": (
+        "checks:\n  - id: a\n    kind: tokenization\n    texts: [\"ok\", \"bad \\ud800 text\"]\n",
+        "bad.yaml:4: the text holds a lone surrogate \\ud800, which is not a character",
+    ),
+    "nested_ten_thousand_deep": (
+        "checks:\n  - id: a\n    kind: tokenization\n    texts: " + "[" * 10000 + "]" * 10000 + "\n",
+        "bad.yaml: this suite is nested too deeply to be read",
     ),
     "missing_field": (
         "checks:\n  - kind: greedy\n    prompt: x\n",

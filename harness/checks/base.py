@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from harness.pool import Loaded, ModelPool
 
 
+# Ids and suite names name golden files and folders (with suffixes such as ``.meta.json``).
+MAX_ID_LENGTH = 100
+
+
 class CheckSpec(BaseModel):
     """Fields every check has; kinds add their own (unknown keys are errors)."""
 
@@ -50,9 +54,20 @@ class CheckSpec(BaseModel):
             raise ValueError(problem)
         return value
 
+    @field_validator("id")
+    @classmethod
+    def _id_fits_a_file_name(cls, value: str) -> str:
+        if len(value) > MAX_ID_LENGTH:
+            raise ValueError(f"an id is at most {MAX_ID_LENGTH} characters, this one has {len(value)} "
+                             "(it names a golden file, and file names are limited)")
+        return value
+
     @field_validator("variants")
     @classmethod
     def _variants_known(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list selects no variant, so the check would never run; "
+                             "remove the key (all variants) or list variants")
         for key in value or []:
             if key not in ALL_KEYS:
                 match = difflib.get_close_matches(key, ALL_KEYS, n=1)

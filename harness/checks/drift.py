@@ -31,7 +31,7 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
-from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, encode_prompt
+from harness.checks.prompts import ChatMessages, NoChatTemplate, PromptText, assert_fits_context, encode_prompt
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
     Budget, NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
@@ -54,8 +54,8 @@ class DriftBudget(Budget):
 class DriftSpec(CheckSpec):
     kind: Literal["drift"]
     reference: str | None = None
-    prompts: list[str] = Field(default_factory=list)
-    chats: list[list[Message]] = Field(default_factory=list)
+    prompts: list[PromptText] = Field(default_factory=list)
+    chats: list[ChatMessages] = Field(default_factory=list)
     new_tokens: int = Field(16, ge=1, le=1024)
     budgets: dict[str, dict[str, DriftBudget]] = Field(default_factory=dict)
     device_budgets: dict[str, dict[str, dict[str, DriftBudget]]] = Field(default_factory=dict)

@@ -8,13 +8,13 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, describe_token, encode_prompt, greedy_generate
+from harness.checks.prompts import ChatMessages, NoChatTemplate, PromptText, assert_fits_context, describe_token, encode_prompt, greedy_generate
 
 
 class GreedySpec(CheckSpec):
     kind: Literal["greedy"]
-    prompt: str | None = None
-    messages: list[Message] | None = None
+    prompt: PromptText | None = None
+    messages: ChatMessages | None = None
     max_new_tokens: int = Field(32, ge=1, le=4096)
     if_no_chat_template: Literal["fail", "skip"] = "fail"
 

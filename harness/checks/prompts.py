@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from harness.errors import CheckFailure
+
+
+def _some_text(value: str) -> str:
+    if not value:
+        raise ValueError("an empty prompt gives the model nothing to continue; write the text it should continue")
+    return value
 
 
 class Message(BaseModel):
@@ -16,8 +22,25 @@ class Message(BaseModel):
     content: str
 
 
+def _some_messages(value: list[Message]) -> list[Message]:
+    if not value:
+        raise ValueError("an empty conversation has nothing to render; list at least one message "
+                         "(role and content)")
+    return value
+
+
+# What suites may write as a raw prompt and as a chat: validated at collection, so that an
+# empty one is a suite error with its line, not a crash inside generate().
+PromptText = Annotated[str, AfterValidator(_some_text)]
+ChatMessages = Annotated[list[Message], AfterValidator(_some_messages)]
+
+
 class NoChatTemplate(Exception):
     """The tokenizer has no chat template; the check decides whether that skips or fails."""
+
+
+class ChatTemplateError(CheckFailure):
+    """The model's chat template does not parse, or raised while rendering these messages."""
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -25,20 +48,42 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+    """The chat text the model sees; a broken template is this check's failure, naming the problem."""
+    __tracebackhide__ = True
     if not has_chat_template(tokenizer):
         raise NoChatTemplate("the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(
-        [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as exc:
+        where = f" (template line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        raise ChatTemplateError(
+            f"the model's chat template cannot render these messages{where}: {type(exc).__name__}: {exc}. "
+            "Fix: correct chat_template in the model's tokenizer_config.json (or chat_template.jinja); "
+            "the chat_template check shows the problem for each conversation. A template that refuses "
+            "some roles or orders needs messages it accepts."
+        ) from None
 
 
 def encode_prompt(tokenizer: Any, *, prompt: str | None, messages: list[Message] | None) -> list[int]:
     """Token ids the model sees. Chat text already holds its special tokens, so none are added."""
+    __tracebackhide__ = True
     if messages is not None:
         text = render_chat(tokenizer, messages, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert prompt is not None
-    return list(tokenizer(prompt)["input_ids"])
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        assert prompt is not None
+        text = prompt
+        ids = list(tokenizer(prompt)["input_ids"])
+    if not ids:
+        raise CheckFailure(
+            f"the prompt {text[:60]!r} encodes to no tokens with this tokenizer, so the model has nothing "
+            "to continue. Fix: give a prompt with text this tokenizer keeps."
+        )
+    return ids
 
 
 def context_limit(model: Any) -> int | None:
