@@ -140,6 +140,10 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     from harness.collect import SuiteFile, is_suite_file
 
     if is_suite_file(file_path, parent):
+        state = harness_state(parent.config)
+        if not state.options.registry.is_file():
+            state.suites_without_registry.append(file_path)  # one usage error for all, after collection
+            return None
         return SuiteFile.from_parent(parent, path=file_path)
     return None
 
@@ -180,6 +184,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Resolve the model once we know items need it: a missing model stops the session here."""
+    orphans = harness_state(session.config).suites_without_registry
+    if orphans:
+        registry = harness_state(session.config).options.registry
+        raise pytest.UsageError(
+            f"{len(orphans)} suite file(s) found ({orphans[0]}{', ...' if len(orphans) > 1 else ''}), but the "
+            f"model registry {registry} does not exist. Fix: pass --registry FILE, or create models.yaml "
+            "at the rootdir (README.md, \"Your own model\")."
+        )
     if session.config.option.collectonly:
         return
     if not any("harness_session" in getattr(item, "fixturenames", ()) for item in session.items):

@@ -56,6 +56,7 @@ class HarnessSession:
         self.removed_temp_files: list[Path] = []
         self.progress_lines: list[str] = []
         self.unselected: list[str] = []  # checks whose `variants:` selects none of this session's
+        self.suites_without_registry: list[Path] = []
 
     # -- cheap, at collection ---------------------------------------------------
     @property

@@ -70,7 +70,7 @@ def _yaml_kind(value: Any) -> str:
     if isinstance(value, int):
         return "a whole number"
     if isinstance(value, float):
-        return "a number with a fraction"
+        return "a decimal number"
     if isinstance(value, str):
         return "text (quoted, or not a number YAML recognizes)"
     if value is None:

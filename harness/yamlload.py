@@ -105,7 +105,19 @@ def _construct_str(loader: _Loader, node: yaml.ScalarNode) -> str:
     return joined
 
 
+def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float:
+    """A float; ``.nan`` is refused: every comparison with it is false, so a budget of NaN never fails."""
+    value = loader.construct_yaml_float(node)
+    if value != value:
+        raise yaml.constructor.ConstructorError(
+            None, None, "'.nan' is not a number: a budget or tolerance of NaN passes every comparison, so it "
+            "would never fail. Fix: write a number, or remove the key", node.start_mark,
+        )
+    return value
+
+
 _Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 _Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
 

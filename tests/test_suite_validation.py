@@ -44,6 +44,15 @@ CASES = {
         "    budgets: {nf4: {max_mean_kl: yes}}\n",
         "bad.yaml:6: checks[0].budgets.nf4.max_mean_kl: expected a number, but YAML read a boolean",
     ),
+    "nan_budget": (
+        "checks:\n  - id: a\n    kind: drift\n    reference: fp16\n    prompts: [x]\n"
+        "    budgets: {nf4: {max_mean_kl: .nan}}\n",
+        "bad.yaml:6: '.nan' is not a number: a budget or tolerance of NaN passes every comparison",
+    ),
+    "float_as_a_count": (
+        "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    max_new_tokens: 1e3\n",
+        "bad.yaml:5: checks[0].max_new_tokens: expected a whole number, but YAML read a decimal number (you wrote '1e3')",
+    ),
     "empty_variants_on_a_check": (
         "checks:\n  - id: a\n    kind: greedy\n    prompt: x\n    variants: []\n",
         "bad.yaml:5: checks[0].variants: an empty list selects no variant, so the check would never run; "
@@ -147,6 +156,8 @@ def test_float_exponent_is_a_float_and_defaults_apply(tmp_path):
 
     path.write_text("atol: 1e-5\n")
     assert load_yaml(path) == {"atol": 1e-05}
+    path.write_text('text: "smile \\ud83d\\ude00"\n')  # JSON-style surrogate pair: one character
+    assert load_yaml(path) == {"text": "smile \U0001F600"}
 
 
 def test_bad_suite_is_a_collection_error_of_that_file_only(project):

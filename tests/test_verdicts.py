@@ -282,6 +282,18 @@ def test_a_registry_that_is_a_folder_is_one_usage_error(project, how):
     assert "Fix: pass the file" in err
 
 
+def test_suites_without_a_registry_are_one_usage_error(project):
+    project.suite("a", TOKENS)
+    project.suite("b", TOKENS.replace("suite: tok", "suite: tok2"))
+    (project.path / "models.yaml").unlink()
+    result = project.run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert err.count("does not exist. Fix: pass --registry FILE, or create models.yaml") == 1, err
+    assert "2 suite file(s) found" in err
+    assert "ERROR collecting" not in result.stdout.str()
+
+
 def test_unsafe_model_names_get_their_own_golden_folder():
     names = {golden_folder_name(n) for n in ("my model", "my@model", "my-model", "my/model", "../../escaped")}
     assert len(names) == 5
