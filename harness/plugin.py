@@ -68,6 +68,12 @@ def _options(config: pytest.Config) -> Options:
     variants = _variants_option(config.getoption("variants"))
     registry = _registry_option(config.getoption("registry"), root / "models.yaml")
     _writable_file_option("--harness-report", config.getoption("harness_report"))
+    adapter = config.getoption("adapter")
+    if adapter and not Path(adapter).expanduser().is_dir():
+        raise pytest.UsageError(
+            f"--adapter {adapter}: {'this is a file' if Path(adapter).expanduser().exists() else 'no such folder'}; "
+            "an adapter is a folder with adapter_config.json and adapter_model.safetensors. Fix: pass that folder."
+        )
     obtained = config.getoption("harness_obtained")
     if obtained and Path(obtained).exists() and not Path(obtained).is_dir():
         raise pytest.UsageError(f"--harness-obtained {obtained}: this is a file, not a folder. Fix: pass a folder.")
@@ -79,7 +85,7 @@ def _options(config: pytest.Config) -> Options:
             raise pytest.UsageError(problem)
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
-        adapter=config.getoption("adapter"), device=config.getoption("device"),
+        adapter=adapter, device=config.getoption("device"),
         golden_dir=golden.resolve(), update=update, rootdir=root,
         obtained_dir=Path(obtained).resolve() if obtained else None,
     )

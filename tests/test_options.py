@@ -43,6 +43,9 @@ def test_report_and_obtained_paths_that_cannot_be_used(project):
     _assert_usage_error(project.run("--harness-obtained", "afile"),
                         "*--harness-obtained afile: this is a file, not a folder*")
     _assert_usage_error(project.run("--registry", "missing.yaml"), "*--registry missing.yaml: no such file*")
+    _assert_usage_error(project.run("--adapter", "no-such-adapter"),
+                        "*--adapter no-such-adapter: no such folder; an adapter is a folder with adapter_config.json*")
+    _assert_usage_error(project.run("--adapter", "afile"), "*--adapter afile: this is a file;*")
 
 
 def test_golden_dir_that_is_a_file(project):
