@@ -41,12 +41,12 @@ CASES = {
     ),
     "boolean_as_a_budget": (
         "checks:\n  - id: a\n    kind: drift\n    reference: fp16\n    prompts: [x]\n"
-        "    budgets: {nf4: {max_mean_kl: yes}}\n",
-        "bad.yaml:6: checks[0].budgets.nf4.max_mean_kl: expected a number, but YAML read a boolean",
+        "    budgets: {smollm2-135m: {nf4: {max_mean_kl: yes}}}\n",
+        "bad.yaml:6: checks[0].budgets.smollm2-135m.nf4.max_mean_kl: expected a number, but YAML read a boolean",
     ),
     "nan_budget": (
         "checks:\n  - id: a\n    kind: drift\n    reference: fp16\n    prompts: [x]\n"
-        "    budgets: {nf4: {max_mean_kl: .nan}}\n",
+        "    budgets: {smollm2-135m: {cpu: {nf4: {max_mean_kl: .nan}}}}\n",
         "bad.yaml:6: '.nan' is not a number: a budget or tolerance of NaN passes every comparison",
     ),
     "float_as_a_count": (
