@@ -107,7 +107,9 @@ def generation_settings(model: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for name in GREEDY_SETTINGS:
         value = getattr(config, name, None)
-        if name == "eos_token_id" or value != getattr(default, name, None):
+        if name == "eos_token_id":
+            settings[name] = sorted(eos_ids(model))  # one type whether the config holds an int or a list
+        elif value != getattr(default, name, None):
             settings[name] = _plain(value)
     return settings
 

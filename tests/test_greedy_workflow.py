@@ -33,7 +33,7 @@ def test_update_then_rerun_passes(project):
     golden = json.loads((project.golden / "smollm2-135m/cpu/fp16/gen/joke.json").read_text())
     assert set(golden) == {"format", "text", "new_token_ids", "prompt_tokens", "max_new_tokens", "stop",
                            "generation", "top_k", "trace"}
-    assert golden["format"] == 2 and golden["generation"]["eos_token_id"] == 2
+    assert golden["format"] == 2 and golden["generation"]["eos_token_id"] == [2]
     assert len(golden["new_token_ids"]) <= 12 and golden["text"]
     # one readable line per step: the chosen token's log-prob first, then the other top-5, then texts
     assert len(golden["trace"]) == len(golden["new_token_ids"])

@@ -20,13 +20,15 @@ from pydantic import Field, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, describe_token, encode_prompt, greedy_generate
 from harness.compare import NoiseModel, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
-from harness.errors import CheckFailure
+from harness.errors import CheckFailure, GoldenError
 from harness.observation import (
     DEFAULT_TOP_K, Observation, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
     teacher_force, to_trace,
 )
 
 FORMAT = 2
+GOLDEN_KEYS = frozenset({"format", "text", "new_token_ids", "prompt_tokens", "max_new_tokens", "stop",
+                         "generation", "top_k", "trace"})
 
 
 class GreedySpec(CheckSpec):
@@ -82,6 +84,7 @@ class GreedyCheck(Check[GreedySpec]):
         judgement = GoldenJudgement(
             observed=observed, tokenizer=tokenizer, tol=self.spec.judging(key, cross_device=other is not None),
             rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
+            golden=ctx.goldens.reference(ctx.golden_path()), update=ctx.goldens.update,
         )
         ctx.assert_golden(actual, judgement.explain, judge=judgement.judge)
         label = f" (judged against {other} goldens)" if other else ""
@@ -137,20 +140,29 @@ class GoldenFormatError(ValueError):
     """A golden this version cannot judge: an older or newer format, or a damaged trace."""
 
 
+class OtherFormat(GoldenFormatError):
+    """A golden written by another version of the harness: re-recorded by an update, named otherwise."""
+
+
 def parse_golden(data: Any) -> Observation:
     """The golden's observation; a GoldenFormatError says why it cannot be judged and what to do."""
     if not isinstance(data, dict):
         raise GoldenFormatError(f"the golden is a JSON {type(data).__name__}, not an object")
     version = data.get("format", 1)
     if version == 1 or "trace" not in data:
-        raise GoldenFormatError(
+        raise OtherFormat(
             "this golden was recorded in format 1 by an earlier harness (token ids only, no per-step "
             "log-probabilities, so numerical noise cannot be told from a regression); re-record it with "
             "--snapshot-update and review the diff (the token ids should not change)"
         )
     if version != FORMAT:
-        raise GoldenFormatError(f"this golden was recorded in format {version!r}; this harness reads format "
+        raise OtherFormat(f"this golden was recorded in format {version!r}; this harness reads format "
                                 f"{FORMAT}. Upgrade the harness, or re-record with --snapshot-update and review")
+    extra, missing = sorted(set(data) - GOLDEN_KEYS), sorted(GOLDEN_KEYS - set(data))
+    if extra or missing:
+        what = f"has key {extra[0]!r}, which this check does not record" if extra else f"lacks key {missing[0]!r}"
+        raise GoldenFormatError(f"the golden {what} (edited by hand?); restore it from version control or "
+                                "re-record it with --snapshot-update and review")
     ids, trace, top_k = data.get("new_token_ids"), data.get("trace"), data.get("top_k")
     if not isinstance(ids, list) or not isinstance(trace, list) or not isinstance(top_k, int) \
             or not all(isinstance(i, int) for i in ids):
@@ -181,6 +193,8 @@ class GoldenJudgement:
     tol: Tolerance
     rescore: Any
     judged_against: str | None = None
+    golden: Any = None  # the golden file read (named in a format error)
+    update: bool = False
     expected: Observation | None = None
     verdict: Verdict | None = None
     problem: str | None = None
@@ -190,6 +204,11 @@ class GoldenJudgement:
     def judge(self, expected: Any, actual: dict[str, Any]) -> bool:
         try:
             self.expected = parse_golden(expected)
+        except OtherFormat as exc:
+            if self.golden is not None and not self.update:
+                raise GoldenError(f"Golden file {self.golden} cannot be judged: {exc}.") from None
+            self.problem = str(exc)
+            return False
         except GoldenFormatError as exc:
             self.problem = str(exc)
             return False
