@@ -373,9 +373,9 @@ class GoldenStore:
         damaged = shape_problem(expected, actual)
         if damaged:
             raise GoldenError(
-                f"Golden file {path} does not have the layout this check records: {damaged}. It was "
+                f"Golden file {source} does not have the layout this check records: {damaged}. It was "
                 "edited by hand or written by another version of the harness. Fix: restore it with "
-                f"`git checkout -- {path}`, or re-record it with --snapshot-update and review the diff.\n"
+                f"`git checkout -- {source}`, or re-record it with --snapshot-update and review the diff.\n"
                 + obtained
             )
         message = explain(expected, actual)
@@ -497,9 +497,3 @@ def nearest_class(device_class: str, classes: list[str]) -> str | None:
         return "cpu"
     return cuda[0] if cuda else (classes[0] if classes else None)
 
-
-def name_is_safe(name: str) -> bool:
-    """A single folder name of the golden tree (no separators, no '..')."""
-    import re
-
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)) and ".." not in name

@@ -88,9 +88,9 @@ def _options(config: pytest.Config) -> Options:
 
 
 def _golden_device(value: str | None) -> str | None:
-    from harness.golden import name_is_safe
+    from harness.golden import name_problem
 
-    if value is not None and not name_is_safe(value):
+    if value is not None and name_problem(value):
         raise pytest.UsageError(f"--golden-device {value!r}: give a device class as named under the golden "
                                 "folder (cpu, cuda-sm90, ...) or auto.")
     return value
