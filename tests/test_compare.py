@@ -213,3 +213,11 @@ def test_trace_round_trip_and_near_ties():
     back = from_trace(lines, top_k=3)
     assert back == original.steps
     assert near_ties(original, 0.1) == [(0, pytest.approx(0.02))]
+
+
+def test_generation_setting_changes_are_named_and_eos_int_equals_list():
+    from harness.checks.greedy import setting_changes
+
+    assert setting_changes({"eos_token_id": 2}, {"eos_token_id": [2]}) == []
+    (line,) = setting_changes({"eos_token_id": [2]}, {"eos_token_id": [2], "no_repeat_ngram_size": 3})
+    assert line.startswith("generation setting no_repeat_ngram_size changed: golden None, this run 3")

@@ -178,3 +178,20 @@ def test_old_format_golden_gives_a_clear_message_then_updates(project):
     new = json.loads(path.read_text())
     assert new["format"] == 2 and new["new_token_ids"] == old["new_token_ids"] and len(new["trace"]) == 6
     project.run("--variants", "fp16").assert_outcomes(passed=1)
+
+
+def test_a_changed_generation_setting_is_named_in_the_failure(project, embedded_model_dir: Path, tmp_path):
+    """repetition_penalty in the model's generation_config still applies under forced greedy decoding."""
+    model_dir = tmp_path / "mymodel"
+    shutil.copytree(embedded_model_dir, model_dir)
+    capital_suite(project, n=12)
+    project.run("--model", str(model_dir), "--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    golden = json.loads((project.golden / "mymodel/cpu/fp16/gen/capital.json").read_text())
+    assert golden["generation"] == {"eos_token_id": [2]}
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["repetition_penalty"] = 1.5
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    result = project.run("--model", str(model_dir), "--variants", "fp16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*generation setting repetition_penalty changed: golden None, this run 1.5 (from "
+                                 "the model's generation_config; it applies under greedy decoding too*"])

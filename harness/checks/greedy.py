@@ -258,9 +258,12 @@ def setting_changes(recorded: Any, current: dict[str, Any]) -> list[str]:
     """Effective generation settings that differ from the golden's, named (they apply under greedy too)."""
     if not isinstance(recorded, dict):
         return []
+    def plain(name: str, value: Any) -> Any:
+        return [value] if name == "eos_token_id" and isinstance(value, int) else value
+
     lines = []
     for name in sorted(set(recorded) | set(current)):
-        if recorded.get(name) != current.get(name):
+        if plain(name, recorded.get(name)) != plain(name, current.get(name)):
             lines.append(f"generation setting {name} changed: golden {recorded.get(name)!r}, this run "
                          f"{current.get(name)!r} (from the model's generation_config; it applies under greedy "
                          "decoding too, so it can explain this failure)")
