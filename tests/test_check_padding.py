@@ -231,3 +231,20 @@ def test_nan_rows_are_named_as_nan_never_passed(tokenizer, tiny_model):
     message = str(info.value)
     assert "prompt 0 'Hello!', left padding, position 0 of 2: this run has NaN log-probabilities" in message
     assert "NaN never passes" in message
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_correct_model_it_was_not_written_for_passes_with_default_tolerances(tokenizer, attention):
+    """A Qwen2-architecture model (random weights, float16 as the fp16 variant loads it), either kernel."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, attn_implementation=attention,
+    )
+    model = Qwen2ForCausalLM(config).to(torch.float16).eval()
+    ctx = make_ctx(tokenizer, model)
+    check(max_new_tokens=4).run(ctx)
