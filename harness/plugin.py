@@ -28,6 +28,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="LoRA adapter folder; overrides the registry's adapter")
     group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where models run (default: auto, a GPU when there is one)")
+    group.addoption("--attn-implementation", default=None, metavar="KERNEL",
+                    help="attention kernel for this run (eager, sdpa, flash_attention_2, ...); overrides the "
+                         "registry's attn_implementation. Env: HARNESS_ATTN_IMPLEMENTATION")
     group.addoption("--golden-dir", default=None, metavar="DIR",
                     help="golden files root (default: golden/ at the rootdir)")
     group.addoption("--harness-report", default=None, metavar="FILE.md",
@@ -68,11 +71,20 @@ def _options(config: pytest.Config) -> Options:
         if bad:
             raise pytest.UsageError(f"--variants: unknown variant {bad[0]!r}. Fix: choose from {','.join(ALL_KEYS)}.")
     registry = Path(config.getoption("registry") or root / "models.yaml")
+    attn = config.getoption("attn_implementation") or os.environ.get("HARNESS_ATTN_IMPLEMENTATION") or None
+    if attn:
+        from harness.registry import check_attn_implementation
+
+        try:
+            check_attn_implementation(attn)
+        except ValueError as exc:
+            raise pytest.UsageError(f"--attn-implementation: {exc}.") from None
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=config.getoption("adapter"), device=config.getoption("device"),
         golden_dir=golden.resolve(), update=update, rootdir=root,
         obtained_dir=Path(config.getoption("harness_obtained")).resolve() if config.getoption("harness_obtained") else None,
+        attn_implementation=attn,
     )
 
 
