@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.noise import (
-    FLOORS, Item, Noise, Recommendation, Scored, measure, observe, paths_from_json, paths_to_json,
-    recommend, score_single_pass, smallest_margins,
+    FLOORS, Item, Noise, Recommendation, Scored, forced, forced_batch, measure, paths_from_json, paths_to_json,
+    recommend, reference_paths, score_single_pass, smallest_margins,
 )
 
 CONDITIONS = ("kernels", "threads", "env", "batch", "cache", "repeat")
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="cap on each prompt's new tokens (default 16)")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
     p.add_argument("--safety", type=float, default=3.0, help="recommended tolerance = observed max x SAFETY (default 3)")
+    p.add_argument("--regressions", nargs="?", const="default", default=None, metavar="LIST",
+                   help="also measure constructed regressions (KIND:VALUE list out of weights, rope_theta, "
+                        "rms_norm_eps, lora_b; bare flag: a default set) and whether the tolerances catch them")
     p.add_argument("--out", default=None, help="write calibration.json, calibration.md and tolerance.yaml here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
@@ -149,6 +152,7 @@ class Context:
     device: Any
     items: list[Item]
     reference_attn: str | None
+    regressions: list[Any]
 
 
 def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,7 +179,9 @@ def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
     reference_pool = ModelPool(resolved=resolved, device=device, attn_implementation=requested)
     items = suite_items(args.suites, reference_pool.tokenizer, max_new_tokens=args.max_new_tokens,
                         max_prompts=args.max_prompts)
-    ctx = Context(resolved, device, items, requested)
+    from harness.regressions import parse
+
+    ctx = Context(resolved, device, items, requested, parse(args.regressions) if args.regressions else [])
     envs = args.env if args.env is not None else default_envs(device)
     import torch
 
@@ -205,22 +211,34 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
     except HarnessError as exc:
         pool.release()
         return {"skipped": str(exc)}
-    reference = observe(model, pool.tokenizer, ctx.items)
-    paths = [[s.token_id for s in path] for path in reference]
-    noises: list[Noise] = []
+    reference = reference_paths(model, pool.tokenizer, ctx.items)
+    ref_steps = [obs.steps for obs in reference]
+    paths = [list(obs.token_ids) for obs in reference]
+    observed: list[tuple[Noise, list[Scored]]] = []
     skipped: dict[str, str] = {}
     for name, run in _conditions(ctx, pool, variant, paths, conditions, envs):
         _say(f"{variant.key}: {name}")
         try:
-            noises.append(measure(name, names, reference, run()))
+            scores = run()
         except (HarnessError, RuntimeError, OSError, ValueError) as exc:
             skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             _say(f"{variant.key}: {name} skipped ({skipped[name]})")
+            continue
+        observed.append((measure(name, names, ref_steps, scores), scores))
     pool.release()
-    rec = recommend(noises, safety=safety)
-    margins = smallest_margins(names, reference)
+    rec = recommend([n for n, _ in observed], safety=safety)
+    tolerances = _tolerances(rec, variant.key)
+    regressed: list[tuple[Noise, list[Scored]]] = []
+    for regression in ctx.regressions:
+        if regression.needs_adapter and not variant.lora:
+            continue
+        _say(f"{variant.key}: regression {regression.name}")
+        scores = _regressed(ctx, variant, regression, paths)
+        regressed.append((measure(regression.name, names, ref_steps, scores), scores))
+    margins = smallest_margins(names, ref_steps)
     return {
-        "conditions": [_noise_dict(n) for n in noises],
+        "conditions": [_noise_dict(n, _verdicts(names, reference, s, tolerances)) for n, s in observed],
+        "regressions": [_noise_dict(n, _verdicts(names, reference, s, tolerances)) for n, s in regressed],
         "skipped": skipped,
         "recommendation": asdict(rec),
         "smallest_margins": {k: {"step": s, "margin": m} for k, (s, m) in margins.items()},
@@ -239,11 +257,11 @@ def _conditions(ctx: Context, pool: Any, variant: Any, paths: list[list[int]], c
         return pool.get(variant).model
 
     if "repeat" in conditions:
-        out.append(("repeat", lambda: observe(loaded(), pool.tokenizer, ctx.items, paths)))
+        out.append(("repeat", lambda: forced(loaded(), pool.tokenizer, ctx.items, paths)))
     if "batch" in conditions and len(ctx.items) > 1:
-        out.append(("padded batch", lambda: observe(loaded(), pool.tokenizer, ctx.items, paths, batch=True)))
+        out.append(("padded batch", lambda: forced_batch(loaded(), pool.tokenizer, ctx.items, paths)))
     if "cache" in conditions:
-        out.append(("no KV cache", lambda: score_single_pass(loaded(), ctx.items, paths)))
+        out.append(("no KV cache (one forward pass)", lambda: score_single_pass(loaded(), ctx.items, paths)))
     if "threads" in conditions and not ctx.device.is_cuda and torch.get_num_threads() > 1:
         out.append((f"threads=1 (default {torch.get_num_threads()})", lambda: _one_thread(loaded(), pool, ctx, paths)))
     if "kernels" in conditions:
@@ -259,13 +277,58 @@ def _conditions(ctx: Context, pool: Any, variant: Any, paths: list[list[int]], c
     return out
 
 
+def _tolerances(rec: Recommendation, variant_key: str) -> dict[str, Any]:
+    """The recommended tolerance and the engine's built-in default, to judge conditions against."""
+    from harness.compare import NoiseModel, Tolerance
+
+    return {"recommended": Tolerance(**rec.as_tolerance(), source="recommended"),
+            "default": NoiseModel().tolerance(variant_key)}
+
+
+def _verdicts(names: list[str], reference: list[Any], scores: list[Scored],
+              tolerances: dict[str, Any]) -> dict[str, Any]:
+    """Per tolerance, the prompts the golden comparison would fail, with its first reason."""
+    from harness.noise import judge
+
+    out: dict[str, Any] = {}
+    for label, tol in tolerances.items():
+        failed = {}
+        for name, obs, got in zip(names, reference, scores):
+            verdict = judge(obs, got, tol)
+            if not verdict.ok:
+                failed[name] = verdict.reasons[0]
+        out[label] = failed
+    return out
+
+
+def _regressed(ctx: Context, variant: Any, regression: Any, paths: list[list[int]]) -> list[Scored]:
+    """The reference paths scored by a modified copy of the model (or adapter)."""
+    import dataclasses
+
+    from harness.pool import ModelPool
+    from harness.regressions import apply, cleanup
+
+    workdir = Path(tempfile.mkdtemp(prefix="harness-regression-"))
+    try:
+        model_dir, adapter_dir = apply(regression, model=ctx.resolved.path, adapter=ctx.resolved.adapter,
+                                       workdir=workdir)
+        resolved = dataclasses.replace(ctx.resolved, path=model_dir, adapter=adapter_dir)
+        pool = ModelPool(resolved=resolved, device=ctx.device, attn_implementation=ctx.reference_attn)
+        try:
+            return forced(pool.get(variant).model, pool.tokenizer, ctx.items, paths)
+        finally:
+            pool.release()
+    finally:
+        cleanup(workdir)
+
+
 def _one_thread(model: Any, pool: Any, ctx: Context, paths: list[list[int]]) -> list[Scored]:
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return observe(model, pool.tokenizer, ctx.items, paths)
+        return forced(model, pool.tokenizer, ctx.items, paths)
     finally:
         torch.set_num_threads(before)
 
@@ -276,7 +339,7 @@ def _with_kernel(ctx: Context, pool: Any, variant: Any, kernel: str, paths: list
     pool.release()
     other = ModelPool(resolved=ctx.resolved, device=ctx.device, attn_implementation=kernel)
     try:
-        return observe(other.get(variant).model, pool.tokenizer, ctx.items, paths)
+        return forced(other.get(variant).model, pool.tokenizer, ctx.items, paths)
     finally:
         other.release()
 
@@ -317,14 +380,15 @@ def _worker(job_file: Path) -> int:
                              Path(job["adapter"]) if job["adapter"] else None)
     pool = ModelPool(resolved=resolved, device=pick_device(job["device"]), attn_implementation=job["attn"])
     items = [Item(d["name"], tuple(d["prompt_ids"]), d["max_new_tokens"]) for d in job["items"]]
-    paths = observe(pool.get(VariantSpec.from_key(job["variant"])).model, pool.tokenizer, items, job["paths"])
+    paths = forced(pool.get(VariantSpec.from_key(job["variant"])).model, pool.tokenizer, items, job["paths"])
     job_file.with_suffix(".out.json").write_text(json.dumps({"paths": paths_to_json(paths)}))
     return 0
 
 
 # -- rendering ---------------------------------------------------------------------------------
-def _noise_dict(noise: Noise) -> dict[str, Any]:
+def _noise_dict(noise: Noise, failed: dict[str, Any]) -> dict[str, Any]:
     return {
+        "failed": failed,
         "condition": noise.condition, "steps": noise.steps, "mean_abs_dlogp": noise.mean_abs_dlogp,
         "max_abs_dlogp": noise.max_abs_dlogp, "max_gap_shift": noise.max_gap_shift,
         "nonfinite": noise.nonfinite, "flips": [asdict(f) for f in noise.flips],
@@ -354,15 +418,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         if "skipped" in data and isinstance(data["skipped"], str):
             lines += ["", f"skipped: {data['skipped']}", ""]
             continue
-        lines += ["", "| condition | steps | mean \\|Δ log p\\| (worst prompt) | max \\|Δ log p\\| | max margin shift | flips (widest gap) |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for c in data["conditions"]:
-            flips = f"{len(c['flips'])} ({_fmt(max(max(f['gap_reference'], f['gap_condition']) for f in c['flips']))})" if c["flips"] else "0"
-            bad = f", {c['nonfinite']} NaN/inf" if c["nonfinite"] else ""
-            lines.append(f"| {c['condition']} | {c['steps']} | {_fmt(c['mean_abs_dlogp'])} | {_fmt(c['max_abs_dlogp'])} "
-                         f"| {_fmt(c['max_gap_shift'])} | {flips}{bad} |")
+        n = len(result["items"])
+        lines += ["", *_table("condition (benign)", data["conditions"], n)]
         for name, reason in data["skipped"].items():
-            lines.append(f"| {name} | skipped: {reason} | | | | |")
+            lines.append(f"| {name} | skipped: {reason} | | | | | |")
+        if data.get("regressions"):
+            lines += ["", *_table("constructed regression", data["regressions"], n)]
         rec = data["recommendation"]
         lines += ["", f"Recommended: mean_abs_dlogp {rec['mean_abs_dlogp']}, max_abs_dlogp {rec['max_abs_dlogp']}, "
                       f"tie_gap {rec['tie_gap']} (observed {_fmt(rec['observed']['mean_abs_dlogp'])} / "
@@ -374,6 +435,20 @@ def render_markdown(result: dict[str, Any]) -> str:
                 for k in data["fragile"]))
         lines.append("")
     return "\n".join(lines)
+
+
+def _table(title: str, rows: list[dict[str, Any]], n_items: int) -> list[str]:
+    lines = [f"| {title} | steps | mean \\|Δ log p\\| (worst prompt) | max \\|Δ log p\\| | max margin shift "
+             f"| flips (widest gap) | prompts failed: recommended / default tolerance |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for c in rows:
+        flips = (f"{len(c['flips'])} ({_fmt(max(max(f['gap_reference'], f['gap_condition']) for f in c['flips']))})"
+                 if c["flips"] else "0")
+        bad = f", {c['nonfinite']} NaN/inf" if c["nonfinite"] else ""
+        failed = " / ".join(f"{len(c['failed'][k])}/{n_items}" for k in ("recommended", "default"))
+        lines.append(f"| {c['condition']} | {c['steps']} | {_fmt(c['mean_abs_dlogp'])} | {_fmt(c['max_abs_dlogp'])} "
+                     f"| {_fmt(c['max_gap_shift'])} | {flips}{bad} | {failed} |")
+    return lines
 
 
 def render_yaml(result: dict[str, Any]) -> str:

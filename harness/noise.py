@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-TOP_K = 5
+from harness.compare import Tolerance, Verdict, compare
+from harness.observation import DEFAULT_TOP_K, Observation, Step, observe_greedy, step_from_scores, teacher_force
+
+Scored = tuple[Step, ...]
 
 
 @dataclass(frozen=True)
@@ -26,113 +29,66 @@ class Item:
     max_new_tokens: int
 
 
-@dataclass(frozen=True)
-class Step:
-    """One decoding step: the chosen (or forced) token's log-prob and the top-k, float32."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]
-
-    def logprob_of(self, token_id: int) -> float | None:
-        return next((lp for tid, lp in self.top if tid == token_id), None)
-
-    def runner_up(self, token_id: int) -> float:
-        """The best log-prob among tokens other than ``token_id`` (its margin's other side)."""
-        return next((lp for tid, lp in self.top if tid != token_id), -math.inf)
-
-
-Scored = tuple[Step, ...]
+def runner_up(step: Step, token_id: int) -> float:
+    """The best log-prob among tokens other than ``token_id``: the other side of its margin."""
+    return next((lp for tid, lp in step.top if tid != token_id), -math.inf)
 
 
 # -- observing ------------------------------------------------------------------------------
-def _step(logprobs: Any, token_id: int, top_k: int) -> Step:
-    values, ids = logprobs.topk(top_k)
-    return Step(int(token_id), float(logprobs[token_id]),
-                tuple((int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())))
+def reference_paths(model: Any, tokenizer: Any, items: Sequence[Item], *,
+                    top_k: int = DEFAULT_TOP_K) -> list[Observation]:
+    """Free greedy decoding of each item, as a golden records it."""
+    return [observe_greedy(model, tokenizer, item.prompt_ids, item.max_new_tokens, top_k=top_k) for item in items]
 
 
-def _recorder(paths: Sequence[Sequence[int]] | None, rows: int, top_k: int, eos: int | None) -> Any:
-    """A logits processor placed last: it records the scores decoding uses, then forces the path."""
+def forced(model: Any, tokenizer: Any, items: Sequence[Item], paths: Sequence[Sequence[int]], *,
+           top_k: int = DEFAULT_TOP_K) -> list[Scored]:
+    """Each item's decoding forced along its reference path, one at a time (as rescoring does)."""
+    return [teacher_force(model, item.prompt_ids, path, top_k=top_k, tokenizer=tokenizer)
+            for item, path in zip(items, paths)]
+
+
+def forced_batch(model: Any, tokenizer: Any, items: Sequence[Item], paths: Sequence[Sequence[int]], *,
+                 top_k: int = DEFAULT_TOP_K) -> list[Scored]:
+    """All items in one left-padded batch, each row forced along its own path (the padding check's setting)."""
     import torch
-    from transformers import LogitsProcessor
-
-    class Recorder(LogitsProcessor):
-        def __init__(self) -> None:
-            self.steps: list[list[Step]] = [[] for _ in range(rows)]
-            self.index = 0
-
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            logprobs = torch.log_softmax(scores.float(), dim=-1).cpu()
-            forced = torch.full_like(scores, -math.inf) if paths is not None else scores
-            for row in range(rows):
-                if paths is None:
-                    self.steps[row].append(_step(logprobs[row], int(logprobs[row].argmax()), top_k))
-                elif self.index < len(paths[row]):
-                    token = paths[row][self.index]
-                    self.steps[row].append(_step(logprobs[row], token, top_k))
-                    forced[row, token] = 0.0
-                else:  # this row's path ended: finish it
-                    forced[row, eos if eos is not None else 0] = 0.0
-            self.index += 1
-            return forced
-
-    return Recorder()
-
-
-def observe(model: Any, tokenizer: Any, items: Sequence[Item], paths: Sequence[Sequence[int]] | None = None,
-            *, batch: bool = False, top_k: int = TOP_K) -> list[Scored]:
-    """Greedy decoding of each item (``paths`` None: the reference), or forced along ``paths``.
-
-    ``batch`` runs all items as one left-padded batch, as the padding check does.
-    """
-    groups = [list(range(len(items)))] if batch else [[i] for i in range(len(items))]
-    out: list[Scored] = [()] * len(items)
-    for group in groups:
-        for index, steps in zip(group, _observe_rows(model, tokenizer, [items[i] for i in group],
-                                                     None if paths is None else [paths[i] for i in group], top_k)):
-            out[index] = steps
-    return out
-
-
-def _observe_rows(model: Any, tokenizer: Any, items: list[Item], paths: list[Sequence[int]] | None,
-                  top_k: int) -> list[Scored]:
-    import torch
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     from harness.checks.prompts import greedy_generate
 
+    rows = len(items)
+    steps: list[list[Step]] = [[] for _ in range(rows)]
+    finish = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    class _ForceRows(LogitsProcessor):
+        index = 0
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            out = torch.full_like(scores, -math.inf)
+            for row in range(rows):
+                if self.index < len(paths[row]):
+                    token = paths[row][self.index]
+                    steps[row].append(step_from_scores(scores[row], token, top_k=top_k))
+                else:  # this row's path ended: finish it
+                    token = finish
+                out[row, token] = 0.0
+            self.index += 1
+            return out
+
     device = next(model.parameters()).device
     width = max(len(item.prompt_ids) for item in items)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else finish
     ids = torch.tensor([[pad] * (width - len(it.prompt_ids)) + list(it.prompt_ids) for it in items], device=device)
-    mask = torch.tensor([[0] * (width - len(it.prompt_ids)) + [1] * len(it.prompt_ids) for it in items], device=device)
-    new_tokens = max(len(p) for p in paths) if paths is not None else max(it.max_new_tokens for it in items)
-    recorder = _recorder(paths, len(items), top_k, tokenizer.eos_token_id)
-    greedy_generate(model, tokenizer, ids, mask, new_tokens, logits_processor=LogitsProcessorList([recorder]))
-    steps = [tuple(row) for row in recorder.steps]
-    if paths is None:  # a row stops at its first eos: later steps are padding
-        eos = _eos_ids(model, tokenizer)
-        steps = [_until_eos(row, eos) for row in steps]
-    return steps
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(value if isinstance(value, list) else [value] if value is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def _until_eos(steps: Scored, eos: set[int]) -> Scored:
-    end = next((i + 1 for i, s in enumerate(steps) if s.token_id in eos), len(steps))
-    return steps[:end]
+    mask = torch.tensor([[0] * (width - len(it.prompt_ids)) + [1] * len(it.prompt_ids) for it in items],
+                        device=device)
+    greedy_generate(model, tokenizer, ids, mask, max(len(p) for p in paths),
+                    logits_processor=LogitsProcessorList([_ForceRows()]))
+    return [tuple(row) for row in steps]
 
 
 def score_single_pass(model: Any, items: Sequence[Item], paths: Sequence[Sequence[int]], *,
-                      top_k: int = TOP_K) -> list[Scored]:
-    """Each path scored in one forward pass without a KV cache: how rescoring after a near-tie works."""
+                      top_k: int = DEFAULT_TOP_K) -> list[Scored]:
+    """Each path scored in one forward pass without a KV cache (raw scores: no logits processors)."""
     import torch
 
     device = next(model.parameters()).device
@@ -140,10 +96,9 @@ def score_single_pass(model: Any, items: Sequence[Item], paths: Sequence[Sequenc
     for item, path in zip(items, paths):
         ids = torch.tensor([list(item.prompt_ids) + list(path)], device=device)
         with torch.inference_mode():
-            logits = model(input_ids=ids, use_cache=False).logits[0].float()
+            logits = model(input_ids=ids, use_cache=False).logits[0]
         start = len(item.prompt_ids) - 1
-        logprobs = torch.log_softmax(logits[start:start + len(path)], dim=-1).cpu()
-        out.append(tuple(_step(logprobs[i], token, top_k) for i, token in enumerate(path)))
+        out.append(tuple(step_from_scores(logits[start + i], token, top_k=top_k) for i, token in enumerate(path)))
     return out
 
 
@@ -212,20 +167,20 @@ def measure(condition: str, names: Sequence[str], reference: Sequence[Scored], o
         deltas: list[float] = []
         flips = 0
         for index, (r, g) in enumerate(zip(ref, got)):
-            if not math.isfinite(g.logprob):
+            if not g.finite or not g.top:
                 noise.nonfinite += 1
                 deltas.append(math.inf)
                 continue
             deltas.append(abs(g.logprob - r.logprob))
             noise.max_gap_shift = max(noise.max_gap_shift,
-                                      abs((r.logprob - r.runner_up(r.token_id)) - (g.logprob - g.runner_up(r.token_id))))
-            best = g.top[0][0]
+                                      abs((r.logprob - runner_up(r, r.token_id)) - (g.logprob - runner_up(g, r.token_id))))
+            best = g.best[0]
             if best != r.token_id:
                 flips += 1
                 in_ref = r.logprob_of(best)
                 noise.flips.append(Flip(name, index, r.token_id, best,
                                         gap_reference=r.logprob - in_ref if in_ref is not None else math.inf,
-                                        gap_condition=g.top[0][1] - g.logprob))
+                                        gap_condition=g.best[1] - g.logprob))
         noise.items[name] = ItemNoise(len(deltas), sum(deltas) / len(deltas) if deltas else 0.0,
                                       max(deltas, default=0.0), flips)
     return noise
@@ -235,10 +190,27 @@ def smallest_margins(names: Sequence[str], reference: Sequence[Scored]) -> dict[
     """Per item, the step whose top-2 margin is smallest: where any numeric change flips first."""
     out: dict[str, tuple[int, float]] = {}
     for name, ref in zip(names, reference):
-        margins = [(i, s.logprob - s.runner_up(s.token_id)) for i, s in enumerate(ref)]
+        margins = [(i, s.logprob - runner_up(s, s.token_id)) for i, s in enumerate(ref)]
         if margins:
             out[name] = min(margins, key=lambda m: m[1])
     return out
+
+
+def judge(reference: Observation, observed: Scored, tol: Tolerance) -> Verdict:
+    """The golden comparison's verdict on a model whose forced scores of the reference path are ``observed``.
+
+    Free greedy decoding is forced decoding until the first flip, so the free run is the forced
+    steps up to there plus the preferred token; the forced steps are also what rescoring gives.
+    """
+    steps: list[Step] = []
+    for ref, got in zip(reference.steps, observed):
+        if got.top and got.best[0] != ref.token_id:
+            steps.append(Step(got.best[0], got.best[1], got.top))
+            break
+        steps.append(got)
+    same = len(steps) == len(reference.steps) and steps[-1].token_id == reference.steps[-1].token_id if steps else False
+    actual = Observation(reference.prompt_ids, tuple(steps), reference.stop if same else "length")
+    return compare(reference, actual, tol, rescore=lambda _ids: tuple(observed))
 
 
 # -- recommendation ---------------------------------------------------------------------------
