@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from harness.observation import (  # noqa: F401  (re-exported: the engine's public names)
     DEFAULT_TOP_K,
     Observation,
@@ -103,10 +105,43 @@ class NoiseModel:
         table: dict[str, Tolerance] = {}
         for key in set(self.tolerances) | set(nested) | {"fp16", "nf4"}:
             base = self.tolerance(key)
-            own = nested.get(key, nested.get(key.split("-")[0], {}))
-            values = {**flat, **{k: v for k, v in own.items() if v is not None}}
+            layers = [flat, nested.get(key.split("-")[0], {}), nested.get(key, {}) if "-" in key else {}]
+            values = {k: v for layer in layers for k, v in layer.items() if v is not None}
             table[key] = replace(base, **values, source=f"{key} ({where} tolerance)") if values else base
         return NoiseModel(tolerances=table, cross_device_factor=self.cross_device_factor)
+
+
+class ToleranceValues(BaseModel):
+    """Bounds a suite may set (any subset); the rest keep the noise model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean_abs_dlogp: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_abs_dlogp: float | None = Field(None, gt=0, allow_inf_nan=False)
+    tie_gap: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
+class ToleranceSpec(ToleranceValues):
+    """``tolerance:`` in a suite's ``defaults:`` or on a check: flat (every variant) or per variant.
+
+    A variant's own entry wins over its quantization's (``nf4-lora`` over ``nf4``),
+    which wins over the flat values.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    fp16: ToleranceValues | None = None
+    nf4: ToleranceValues | None = None
+    fp16_lora: ToleranceValues | None = Field(None, alias="fp16-lora")
+    nf4_lora: ToleranceValues | None = Field(None, alias="nf4-lora")
+
+    def as_override(self) -> dict[str, Any]:
+        override: dict[str, Any] = {k: getattr(self, k) for k in TOLERANCE_FIELDS if getattr(self, k) is not None}
+        for key in ("fp16", "nf4", "fp16-lora", "nf4-lora"):
+            values = getattr(self, key.replace("-", "_"))
+            if values is not None:
+                override[key] = values.model_dump(exclude_none=True)
+        return override
 
 
 @dataclass(frozen=True)
@@ -190,14 +225,18 @@ def tie_gaps(expected: Step, actual: Step) -> tuple[float, float] | None:
 
 def _divergence(step: int, expected: Step, actual: Step, gaps: tuple[float, float] | None, tol: Tolerance,
                 *, forced: bool = False) -> str:
-    what = ("teacher-forcing the golden's tokens after an accepted near-tie, at step "
-            f"{step} this model prefers" if forced else f"greedy output diverges at step {step}: this run chose")
-    head = (f"{what} token#{actual.token_id} (log p {actual.logprob:.3f}) where the golden has "
-            f"token#{expected.token_id} (log p {expected.logprob:.3f})")
+    if forced:
+        head = (f"teacher-forcing the golden's tokens after an accepted near-tie, at new token {step} this model "
+                f"prefers token#{actual.token_id} (log p {actual.logprob:.3f}) to the golden's "
+                f"token#{expected.token_id} (golden log p {expected.logprob:.3f})")
+    else:
+        head = (f"greedy output diverges at new token {step}: expected token#{expected.token_id} (log p "
+                f"{expected.logprob:.3f} in the golden), got token#{actual.token_id} (log p {actual.logprob:.3f})")
     if gaps is None:
         missing = "this run's" if actual.logprob_of(expected.token_id) is None else "the golden's"
-        return head + f"; the other token is not in {missing} top-{max(len(expected.top), len(actual.top))}: not a near-tie, a real change"
-    return (head + f"; log-prob gap {gaps[0]:.3f} in the golden, {gaps[1]:.3f} in this run, tie tolerance "
+        k = max(len(expected.top), len(actual.top))
+        return head + f"; the other token is not in {missing} top-{k}: not a near-tie, a real change"
+    return (head + f"; log-prob gap {gaps[0]:.3f} in the golden and {gaps[1]:.3f} in this run, tie tolerance "
             f"{tol.tie_gap:g}{tol.describe()}: not a near-tie, a real change")
 
 
