@@ -164,7 +164,8 @@ def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
     from harness.variants import parse_variants
 
     registry = load_registry(Path(args.registry))
-    resolved = resolve(args.model, registry=registry, rootdir=Path.cwd(), adapter=args.adapter, progress=_say)
+    rootdir = Path(args.registry).resolve().parent  # relative paths in the registry are relative to it
+    resolved = resolve(args.model, registry=registry, rootdir=rootdir, adapter=args.adapter, progress=_say)
     device = pick_device(args.device)
     variants = parse_variants(args.variants, adapter_known=resolved.adapter is not None)
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
