@@ -226,6 +226,7 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
             _say(f"{variant.key}: {name} skipped ({skipped[name]})")
             continue
         observed.append((measure(name, names, ref_steps, scores), scores))
+        _say(f"{variant.key}: {_summary(observed[-1][0])}")
     pool.release()
     rec = recommend([n for n, _ in observed], safety=safety)
     tolerances = _tolerances(rec, variant.key)
@@ -236,6 +237,9 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
         _say(f"{variant.key}: regression {regression.name}")
         scores = _regressed(ctx, variant, regression, paths)
         regressed.append((measure(regression.name, names, ref_steps, scores), scores))
+        failed = _verdicts(names, reference, scores, tolerances)
+        _say(f"{variant.key}: {_summary(regressed[-1][0])}; prompts failed (recommended/default): "
+             f"{len(failed['recommended'])}/{len(failed['default'])} of {len(names)}")
     margins = smallest_margins(names, ref_steps)
     return {
         "conditions": [_noise_dict(n, _verdicts(names, reference, s, tolerances)) for n, s in observed],
@@ -276,6 +280,14 @@ def _conditions(ctx: Context, pool: Any, variant: Any, paths: list[list[int]], c
         for setting in envs:
             out.append((f"env {setting}", lambda s=setting: _in_subprocess(ctx, variant, paths, s)))
     return out
+
+
+def _summary(noise: Noise) -> str:
+    """One line per finished condition, so a long run's progress is readable (and not lost)."""
+    return (f"{noise.condition}: mean |Δ log p| {noise.mean_abs_dlogp:.4f}, max {noise.max_abs_dlogp:.4f}, "
+            f"margin shift {noise.max_gap_shift:.4f}, flips {len(noise.flips)}"
+            + (f" (widest gap {noise.max_flip_gap:.4f})" if noise.flips else "")
+            + (f", {noise.nonfinite} NaN/inf steps" if noise.nonfinite else ""))
 
 
 def _tolerances(rec: Recommendation, variant_key: str) -> dict[str, Any]:
