@@ -179,13 +179,14 @@ class Verdict:
 
     def explain(self, tokenizer: Any = None) -> str:
         """The reasons (and accepted ties), with token ids rendered as text where a tokenizer is given."""
-        lines = list(self.reasons) + [t.describe() for t in self.accepted_ties]
-        if self.stats.get("steps_compared"):
-            lines.append(
-                f"mean |Δ log p| {self.stats['mean_abs_dlogp']:.3g}, max {self.stats['max_abs_dlogp']:.3g} "
-                f"over {int(self.stats['steps_compared'])} steps"
-            )
-        return render_tokens("\n".join(lines), tokenizer)
+        lines = list(self.reasons) + [t.describe() for t in self.accepted_ties] + [self.summary()]
+        return render_tokens("\n".join(line for line in lines if line), tokenizer)
+
+    def summary(self) -> str:
+        if not self.stats.get("steps_compared"):
+            return ""
+        return (f"mean |Δ log p| {self.stats['mean_abs_dlogp']:.3g}, max {self.stats['max_abs_dlogp']:.3g} "
+                f"over {int(self.stats['steps_compared'])} steps")
 
 
 def render_tokens(text: str, tokenizer: Any = None) -> str:
