@@ -49,7 +49,7 @@ def test_accepted_near_tie_is_reported_in_summary_and_report(project):
     assert 0 < gap < 0.5
     result = project.run("--variants", "fp16", "--harness-report", "report.md")
     result.assert_outcomes(passed=1)
-    line = f"accepted near-tie at step 5 of capital[fp16], gap {gap:.3g}*"
+    line = f"accepted near-tie at step 5 of capital?fp16?, gap {gap:.3g}*"
     result.stdout.fnmatch_lines([line])
     report = (project.path / "report.md").read_text()
     assert f"- accepted near-tie at step 5 of capital[fp16], gap {gap:.3g}" in report
@@ -82,7 +82,7 @@ def test_near_tie_followed_by_the_golden_path_is_teacher_forced_and_passes(proje
     capital_suite(project, n=10, extra="    tolerance: {tie_gap: 0.5}\n")
     result = project.run("--variants", "fp16")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["accepted near-tie at step 5 of capital[fp16], gap *"])
+    result.stdout.fnmatch_lines(["accepted near-tie at step 5 of capital?fp16?, gap *"])
 
 
 def test_near_tie_whose_remaining_golden_tokens_do_not_fit_fails_with_teacher_forced_evidence(project):
@@ -122,7 +122,7 @@ def test_sub_token_drift_fails_with_identical_ids(project, embedded_model_dir: P
     scale_weight(model_dir, "model.layers.3.mlp.down_proj.weight", 1.2)
     result = project.run("--model", str(model_dir), "--variants", "fp16", "--harness-obtained", "obtained")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*mean |Δ log p| * over 6 steps > tolerance 0.01 for fp16: the chosen tokens' "
+    result.stdout.fnmatch_lines(["*mean |Δ log p| * over 6 steps > tolerance * for fp16: the chosen tokens' "
                                  "probabilities moved beyond numerical noise*"])
     assert "diverges" not in result.stdout.str()
     obtained = json.loads((project.path / "obtained/mymodel/cpu/fp16/gen/capital.json").read_text())
@@ -133,7 +133,7 @@ def test_fragile_golden_is_reported_when_recorded(project):
     capital_suite(project, extra="    tolerance: {tie_gap: 0.3}\n")
     result = project.run("--variants", "fp16", "--snapshot-update", "--harness-report", "report.md")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["fragile golden capital[fp16]: its recorded path has near-ties that noise can "
+    result.stdout.fnmatch_lines(["fragile golden capital?fp16?: its recorded path has near-ties that noise can "
                                  "flip at step 5 (gap 0.211); consider a shorter max_new_tokens or another prompt"])
     assert "- fragile golden capital[fp16]: " in (project.path / "report.md").read_text()
     plain = project.run("--variants", "fp16")  # only reported when recorded
@@ -150,7 +150,7 @@ def test_cross_device_judgement_is_labelled_and_writes_nothing(project):
                                   "--golden-device cuda-sm90*"])
     judged = project.run("--variants", "fp16", "--golden-device", "auto", "--harness-report", "report.md")
     judged.assert_outcomes(passed=1)
-    judged.stdout.fnmatch_lines(["capital[fp16] judged against cuda-sm90 goldens, tolerance *cross-device x3*"])
+    judged.stdout.fnmatch_lines(["capital?fp16? judged against cuda-sm90 goldens, tolerance *cross-device x3*"])
     assert "judged against cuda-sm90 goldens" in (project.path / "report.md").read_text()
     assert not (project.golden / "smollm2-135m/cpu").exists()
     # a failure says which goldens judged it
