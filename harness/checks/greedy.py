@@ -209,8 +209,10 @@ class GoldenJudgement:
         lines = setting_changes(expected.get("generation"), actual["generation"])
         lines += self.changes
         if self.verdict is not None and self.expected is not None:
+            lines += [render_tokens(r, self.tokenizer) for r in self.verdict.reasons]
             lines += self._divergence_context()
-            lines.append(self.verdict.explain(self.tokenizer))
+            lines += [render_tokens(t.describe(), self.tokenizer) for t in self.verdict.accepted_ties]
+            lines.append(self.verdict.summary())
             if self.verdict.ok:
                 lines.append("(the log-probabilities agree within noise)")
             else:
