@@ -438,10 +438,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         if data.get("regressions"):
             lines += ["", *_table("constructed regression", data["regressions"], n)]
         rec = data["recommendation"]
-        lines += ["", f"Recommended: mean_abs_dlogp {rec['mean_abs_dlogp']}, max_abs_dlogp {rec['max_abs_dlogp']}, "
-                      f"tie_gap {rec['tie_gap']} (observed {_fmt(rec['observed']['mean_abs_dlogp'])} / "
-                      f"{_fmt(rec['observed']['max_abs_dlogp'])} / {_fmt(rec['observed']['tie_gap'])} × "
-                      f"{result['safety']}, floors {result['floors']})."]
+        observed = ", ".join(f"{k} {rec[k]} (observed {_fmt(rec['observed'][k])})" for k in rec["observed"])
+        lines += ["", f"Recommended (observed × {result['safety']}, floors {result['floors']}): {observed}."]
         if data["fragile"]:
             lines.append("Fragile prompts (a top-2 margin below tie_gap on the reference path): " + ", ".join(
                 f"{k} (step {data['smallest_margins'][k]['step']}, margin {_fmt(data['smallest_margins'][k]['margin'])})"

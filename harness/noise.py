@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.compare import Tolerance, Verdict, compare
+from harness.compare import Tolerance, Verdict, _margin_shift, compare
 from harness.observation import DEFAULT_TOP_K, Observation, Step, observe_greedy, step_from_scores, teacher_force
 
 Scored = tuple[Step, ...]
@@ -172,8 +172,9 @@ def measure(condition: str, names: Sequence[str], reference: Sequence[Scored], o
                 deltas.append(math.inf)
                 continue
             deltas.append(abs(g.logprob - r.logprob))
-            noise.max_gap_shift = max(noise.max_gap_shift,
-                                      abs((r.logprob - runner_up(r, r.token_id)) - (g.logprob - runner_up(g, r.token_id))))
+            shifts: list[tuple[int, float]] = []
+            _margin_shift(index, r, g, shifts)  # the engine's own measure: reference token vs its runner-up
+            noise.max_gap_shift = max([noise.max_gap_shift] + [shift for _, shift in shifts])
             best = g.best[0]
             if best != r.token_id:
                 flips += 1
@@ -223,16 +224,20 @@ class Recommendation:
     tie_gap: float
     observed: dict[str, float]
 
+    max_margin_shift: float = 0.0
+
     def as_tolerance(self) -> dict[str, float]:
-        return {"mean_abs_dlogp": self.mean_abs_dlogp, "max_abs_dlogp": self.max_abs_dlogp, "tie_gap": self.tie_gap}
+        return {"mean_abs_dlogp": self.mean_abs_dlogp, "max_abs_dlogp": self.max_abs_dlogp, "tie_gap": self.tie_gap,
+                "max_margin_shift": self.max_margin_shift}
 
 
-FLOORS = {"mean_abs_dlogp": 0.01, "max_abs_dlogp": 0.05, "tie_gap": 0.05}
+FLOORS = {"mean_abs_dlogp": 0.01, "max_abs_dlogp": 0.05, "tie_gap": 0.05, "max_margin_shift": 0.05}
 
 
 def recommend(noises: Sequence[Noise], *, safety: float = 3.0, floors: dict[str, float] | None = None) -> Recommendation:
     """Tolerances that pass every benign condition measured, with room for the ones not measured.
 
+    ``max_margin_shift`` bounds how far the margin between a golden token and its runner-up may move.
     The tie tolerance covers both the widest flip seen and the largest change of a top-2 margin:
     a flip happens where a margin is smaller than that change, so flips not seen in these few
     prompts are still covered.
@@ -243,6 +248,7 @@ def recommend(noises: Sequence[Noise], *, safety: float = 3.0, floors: dict[str,
         "mean_abs_dlogp": max((n.mean_abs_dlogp for n in finite), default=0.0),
         "max_abs_dlogp": max((n.max_abs_dlogp for n in finite), default=0.0),
         "tie_gap": max((max(n.max_gap_shift, _finite_or_zero(n.max_flip_gap)) for n in finite), default=0.0),
+        "max_margin_shift": max((n.max_gap_shift for n in finite), default=0.0),
     }
     values = {k: _round_up(max(floors[k], safety * v)) for k, v in observed.items()}
     return Recommendation(observed=observed, **values)

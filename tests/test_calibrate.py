@@ -64,7 +64,9 @@ def test_recommendation_is_observed_times_safety_with_floors_and_covers_margin_s
     assert rec.mean_abs_dlogp == pytest.approx(0.09)      # worst item's mean (item a), not the mean over items
     assert rec.tie_gap == pytest.approx(0.39)             # margin 0.4 -> 0.27: shift 0.13 x 3
     floored = recommend([quiet], safety=3.0)
-    assert floored.as_tolerance() == {"mean_abs_dlogp": 0.01, "max_abs_dlogp": 0.05, "tie_gap": 0.05}
+    assert floored.as_tolerance() == {"mean_abs_dlogp": 0.01, "max_abs_dlogp": 0.05, "tie_gap": 0.05,
+                                      "max_margin_shift": 0.05}
+    assert rec.max_margin_shift == pytest.approx(0.39)
 
 
 def test_judge_accepts_a_near_tie_but_not_a_real_change():
