@@ -268,7 +268,9 @@ def _conditions(ctx: Context, pool: Any, variant: Any, paths: list[list[int]], c
     if "cache" in conditions:
         out.append(("no KV cache (one forward pass)", lambda: score_single_pass(loaded(), ctx.items, paths)))
     if "threads" in conditions and not ctx.device.is_cuda and torch.get_num_threads() > 1:
-        out.append((f"threads=1 (default {torch.get_num_threads()})", lambda: _one_thread(loaded(), pool, ctx, paths)))
+        # a fresh process: torch's and OpenMP's thread pools are sized once, at start
+        out.append((f"threads=1 (default {torch.get_num_threads()})",
+                    lambda: _in_subprocess(ctx, variant, paths, "OMP_NUM_THREADS=1")))
     if "kernels" in conditions:
         from harness.provenance import attn_implementation
 
@@ -333,17 +335,6 @@ def _regressed(ctx: Context, variant: Any, regression: Any, paths: list[list[int
             pool.release()
     finally:
         cleanup(workdir)
-
-
-def _one_thread(model: Any, pool: Any, ctx: Context, paths: list[list[int]]) -> list[Scored]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return forced(model, pool.tokenizer, ctx.items, paths)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _with_kernel(ctx: Context, pool: Any, variant: Any, kernel: str, paths: list[list[int]]) -> list[Scored]:
