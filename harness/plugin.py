@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import os
+
 import pytest
 
 from harness.ci import in_ci
@@ -28,6 +30,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="LoRA adapter folder; overrides the registry's adapter")
     group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where models run (default: auto, a GPU when there is one)")
+    group.addoption("--attn-implementation", default=None, metavar="KERNEL",
+                    help="attention kernel for this run (eager, sdpa, flash_attention_2, ...); overrides the "
+                         "registry's attn_implementation. Env: HARNESS_ATTN_IMPLEMENTATION")
     group.addoption("--golden-dir", default=None, metavar="DIR",
                     help="golden files root (default: golden/ at the rootdir)")
     group.addoption("--harness-report", default=None, metavar="FILE.md",
@@ -86,11 +91,20 @@ def _options(config: pytest.Config) -> Options:
         problem = overlap_problem(golden, Path(obtained))
         if problem:
             raise pytest.UsageError(problem)
+    attn = config.getoption("attn_implementation") or os.environ.get("HARNESS_ATTN_IMPLEMENTATION") or None
+    if attn:
+        from harness.registry import check_attn_implementation
+
+        try:
+            check_attn_implementation(attn)
+        except ValueError as exc:
+            raise pytest.UsageError(f"--attn-implementation: {exc}.") from None
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=adapter, device=config.getoption("device"),
         golden_dir=golden.resolve(), update=update, rootdir=root,
         obtained_dir=Path(obtained).resolve() if obtained else None,
+        attn_implementation=attn,
         golden_device=_golden_device(config.getoption("golden_device")),
     )
 

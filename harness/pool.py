@@ -50,6 +50,12 @@ class ModelPool:
     _failed: dict[str, HarnessError] = field(default_factory=dict)
     _observations: dict[tuple[str, str], Any] = field(default_factory=dict)
     loader: Callable[[VariantSpec], Any] | None = None
+    attn_implementation: str | None = None  # overrides the registry's (--attn-implementation, calibration)
+
+    @property
+    def requested_attn(self) -> str | None:
+        """The attention kernel asked of transformers; None leaves its default (SDPA)."""
+        return self.attn_implementation or self.resolved.entry.attn_implementation
 
     # -- tokenizer -----------------------------------------------------------
     @property
@@ -158,6 +164,8 @@ class ModelPool:
         }
         if variant.quant == "nf4":
             kwargs["quantization_config"] = nf4_config()
+        if self.requested_attn:
+            kwargs["attn_implementation"] = self.requested_attn
         return AutoModelForCausalLM.from_pretrained(str(self.resolved.path), **kwargs)
 
     def _apply_adapter(self, model: Any) -> Any:

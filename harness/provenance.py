@@ -79,6 +79,24 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+@lru_cache(maxsize=None)
+def attn_implementation(requested: str | None, folder: Path) -> str:
+    """The attention kernel a load uses: the one asked for, else the one transformers picks.
+
+    Goldens record it because kernels differ numerically (eager vs SDPA flips near-ties).
+    """
+    if requested:
+        return requested
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(folder))
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001 - remote code or an unknown architecture: say so
+        return "default"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
 def describe_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines for the provenance fields that differ (model, adapter, tokenizer, versions)."""
     lines: list[str] = []
@@ -94,6 +112,7 @@ def describe_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[
     for dist in sorted(set(old_v) | set(new_v)):
         if old_v.get(dist) != new_v.get(dist):
             lines.append(f"{dist} {old_v.get(dist)} -> {new_v.get(dist)}")
-    if recorded.get("device") != current.get("device"):
-        lines.append(f"device {recorded.get('device')} -> {current.get('device')}")
+    for key in ("device", "attn_implementation"):
+        if key in recorded and recorded.get(key) != current.get(key):
+            lines.append(f"{key} {recorded.get(key)} -> {current.get(key)}")
     return lines

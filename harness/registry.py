@@ -20,6 +20,28 @@ from harness.yamlload import YamlMap, load_yaml
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
+# Attention kernels transformers dispatches on (``attn_implementation``); a hub kernel is
+# written ``org/repo`` with an optional ``@revision`` and ``:function``.
+ATTN_IMPLEMENTATIONS = (
+    "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+    "flex_attention", "paged|eager",
+)
+HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w.]+)?$")
+
+
+def check_attn_implementation(value: str) -> str:
+    """``value`` if transformers can be asked for it; otherwise a ValueError naming the choices."""
+    if value in ATTN_IMPLEMENTATIONS or HUB_KERNEL.match(value):
+        return value
+    import difflib
+
+    match = difflib.get_close_matches(value, ATTN_IMPLEMENTATIONS, n=1)
+    raise ValueError(
+        f"unknown attention implementation {value!r}"
+        + (f"; did you mean {match[0]!r}?" if match else "")
+        + f" Choose one of {', '.join(ATTN_IMPLEMENTATIONS)}, or a hub kernel (org/repo)"
+    )
+
 
 class ModelEntry(BaseModel):
     """One registry entry: exactly one source (``hub``, ``gguf``, ``embedded`` or a local ``path``)."""
@@ -37,7 +59,13 @@ class ModelEntry(BaseModel):
     adapter: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    attn_implementation: str | None = None
     description: str = ""
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_kernel(cls, value: str | None) -> str | None:
+        return None if value is None else check_attn_implementation(value)
 
     @field_validator("revision", mode="before")
     @classmethod

@@ -40,6 +40,7 @@ class Options:
     update: bool
     rootdir: Path
     obtained_dir: Path | None = None
+    attn_implementation: str | None = None
     golden_device: str | None = None  # --golden-device
 
 
@@ -116,7 +117,8 @@ class HarnessSession:
         if self._pool is None:
             from harness.pool import ModelPool
 
-            self._pool = ModelPool(resolved=self.resolve(), device=self.device)
+            self._pool = ModelPool(resolved=self.resolve(), device=self.device,
+                                   attn_implementation=self.options.attn_implementation)
         return self._pool
 
     @property
@@ -133,7 +135,7 @@ class HarnessSession:
 
     def provenance(self) -> dict[str, Any]:
         from harness.provenance import (
-            adapter_fingerprint, library_versions, model_fingerprint, tokenizer_fingerprint,
+            adapter_fingerprint, attn_implementation, library_versions, model_fingerprint, tokenizer_fingerprint,
         )
 
         resolved = self.resolve()
@@ -145,6 +147,7 @@ class HarnessSession:
             "tokenizer_fingerprint": tokenizer_fingerprint(resolved.path),
             "adapter_fingerprint": adapter_fingerprint(resolved.adapter),
             "device": self.device.klass,
+            "attn_implementation": attn_implementation(self.pool.requested_attn, resolved.path),
             "versions": library_versions(),
         }
 
