@@ -1,0 +1,372 @@
+"""The one comparison engine: are two observations the same behaviour, up to numerical noise?
+
+Kernels, thread counts, SIMD levels and library versions move log-probabilities
+by a small, measurable amount; that amount depends on the quantization (NF4
+with bf16 compute is an order of magnitude noisier than fp16). A ``NoiseModel``
+holds it per variant as a ``Tolerance``; ``compare`` judges two greedy
+generations and ``compare_distributions`` judges full next-token rows (padding,
+batch, cache consistency). Both return a ``Verdict`` that says why it failed
+with log-prob evidence, reports every near-tie it accepted (never silent), and
+never lets NaN or inf pass.
+
+Rules of ``compare``:
+- on the shared path the token ids are identical and the chosen tokens'
+  log-probs agree within the tolerance (mean over the path and per step), so a
+  change too small to flip a token but larger than noise still fails;
+- at the first differing token, pass only for a near-tie in both runs (each
+  token in the other's top-k, the log-prob gap below ``tie_gap`` in the golden
+  and in this run); then the golden's remaining tokens are scored with the model
+  under test (``rescore``, teacher forcing) and held to the same tolerances;
+- a sequence that stops earlier or later than the golden diverges at that step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from harness.observation import (  # noqa: F401  (re-exported: the engine's public names)
+    DEFAULT_TOP_K,
+    Observation,
+    Step,
+    near_ties,
+    observe_greedy,
+    teacher_force,
+)
+
+Rescore = Callable[[list[int]], tuple[Step, ...]]
+TOLERANCE_FIELDS = ("mean_abs_dlogp", "max_abs_dlogp", "tie_gap")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far two runs of the same model may differ, in log-probability (nats)."""
+
+    mean_abs_dlogp: float
+    max_abs_dlogp: float
+    tie_gap: float
+    source: str = ""
+
+    def describe(self) -> str:
+        return f" for {self.source}" if self.source else ""
+
+
+# Starting defaults, from issue 9's measurements on SmolLM2-135M (CPU, eager vs
+# sdpa, 7 prompts, free-running greedy): chosen-token |dlogp| per-item mean
+# <= 0.004 (fp16) / 0.037 (nf4, bf16 compute), a single step <= 0.02 / 0.24;
+# teacher-forced: mean 0.004 / 0.011, max 0.022 / 0.070; observed flips at
+# gaps up to 0.31 (nf4-lora). Each bound sits ~2.5x above the measured noise.
+# TODO(H5): replace with the calibrated table of /work/notes/calibration.md.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp16": Tolerance(mean_abs_dlogp=0.01, max_abs_dlogp=0.06, tie_gap=0.1, source="fp16"),
+    "nf4": Tolerance(mean_abs_dlogp=0.09, max_abs_dlogp=0.6, tie_gap=0.5, source="nf4"),
+}
+# Goldens of another device class (GPU vs CPU kernels, other accumulation
+# orders): the same kind of noise, larger; every bound is scaled by this.
+CROSS_DEVICE_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """Tolerances per variant: its own entry, else its quantization's (LoRA uses its base's)."""
+
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    cross_device_factor: float = CROSS_DEVICE_FACTOR
+
+    def tolerance(self, variant_key: str | None, *, cross_device: bool = False) -> Tolerance:
+        key = variant_key or "fp16"
+        quant = key.split("-")[0]
+        tol = self.tolerances.get(key) or self.tolerances.get(quant) or self.tolerances.get("nf4") \
+            or DEFAULT_TOLERANCES["nf4"]
+        if not tol.source:
+            tol = replace(tol, source=key)
+        if cross_device:
+            f = self.cross_device_factor
+            tol = replace(tol, mean_abs_dlogp=tol.mean_abs_dlogp * f, max_abs_dlogp=tol.max_abs_dlogp * f,
+                          tie_gap=tol.tie_gap * f, source=f"{tol.source}, cross-device x{f:g}")
+        return tol
+
+    def overridden(self, override: Mapping[str, Any] | None, *, where: str = "suite") -> NoiseModel:
+        """A copy with a suite's or check's ``tolerance:`` applied.
+
+        ``override`` is either flat (``{mean_abs_dlogp: .., max_abs_dlogp: .., tie_gap: ..}``,
+        any subset, for every variant) or keyed by variant or quantization
+        (``{nf4: {...}, fp16-lora: {...}}``). Keys not given keep their defaults.
+        """
+        if not override:
+            return self
+        flat = {k: v for k, v in override.items() if k in TOLERANCE_FIELDS and v is not None}
+        nested = {k: dict(v) for k, v in override.items() if k not in TOLERANCE_FIELDS and v}
+        table: dict[str, Tolerance] = {}
+        for key in set(self.tolerances) | set(nested) | {"fp16", "nf4"}:
+            base = self.tolerance(key)
+            own = nested.get(key, nested.get(key.split("-")[0], {}))
+            values = {**flat, **{k: v for k, v in own.items() if v is not None}}
+            table[key] = replace(base, **values, source=f"{key} ({where} tolerance)") if values else base
+        return NoiseModel(tolerances=table, cross_device_factor=self.cross_device_factor)
+
+
+@dataclass(frozen=True)
+class AcceptedTie:
+    """A first differing token accepted as numerical noise: reported, never silent."""
+
+    step: int
+    expected_id: int
+    got_id: int
+    gap_expected: float
+    gap_actual: float
+    where: str = ""  # "" (free run), "teacher-forced", or a row label
+
+    @property
+    def gap(self) -> float:
+        return max(self.gap_expected, self.gap_actual)
+
+    def describe(self, subject: str = "") -> str:
+        at = f"step {self.step}" if not self.where or self.where == "teacher-forced" else self.where
+        of = f" of {subject}" if subject else ""
+        forced = " (teacher-forced)" if self.where == "teacher-forced" else ""
+        return (f"accepted near-tie at {at}{of}{forced}, gap {self.gap:.3g} (golden {self.gap_expected:.3g}, "
+                f"this run {self.gap_actual:.3g}): token#{self.expected_id} vs token#{self.got_id}")
+
+
+_TOKEN = re.compile(r"token#(-?\d+)")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    accepted_ties: tuple[AcceptedTie, ...] = ()
+    reasons: tuple[str, ...] = ()
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def explain(self, tokenizer: Any = None) -> str:
+        """The reasons (and accepted ties), with token ids rendered as text where a tokenizer is given."""
+        lines = list(self.reasons) + [t.describe() for t in self.accepted_ties]
+        if self.stats.get("steps_compared"):
+            lines.append(
+                f"mean |Δ log p| {self.stats['mean_abs_dlogp']:.3g}, max {self.stats['max_abs_dlogp']:.3g} "
+                f"over {int(self.stats['steps_compared'])} steps"
+            )
+        return render_tokens("\n".join(lines), tokenizer)
+
+
+def render_tokens(text: str, tokenizer: Any = None) -> str:
+    """``token#ID`` markers as a reviewer reads them: ``' Paris' (id 7042)``."""
+    def one(match: re.Match[str]) -> str:
+        token = int(match.group(1))
+        if tokenizer is None:
+            return f"id {token}"
+        try:
+            return f"{tokenizer.decode([token])!r} (id {token})"
+        except Exception:  # noqa: BLE001 - an id the tokenizer does not know still gets shown
+            return f"id {token}"
+
+    return _TOKEN.sub(one, text)
+
+
+def _nonfinite_steps(steps: Sequence[Step], who: str, offset: int = 0) -> list[str]:
+    found: list[str] = []
+    for index, step in enumerate(steps):
+        if math.isnan(step.logprob) or any(math.isnan(lp) for _, lp in step.top):
+            found.append(f"{who} has NaN log-probabilities at step {index + offset}: the model produced NaN "
+                         "scores (overflow in fp16, a broken kernel or mask); NaN never passes")
+        elif math.isinf(step.logprob):
+            found.append(f"{who} has an infinite log-probability ({step.logprob}) for its token at step "
+                         f"{index + offset}: the scores that decoding used are not finite; inf never passes")
+    return found
+
+
+def tie_gaps(expected: Step, actual: Step) -> tuple[float, float] | None:
+    """Each run's preference for its own token over the other's, or None where either is outside the other's top-k."""
+    exp_of_act = expected.logprob_of(actual.token_id)
+    act_of_exp = actual.logprob_of(expected.token_id)
+    if exp_of_act is None or act_of_exp is None:
+        return None
+    return expected.logprob - exp_of_act, actual.logprob - act_of_exp
+
+
+def _divergence(step: int, expected: Step, actual: Step, gaps: tuple[float, float] | None, tol: Tolerance,
+                *, forced: bool = False) -> str:
+    what = ("teacher-forcing the golden's tokens after an accepted near-tie, at step "
+            f"{step} this model prefers" if forced else f"greedy output diverges at step {step}: this run chose")
+    head = (f"{what} token#{actual.token_id} (log p {actual.logprob:.3f}) where the golden has "
+            f"token#{expected.token_id} (log p {expected.logprob:.3f})")
+    if gaps is None:
+        missing = "this run's" if actual.logprob_of(expected.token_id) is None else "the golden's"
+        return head + f"; the other token is not in {missing} top-{max(len(expected.top), len(actual.top))}: not a near-tie, a real change"
+    return (head + f"; log-prob gap {gaps[0]:.3f} in the golden, {gaps[1]:.3f} in this run, tie tolerance "
+            f"{tol.tie_gap:g}{tol.describe()}: not a near-tie, a real change")
+
+
+def compare(expected: Observation, actual: Observation, tol: Tolerance, *,
+            rescore: Rescore | None = None) -> Verdict:
+    """Judge ``actual`` against ``expected`` (the golden) under ``tol``; see the module docstring."""
+    reasons = _nonfinite_steps(expected.steps, "the golden") + _nonfinite_steps(actual.steps, "this run")
+    if reasons:
+        return Verdict(ok=False, reasons=tuple(reasons), stats={"steps_compared": 0})
+    deltas: list[tuple[int, float]] = []
+    ties: list[AcceptedTie] = []
+    exp_ids, act_ids = expected.token_ids, actual.token_ids
+    shared = min(len(exp_ids), len(act_ids))
+    first = next((i for i in range(shared) if exp_ids[i] != act_ids[i]), None)
+    for i in range(shared if first is None else first):
+        deltas.append((i, abs(expected.steps[i].logprob - actual.steps[i].logprob)))
+    unjudged = 0
+    if first is not None:
+        e, a = expected.steps[first], actual.steps[first]
+        gaps = tie_gaps(e, a)
+        if gaps is not None and gaps[0] < tol.tie_gap and gaps[1] < tol.tie_gap:
+            ties.append(AcceptedTie(first, e.token_id, a.token_id, gaps[0], gaps[1]))
+            if rescore is None:
+                unjudged = len(exp_ids) - first - 1
+            else:
+                reasons += _judge_forced(expected, rescore(list(exp_ids)), first, tol, deltas, ties)
+        else:
+            reasons.append(_divergence(first, e, a, gaps, tol))
+    elif len(exp_ids) != len(act_ids):
+        reasons.append(_stop_divergence(expected, actual, shared))
+    elif expected.stop != actual.stop:
+        reasons.append(f"the same {shared} tokens, but the golden ended by {expected.stop!r} and this run by "
+                       f"{actual.stop!r}: the stopping rule (eos_token_id or max_new_tokens) changed")
+    stats = _stats(deltas)
+    stats.update(first_divergence=float(-1 if first is None else first), steps_unjudged=float(unjudged),
+                 accepted_ties=float(len(ties)))
+    reasons += _tolerance_reasons(stats, deltas, tol)
+    return Verdict(ok=not reasons, accepted_ties=tuple(ties), reasons=tuple(reasons), stats=stats)
+
+
+def _stop_divergence(expected: Observation, actual: Observation, at: int) -> str:
+    def ended(obs: Observation) -> str:
+        return f"ended by {obs.stop!r} after {len(obs.steps)} tokens"
+
+    side = "earlier" if len(actual.steps) < len(expected.steps) else "later"
+    return (f"this run stops {side} than the golden: the first {at} tokens are identical, then the golden "
+            f"{ended(expected)} and this run {ended(actual)}; a divergence at step {at} (the stopping rule, "
+            "eos_token_id or max_new_tokens changed), never a pass by truncation")
+
+
+def _judge_forced(expected: Observation, forced: tuple[Step, ...], first: int, tol: Tolerance,
+                  deltas: list[tuple[int, float]], ties: list[AcceptedTie]) -> list[str]:
+    """The golden's tokens after an accepted tie, scored by the model under test."""
+    reasons = _nonfinite_steps(forced[first + 1:], "this run (teacher-forced on the golden's path)", first + 1)
+    if reasons:
+        return reasons
+    if len(forced) < len(expected.steps):
+        return [f"teacher-forcing the golden's tokens after the near-tie at step {first}: this model stops "
+                f"after {len(forced)} of the golden's {len(expected.steps)} tokens (its stopping rule changed)"]
+    for i in range(first + 1, len(expected.steps)):
+        e, f = expected.steps[i], forced[i]
+        deltas.append((i, abs(e.logprob - f.logprob)))
+        best_id, best_lp = f.best
+        if best_id == e.token_id:
+            continue
+        preferred = Step(token_id=best_id, logprob=best_lp, top=f.top)
+        gaps = tie_gaps(e, preferred)
+        if gaps is not None and gaps[0] < tol.tie_gap and gaps[1] < tol.tie_gap:
+            ties.append(AcceptedTie(i, e.token_id, best_id, gaps[0], gaps[1], where="teacher-forced"))
+        else:
+            reasons.append(_divergence(i, e, preferred, gaps, tol, forced=True))
+            break
+    return reasons
+
+
+def _stats(deltas: list[tuple[int, float]]) -> dict[str, float]:
+    if not deltas:
+        return {"steps_compared": 0.0, "mean_abs_dlogp": 0.0, "max_abs_dlogp": 0.0, "max_at_step": -1.0}
+    at, worst = max(deltas, key=lambda d: d[1])
+    return {"steps_compared": float(len(deltas)), "mean_abs_dlogp": sum(d for _, d in deltas) / len(deltas),
+            "max_abs_dlogp": worst, "max_at_step": float(at)}
+
+
+def _tolerance_reasons(stats: dict[str, float], deltas: list[tuple[int, float]], tol: Tolerance) -> list[str]:
+    reasons: list[str] = []
+    n = int(stats["steps_compared"])
+    if n and stats["mean_abs_dlogp"] > tol.mean_abs_dlogp:
+        reasons.append(
+            f"mean |Δ log p| {stats['mean_abs_dlogp']:.3g} over {n} steps > tolerance {tol.mean_abs_dlogp:g}"
+            f"{tol.describe()}: the chosen tokens' probabilities moved beyond numerical noise"
+        )
+    if n and stats["max_abs_dlogp"] > tol.max_abs_dlogp:
+        reasons.append(
+            f"|Δ log p| {stats['max_abs_dlogp']:.3g} at step {int(stats['max_at_step'])} > per-step tolerance "
+            f"{tol.max_abs_dlogp:g}{tol.describe()}"
+        )
+    return reasons
+
+
+def compare_distributions(ref_logprobs: Any, got_logprobs: Any, tol: Tolerance, *,
+                          labels: Sequence[str] | None = None, top_k: int = DEFAULT_TOP_K) -> Verdict:
+    """Judge full next-token log-prob rows (``[rows, vocab]``) of two runs that should agree.
+
+    Each row is compared on the reference's top-k tokens: its |Δ log p| is the
+    mean over those tokens weighted by the reference's probability (the chosen
+    token's analog, comparable with ``compare``'s tolerances), held to
+    ``max_abs_dlogp`` per row and ``mean_abs_dlogp`` over rows. A row whose best
+    token changes passes only as a near-tie (reported). NaN and inf are named
+    per row, never absorbed by a tolerance.
+    """
+    import torch
+
+    ref = torch.as_tensor(ref_logprobs).detach().float().cpu()
+    got = torch.as_tensor(got_logprobs).detach().float().cpu()
+    if ref.ndim == 1:
+        ref, got = ref.unsqueeze(0), got.unsqueeze(0)
+    if ref.shape != got.shape:
+        return Verdict(ok=False, reasons=(f"shapes differ: reference {tuple(ref.shape)}, got {tuple(got.shape)}",))
+    names = list(labels) if labels is not None else [f"row {i}" for i in range(ref.shape[0])]
+    reasons: list[str] = []
+    ties: list[AcceptedTie] = []
+    deltas: list[tuple[int, float]] = []
+    for r in range(ref.shape[0]):
+        bad = _nonfinite_row(ref[r], "the reference") or _nonfinite_row(got[r], "this run")
+        if bad:
+            reasons.append(f"{names[r]}: {bad}")
+            continue
+        k = min(top_k, ref.shape[1])
+        values, index = torch.topk(ref[r], k)
+        weights = values.exp() / values.exp().sum()
+        d = (got[r, index] - values).abs()
+        if not torch.isfinite(d).all():
+            reasons.append(f"{names[r]}: this run gives -inf log-probability to the reference's top tokens")
+            continue
+        deltas.append((r, float((weights * d).sum())))
+        ref_best, got_best = int(index[0]), int(got[r].argmax())
+        if ref_best != got_best:
+            gap_ref = float(ref[r, ref_best] - ref[r, got_best])
+            gap_got = float(got[r, got_best] - got[r, ref_best])
+            in_top = got_best in index.tolist() and ref_best in torch.topk(got[r], k).indices.tolist()
+            if in_top and gap_ref < tol.tie_gap and gap_got < tol.tie_gap:
+                ties.append(AcceptedTie(r, ref_best, got_best, gap_ref, gap_got, where=names[r]))
+            else:
+                reasons.append(
+                    f"{names[r]}: the best token changes from token#{ref_best} to token#{got_best} (log-prob gap "
+                    f"{gap_ref:.3f} in the reference, {gap_got:.3f} here, tie tolerance {tol.tie_gap:g}"
+                    f"{tol.describe()}): not a near-tie"
+                )
+    stats = _stats(deltas)
+    stats["accepted_ties"] = float(len(ties))
+    for r, value in deltas:
+        if value > tol.max_abs_dlogp:
+            reasons.append(f"{names[r]}: |Δ log p| {value:.3g} on the reference's top-{min(top_k, ref.shape[1])} "
+                           f"> per-row tolerance {tol.max_abs_dlogp:g}{tol.describe()}")
+    n = int(stats["steps_compared"])
+    if n and stats["mean_abs_dlogp"] > tol.mean_abs_dlogp:
+        reasons.append(f"mean |Δ log p| {stats['mean_abs_dlogp']:.3g} over {n} rows > tolerance "
+                       f"{tol.mean_abs_dlogp:g}{tol.describe()}")
+    return Verdict(ok=not reasons, accepted_ties=tuple(ties), reasons=tuple(reasons), stats=stats)
+
+
+def _nonfinite_row(row: Any, who: str) -> str | None:
+    import torch
+
+    nan = int(torch.isnan(row).sum())
+    if nan:
+        return (f"{who} has NaN log-probabilities ({nan} of {row.numel()} entries): the model produced NaN "
+                "scores; NaN never passes")
+    posinf = int(torch.isposinf(row).sum())
+    if posinf or bool(torch.isneginf(row).all()):
+        return f"{who} has infinite log-probabilities: the scores are not finite; inf never passes"
+    return None

@@ -1,0 +1,236 @@
+"""What a greedy generation looked like, step by step, from the scores decoding actually used.
+
+An ``Observation`` is the unit the comparison engine (``harness.compare``)
+judges: the chosen token of every step with its log-probability and the top-k
+alternatives with theirs. Log-probabilities are the float32 log-softmax of the
+*processed* scores (after ``repetition_penalty``, ``no_repeat_ngram_size`` and
+the other logits processors the model's generation_config turns on), because
+those are what picked the token: a margin taken from raw logits would describe
+a decision decoding never made.
+
+Goldens store an observation as one line per step (``to_trace``/``from_trace``):
+``"<id> <logp> | <id> <logp> | ... # '<text>' '<text>' ..."``, the chosen token
+first, then the other top-k tokens best first; the text after ``#`` is for the
+reviewer and is never read back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Stop = Literal["eos", "length"]
+DEFAULT_TOP_K = 5
+LOGPROB_DECIMALS = 4
+
+# generation_config fields that still act under forced greedy decoding (logits
+# processors and stopping), so a golden must say which ones were in force.
+GREEDY_SETTINGS: tuple[str, ...] = (
+    "eos_token_id", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length",
+    "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
+    "remove_invalid_values", "stop_strings", "encoder_repetition_penalty", "guidance_scale",
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated step: the chosen token and the top-k of the processed distribution."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+    def logprob_of(self, token_id: int) -> float | None:
+        """The log-probability of ``token_id`` at this step, where it is known (chosen or top-k)."""
+        if token_id == self.token_id:
+            return self.logprob
+        return next((lp for tid, lp in self.top if tid == token_id), None)
+
+    @property
+    def best(self) -> tuple[int, float]:
+        """The top token (the greedy choice of this distribution) and its log-probability."""
+        return self.top[0] if self.top else (self.token_id, self.logprob)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.logprob) and not any(math.isnan(lp) for _, lp in self.top)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A greedy generation, as recorded in a golden or observed live."""
+
+    prompt_ids: tuple[int, ...]
+    steps: tuple[Step, ...]
+    stop: Stop
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(step.token_id for step in self.steps)
+
+
+def step_from_scores(scores: Any, token_id: int, *, top_k: int = DEFAULT_TOP_K) -> Step:
+    """A ``Step`` from one row of processed scores (any dtype; judged in float32)."""
+    import torch
+
+    logprobs = torch.log_softmax(scores.detach().float().cpu(), dim=-1)
+    chosen = float(logprobs[token_id])
+    if torch.isnan(logprobs).any():
+        return Step(token_id=int(token_id), logprob=float("nan"), top=())
+    values, indices = torch.topk(logprobs, k=min(top_k, logprobs.shape[-1]))
+    top = tuple((int(i), float(v)) for i, v in zip(indices.tolist(), values.tolist()) if math.isfinite(v))
+    return Step(token_id=int(token_id), logprob=chosen, top=top)
+
+
+def eos_ids(model: Any) -> frozenset[int]:
+    config = getattr(model, "generation_config", None)
+    value = getattr(config, "eos_token_id", None)
+    if value is None:
+        return frozenset()
+    return frozenset([value] if isinstance(value, int) else [int(v) for v in value])
+
+
+def generation_settings(model: Any) -> dict[str, Any]:
+    """The generation_config fields that act under forced greedy decoding, where they are set.
+
+    ``eos_token_id`` is always listed (it decides where generation stops); the
+    others only where they differ from transformers' defaults, so a golden
+    shows exactly what shaped its tokens besides the weights.
+    """
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None) or GenerationConfig()
+    default = GenerationConfig()
+    settings: dict[str, Any] = {}
+    for name in GREEDY_SETTINGS:
+        value = getattr(config, name, None)
+        if name == "eos_token_id" or value != getattr(default, name, None):
+            settings[name] = _plain(value)
+    return settings
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe, comparable form of a config value (tuples become lists, dict keys text)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def observe_greedy(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                   top_k: int = DEFAULT_TOP_K, **generate_kwargs: Any) -> Observation:
+    """Greedy decoding until eos or ``max_new_tokens``, with each step's processed distribution."""
+    import torch
+
+    from harness.checks.prompts import greedy_generate
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(prompt_ids)], device=device)
+    out = greedy_generate(model, tokenizer, input_ids, torch.ones_like(input_ids), max_new_tokens,
+                          return_dict_in_generate=True, output_scores=True, **generate_kwargs)
+    new_ids = out.sequences[0, len(prompt_ids):].tolist()
+    steps = tuple(step_from_scores(scores[0], token, top_k=top_k) for scores, token in zip(out.scores, new_ids))
+    stopped_early = len(new_ids) < max_new_tokens
+    stop: Stop = "eos" if stopped_early or (new_ids and new_ids[-1] in eos_ids(model)) else "length"
+    return Observation(prompt_ids=tuple(prompt_ids), steps=steps, stop=stop)
+
+
+def teacher_force(model: Any, prompt_ids: Sequence[int], token_ids: Sequence[int], *,
+                  top_k: int = DEFAULT_TOP_K, tokenizer: Any = None) -> tuple[Step, ...]:
+    """Score a given token path with the model under test, through ``generate`` itself.
+
+    Each step's distribution is taken after every logits processor ``generate``
+    applies (a processor appended last records the processed scores, then
+    forces the given token), so the forced path is scored exactly as free
+    greedy decoding would have scored it, with the same incremental cache. A
+    path that this model's stopping rule ends early gives fewer steps.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    if not token_ids:
+        return ()
+    recorded: list[Any] = []
+
+    class _Force(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            step = input_ids.shape[1] - len(prompt_ids)
+            recorded.append(scores[0].detach().float().cpu().clone())
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, token_ids[step]] = 0.0
+            return forced
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([list(prompt_ids)], device=device)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    with torch.inference_mode():
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                       max_new_tokens=len(token_ids), do_sample=False, num_beams=1, temperature=None,
+                       top_p=None, top_k=None, pad_token_id=pad,
+                       logits_processor=LogitsProcessorList([_Force()]))
+    return tuple(step_from_scores(s, t, top_k=top_k) for s, t in zip(recorded, token_ids))
+
+
+def to_trace(observation: Observation, tokenizer: Any = None) -> list[str]:
+    """One line per step: chosen token first, then the rest of the top-k; texts after ``#``."""
+    lines: list[str] = []
+    for step in observation.steps:
+        entries = [(step.token_id, step.logprob)] + [(t, lp) for t, lp in step.top if t != step.token_id]
+        numbers = " | ".join(f"{tid} {_fmt(lp)}" for tid, lp in entries)
+        if tokenizer is not None:
+            texts = " ".join(repr(tokenizer.decode([tid])) for tid, _ in entries)
+            numbers += f" # {texts}"
+        lines.append(numbers)
+    return lines
+
+
+def _fmt(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{LOGPROB_DECIMALS}f}"
+
+
+class TraceError(ValueError):
+    """A trace line that does not parse (hand-edited or truncated golden)."""
+
+
+def from_trace(lines: Sequence[str], *, top_k: int) -> tuple[Step, ...]:
+    """Steps back from ``to_trace`` lines; ``top_k`` tells whether the chosen token was in the top-k."""
+    steps: list[Step] = []
+    for index, line in enumerate(lines):
+        if not isinstance(line, str):
+            raise TraceError(f"step {index} is a {type(line).__name__}, not a trace line")
+        numbers = line.split("#", 1)[0]
+        entries: list[tuple[int, float]] = []
+        for part in numbers.split("|"):
+            fields = part.split()
+            if len(fields) != 2:
+                raise TraceError(f"step {index}: {part.strip()!r} is not '<token id> <log-prob>'")
+            try:
+                entries.append((int(fields[0]), float(fields[1])))
+            except ValueError:
+                raise TraceError(f"step {index}: {part.strip()!r} is not '<token id> <log-prob>'") from None
+        chosen, rest = entries[0], entries[1:]
+        if len(entries) > top_k:  # the chosen token was outside the top-k
+            top = tuple(rest)
+        else:
+            top = tuple(sorted(entries, key=lambda e: -e[1] if not math.isnan(e[1]) else math.inf))
+        steps.append(Step(token_id=chosen[0], logprob=chosen[1], top=top))
+    return tuple(steps)
+
+
+def near_ties(observation: Observation, tie_gap: float) -> list[tuple[int, float]]:
+    """Steps whose two best tokens are closer than ``tie_gap`` in log-prob: where noise can flip the path."""
+    found: list[tuple[int, float]] = []
+    for index, step in enumerate(observation.steps):
+        if len(step.top) >= 2:
+            gap = step.top[0][1] - step.top[1][1]
+            if gap < tie_gap:
+                found.append((index, gap))
+    return found
