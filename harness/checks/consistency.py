@@ -33,7 +33,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
 class ConsistencySpec(CheckSpec):
     """Prompts (raw text and/or chats) and the tolerance override every consistency kind takes."""
 
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: list[str] = Field(default_factory=list)
     chats: list[list[Message]] = Field(default_factory=list)
     max_new_tokens: int = Field(8, ge=1, le=1024)
     tolerance: dict[str, Any] | None = None
@@ -49,6 +49,14 @@ class ConsistencySpec(CheckSpec):
     @classmethod
     def _tolerance_shape(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return validate_tolerance(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_prompts(cls, data: Any) -> Any:
+        """The default prompt only where neither ``prompts`` nor ``chats`` is given."""
+        if isinstance(data, dict) and data.get("prompts") is None and not data.get("chats"):
+            data = {**data, "prompts": list(DEFAULT_PROMPTS)}
+        return data
 
     @model_validator(mode="after")
     def _has_prompts(self) -> ConsistencySpec:
