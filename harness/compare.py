@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from harness.observation import (  # noqa: F401  (re-exported: the engine's public names)
     DEFAULT_TOP_K,
     Observation,
@@ -38,7 +40,7 @@ from harness.observation import (  # noqa: F401  (re-exported: the engine's publ
 )
 
 Rescore = Callable[[list[int]], tuple[Step, ...]]
-TOLERANCE_FIELDS = ("mean_abs_dlogp", "max_abs_dlogp", "tie_gap")
+TOLERANCE_FIELDS = ("mean_abs_dlogp", "max_abs_dlogp", "tie_gap", "max_margin_shift")
 
 
 @dataclass(frozen=True)
@@ -49,19 +51,26 @@ class Tolerance:
     max_abs_dlogp: float
     tie_gap: float
     source: str = ""
+    max_margin_shift: float | None = None  # None: tie_gap (noise that moves a margin by x flips ties of gap x)
 
     def describe(self) -> str:
         return f" for {self.source}" if self.source else ""
 
+    @property
+    def margin_shift(self) -> float:
+        return self.tie_gap if self.max_margin_shift is None else self.max_margin_shift
 
-# Starting defaults, from issue 9's measurements on SmolLM2-135M (CPU, eager vs
-# sdpa, 7 prompts, free-running greedy): chosen-token |dlogp| per-item mean
-# <= 0.004 (fp16) / 0.037 (nf4, bf16 compute), a single step <= 0.02 / 0.24;
-# teacher-forced: mean 0.004 / 0.011, max 0.022 / 0.070; observed flips at
-# gaps up to 0.31 (nf4-lora). Each bound sits ~2.5x above the measured noise.
-# TODO(H5): replace with the calibrated table of /work/notes/calibration.md.
+
+# Defaults, on SmolLM2-135M, CPU. fp16: harness-calibrate (H5; 3 chat prompts x
+# 12 tokens, teacher-forced on the reference path) under eager attention, AVX2,
+# 1 thread, a padded batch and no KV cache: worst per-item mean |dlogp| 0.0063,
+# per step 0.0204, top-2 margin shift 0.070, no flip; recommended x3 ->
+# 0.019 / 0.062 / 0.22 (constructed regressions moved margins by 0.3-0.55).
+# nf4 (bf16 compute), from issue 9 (eager vs sdpa, free-running, 7 prompts):
+# per-item mean <= 0.037, a step <= 0.24, teacher-forced max 0.070, a flip at a
+# gap of 0.31 (nf4-lora); bounds ~2.5x above, tie gap above the observed flip.
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "fp16": Tolerance(mean_abs_dlogp=0.01, max_abs_dlogp=0.06, tie_gap=0.1, source="fp16"),
+    "fp16": Tolerance(mean_abs_dlogp=0.019, max_abs_dlogp=0.062, tie_gap=0.22, source="fp16"),
     "nf4": Tolerance(mean_abs_dlogp=0.09, max_abs_dlogp=0.6, tie_gap=0.5, source="nf4"),
 }
 # Goldens of another device class (GPU vs CPU kernels, other accumulation
@@ -86,7 +95,8 @@ class NoiseModel:
         if cross_device:
             f = self.cross_device_factor
             tol = replace(tol, mean_abs_dlogp=tol.mean_abs_dlogp * f, max_abs_dlogp=tol.max_abs_dlogp * f,
-                          tie_gap=tol.tie_gap * f, source=f"{tol.source}, cross-device x{f:g}")
+                          tie_gap=tol.tie_gap * f, source=f"{tol.source}, cross-device x{f:g}",
+                          max_margin_shift=None if tol.max_margin_shift is None else tol.max_margin_shift * f)
         return tol
 
     def overridden(self, override: Mapping[str, Any] | None, *, where: str = "suite") -> NoiseModel:
@@ -103,10 +113,44 @@ class NoiseModel:
         table: dict[str, Tolerance] = {}
         for key in set(self.tolerances) | set(nested) | {"fp16", "nf4"}:
             base = self.tolerance(key)
-            own = nested.get(key, nested.get(key.split("-")[0], {}))
-            values = {**flat, **{k: v for k, v in own.items() if v is not None}}
+            layers = [flat, nested.get(key.split("-")[0], {}), nested.get(key, {}) if "-" in key else {}]
+            values = {k: v for layer in layers for k, v in layer.items() if v is not None}
             table[key] = replace(base, **values, source=f"{key} ({where} tolerance)") if values else base
         return NoiseModel(tolerances=table, cross_device_factor=self.cross_device_factor)
+
+
+class ToleranceValues(BaseModel):
+    """Bounds a suite may set (any subset); the rest keep the noise model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean_abs_dlogp: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_abs_dlogp: float | None = Field(None, gt=0, allow_inf_nan=False)
+    tie_gap: float | None = Field(None, ge=0, allow_inf_nan=False)
+    max_margin_shift: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
+class ToleranceSpec(ToleranceValues):
+    """``tolerance:`` in a suite's ``defaults:`` or on a check: flat (every variant) or per variant.
+
+    A variant's own entry wins over its quantization's (``nf4-lora`` over ``nf4``),
+    which wins over the flat values.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    fp16: ToleranceValues | None = None
+    nf4: ToleranceValues | None = None
+    fp16_lora: ToleranceValues | None = Field(None, alias="fp16-lora")
+    nf4_lora: ToleranceValues | None = Field(None, alias="nf4-lora")
+
+    def as_override(self) -> dict[str, Any]:
+        override: dict[str, Any] = {k: getattr(self, k) for k in TOLERANCE_FIELDS if getattr(self, k) is not None}
+        for key in ("fp16", "nf4", "fp16-lora", "nf4-lora"):
+            values = getattr(self, key.replace("-", "_"))
+            if values is not None:
+                override[key] = values.model_dump(exclude_none=True)
+        return override
 
 
 @dataclass(frozen=True)
@@ -144,13 +188,14 @@ class Verdict:
 
     def explain(self, tokenizer: Any = None) -> str:
         """The reasons (and accepted ties), with token ids rendered as text where a tokenizer is given."""
-        lines = list(self.reasons) + [t.describe() for t in self.accepted_ties]
-        if self.stats.get("steps_compared"):
-            lines.append(
-                f"mean |Δ log p| {self.stats['mean_abs_dlogp']:.3g}, max {self.stats['max_abs_dlogp']:.3g} "
-                f"over {int(self.stats['steps_compared'])} steps"
-            )
-        return render_tokens("\n".join(lines), tokenizer)
+        lines = list(self.reasons) + [t.describe() for t in self.accepted_ties] + [self.summary()]
+        return render_tokens("\n".join(line for line in lines if line), tokenizer)
+
+    def summary(self) -> str:
+        if not self.stats.get("steps_compared"):
+            return ""
+        return (f"mean |Δ log p| {self.stats['mean_abs_dlogp']:.3g}, max {self.stats['max_abs_dlogp']:.3g} "
+                f"over {int(self.stats['steps_compared'])} steps")
 
 
 def render_tokens(text: str, tokenizer: Any = None) -> str:
@@ -190,14 +235,18 @@ def tie_gaps(expected: Step, actual: Step) -> tuple[float, float] | None:
 
 def _divergence(step: int, expected: Step, actual: Step, gaps: tuple[float, float] | None, tol: Tolerance,
                 *, forced: bool = False) -> str:
-    what = ("teacher-forcing the golden's tokens after an accepted near-tie, at step "
-            f"{step} this model prefers" if forced else f"greedy output diverges at step {step}: this run chose")
-    head = (f"{what} token#{actual.token_id} (log p {actual.logprob:.3f}) where the golden has "
-            f"token#{expected.token_id} (log p {expected.logprob:.3f})")
+    if forced:
+        head = (f"teacher-forcing the golden's tokens after an accepted near-tie, at new token {step} this model "
+                f"prefers token#{actual.token_id} (log p {actual.logprob:.3f}) to the golden's "
+                f"token#{expected.token_id} (golden log p {expected.logprob:.3f})")
+    else:
+        head = (f"greedy output diverges at new token {step}: expected token#{expected.token_id} (log p "
+                f"{expected.logprob:.3f} in the golden), got token#{actual.token_id} (log p {actual.logprob:.3f})")
     if gaps is None:
         missing = "this run's" if actual.logprob_of(expected.token_id) is None else "the golden's"
-        return head + f"; the other token is not in {missing} top-{max(len(expected.top), len(actual.top))}: not a near-tie, a real change"
-    return (head + f"; log-prob gap {gaps[0]:.3f} in the golden, {gaps[1]:.3f} in this run, tie tolerance "
+        k = max(len(expected.top), len(actual.top))
+        return head + f"; the other token is not in {missing} top-{k}: not a near-tie, a real change"
+    return (head + f"; log-prob gap {gaps[0]:.3f} in the golden and {gaps[1]:.3f} in this run, tie tolerance "
             f"{tol.tie_gap:g}{tol.describe()}: not a near-tie, a real change")
 
 
@@ -212,8 +261,10 @@ def compare(expected: Observation, actual: Observation, tol: Tolerance, *,
     exp_ids, act_ids = expected.token_ids, actual.token_ids
     shared = min(len(exp_ids), len(act_ids))
     first = next((i for i in range(shared) if exp_ids[i] != act_ids[i]), None)
+    shifts: list[tuple[int, float]] = []
     for i in range(shared if first is None else first):
         deltas.append((i, abs(expected.steps[i].logprob - actual.steps[i].logprob)))
+        _margin_shift(i, expected.steps[i], actual.steps[i], shifts)
     unjudged = 0
     if first is not None:
         e, a = expected.steps[first], actual.steps[first]
@@ -223,7 +274,7 @@ def compare(expected: Observation, actual: Observation, tol: Tolerance, *,
             if rescore is None:
                 unjudged = len(exp_ids) - first - 1
             else:
-                reasons += _judge_forced(expected, rescore(list(exp_ids)), first, tol, deltas, ties)
+                reasons += _judge_forced(expected, rescore(list(exp_ids)), first, tol, deltas, ties, shifts)
         else:
             reasons.append(_divergence(first, e, a, gaps, tol))
     elif len(exp_ids) != len(act_ids):
@@ -235,7 +286,39 @@ def compare(expected: Observation, actual: Observation, tol: Tolerance, *,
     stats.update(first_divergence=float(-1 if first is None else first), steps_unjudged=float(unjudged),
                  accepted_ties=float(len(ties)))
     reasons += _tolerance_reasons(stats, deltas, tol)
+    reasons += _shift_reasons(stats, shifts, tol, "step")
     return Verdict(ok=not reasons, accepted_ties=tuple(ties), reasons=tuple(reasons), stats=stats)
+
+
+def _margin_shift(index: int, expected: Step, actual: Step, shifts: list[tuple[int, float]]) -> None:
+    """How much the margin between the expected token and the expected runner-up moved.
+
+    The chosen token's log-prob barely moves where the model is confident, even
+    when its logits move a lot; the margin to the runner-up does not hide that.
+    Where the runner-up fell out of this run's top-k, the shift is at least the
+    distance to the last top-k entry (a lower bound, never an overstatement).
+    """
+    runner = next(((t, lp) for t, lp in expected.top if t != expected.token_id), None)
+    if runner is None or not actual.top:
+        return
+    margin = expected.logprob - runner[1]
+    got = actual.logprob_of(runner[0])
+    now = actual.logprob - (got if got is not None else actual.top[-1][1])
+    shift = abs(now - margin) if got is not None else max(0.0, now - margin)
+    shifts.append((index, shift))
+
+
+def _shift_reasons(stats: dict[str, float], shifts: list[tuple[int, float]], tol: Tolerance, unit: str) -> list[str]:
+    if not shifts:
+        stats["max_margin_shift"] = 0.0
+        return []
+    at, worst = max(shifts, key=lambda d: d[1])
+    stats["max_margin_shift"] = worst
+    if worst <= tol.margin_shift:
+        return []
+    return [f"the margin between the chosen token and its runner-up moved by {worst:.3g} at {unit} {at} > "
+            f"tolerance {tol.margin_shift:g}{tol.describe()}: a confident token's log-prob hides it, the "
+            "distribution under it moved beyond noise"]
 
 
 def _stop_divergence(expected: Observation, actual: Observation, at: int) -> str:
@@ -249,7 +332,8 @@ def _stop_divergence(expected: Observation, actual: Observation, at: int) -> str
 
 
 def _judge_forced(expected: Observation, forced: tuple[Step, ...], first: int, tol: Tolerance,
-                  deltas: list[tuple[int, float]], ties: list[AcceptedTie]) -> list[str]:
+                  deltas: list[tuple[int, float]], ties: list[AcceptedTie],
+                  shifts: list[tuple[int, float]]) -> list[str]:
     """The golden's tokens after an accepted tie, scored by the model under test."""
     reasons = _nonfinite_steps(forced[first + 1:], "this run (teacher-forced on the golden's path)", first + 1)
     if reasons:
@@ -262,6 +346,7 @@ def _judge_forced(expected: Observation, forced: tuple[Step, ...], first: int, t
         deltas.append((i, abs(e.logprob - f.logprob)))
         best_id, best_lp = f.best
         if best_id == e.token_id:
+            _margin_shift(i, e, f, shifts)
             continue
         preferred = Step(token_id=best_id, logprob=best_lp, top=f.top)
         gaps = tie_gaps(e, preferred)
@@ -320,6 +405,7 @@ def compare_distributions(ref_logprobs: Any, got_logprobs: Any, tol: Tolerance, 
     reasons: list[str] = []
     ties: list[AcceptedTie] = []
     deltas: list[tuple[int, float]] = []
+    shifts: list[tuple[int, float]] = []
     for r in range(ref.shape[0]):
         bad = _nonfinite_row(ref[r], "the reference") or _nonfinite_row(got[r], "this run")
         if bad:
@@ -333,6 +419,9 @@ def compare_distributions(ref_logprobs: Any, got_logprobs: Any, tol: Tolerance, 
             reasons.append(f"{names[r]}: this run gives -inf log-probability to the reference's top tokens")
             continue
         deltas.append((r, float((weights * d).sum())))
+        if k >= 2:
+            margin_ref = float(values[0] - values[1])
+            shifts.append((r, abs(float(got[r, index[0]] - got[r, index[1]]) - margin_ref)))
         ref_best, got_best = int(index[0]), int(got[r].argmax())
         if ref_best != got_best:
             gap_ref = float(ref[r, ref_best] - ref[r, got_best])
@@ -356,6 +445,10 @@ def compare_distributions(ref_logprobs: Any, got_logprobs: Any, tol: Tolerance, 
     if n and stats["mean_abs_dlogp"] > tol.mean_abs_dlogp:
         reasons.append(f"mean |Δ log p| {stats['mean_abs_dlogp']:.3g} over {n} rows > tolerance "
                        f"{tol.mean_abs_dlogp:g}{tol.describe()}")
+    shift_reasons = _shift_reasons(stats, shifts, tol, "row")
+    if shift_reasons:
+        at = max(shifts, key=lambda d: d[1])[0]
+        reasons += [r.replace(f"at row {at}", f"at {names[at]}") for r in shift_reasons]
     return Verdict(ok=not reasons, accepted_ties=tuple(ties), reasons=tuple(reasons), stats=stats)
 
 

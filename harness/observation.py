@@ -126,17 +126,9 @@ def observe_greedy(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_ne
     """Greedy decoding until eos or ``max_new_tokens``, with each step's processed distribution."""
     import torch
 
-    from harness.checks.prompts import greedy_generate
-
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([list(prompt_ids)], device=device)
-    out = greedy_generate(model, tokenizer, input_ids, torch.ones_like(input_ids), max_new_tokens,
-                          return_dict_in_generate=True, output_scores=True, **generate_kwargs)
-    new_ids = out.sequences[0, len(prompt_ids):].tolist()
-    steps = tuple(step_from_scores(scores[0], token, top_k=top_k) for scores, token in zip(out.scores, new_ids))
-    stopped_early = len(new_ids) < max_new_tokens
-    stop: Stop = "eos" if stopped_early or (new_ids and new_ids[-1] in eos_ids(model)) else "length"
-    return Observation(prompt_ids=tuple(prompt_ids), steps=steps, stop=stop)
+    input_ids = torch.tensor([list(prompt_ids)])
+    return observe_greedy_batch(model, tokenizer, input_ids, torch.ones_like(input_ids), max_new_tokens,
+                                top_k=top_k, **generate_kwargs)[0]
 
 
 def teacher_force(model: Any, prompt_ids: Sequence[int], token_ids: Sequence[int], *,
@@ -150,29 +142,68 @@ def teacher_force(model: Any, prompt_ids: Sequence[int], token_ids: Sequence[int
     path that this model's stopping rule ends early gives fewer steps.
     """
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
 
     if not token_ids:
         return ()
-    recorded: list[Any] = []
-
-    class _Force(LogitsProcessor):
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            step = input_ids.shape[1] - len(prompt_ids)
-            recorded.append(scores[0].detach().float().cpu().clone())
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, token_ids[step]] = 0.0
-            return forced
-
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(prompt_ids)], device=device)
     pad = getattr(tokenizer, "pad_token_id", None)
+    return teacher_force_batch(model, input_ids, torch.ones_like(input_ids), [token_ids], top_k=top_k,
+                               pad_token_id=pad)[0]
+
+
+def teacher_force_batch(model: Any, input_ids: Any, attention_mask: Any, paths: Sequence[Sequence[int]], *,
+                        top_k: int = DEFAULT_TOP_K, pad_token_id: int | None = None) -> list[tuple[Step, ...]]:
+    """``teacher_force`` for a (padded) batch: row ``r`` is forced along ``paths[r]``.
+
+    A row whose path is shorter is forced to its pad token afterwards; its extra
+    steps are not returned. Used to score a golden's path inside a padded batch.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    longest = max((len(p) for p in paths), default=0)
+    if longest == 0:
+        return [() for _ in paths]
+    start = input_ids.shape[1]
+    recorded: list[Any] = []
+    filler = pad_token_id if pad_token_id is not None else 0
+
+    class _Force(LogitsProcessor):
+        def __call__(self, ids: Any, scores: Any) -> Any:
+            step = ids.shape[1] - start
+            recorded.append(scores.detach().float().cpu().clone())
+            forced = torch.full_like(scores, float("-inf"))
+            for row, path in enumerate(paths):
+                forced[row, path[step] if step < len(path) else filler] = 0.0
+            return forced
+
     with torch.inference_mode():
-        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                       max_new_tokens=len(token_ids), do_sample=False, num_beams=1, temperature=None,
-                       top_p=None, top_k=None, pad_token_id=pad,
-                       logits_processor=LogitsProcessorList([_Force()]))
-    return tuple(step_from_scores(s, t, top_k=top_k) for s, t in zip(recorded, token_ids))
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=longest,
+                       do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                       pad_token_id=pad_token_id, logits_processor=LogitsProcessorList([_Force()]))
+    return [tuple(step_from_scores(recorded[i][row], t, top_k=top_k) for i, t in enumerate(path[: len(recorded)]))
+            for row, path in enumerate(paths)]
+
+
+def observe_greedy_batch(model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int,
+                         *, top_k: int = DEFAULT_TOP_K, **generate_kwargs: Any) -> list[Observation]:
+    """``observe_greedy`` for a (padded) batch: one observation per row, ended at its own eos."""
+    from harness.checks.prompts import greedy_generate
+
+    device = next(model.parameters()).device
+    out = greedy_generate(model, tokenizer, input_ids.to(device), attention_mask.to(device), max_new_tokens,
+                          return_dict_in_generate=True, output_scores=True, **generate_kwargs)
+    stops = eos_ids(model)
+    observations: list[Observation] = []
+    for row in range(input_ids.shape[0]):
+        new_ids = out.sequences[row, input_ids.shape[1]:].tolist()
+        end = next((i + 1 for i, t in enumerate(new_ids) if t in stops), len(new_ids))
+        steps = tuple(step_from_scores(out.scores[i][row], new_ids[i], top_k=top_k) for i in range(end))
+        prompt = tuple(int(t) for t, m in zip(input_ids[row].tolist(), attention_mask[row].tolist()) if m)
+        stop: Stop = "eos" if end < len(new_ids) or (new_ids[:end] and new_ids[end - 1] in stops) else "length"
+        observations.append(Observation(prompt_ids=prompt, steps=steps, stop=stop))
+    return observations
 
 
 def to_trace(observation: Observation, tokenizer: Any = None) -> list[str]:

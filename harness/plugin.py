@@ -34,6 +34,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write a Markdown summary of the session (pasteable as a pull-request comment)")
     group.addoption("--harness-obtained", default=None, metavar="DIR",
                     help="on a golden mismatch, write what was obtained under DIR (same layout as goldens)")
+    group.addoption("--golden-device", default=None, metavar="CLASS|auto",
+                    help="where this device class has no goldens, judge against another class's (e.g. cpu; "
+                         "auto: the nearest recorded) with cross-device tolerances; never writes there")
     group.addoption("--allow-update-in-ci", action="store_true", default=False,
                     help="allow --snapshot-update when the CI environment variable is set")
 
@@ -73,7 +76,17 @@ def _options(config: pytest.Config) -> Options:
         adapter=config.getoption("adapter"), device=config.getoption("device"),
         golden_dir=golden.resolve(), update=update, rootdir=root,
         obtained_dir=Path(config.getoption("harness_obtained")).resolve() if config.getoption("harness_obtained") else None,
+        golden_device=_golden_device(config.getoption("golden_device")),
     )
+
+
+def _golden_device(value: str | None) -> str | None:
+    from harness.golden import name_is_safe
+
+    if value is not None and not name_is_safe(value):
+        raise pytest.UsageError(f"--golden-device {value!r}: give a device class as named under the golden "
+                                "folder (cpu, cuda-sm90, ...) or auto.")
+    return value
 
 
 def harness_state(config: pytest.Config) -> HarnessSession:

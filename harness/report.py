@@ -19,7 +19,7 @@ from harness.session import HarnessSession
 from harness.variants import ALL_KEYS, RUN_ORDER
 
 _NODE = re.compile(r"^(?P<file>[^:]+)::(?P<check>[^\[@]+)(\[(?P<variant>[^\]]+)\])?")
-GOLDEN_PROPS = ("harness_golden", "harness_golden_written")
+GOLDEN_PROPS = ("harness_golden", "harness_golden_written", "harness_note")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class SessionRecord:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     goldens_used: set[str] = field(default_factory=set)
     goldens_written: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # accepted near-ties, fragile goldens: never silent
     worker_loads: dict[str, dict[str, Any]] = field(default_factory=dict)
     deselected: int = 0
     started: float = field(default_factory=time.time)
@@ -55,6 +56,8 @@ class SessionRecord:
                     self.goldens_used.add(str(value))
                 elif name == "harness_golden_written":
                     self.goldens_written.append(str(value))
+                elif name == "harness_note":
+                    self.notes.append(str(value))
         if report.when != "call" and report.passed:
             return
         match = _NODE.match(report.nodeid)
@@ -102,6 +105,8 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
     for worker, loads in sorted(record.worker_loads.items()):
         for line in load_lines(loads):
             reporter.write_line(f"{worker}: {line}")
+    for note in record.notes:
+        reporter.write_line(note)
     if record.goldens_written:
         reporter.write_line(f"goldens written or updated: {len(record.goldens_written)}")
         for path in sorted(record.goldens_written):
@@ -135,6 +140,8 @@ def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -
     lines += [f"- **result: {verdict}** ({summary}) in {time.time() - record.started:.0f} s", ""]
     lines += _matrix(record)
     lines += _figures(record)
+    if record.notes:
+        lines += ["## Judged up to noise", "", *[f"- {note}" for note in record.notes], ""]
     lines += _failures(record)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -36,6 +36,7 @@ class Options:
     update: bool
     rootdir: Path
     obtained_dir: Path | None = None
+    golden_device: str | None = None  # --golden-device
 
 
 class HarnessSession:
@@ -119,7 +120,7 @@ class HarnessSession:
             self._goldens = GoldenStore(
                 root=self.options.golden_dir, model=self.model_name, device_class=self.device.klass,
                 update=self.options.update, provenance=self.provenance(),
-                obtained_dir=self.options.obtained_dir,
+                obtained_dir=self.options.obtained_dir, judge_device=self.options.golden_device,
             )
         return self._goldens
 

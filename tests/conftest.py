@@ -121,3 +121,12 @@ def editable_model(embedded_model_dir: Path, tmp_path: Path) -> Any:
         return dst
 
     return make
+
+
+def scale_weight(model_dir: Path, name: str, factor: float) -> None:
+    """Multiply one tensor of a model copy's safetensors weights: a small, real regression."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    weights[name] = weights[name] * factor
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from harness.checks.base import CheckContext
-from harness.checks.padding import DEFAULT_ATOL, PaddingCheck, PaddingSpec, default_atol
+from harness.checks.padding import PaddingCheck, PaddingSpec
+from harness.compare import NoiseModel
 from harness.errors import CheckFailure
 from harness.pool import Loaded
 from harness.variants import VariantSpec
@@ -113,18 +114,28 @@ def ignore_mask(model: Any) -> None:
 
 def test_spec_defaults_and_validation():
     spec = PaddingSpec.model_validate({"id": "p", "kind": "padding"})
-    assert len(spec.prompts) >= 2 and spec.max_new_tokens == 8 and spec.atol is None
+    assert len(spec.prompts) >= 2 and spec.max_new_tokens == 8 and spec.tolerance is None
     assert spec.sides == ["left", "right"]
     for bad in ({"prompts": ["only one"]}, {"prompts": ["a", "a"]}, {"prompts": ["a", ""]},
-                {"sides": ["left", "left"]}, {"sides": ["top"]}, {"atol": 0}, {"max_new_tokens": 0}):
+                {"sides": ["left", "left"]}, {"sides": ["top"]}, {"max_new_tokens": 0},
+                {"tolerance": {"max_abs_dlogp": 0}}, {"tolerance": {"logits": 1}}):
         with pytest.raises(ValueError):
             PaddingSpec.model_validate({"id": "p", "kind": "padding", **bad})
 
 
-def test_default_atol_by_quantization():
-    assert default_atol("fp16") == default_atol("fp16-lora") == DEFAULT_ATOL["fp16"]
-    assert default_atol("nf4") == default_atol("nf4-lora") == DEFAULT_ATOL["nf4"]
-    assert DEFAULT_ATOL["fp16"] < DEFAULT_ATOL["nf4"]
+def test_raw_logit_atol_is_refused_with_the_replacement_named():
+    with pytest.raises(ValueError, match=r"atol bounded raw logits.*Use `tolerance: \{max_abs_dlogp"):
+        PaddingSpec.model_validate({"id": "p", "kind": "padding", "atol": 0.25})
+
+
+def test_tolerance_by_quantization_and_per_check():
+    spec = PaddingSpec.model_validate({"id": "p", "kind": "padding"})
+    noise = NoiseModel()
+    assert spec.tolerance_for("fp16-lora") == noise.tolerance("fp16")
+    assert spec.tolerance_for("nf4-lora") == noise.tolerance("nf4")
+    assert spec.tolerance_for("fp16").max_abs_dlogp < spec.tolerance_for("nf4").max_abs_dlogp
+    custom = PaddingSpec.model_validate({"id": "p", "kind": "padding", "tolerance": {"max_abs_dlogp": 0.7}})
+    assert custom.tolerance_for("fp16").max_abs_dlogp == 0.7
 
 
 # -- a tiny random model with the real tokenizer --------------------------------
@@ -132,11 +143,10 @@ def test_default_atol_by_quantization():
 def test_passes_when_the_mask_is_honoured_and_restores_padding_side(tokenizer, tiny_model):
     tokenizer.padding_side = "right"
     ctx = make_ctx(tokenizer, tiny_model)
-    check(atol=1e-4, max_new_tokens=4).run(ctx)
+    check(max_new_tokens=4, tolerance={"mean_abs_dlogp": 1e-4, "max_abs_dlogp": 1e-4, "tie_gap": 1e-4}).run(ctx)
     assert tokenizer.padding_side == "right"
-    assert ctx.figures["padding_atol"] == 1e-4
-    assert ctx.figures["padding_max_abs_diff_left"] < 1e-4
-    assert ctx.figures["padding_max_abs_diff_right"] < 1e-4
+    assert ctx.figures["padding_max_abs_dlogp_left"] < 1e-4
+    assert ctx.figures["padding_max_abs_dlogp_right"] < 1e-4
 
 
 def test_fails_when_the_mask_is_ignored(tokenizer, tiny_model):
@@ -144,31 +154,33 @@ def test_fails_when_the_mask_is_ignored(tokenizer, tiny_model):
     tokenizer.padding_side = "right"
     ctx = make_ctx(tokenizer, tiny_model)
     with pytest.raises(CheckFailure) as info:
-        check(atol=1e-4, max_new_tokens=4).run(ctx)
+        check(max_new_tokens=4).run(ctx)
     message = str(info.value)
     assert "a padded batch does not behave like its prompts run one at a time" in message
-    assert "prompt 0 'Hello!', left padding: last-token logits differ from the unpadded run by max |diff|" in message
-    # right padding cannot leak under a causal mask: pads come after every real token
-    assert "right padding" not in message
+    assert "prompt 0 'Hello!', left padding, position 0 of 2: |Δ log p| " in message
+    # right padding cannot leak into the prompt under a causal mask: pads come after every real token,
+    # but the continuation generated after the pads attends to them
+    assert "right padding, position" not in message
+    assert "right padding, continuation: greedy output diverges at new token" in message
     assert tokenizer.padding_side == "right"
-    assert ctx.figures["padding_max_abs_diff_left"] > 1e-2
+    assert ctx.figures["padding_max_abs_dlogp_left"] > 1e-2
 
 
 def test_generation_divergence_names_prompt_and_first_token(tokenizer, tiny_model):
     ignore_mask(tiny_model)
     ctx = make_ctx(tokenizer, tiny_model)
-    with pytest.raises(CheckFailure) as info:
-        check(atol=100.0, max_new_tokens=6, sides=["left"]).run(ctx)  # logits pass: only tokens can fail
+    with pytest.raises(CheckFailure) as info:  # distributions pass: only the continuation can fail
+        check(tolerance={"max_abs_dlogp": 100.0, "mean_abs_dlogp": 100.0}, max_new_tokens=6, sides=["left"]).run(ctx)
     message = str(info.value)
-    assert "last-token logits" not in message
-    assert "left padding: greedy continuation diverges at new token" in message
-    assert ": unpadded '" in message and ", batched '" in message and "unpadded logits margin" in message
+    assert "position" not in message
+    assert "left padding, continuation: greedy output diverges at new token" in message
+    assert "in the unpadded run), got '" in message and "not a near-tie, a real change" in message
 
 
 def test_prompts_of_equal_length_are_refused(tokenizer, tiny_model):
     ctx = make_ctx(tokenizer, tiny_model)
     with pytest.raises(CheckFailure, match="every prompt encodes to 1 tokens, so nothing gets padded"):
-        check(prompts=["Hi", "Yes"], atol=1e-4).run(ctx)
+        check(prompts=["Hi", "Yes"]).run(ctx)
 
 
 # -- the real model ----------------------------------------------------------------
@@ -187,8 +199,10 @@ def test_real_model_that_ignores_the_mask_fails(project):
     result = project.run("--variants", "fp16")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        "batch: a padded batch does not behave like its prompts run one at a time*",
-        "*prompt 0 'Hi', left padding: last-token logits differ from the unpadded run by max |diff| * > atol 0.25*",
+        "batch: a padded batch does not behave like its prompts run one at a time*for fp16*",
+        "*prompt 0 'Hi', left padding, position 0 of 1: *not a near-tie*",
         "*A model that ignores the attention mask*",
     ])
-    assert "right padding: last-token logits" not in result.stdout.str()
+    out = result.stdout.str()
+    assert "right padding, position" not in out  # a causal mask keeps pads after the prompt invisible to it
+    assert "right padding, continuation: greedy output diverges at new token" in out

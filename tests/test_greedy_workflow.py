@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import scale_weight
+
 
 
 def test_missing_golden_fails_and_writes_nothing(project):
@@ -29,8 +31,14 @@ def test_update_then_rerun_passes(project):
         "smollm2-135m/cpu/fp16/gen/joke.json",
     ]
     golden = json.loads((project.golden / "smollm2-135m/cpu/fp16/gen/joke.json").read_text())
-    assert set(golden) == {"prompt_tokens", "max_new_tokens", "new_token_ids", "text"}
+    assert set(golden) == {"format", "text", "new_token_ids", "prompt_tokens", "max_new_tokens", "stop",
+                           "generation", "top_k", "trace"}
+    assert golden["format"] == 2 and golden["generation"]["eos_token_id"] == 2
     assert len(golden["new_token_ids"]) <= 12 and golden["text"]
+    # one readable line per step: the chosen token's log-prob first, then the other top-5, then texts
+    assert len(golden["trace"]) == len(golden["new_token_ids"])
+    first = golden["trace"][0]
+    assert first.startswith(f"{golden['new_token_ids'][0]} -") and first.count(" | ") == 4 and " # '" in first
     meta = json.loads((project.golden / "smollm2-135m/cpu/fp16/gen/joke.meta.json").read_text())
     assert meta["model_fingerprint"] and meta["versions"]["torch"]
     result = project.run("--variants", "fp16", "-v")
@@ -43,14 +51,17 @@ def test_changed_golden_fails_with_first_divergence_and_diff(project):
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
     path = project.golden / "smollm2-135m/cpu/fp16/gen/capital.json"
     golden = json.loads(path.read_text())
-    golden["new_token_ids"][1] = 28  # the token ","
+    golden["new_token_ids"][1] = 28  # the token ",", with the log-probs of the recorded "." and ","
+    golden["trace"][1] = "28 -0.3831 | 30 -1.6487"
     golden["text"] = "tampered"
     path.write_text(json.dumps(golden))
     result = project.run("--variants", "fp16")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
-        "*greedy output diverges at new token 1: expected ',' (id 28), got *",
-        "*logits at that step: *margin*",
+        "*greedy output diverges at new token 1: expected ',' (id 28) (log p -0.383 in the golden), got '.' "
+        "(id 30) (log p -0.383); log-prob gap 1.266 in the golden and 1.266 in this run, tie tolerance * "
+        "for fp16: not a near-tie, a real change*",
+        "*golden top-2 at new token 1: ',' (id 28) -0.383, '.' (id 30) -1.649*",
         "*text diff:*",
         "*-tampered*",
         "*golden: *capital.json*",
@@ -66,12 +77,7 @@ def test_changed_layer_weights_fail_only_the_affected_checks(project, embedded_m
     project.run("--model", str(model_dir), "--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
     assert (project.golden / "mymodel/cpu/fp16/gen/joke.json").exists()
 
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(model_dir / "model.safetensors")
-    name = "model.layers.3.mlp.down_proj.weight"
-    weights[name] = weights[name] * 1.5
-    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    scale_weight(model_dir, "model.layers.3.mlp.down_proj.weight", 1.5)
 
     result = project.run("--model", str(model_dir), "--variants", "fp16")
     outcomes = result.parseoutcomes()

@@ -94,12 +94,24 @@ class CheckContext:
             suite=self.suite, check_id=self.check_id, variant=self.variant.key if self.variant else None
         )
 
-    def assert_golden(self, actual: Any, explain: Callable[[Any, Any], str]) -> None:
+    def note(self, text: str) -> None:
+        """A line for the terminal summary and the report that a passing check must not keep silent
+        (an accepted near-tie, a fragile golden, a cross-device judgement)."""
+        self.request.node.user_properties.append(("harness_note", text))
+
+    @property
+    def subject(self) -> str:
+        """How notes and messages name this item: ``check[variant]``."""
+        return f"{self.check_id}[{self.variant.key}]" if self.variant else self.check_id
+
+    def assert_golden(self, actual: Any, explain: Callable[[Any, Any], str],
+                      judge: Callable[[Any, Any], bool] | None = None) -> None:
         __tracebackhide__ = True
         extra: dict[str, Any] = {"check": f"{self.suite}::{self.check_id}"}
         if self.variant is not None:
             extra["variant"] = self.variant.key
-        self.goldens.assert_matches(self.golden_path(), actual, explain=explain, provenance_extra=extra)
+        self.goldens.assert_matches(self.golden_path(), actual, explain=explain, provenance_extra=extra,
+                                    judge=judge)
 
 
 S = TypeVar("S", bound=CheckSpec)
