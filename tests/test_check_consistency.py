@@ -11,7 +11,6 @@ import pytest
 
 from harness.checks.batch import BatchSpec, others
 from harness.checks.cache import CacheSpec
-from harness.checks.consistency import validate_tolerance
 from harness.checks.kernels import KernelsSpec
 
 SUITE = """
@@ -126,10 +125,19 @@ def test_specs_refuse_bad_fields(spec, fields):
         spec.model_validate({"id": "x", **fields})
 
 
-def test_tolerance_override_forms():
-    assert validate_tolerance({"mean_abs_dlogp": 0.02}) == {"mean_abs_dlogp": 0.02}
-    keyed = {"nf4": {"tie_gap": 0.6}, "fp16-lora": {"max_abs_dlogp": 0.1}}
-    assert validate_tolerance(keyed) == keyed
+def test_tolerance_override_reaches_the_engine():
+    import types
+
+    from harness.checks.consistency import tolerance_for
+    from harness.variants import VariantSpec
+
+    spec = CacheSpec.model_validate({"id": "x", "kind": "cache",
+                                     "tolerance": {"tie_gap": 0.2, "nf4": {"tie_gap": 0.6, "mean_abs_dlogp": 0.5}}})
+    ctx = types.SimpleNamespace(variant=VariantSpec("nf4", True))
+    tol = tolerance_for(ctx, spec)  # type: ignore[arg-type]
+    assert (tol.tie_gap, tol.mean_abs_dlogp) == (0.6, 0.5) and "check tolerance" in tol.source
+    ctx.variant = VariantSpec("fp16", False)
+    assert tolerance_for(ctx, spec).tie_gap == 0.2  # type: ignore[arg-type]
 
 
 def test_batch_rows_are_distinct_and_shaped():

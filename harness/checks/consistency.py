@@ -19,14 +19,13 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import CheckSpec
 from harness.checks.prompts import Message, assert_fits_context, encode_prompt
+from harness.compare import ToleranceSpec
 from harness.errors import CheckFailure
-from harness.variants import ALL_KEYS
 
 if TYPE_CHECKING:
     from harness.checks.base import CheckContext
     from harness.compare import Observation, Step, Tolerance, Verdict
 
-TOLERANCE_FIELDS = ("mean_abs_dlogp", "max_abs_dlogp", "tie_gap")
 DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
 
 
@@ -36,7 +35,7 @@ class ConsistencySpec(CheckSpec):
     prompts: list[str] = Field(default_factory=list)
     chats: list[list[Message]] = Field(default_factory=list)
     max_new_tokens: int = Field(8, ge=1, le=1024)
-    tolerance: dict[str, Any] | None = None
+    tolerance: ToleranceSpec | None = None
 
     @field_validator("prompts")
     @classmethod
@@ -44,11 +43,6 @@ class ConsistencySpec(CheckSpec):
         if any(not p for p in value):
             raise ValueError("prompts must not be empty strings")
         return value
-
-    @field_validator("tolerance")
-    @classmethod
-    def _tolerance_shape(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return validate_tolerance(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -65,38 +59,12 @@ class ConsistencySpec(CheckSpec):
         return self
 
 
-def validate_tolerance(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The engine's override form: flat ``{mean_abs_dlogp, max_abs_dlogp, tie_gap}`` or keyed by variant."""
-    if value is None:
-        return None
-    quants = {key.split("-")[0] for key in ALL_KEYS}
-    for key, inner in value.items():
-        if key in TOLERANCE_FIELDS:
-            _non_negative(key, inner)
-        elif key in ALL_KEYS or key in quants:
-            if not isinstance(inner, dict):
-                raise ValueError(f"tolerance.{key} must be a mapping of {', '.join(TOLERANCE_FIELDS)}")
-            for name, number in inner.items():
-                if name not in TOLERANCE_FIELDS:
-                    raise ValueError(f"tolerance.{key}.{name}: unknown; use {', '.join(TOLERANCE_FIELDS)}")
-                _non_negative(f"{key}.{name}", number)
-        else:
-            raise ValueError(f"tolerance.{key}: unknown; use {', '.join(TOLERANCE_FIELDS)} or a variant key "
-                             f"({', '.join(ALL_KEYS)}) holding them")
-    return value
-
-
-def _non_negative(name: str, number: Any) -> None:
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
-        raise ValueError(f"tolerance.{name} must be a number >= 0 (nats of log-probability)")
-
-
 def tolerance_for(ctx: CheckContext, spec: ConsistencySpec) -> Tolerance:
     """The engine's tolerance for this variant, with the check's override applied."""
     from harness.compare import NoiseModel
 
-    noise = getattr(ctx, "noise", None) or NoiseModel()
-    return noise.overridden(spec.tolerance, where="check").tolerance(ctx.variant.key if ctx.variant else None)
+    override = spec.tolerance.as_override() if spec.tolerance is not None else None
+    return NoiseModel().overridden(override, where="check").tolerance(ctx.variant.key if ctx.variant else None)
 
 
 EXACT_SOURCE = "exact: the two runs must be bit-identical"
@@ -175,8 +143,8 @@ class Findings:
         """Record the figures; raise one CheckFailure naming every disagreeing pair."""
         __tracebackhide__ = True
         ctx.record(worst_mean_abs_dlogp=round(self.worst_mean, 6), worst_max_abs_dlogp=round(self.worst_max, 6))
-        if self.ties:
-            ctx.record(accepted_near_ties=list(self.ties))
+        for tie in self.ties:
+            ctx.note(f"{ctx.subject}: {tie}")
         if not self.problems:
             return
         judged = f" (tolerance{tol.describe()}: mean {tol.mean_abs_dlogp:g}, step {tol.max_abs_dlogp:g}, " \

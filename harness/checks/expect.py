@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import Message, NoChatTemplate, assert_fits_context, encode_prompt, greedy_generate
+from harness.checks.prompts import Message, assert_fits_context, encode_or_skip, greedy_generate
 from harness.errors import CheckFailure
 
 ASSERTIONS = ("contains", "not_contains", "starts_with", "regex", "json", "max_tokens", "stops", "one_of")
@@ -129,16 +129,8 @@ class ExpectCheck(Check[ExpectSpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        import pytest
-
-        try:
-            prompt_ids = encode_prompt(ctx.tokenizer, prompt=self.spec.prompt, messages=self.spec.messages)
-        except NoChatTemplate:
-            message = f"{ctx.pool.resolved.name!r} has no chat template, and this check renders chat messages"
-            if self.spec.if_no_chat_template == "skip":
-                pytest.skip(message)
-            raise CheckFailure(message + ". Fix: use `prompt:` for a base model, or set "
-                               "if_no_chat_template: skip.") from None
+        prompt_ids = encode_or_skip(ctx.tokenizer, model_name=ctx.pool.resolved.name, prompt=self.spec.prompt,
+                                    messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template)
         model = ctx.model
         assert_fits_context(model, len(prompt_ids), self.spec.max_new_tokens, what=self.spec.id)
         answers = generate_answers(model, ctx.tokenizer, prompt_ids, self.spec)
