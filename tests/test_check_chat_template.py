@@ -166,3 +166,38 @@ def test_model_without_a_template_fails_or_skips(project, editable_model, tmp_pa
         "*must-have: 'base' has no chat template*set if_no_chat_template: skip for a base model.",
         "SKIPPED*'base' has no chat template*",
     ])
+
+
+# Installed as the project's conftest.py: apply_chat_template(tokenize=True) adds special tokens
+# (BOS) on top of the rendered text, as a tokenizer subclass overriding it might.
+TOKENIZE_ADDS_BOS = """
+from transformers import tokenization_utils_base
+
+_apply = tokenization_utils_base.PreTrainedTokenizerBase.apply_chat_template
+
+
+def _apply_with_bos(self, conversation, *args, tokenize=True, **kwargs):
+    out = _apply(self, conversation, *args, tokenize=tokenize, **kwargs)
+    if tokenize:
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        ids[:0] = [self.bos_token_id]
+    return out
+
+
+tokenization_utils_base.PreTrainedTokenizerBase.apply_chat_template = _apply_with_bos
+"""
+
+
+def test_tokenize_true_path_that_differs_fails(project):
+    project.suite("chat", BOS_SUITE)
+    project.pytester.makeconftest(TOKENIZE_ADDS_BOS)
+    result = project.run("--variants", "fp16", "--snapshot-update")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*strict: apply_chat_template(tokenize=True) does not give the ids of rendering the template and "
+        "encoding the text without added special tokens:",
+        "*'hello' (add_generation_prompt=false): first differing token at index 1: render-then-encode has "
+        "'*' (id *), tokenize=True has '<|im_start|>' (id 1) (* vs * tokens); tokenize=True starts with BOS "
+        "'<|im_start|>' (id 1) twice",
+    ])
+    assert project.goldens() == []

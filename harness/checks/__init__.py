@@ -7,6 +7,9 @@ complete; third-party kinds register the same way from their own modules.
 from __future__ import annotations
 
 from harness.checks.base import Check, CheckContext, CheckSpec, get_check, known_kinds, register_check
-from harness.checks import chat_template, drift, greedy, memory, padding, throughput, tokenization  # noqa: E402,F401  (registration)
+from harness.checks import (  # noqa: E402,F401  (registration)
+    batch, cache, chat_template, drift, expect, generation_config, greedy, kernels, lora_merge, memory, padding,
+    save_reload, throughput, tokenization,
+)
 
 __all__ = ["Check", "CheckContext", "CheckSpec", "get_check", "known_kinds", "register_check"]

@@ -1,4 +1,5 @@
-"""``chat_template``: rendered chat prompts and their ids are a golden, and BOS is not doubled.
+"""``chat_template``: rendered chat prompts and their ids are a golden, BOS is not doubled, and
+``apply_chat_template(tokenize=True)`` gives the same ids as rendering then encoding.
 
 Runs once per model. The chat template decides what an instruct model sees:
 a changed system default, a lost newline or a moved special token changes
@@ -17,6 +18,12 @@ that emits BOS is right for it. Two cases are still defects:
 
 A template that does not emit BOS while the tokenizer adds one by default is
 not flagged: many chat models (ChatML) are trained without BOS.
+
+The tokenize=True rule. Serving and training code mostly calls
+``apply_chat_template(tokenize=True)``; the harness and many users render the
+text and encode it without added special tokens. The two must give the same
+ids (transformers #37686 is a case where they did not), and the ids must not
+start with two BOS.
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
         errors: list[str] = []
         bos_problems: list[str] = []
         double_on_encode: list[str] = []
+        tokenize_path: list[str] = []
         for name, messages in self.conversations.items():
             rendered[name] = {}
             for flag in self.spec.add_generation_prompt:
@@ -117,6 +125,9 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
                     continue
                 ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
                 rendered[name][mode_key(flag)] = {"text": text, "ids": ids}
+                path_problem = _tokenize_path_problem(tokenizer, messages, flag, ids)
+                if path_problem:
+                    tokenize_path.append(f"{label}: {path_problem}")
                 problem = _bos_problem(tokenizer, text, ids)
                 if problem == "template":
                     bos_problems.append(label)
@@ -149,6 +160,16 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
             if self.spec.double_bos == "fail":
                 raise CheckFailure(message)
             warnings.warn(message, ChatTemplateWarning, stacklevel=1)
+        if tokenize_path:
+            raise CheckFailure(
+                f"{self.spec.id}: apply_chat_template(tokenize=True) does not give the ids of rendering the "
+                "template and encoding the text without added special tokens:\n"
+                + "\n".join(f"  - {p}" for p in tokenize_path)
+                + "\nCode that calls apply_chat_template(tokenize=True) (most serving and training code) and "
+                "code that renders then encodes feed the model different prompts. Fix: the tokenizer's "
+                "apply_chat_template or its encoding of special-token text; every chat prompt must start with "
+                "at most one BOS."
+            )
         ctx.record(chat_template_renders=sum(len(v) for v in rendered.values()))
         ctx.assert_golden({"conversations": rendered},
                           lambda exp, act: explain_chat_template(exp, act, tokenizer))
@@ -165,6 +186,23 @@ def _bos_problem(tokenizer: Any, text: str, ids: list[int]) -> str | None:
     if default[:2] == [bos, bos]:
         return "encode"
     return None
+
+
+def _tokenize_path_problem(tokenizer: Any, messages: list[Message], flag: bool, ids: list[int]) -> str | None:
+    """How ``apply_chat_template(tokenize=True)`` differs from render-then-encode, or a doubled BOS in it."""
+    out = tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=True,
+                                        add_generation_prompt=flag)
+    direct = list(out["input_ids"] if hasattr(out, "keys") else out)
+    if direct and isinstance(direct[0], list):  # a batch of one
+        direct = direct[0]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if direct == ids:
+        return None  # a doubled BOS in these ids is the template's, reported by _bos_problem
+    index = next((i for i, (a, b) in enumerate(zip(ids, direct)) if a != b), min(len(ids), len(direct)))
+    doubled = (f"; tokenize=True starts with BOS {tokenizer.bos_token!r} (id {bos}) twice"
+               if bos is not None and direct[:2] == [bos, bos] else "")
+    return (f"first differing token at index {index}: render-then-encode has {_token(tokenizer, ids, index)}, "
+            f"tokenize=True has {_token(tokenizer, direct, index)} ({len(ids)} vs {len(direct)} tokens){doubled}")
 
 
 def _visible_lines(text: str) -> list[str]:

@@ -86,6 +86,22 @@ def encode_prompt(tokenizer: Any, *, prompt: str | None, messages: list[Message]
     return ids
 
 
+def encode_or_skip(tokenizer: Any, *, model_name: str, prompt: str | None, messages: list[Message] | None,
+                   if_no_chat_template: str) -> list[int]:
+    """``encode_prompt`` for a check: a model without a chat template skips or fails, as the suite says."""
+    __tracebackhide__ = True
+    import pytest
+
+    try:
+        return encode_prompt(tokenizer, prompt=prompt, messages=messages)
+    except NoChatTemplate:
+        message = f"{model_name!r} has no chat template, and this check renders chat messages"
+        if if_no_chat_template == "skip":
+            pytest.skip(message)
+        raise CheckFailure(message + ". Fix: use `prompt:` for a base model, or set "
+                           "if_no_chat_template: skip.") from None
+
+
 def context_limit(model: Any) -> int | None:
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

@@ -1,0 +1,159 @@
+"""What the self-consistency kinds share: the prompts they run, their tolerance, how they fail.
+
+``cache``, ``kernels``, ``batch``, ``lora_merge`` and ``save_reload`` all ask one
+question of two runs of the same model that should agree: the same behaviour,
+up to numerical noise? The answer comes from the comparison engine
+(``harness.compare``); this module only turns a suite's prompts into token ids,
+picks the tolerance the engine judges with, and gathers the engine's verdicts
+into one failure a reviewer can read (the first divergence, the log-prob
+evidence, which prompt and which pair of runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, field_validator, model_validator
+
+from harness.checks.base import CheckSpec
+from harness.checks.prompts import Message, assert_fits_context, encode_prompt
+from harness.compare import ToleranceSpec
+from harness.errors import CheckFailure
+
+if TYPE_CHECKING:
+    from harness.checks.base import CheckContext
+    from harness.compare import Observation, Step, Tolerance, Verdict
+
+DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
+
+
+class ConsistencySpec(CheckSpec):
+    """Prompts (raw text and/or chats) and the tolerance override every consistency kind takes."""
+
+    prompts: list[str] = Field(default_factory=list)
+    chats: list[list[Message]] = Field(default_factory=list)
+    max_new_tokens: int = Field(8, ge=1, le=1024)
+    tolerance: ToleranceSpec | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_non_empty(cls, value: list[str]) -> list[str]:
+        if any(not p for p in value):
+            raise ValueError("prompts must not be empty strings")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_prompts(cls, data: Any) -> Any:
+        """The default prompt only where neither ``prompts`` nor ``chats`` is given."""
+        if isinstance(data, dict) and data.get("prompts") is None and not data.get("chats"):
+            data = {**data, "prompts": list(DEFAULT_PROMPTS)}
+        return data
+
+    @model_validator(mode="after")
+    def _has_prompts(self) -> ConsistencySpec:
+        if not self.prompts and not self.chats:
+            raise ValueError("give at least one of 'prompts' (raw text) or 'chats' (lists of messages)")
+        return self
+
+
+def tolerance_for(ctx: CheckContext, spec: ConsistencySpec) -> Tolerance:
+    """The engine's tolerance for this variant, with the check's override applied."""
+    from harness.compare import NoiseModel
+
+    override = spec.tolerance.as_override() if spec.tolerance is not None else None
+    return NoiseModel().overridden(override, where="check").tolerance(ctx.variant.key if ctx.variant else None)
+
+
+EXACT_SOURCE = "exact: the two runs must be bit-identical"
+
+
+def exact_tolerance() -> Tolerance:
+    """No noise allowed: two runs of the same weights and kernels on one machine."""
+    from harness.compare import Tolerance
+
+    return Tolerance(mean_abs_dlogp=0.0, max_abs_dlogp=0.0, tie_gap=0.0, source=EXACT_SOURCE)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    label: str
+    ids: list[int]
+
+
+def encoded_prompts(ctx: CheckContext, spec: ConsistencySpec) -> list[Prompt]:
+    """Raw prompts encoded with the tokenizer's defaults, chats rendered with the generation prompt."""
+    __tracebackhide__ = True
+    out: list[Prompt] = []
+    for text in spec.prompts:
+        out.append(Prompt(_short(text), encode_prompt(ctx.tokenizer, prompt=text, messages=None)))
+    for index, messages in enumerate(spec.chats):
+        out.append(Prompt(f"chat {index} ({_short(messages[-1].content)})",
+                          encode_prompt(ctx.tokenizer, prompt=None, messages=messages)))
+    model = ctx.model
+    for prompt in out:
+        assert_fits_context(model, len(prompt.ids), spec.max_new_tokens, what=f"{spec.id} {prompt.label}")
+    return out
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def greedy(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int, **generate_kwargs: Any) -> Observation:
+    from harness.compare import observe_greedy
+
+    return observe_greedy(model, tokenizer, prompt.ids, max_new_tokens, **generate_kwargs)
+
+
+def rescorer(model: Any, tokenizer: Any, prompt: Prompt) -> Callable[[list[int]], tuple[Step, ...]]:
+    """Teacher forcing on ``model``: how the engine scores a reference's tokens after an accepted near-tie."""
+    from harness.compare import teacher_force
+
+    return lambda ids: teacher_force(model, prompt.ids, ids, tokenizer=tokenizer)
+
+
+@dataclass
+class Findings:
+    """The engine's verdicts for one item, gathered into one failure (or figures on a pass)."""
+
+    check_id: str
+    tokenizer: Any
+    problems: list[str] = field(default_factory=list)
+    ties: list[str] = field(default_factory=list)
+    worst_mean: float = 0.0
+    worst_max: float = 0.0
+
+    def add(self, what: str, verdict: Verdict) -> None:
+        from harness.compare import render_tokens
+
+        self.worst_mean = max(self.worst_mean, verdict.stats.get("mean_abs_dlogp", 0.0))
+        self.worst_max = max(self.worst_max, verdict.stats.get("max_abs_dlogp", 0.0))
+        self.ties.extend(f"{what}: {render_tokens(t.describe(), self.tokenizer)}" for t in verdict.accepted_ties)
+        if not verdict.ok:
+            detail = verdict.explain(self.tokenizer).replace("\n", "\n      ")
+            self.problems.append(f"{what}:\n      {detail}")
+
+    def fail(self, message: str) -> None:
+        self.problems.append(message)
+
+    def finish(self, ctx: CheckContext, *, headline: str, fix: str, tol: Tolerance | None) -> None:
+        """Record the figures; raise one CheckFailure naming every disagreeing pair."""
+        __tracebackhide__ = True
+        ctx.record(worst_mean_abs_dlogp=round(self.worst_mean, 6), worst_max_abs_dlogp=round(self.worst_max, 6))
+        for tie in self.ties:
+            ctx.note(f"{ctx.subject}: {tie}")
+        if not self.problems:
+            return
+        judged = f" (tolerance{tol.describe()}: mean {tol.mean_abs_dlogp:g}, step {tol.max_abs_dlogp:g}, " \
+                 f"tie gap {tol.tie_gap:g})" if tol is not None else ""
+        lines = [f"{self.check_id}: {headline}{judged}; {len(self.problems)} disagreement"
+                 f"{'s' if len(self.problems) > 1 else ''}:"]
+        lines.extend(f"  - {p}" for p in self.problems)
+        if self.ties:
+            lines.append("accepted near-ties (numerical noise, not failures):")
+            lines.extend(f"  - {t}" for t in self.ties)
+        lines.append(fix)
+        raise CheckFailure("\n".join(lines))

@@ -1,0 +1,148 @@
+"""``cache``, ``kernels`` and ``batch`` on the real model: pass as it is, fail on a constructed fault.
+
+One pytester run installs three faults at once (a KV cache whose keys are ignored,
+an attention kernel whose output is perturbed, a forward that leaks across batch
+rows); each must fail its own check, with the engine's evidence.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.checks.batch import BatchSpec, others
+from harness.checks.cache import CacheSpec
+from harness.checks.kernels import KernelsSpec
+
+SUITE = """
+suite: cons
+checks:
+  - id: kv
+    kind: cache
+    prompts: ["The capital of France is"]
+    max_new_tokens: 6
+  - id: attn
+    kind: kernels
+    implementations: [sdpa, IMPL]
+    prompts: ["The capital of France is"]
+    max_new_tokens: 6
+  - id: rows
+    kind: batch
+    prompts: ["Water boils at a temperature of"]
+    max_new_tokens: 4
+"""
+
+# Installed as the project's conftest.py: three faults, each visible to one kind only.
+FAULTS = """
+from transformers import AttentionInterface, cache_utils
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama import modeling_llama
+
+# 1. a cache that stores keys and values but attends only to the current token's
+_update = cache_utils.DynamicLayer.update
+
+
+def _ignore_cache(self, key_states, value_states, *args, **kwargs):
+    _update(self, key_states, value_states, *args, **kwargs)
+    return key_states, value_states
+
+
+cache_utils.DynamicLayer.update = _ignore_cache
+
+
+# 2. an attention kernel whose output is 5% too large
+def _perturbed(module, query, key, value, attention_mask, **kwargs):
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return out * 1.05, weights
+
+
+AttentionInterface.register("perturbed", _perturbed)
+
+# 3. rows of a batch leak into each other (5% of the neighbouring row's embeddings)
+_forward = modeling_llama.LlamaModel.forward
+
+
+def _leak(self, input_ids=None, inputs_embeds=None, **kwargs):
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_tokens(input_ids)
+    if inputs_embeds.shape[0] > 1:
+        inputs_embeds = inputs_embeds + 0.05 * inputs_embeds.roll(1, dims=0)
+    return _forward(self, input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
+
+
+modeling_llama.LlamaModel.forward = _leak
+"""
+
+
+def test_real_model_is_self_consistent(project):
+    project.suite("cons", SUITE.replace("IMPL", "eager"))
+    result = project.run("--variants", "fp16", "-v")
+    result.assert_outcomes(passed=3)
+    assert project.goldens() == []
+
+
+def test_each_fault_fails_its_own_check(project):
+    project.suite("cons", SUITE.replace("IMPL", "perturbed"))
+    project.pytester.makeconftest(FAULTS)
+    result = project.run("--variants", "fp16")
+    result.assert_outcomes(failed=3)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "kv: decoding with the KV cache differs from recomputing without it (tolerance for fp16*",
+        "*prompt 'The capital of France is', dynamic cache vs no cache:",
+        "*greedy output diverges at step *: this run chose * where the golden has *: not a near-tie, a real change*",
+    ])
+    assert "static cache vs no cache" not in out  # the static cache is not the one broken
+    result.stdout.fnmatch_lines([
+        "attn: attention implementations disagree beyond numerical noise*",
+        "*prompt 'The capital of France is', perturbed vs sdpa:*",
+        "*Pin the right one with the registry's attn_implementation*",
+    ])
+    result.stdout.fnmatch_lines([
+        "rows: a prompt scored inside a batch differs from the same prompt alone*",
+        "*batch of 4 (equal lengths), first row:*",
+        "*|Δ log p| * on the reference's top-5 > per-row tolerance*",
+    ])
+
+
+# -- specs and helpers, no model ----------------------------------------------------
+
+@pytest.mark.parametrize("spec, fields", [
+    (CacheSpec, {"kind": "cache", "caches": ["dynamic", "dynamic"]}),
+    (CacheSpec, {"kind": "cache", "caches": ["offloaded"]}),
+    (CacheSpec, {"kind": "cache", "prompts": [], "chats": []}),
+    (CacheSpec, {"kind": "cache", "tolerance": {"mean_abs_dlogp": -1}}),
+    (CacheSpec, {"kind": "cache", "tolerance": {"nf5": {"tie_gap": 0.1}}}),
+    (CacheSpec, {"kind": "cache", "tolerance": {"nf4": {"tie": 0.1}}}),
+    (KernelsSpec, {"kind": "kernels", "implementations": ["sdpa"]}),
+    (KernelsSpec, {"kind": "kernels", "implementations": ["sdpa", "eager"], "require": ["flex_attention"]}),
+    (BatchSpec, {"kind": "batch", "batch_sizes": [1]}),
+    (BatchSpec, {"kind": "batch", "positions": ["middle"]}),
+    (BatchSpec, {"kind": "batch", "shapes": ["equal", "equal"]}),
+    (BatchSpec, {"kind": "batch", "atol": 0.1}),
+])
+def test_specs_refuse_bad_fields(spec, fields):
+    with pytest.raises(ValueError):
+        spec.model_validate({"id": "x", **fields})
+
+
+def test_tolerance_override_reaches_the_engine():
+    import types
+
+    from harness.checks.consistency import tolerance_for
+    from harness.variants import VariantSpec
+
+    spec = CacheSpec.model_validate({"id": "x", "kind": "cache",
+                                     "tolerance": {"tie_gap": 0.2, "nf4": {"tie_gap": 0.6, "mean_abs_dlogp": 0.5}}})
+    ctx = types.SimpleNamespace(variant=VariantSpec("nf4", True))
+    tol = tolerance_for(ctx, spec)  # type: ignore[arg-type]
+    assert (tol.tie_gap, tol.mean_abs_dlogp) == (0.6, 0.5) and "check tolerance" in tol.source
+    ctx.variant = VariantSpec("fp16", False)
+    assert tolerance_for(ctx, spec).tie_gap == 0.2  # type: ignore[arg-type]
+
+
+def test_batch_rows_are_distinct_and_shaped():
+    filler = list(range(100, 130))
+    equal = others(filler, 9, 3, "equal")
+    assert [len(r) for r in equal] == [9, 9, 9] and len({tuple(r) for r in equal}) == 3
+    mixed = others(filler, 9, 3, "mixed")
+    assert len({len(r) for r in mixed}) == 3 and min(len(r) for r in mixed) < 9 < max(len(r) for r in mixed)
