@@ -70,7 +70,7 @@ def explain_settings(expected: dict[str, Any], actual: dict[str, Any]) -> str:
     lines: list[str] = []
     for section in ("settings", "tokens"):
         exp, act = expected.get(section, {}), actual.get(section, {})
-        for name in [*exp, *(k for k in act if k not in exp)]:
+        for name in _ordered([*exp, *(k for k in act if k not in exp)]):
             if exp.get(name, "<absent>") == act.get(name, "<absent>"):
                 continue
             label = name if section == "settings" else f"{name} (as tokens)"
@@ -78,6 +78,12 @@ def explain_settings(expected: dict[str, Any], actual: dict[str, Any]) -> str:
     head = (f"the effective generation settings changed ({len(lines)} setting{'s' if len(lines) != 1 else ''}); "
             "every user's generate() output can change with them:")
     return "\n".join([head, *lines]) if lines else "the generation settings golden differs in its layout"
+
+
+def _ordered(names: list[str]) -> list[str]:
+    """Settings in the order generate() users think of them (ids, strategy, sampling...), then the rest."""
+    rank = {name: index for index, name in enumerate(SETTINGS)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
 def _show(values: dict[str, Any], name: str) -> str:
