@@ -25,7 +25,7 @@ def test_workflow_record_pass_then_an_edit_names_each_changed_setting(project, e
     project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
     assert project.goldens() == ["mygen/tokenizer/gen/settings.json"]
     golden = json.loads((project.golden / "mygen/tokenizer/gen/settings.json").read_text(encoding="utf-8"))
-    assert golden["settings"]["eos_token_id"] == 2 and golden["settings"]["do_sample"] is False
+    assert golden["settings"]["eos_token_id"] == [2] and golden["settings"]["do_sample"] is False
     assert golden["settings"]["max_length"] == 20 and golden["tokens"]["eos_token_id"] == ["<|im_end|>"]
     project.run(f"--model={model}", "--variants", "fp16").assert_outcomes(passed=1)
 
@@ -37,7 +37,7 @@ def test_workflow_record_pass_then_an_edit_names_each_changed_setting(project, e
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "the effective generation settings changed (4 settings); every user's generate() output can change*",
-        "  eos_token_id: golden 2, now [2, 0]",
+        "  eos_token_id: golden [2], now [2, 0]",
         "  do_sample: golden false, now true",
         "  temperature: golden 1.0, now 0.6",
         "  eos_token_id (as tokens): golden [\"<|im_end|>\"], now [\"<|im_end|>\", \"<|endoftext|>\"]",

@@ -48,9 +48,17 @@ class GenerationConfigCheck(Check[GenerationConfigSpec]):
         __tracebackhide__ = True
         resolved = ctx.pool.resolved
         config = load_generation_config(resolved.path, trust_remote_code=resolved.entry.trust_remote_code)
-        settings = {k: v for k, v in effective_generation_settings(config).items() if k not in self.spec.ignore}
+        settings = {k: as_list(k, v) for k, v in effective_generation_settings(config).items()
+                    if k not in self.spec.ignore}
         actual = {"settings": settings, "tokens": token_texts(ctx.tokenizer, settings)}
         ctx.assert_golden(actual, explain_settings)
+
+
+def as_list(name: str, value: Any) -> Any:
+    """eos ids and stop strings (one or several) always as lists: ``2`` -> ``[2, 0]`` is a changed setting."""
+    if name in ("eos_token_id", "stop_strings") and value is not None and not isinstance(value, list):
+        return [value]
+    return value
 
 
 def token_texts(tokenizer: Any, settings: dict[str, Any]) -> dict[str, Any]:
