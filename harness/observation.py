@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from harness.generation_settings import plain
+
 Stop = Literal["eos", "length"]
 DEFAULT_TOP_K = 5
 LOGPROB_DECIMALS = 4
@@ -110,17 +112,8 @@ def generation_settings(model: Any) -> dict[str, Any]:
         if name == "eos_token_id":
             settings[name] = sorted(eos_ids(model))  # one type whether the config holds an int or a list
         elif value != getattr(default, name, None):
-            settings[name] = _plain(value)
+            settings[name] = plain(value)
     return settings
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe, comparable form of a config value (tuples become lists, dict keys text)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def observe_greedy(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int, *,
