@@ -160,6 +160,10 @@ class HarnessSession:
         from harness.checks.base import CheckContext
         from harness.pool import VariantUnavailable
 
+        models = entry.check.spec.models
+        if models is not None and self.model_name not in models:
+            pytest.skip(f"{entry.check.spec.id} was written for {', '.join(models)} (its `models:` key), not for "
+                        f"{self.model_name}: add this model there, or write its own check")
         if entry.check.needs_gpu and not self.device.is_cuda:
             pytest.skip(f"{entry.check.kind} needs a CUDA device; running on {self.device.description}")
         ctx = CheckContext(

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BEHAVIOUR_SUITES = ("generation", "tokenization", "chat_template", "padding")
+BEHAVIOUR_SUITES = ("generation", "tokenization", "chat_template", "padding", "consistency", "expectations")
 
 
 def _tiny_qwen2(folder: Path, tokenizer_dir: Path) -> Path:
@@ -44,6 +44,9 @@ def test_default_suites_on_a_new_model_record_then_pass(project, embedded_model_
     recorded = sorted(str(p.relative_to(golden)) for p in golden.rglob("*.json") if ".meta." not in p.name)
     assert "tiny-qwen2/cpu/nf4/generation/chicken-joke.json" in recorded
     assert "tiny-qwen2/tokenizer/chat_template/builtin-conversations.json" in recorded
-    rerun = project.run(*args)
+    rerun = project.run(*args, "-rs", "-v")
     rerun_outcomes = rerun.parseoutcomes()
     assert rerun_outcomes["passed"] == outcomes["passed"] and "failed" not in rerun_outcomes
+    # self-consistency holds for any model; what one model answers does not
+    rerun.stdout.fnmatch_lines(["*consistency.yaml::batch-rows?fp16? PASSED*", "*consistency.yaml::kv-cache?nf4? PASSED*"])
+    rerun.stdout.fnmatch_lines(["*capital-paris was written for smollm2-135m*not for tiny-qwen2*"])

@@ -39,6 +39,9 @@ class CheckSpec(BaseModel):
     kind: str
     description: str = ""
     variants: list[str] | None = None
+    # Registry names (or folder names) of the models this check was written for: an assertion on
+    # what one model says ("contains Paris") is not a property of every correct model.
+    models: list[str] | None = None
 
     @field_validator("id")
     @classmethod
@@ -60,6 +63,14 @@ class CheckSpec(BaseModel):
         if len(value) > MAX_ID_LENGTH:
             raise ValueError(f"an id is at most {MAX_ID_LENGTH} characters, this one has {len(value)} "
                              "(it names a golden file, and file names are limited)")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models_listed(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list selects no model, so the check would never run; remove the key "
+                             "(every model) or list the models it was written for")
         return value
 
     @field_validator("variants")

@@ -101,7 +101,9 @@ def reload_adapter(ctx: CheckContext, model: Any, folder: Path) -> Any:
     __tracebackhide__ = True
     from harness.pool import load_adapter
 
-    model.save_pretrained(folder)
+    # "auto" asks the Hub whether the base's vocabulary changed: a network lookup (and a warning)
+    # offline. The in-memory base is reused below, so only a LoRA on the embedding needs saving.
+    model.save_pretrained(folder, save_embedding_layers=_embedding_is_adapted(model))
     base = copy.deepcopy(model).unload()
     try:
         reloaded = load_adapter(base, folder, model_name=ctx.pool.resolved.name)
@@ -109,3 +111,10 @@ def reload_adapter(ctx: CheckContext, model: Any, folder: Path) -> Any:
         raise CheckFailure(f"the adapter saved by save_pretrained does not load back: {exc}") from None
     reloaded.eval()
     return reloaded
+
+
+def _embedding_is_adapted(model: Any) -> bool:
+    """Whether a LoRA layer wraps an embedding (peft then saves the embedding with the adapter)."""
+    from peft.tuners.lora import Embedding
+
+    return any(isinstance(module, Embedding) for module in model.modules())
