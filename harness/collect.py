@@ -19,8 +19,8 @@ from harness.spec import CheckEntry, SuiteSpec, load_suite
 from harness.variants import RUN_ORDER, VariantSpec
 
 def is_suite_file(path: Path, parent: pytest.Collector) -> bool:
-    """Suites are YAML files under a ``suites`` folder of the project, named on the command line,
-    or matched by the ``harness_suites`` ini globs.
+    """Suites are YAML files under a ``suites`` folder of the project, named on the command line
+    (the file, or a folder other than the rootdir), or matched by the ``harness_suites`` ini globs.
 
     Other YAML is never sniffed for ``checks:``: a plugin installed in a shared virtualenv
     must not turn another project's ``.codeclimate.yml`` into a failing suite.
@@ -30,6 +30,8 @@ def is_suite_file(path: Path, parent: pytest.Collector) -> bool:
     if parent.session.isinitpath(path):
         return True
     config = parent.config
+    if any(folder in path.parents for folder in _named_folders(config)):
+        return True
     try:
         relative = path.relative_to(config.rootpath)
     except ValueError:
@@ -37,6 +39,18 @@ def is_suite_file(path: Path, parent: pytest.Collector) -> bool:
     if "suites" in relative.parts[:-1]:
         return True
     return any(fnmatch.fnmatch(relative.as_posix(), pattern) for pattern in config.getini("harness_suites"))
+
+
+def _named_folders(config: pytest.Config) -> list[Path]:
+    """Folders named on the command line (``pytest behaviour/``), except the rootdir and its parents:
+    ``pytest .`` must not turn every YAML file of the project into a suite."""
+    root = config.rootpath
+    folders = []
+    for arg in config.args:
+        folder = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if folder.is_dir() and folder != root and folder not in root.parents:
+            folders.append(folder)
+    return folders
 
 
 class SuiteFile(pytest.File):

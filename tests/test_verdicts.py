@@ -258,6 +258,8 @@ def test_yaml_outside_suites_is_a_suite_only_when_named_or_opted_in(project):
 
     named = project.run("behaviour/extra.yaml", "--collect-only", "-q", "--variants", "fp16")
     named.stdout.fnmatch_lines(["behaviour/extra.yaml::boom"])
+    folder = project.run("behaviour", "--collect-only", "-q", "--variants", "fp16")
+    folder.stdout.fnmatch_lines(["behaviour/extra.yaml::boom"])
 
     (project.path / "pytest.ini").write_text("[pytest]\nharness_suites = behaviour/*.yaml\n")
     opted = project.run(".", "--collect-only", "-q", "--variants", "fp16")
