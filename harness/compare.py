@@ -155,6 +155,27 @@ class ToleranceSpec(ToleranceValues):
 
 
 @dataclass(frozen=True)
+class Sides:
+    """How messages name the two observations: a golden and this run, or OLD and NEW in reference mode."""
+
+    expected: str = "the golden"
+    actual: str = "this run"
+    expected_short: str = "golden"
+    actual_short: str = "this run"
+
+    @property
+    def expected_of(self) -> str:
+        return f"{self.expected}'s"
+
+    @property
+    def actual_of(self) -> str:
+        return f"{self.actual}'s"
+
+
+GOLDEN_SIDES = Sides()
+
+
+@dataclass(frozen=True)
 class AcceptedTie:
     """A first differing token accepted as numerical noise: reported, never silent."""
 
@@ -169,12 +190,12 @@ class AcceptedTie:
     def gap(self) -> float:
         return max(self.gap_expected, self.gap_actual)
 
-    def describe(self, subject: str = "") -> str:
+    def describe(self, subject: str = "", sides: Sides = GOLDEN_SIDES) -> str:
         at = f"step {self.step}" if not self.where or self.where == "teacher-forced" else self.where
         of = f" of {subject}" if subject else ""
         forced = " (teacher-forced)" if self.where == "teacher-forced" else ""
-        return (f"accepted near-tie at {at}{of}{forced}, gap {self.gap:.3g} (golden {self.gap_expected:.3g}, "
-                f"this run {self.gap_actual:.3g}): token#{self.expected_id} vs token#{self.got_id}")
+        return (f"accepted near-tie at {at}{of}{forced}, gap {self.gap:.3g} ({sides.expected_short} "
+                f"{self.gap_expected:.3g}, {sides.actual_short} {self.gap_actual:.3g}): token#{self.expected_id} vs token#{self.got_id}")
 
 
 _TOKEN = re.compile(r"token#(-?\d+)")
@@ -187,9 +208,9 @@ class Verdict:
     reasons: tuple[str, ...] = ()
     stats: dict[str, float] = field(default_factory=dict)
 
-    def explain(self, tokenizer: Any = None) -> str:
+    def explain(self, tokenizer: Any = None, sides: Sides = GOLDEN_SIDES) -> str:
         """The reasons (and accepted ties), with token ids rendered as text where a tokenizer is given."""
-        lines = list(self.reasons) + [t.describe() for t in self.accepted_ties] + [self.summary()]
+        lines = list(self.reasons) + [t.describe(sides=sides) for t in self.accepted_ties] + [self.summary()]
         return render_tokens("\n".join(line for line in lines if line), tokenizer)
 
     def summary(self) -> str:
@@ -235,26 +256,30 @@ def tie_gaps(expected: Step, actual: Step) -> tuple[float, float] | None:
 
 
 def _divergence(step: int, expected: Step, actual: Step, gaps: tuple[float, float] | None, tol: Tolerance,
-                *, forced: bool = False) -> str:
+                *, forced: bool = False, sides: Sides = GOLDEN_SIDES) -> str:
     if forced:
-        head = (f"teacher-forcing the golden's tokens after an accepted near-tie, at new token {step} this model "
-                f"prefers token#{actual.token_id} (log p {actual.logprob:.3f}) to the golden's "
-                f"token#{expected.token_id} (golden log p {expected.logprob:.3f})")
+        head = (f"teacher-forcing {sides.expected_of} tokens after an accepted near-tie, at new token {step} this "
+                f"model prefers token#{actual.token_id} (log p {actual.logprob:.3f}) to {sides.expected_of} "
+                f"token#{expected.token_id} ({sides.expected_short} log p {expected.logprob:.3f})")
     else:
         head = (f"greedy output diverges at new token {step}: expected token#{expected.token_id} (log p "
-                f"{expected.logprob:.3f} in the golden), got token#{actual.token_id} (log p {actual.logprob:.3f})")
+                f"{expected.logprob:.3f} in {sides.expected}), got token#{actual.token_id} (log p "
+                f"{actual.logprob:.3f})")
     if gaps is None:
-        missing = "this run's" if actual.logprob_of(expected.token_id) is None else "the golden's"
+        missing = sides.actual_of if actual.logprob_of(expected.token_id) is None else sides.expected_of
         k = max(len(expected.top), len(actual.top))
         return head + f"; the other token is not in {missing} top-{k}: not a near-tie, a real change"
-    return (head + f"; log-prob gap {gaps[0]:.3f} in the golden and {gaps[1]:.3f} in this run, tie tolerance "
-            f"{tol.tie_gap:g}{tol.describe()}: not a near-tie, a real change")
+    return (head + f"; log-prob gap {gaps[0]:.3f} in {sides.expected} and {gaps[1]:.3f} in {sides.actual}, tie "
+            f"tolerance {tol.tie_gap:g}{tol.describe()}: not a near-tie, a real change")
 
 
 def compare(expected: Observation, actual: Observation, tol: Tolerance, *,
-            rescore: Rescore | None = None) -> Verdict:
-    """Judge ``actual`` against ``expected`` (the golden) under ``tol``; see the module docstring."""
-    reasons = _nonfinite_steps(expected.steps, "the golden") + _nonfinite_steps(actual.steps, "this run")
+            rescore: Rescore | None = None, sides: Sides = GOLDEN_SIDES) -> Verdict:
+    """Judge ``actual`` against ``expected`` (the golden) under ``tol``; see the module docstring.
+
+    ``sides`` names the two observations in the reasons (a golden file, or a live reference run).
+    """
+    reasons = _nonfinite_steps(expected.steps, sides.expected) + _nonfinite_steps(actual.steps, sides.actual)
     if reasons:
         return Verdict(ok=False, reasons=tuple(reasons), stats={"steps_compared": 0})
     deltas: list[tuple[int, float]] = []
@@ -275,14 +300,15 @@ def compare(expected: Observation, actual: Observation, tol: Tolerance, *,
             if rescore is None:
                 unjudged = len(exp_ids) - first - 1
             else:
-                reasons += _judge_forced(expected, rescore(list(exp_ids)), first, tol, deltas, ties, shifts)
+                reasons += _judge_forced(expected, rescore(list(exp_ids)), first, tol, deltas, ties, shifts, sides)
         else:
-            reasons.append(_divergence(first, e, a, gaps, tol))
+            reasons.append(_divergence(first, e, a, gaps, tol, sides=sides))
     elif len(exp_ids) != len(act_ids):
-        reasons.append(_stop_divergence(expected, actual, shared))
+        reasons.append(_stop_divergence(expected, actual, shared, sides))
     elif expected.stop != actual.stop:
-        reasons.append(f"the same {shared} tokens, but the golden ended by {expected.stop!r} and this run by "
-                       f"{actual.stop!r}: the stopping rule (eos_token_id or max_new_tokens) changed")
+        reasons.append(f"the same {shared} tokens, but {sides.expected} ended by {expected.stop!r} and "
+                       f"{sides.actual} by {actual.stop!r}: the stopping rule (eos_token_id or max_new_tokens) "
+                       "changed")
     stats = _stats(deltas)
     stats.update(first_divergence=float(-1 if first is None else first), steps_unjudged=float(unjudged),
                  accepted_ties=float(len(ties)))
@@ -322,26 +348,28 @@ def _shift_reasons(stats: dict[str, float], shifts: list[tuple[int, float]], tol
             "distribution under it moved beyond noise"]
 
 
-def _stop_divergence(expected: Observation, actual: Observation, at: int) -> str:
+def _stop_divergence(expected: Observation, actual: Observation, at: int, sides: Sides = GOLDEN_SIDES) -> str:
     def ended(obs: Observation) -> str:
         return f"ended by {obs.stop!r} after {len(obs.steps)} tokens"
 
     side = "earlier" if len(actual.steps) < len(expected.steps) else "later"
-    return (f"this run stops {side} than the golden: the first {at} tokens are identical, then the golden "
-            f"{ended(expected)} and this run {ended(actual)}; a divergence at step {at} (the stopping rule, "
-            "eos_token_id or max_new_tokens changed), never a pass by truncation")
+    return (f"{sides.actual} stops {side} than {sides.expected}: the first {at} tokens are identical, then "
+            f"{sides.expected} {ended(expected)} and {sides.actual} {ended(actual)}; a divergence at step {at} "
+            "(the stopping rule, eos_token_id or max_new_tokens changed), never a pass by truncation")
 
 
 def _judge_forced(expected: Observation, forced: tuple[Step, ...], first: int, tol: Tolerance,
                   deltas: list[tuple[int, float]], ties: list[AcceptedTie],
-                  shifts: list[tuple[int, float]]) -> list[str]:
+                  shifts: list[tuple[int, float]], sides: Sides = GOLDEN_SIDES) -> list[str]:
     """The golden's tokens after an accepted tie, scored by the model under test."""
-    reasons = _nonfinite_steps(forced[first + 1:], "this run (teacher-forced on the golden's path)", first + 1)
+    reasons = _nonfinite_steps(forced[first + 1:], f"{sides.actual} (teacher-forced on {sides.expected_of} path)",
+                               first + 1)
     if reasons:
         return reasons
     if len(forced) < len(expected.steps):
-        return [f"teacher-forcing the golden's tokens after the near-tie at step {first}: this model stops "
-                f"after {len(forced)} of the golden's {len(expected.steps)} tokens (its stopping rule changed)"]
+        return [f"teacher-forcing {sides.expected_of} tokens after the near-tie at step {first}: this model stops "
+                f"after {len(forced)} of {sides.expected_of} {len(expected.steps)} tokens (its stopping rule "
+                "changed)"]
     for i in range(first + 1, len(expected.steps)):
         e, f = expected.steps[i], forced[i]
         deltas.append((i, abs(e.logprob - f.logprob)))
@@ -354,7 +382,7 @@ def _judge_forced(expected: Observation, forced: tuple[Step, ...], first: int, t
         if gaps is not None and gaps[0] < tol.tie_gap and gaps[1] < tol.tie_gap:
             ties.append(AcceptedTie(i, e.token_id, best_id, gaps[0], gaps[1], where="teacher-forced"))
         else:
-            reasons.append(_divergence(i, e, preferred, gaps, tol, forced=True))
+            reasons.append(_divergence(i, e, preferred, gaps, tol, forced=True, sides=sides))
             break
     return reasons
 

@@ -21,6 +21,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("harness", "behaviour tests of causal language models (harness)")
     group.addoption("--model", default=None, metavar="NAME|PATH",
                     help="registry name, local model folder, .gguf file or hub id (default: the registry's default)")
+    group.addoption("--reference", default=None, metavar="NAME|PATH",
+                    help="reference mode: judge golden-style checks (greedy, tokenization, chat_template, "
+                         "generation_config) against a live run of this model (OLD; resolved like --model) on the "
+                         "same variant and device, instead of golden files; the report reads NEW vs OLD")
     group.addoption("--registry", default=None, metavar="FILE",
                     help="model registry (default: models.yaml at the rootdir)")
     group.addoption("--variants", default=None, metavar="LIST",
@@ -72,6 +76,13 @@ def _options(config: pytest.Config) -> Options:
             "diff, or pass --allow-update-in-ci if this job really should write them (CI=false or CI=0 "
             "means not CI)."
         )
+    reference = config.getoption("reference")
+    if reference is not None and update:
+        raise pytest.UsageError(
+            f"--reference {reference} with --snapshot-update: reference mode judges the model against a live "
+            "run of the reference and never reads or writes golden files, so there is nothing to update. "
+            "Fix: drop --snapshot-update to compare NEW with OLD, or drop --reference to record goldens."
+        )
     variants = _variants_option(config.getoption("variants"))
     registry = _registry_option(config.getoption("registry"), root / "models.yaml")
     _writable_file_option("--harness-report", config.getoption("harness_report"))
@@ -105,6 +116,7 @@ def _options(config: pytest.Config) -> Options:
         obtained_dir=Path(obtained).resolve() if obtained else None,
         attn_implementation=attn,
         golden_device=_golden_device(config.getoption("golden_device")),
+        reference=reference,
     )
 
 
@@ -239,6 +251,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.variants  # noqa: B018 - validates --variants against the adapter
         state.device  # noqa: B018 - validates --device
         state.resolve(progress=progress)
+        state.resolve_reference(progress=progress)
     except (HarnessError, ValueError) as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -303,6 +316,12 @@ def model(harness_session: HarnessSession, variant: Any) -> Any:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     state = harness_state(config)
     opts = state.options
+    if opts.reference is not None:
+        return [
+            f"harness: reference mode: NEW {opts.model or '(registry default)'} vs OLD {opts.reference} "
+            f"registry={opts.registry} device={opts.device} variants={opts.variants or '(all)'} "
+            "(golden files are neither read nor written)"
+        ]
     return [
         f"harness: model={opts.model or '(registry default)'} registry={opts.registry} "
         f"device={opts.device} variants={opts.variants or '(all)'} goldens={opts.golden_dir}"
@@ -386,11 +405,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    from harness.report import terminal_summary, unjudged_section, unused_goldens
+    from harness.report import terminal_summary, unjudged_section
 
     state, record = harness_state(config), config.stash[_RECORD]
     terminal_summary(terminalreporter, state, record)
+    if state.options.reference is None:  # reference mode reads nothing under the golden folder
+        _golden_folder_summary(terminalreporter, state, record, config, exitstatus)
+    unjudged_section(terminalreporter, record, ci=in_ci())
+    if record.report_error:
+        terminalreporter.write_line(f"harness: {record.report_error}", red=True)
+
+
+def _golden_folder_summary(terminalreporter: Any, state: HarnessSession, record: SessionRecord,
+                           config: pytest.Config, exitstatus: int) -> None:
     from harness.golden import tree_report
+    from harness.report import unused_goldens
 
     if state.removed_temp_files:
         terminalreporter.write_line(f"removed {len(state.removed_temp_files)} leftover temporary files of "
@@ -406,6 +435,3 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"goldens that no check used ({len(unused)}): delete them or restore their checks")
         for file in unused:
             terminalreporter.write_line(f"  {file}")
-    unjudged_section(terminalreporter, record, ci=in_ci())
-    if record.report_error:
-        terminalreporter.write_line(f"harness: {record.report_error}", red=True)

@@ -178,6 +178,30 @@ class ModelPool:
         return load_adapter(model, adapter, model_name=self.resolved.name)
 
 
+def has_room(device: Device, nbytes: int) -> bool:
+    """Whether a second model of ``nbytes`` fits beside what is loaded (with room for activations)."""
+    if device.is_cuda:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device.name)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return free >= 2 * nbytes
+
+
+def make_room(other: ModelPool, *, room: Callable[[Device, int], bool] = has_room) -> None:
+    """Two pools in one session (reference mode): free ``other``'s model unless a second one fits.
+
+    Each pool keeps one variant loaded; where memory is short, the two models load
+    one at a time (and reload per item) instead of running out of memory.
+    """
+    loaded = other._current
+    if loaded is not None and not room(other.device, loaded.weights_bytes):
+        other.release()
+
+
 def nf4_config() -> Any:
     """NF4 with double quantization and bfloat16 compute: the QLoRA recipe."""
     import torch

@@ -113,13 +113,21 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
     if pool is None and not record.outcomes and not record.worker_loads:
         return
     reporter.section("harness")
+    if state.options.reference is not None:
+        reporter.write_line(f"reference mode: NEW {state.model_name} vs OLD {state.reference_name} (golden-style "
+                            "checks judged against a live run of OLD; golden files neither read nor written)")
+    side = "NEW " if state.options.reference is not None else ""
     if state._resolved is not None:
-        reporter.write_line(f"model {state.model_name}: {state._resolved.source}; device {state.device.description}")
-    if pool is not None:
-        for note in pool.notes:
-            reporter.write_line(f"note: {note}")
-        for line in load_lines(_pool_loads(pool)):
-            reporter.write_line(line)
+        reporter.write_line(f"{side}model {state.model_name}: {state._resolved.source}; device {state.device.description}")
+    if state._reference_resolved is not None:
+        reporter.write_line(f"OLD model {state.reference_name}: {state._reference_resolved.source}")
+    for prefix, side_pool in ((side, pool), ("OLD ", state._reference_pool)):
+        if side_pool is None:
+            continue
+        for note in side_pool.notes:
+            reporter.write_line(f"{prefix}note: {note}")
+        for line in load_lines(_pool_loads(side_pool)):
+            reporter.write_line(prefix + line)
     for worker, loads in sorted(record.worker_loads.items()):
         for line in load_lines(loads):
             reporter.write_line(f"{worker}: {line}")
@@ -169,8 +177,14 @@ _SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skippe
 def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -> str:
     """A short Markdown report, pasteable as a pull-request comment."""
     counts = Counter(o.outcome for o in record.outcomes.values())
-    lines = [f"# Behaviour report: {state.model_name}", ""]
-    lines += _provenance_lines(state)
+    if state.options.reference is not None:
+        lines = [f"# Behaviour report: NEW {state.model_name} vs OLD {state.reference_name}", "",
+                 "Reference mode: golden-style checks were judged against a live run of OLD in this session "
+                 "(same variant and device), not against golden files.", "", "NEW:"]
+        lines += _provenance_lines(state) + ["", "OLD:"] + _provenance_lines(state, reference=True)
+    else:
+        lines = [f"# Behaviour report: {state.model_name}", ""]
+        lines += _provenance_lines(state)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no harness items"
     verdict = "green" if exitstatus == 0 else "red"
     lines += [f"- **result: {verdict}** ({summary}) in {time.time() - record.started:.0f} s", ""]
@@ -183,13 +197,15 @@ def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _provenance_lines(state: HarnessSession) -> list[str]:
+def _provenance_lines(state: HarnessSession, *, reference: bool = False) -> list[str]:
     try:
-        prov = state.provenance()
+        prov = state.provenance(reference=reference)
     except Exception as exc:  # noqa: BLE001 - the report must still be written
-        return [f"- model: {state.model_name} (provenance unavailable: {exc})"]
+        name = state.reference_name if reference else state.model_name
+        return [f"- model: {name} (provenance unavailable: {exc})"]
     versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
-    adapter = state._resolved.adapter if state._resolved else None
+    resolved = state._reference_resolved if reference else state._resolved
+    adapter = resolved.adapter if resolved else None
     return [
         f"- model: `{prov['model']}` ({prov['source']}), revision `{prov['revision'] or '-'}`, "
         f"weights fingerprint `{prov['model_fingerprint']}`, tokenizer `{prov['tokenizer_fingerprint']}`",

@@ -19,6 +19,7 @@ from harness.variants import VariantSpec, parse_variants
 if TYPE_CHECKING:
     import pytest
 
+    from harness.checks.base import CheckContext
     from harness.devices import Device
     from harness.golden import GoldenStore
     from harness.pool import ModelPool
@@ -42,6 +43,7 @@ class Options:
     obtained_dir: Path | None = None
     attn_implementation: str | None = None
     golden_device: str | None = None  # --golden-device
+    reference: str | None = None  # --reference: judge golden-style checks against this model, live
 
 
 class HarnessSession:
@@ -51,6 +53,8 @@ class HarnessSession:
         self._variants: list[VariantSpec] | None = None
         self._resolved: ResolvedModel | None = None
         self._pool: ModelPool | None = None
+        self._reference_resolved: ResolvedModel | None = None
+        self._reference_pool: ModelPool | None = None
         self._goldens: GoldenStore | None = None
         self._device: Device | None = None
         self.suite_errors = 0
@@ -72,7 +76,14 @@ class HarnessSession:
     @property
     def model_name(self) -> str:
         """The registry name (or folder name) goldens are stored under, without resolving."""
-        value = self.options.model or self.registry.default
+        return self._display_name(self.options.model or self.registry.default)
+
+    @property
+    def reference_name(self) -> str | None:
+        """``--reference``'s name as reports show it (OLD), None outside reference mode."""
+        return None if self.options.reference is None else self._display_name(self.options.reference)
+
+    def _display_name(self, value: str) -> str:
         if value in self.registry.models:
             return golden_folder_name(value)
         path = Path(value)
@@ -104,6 +115,22 @@ class HarnessSession:
             )
         return self._resolved
 
+    def resolve_reference(self, progress: Any = None) -> ResolvedModel | None:
+        """OLD in reference mode: its registry adapter, else the same ``--adapter`` as NEW."""
+        if self.options.reference is None:
+            return None
+        if self._reference_resolved is None:
+            import dataclasses
+
+            from harness.sources import resolve
+
+            resolved = resolve(self.options.reference, registry=self.registry, rootdir=self.options.rootdir,
+                               progress=progress or (lambda _: None), option="--reference")
+            if resolved.adapter is None and self.options.adapter:
+                resolved = dataclasses.replace(resolved, adapter=self.resolve().adapter)
+            self._reference_resolved = resolved
+        return self._reference_resolved
+
     @property
     def device(self) -> Device:
         if self._device is None:
@@ -122,6 +149,18 @@ class HarnessSession:
         return self._pool
 
     @property
+    def reference_pool(self) -> ModelPool:
+        """OLD's pool in reference mode: same device and attention kernel as NEW's."""
+        if self._reference_pool is None:
+            from harness.pool import ModelPool
+
+            resolved = self.resolve_reference()
+            assert resolved is not None, "reference_pool outside reference mode"
+            self._reference_pool = ModelPool(resolved=resolved, device=self.device,
+                                             attn_implementation=self.options.attn_implementation)
+        return self._reference_pool
+
+    @property
     def goldens(self) -> GoldenStore:
         if self._goldens is None:
             from harness.golden import GoldenStore
@@ -133,21 +172,24 @@ class HarnessSession:
             )
         return self._goldens
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, *, reference: bool = False) -> dict[str, Any]:
+        """Where the model (or, with ``reference``, OLD in reference mode) comes from, for sidecars and reports."""
         from harness.provenance import (
             adapter_fingerprint, attn_implementation, library_versions, model_fingerprint, tokenizer_fingerprint,
         )
 
-        resolved = self.resolve()
+        resolved = self.resolve_reference() if reference else self.resolve()
+        assert resolved is not None, "reference provenance outside reference mode"
+        pool = self.reference_pool if reference else self.pool
         return {
-            "model": self.model_name,
+            "model": self.reference_name if reference else self.model_name,
             "source": resolved.source,
             "revision": resolved.revision,
             "model_fingerprint": model_fingerprint(resolved.path),
             "tokenizer_fingerprint": tokenizer_fingerprint(resolved.path),
             "adapter_fingerprint": adapter_fingerprint(resolved.adapter),
             "device": self.device.klass,
-            "attn_implementation": attn_implementation(self.pool.requested_attn, resolved.path),
+            "attn_implementation": attn_implementation(pool.requested_attn, resolved.path),
             "versions": library_versions(),
         }
 
@@ -166,6 +208,9 @@ class HarnessSession:
                         f"{self.model_name}: add this model there, or write its own check")
         if entry.check.needs_gpu and not self.device.is_cuda:
             pytest.skip(f"{entry.check.kind} needs a CUDA device; running on {self.device.description}")
+        if self.options.reference is not None:
+            self._run_against_reference(suite, entry, variant, request)
+            return
         ctx = CheckContext(
             suite=suite.name, suite_path=suite.path, check_id=entry.check.spec.id, variant=variant,
             pool=self.pool, goldens=self.goldens, device=self.device, request=request,
@@ -190,6 +235,63 @@ class HarnessSession:
                 request.node.user_properties.append(("harness_golden", str(golden)))
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))
+
+    def _run_against_reference(self, suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None,
+                               request: pytest.FixtureRequest) -> None:
+        """Reference mode: a golden-style check runs on OLD (recorded), then on NEW judged against that record.
+
+        Other kinds run on NEW only; one that asks for a golden anyway fails (nothing was recorded),
+        never passes unjudged. Nothing under the golden folder is read or written.
+        """
+        __tracebackhide__ = True
+        import pytest
+
+        from harness.checks.base import CheckContext
+        from harness.diff.reference import LiveReference, reference_sides
+        from harness.pool import VariantUnavailable, make_room
+
+        sides = reference_sides(new=self.model_name, old=self.reference_name or "")
+
+        def context(pool: ModelPool, goldens: Any) -> CheckContext:
+            return CheckContext(suite=suite.name, suite_path=suite.path, check_id=entry.check.spec.id,
+                                variant=variant, pool=pool, goldens=goldens, device=self.device, request=request,
+                                sides=sides)
+
+        try:
+            records = self._record_reference(entry, context(self.reference_pool, None)) \
+                if entry.check.uses_goldens else {}
+            make_room(self.reference_pool)
+            live = LiveReference(records=records, label=f"{sides.actual} vs {sides.expected}", old=sides.expected)
+            entry.check.run(context(self.pool, live))
+        except NotJudged as exc:
+            raise _not_judged(request, str(exc)) from None
+        except VariantUnavailable as exc:
+            raise _skip_here(str(exc)) from None
+        except pytest.skip.Exception as exc:
+            raise _skip_here(exc.msg) from None
+
+    def _record_reference(self, entry: CheckEntry, ctx: CheckContext) -> dict[Path, Any]:
+        """OLD's observation of one check, recorded in memory; a failure there is named as OLD's."""
+        __tracebackhide__ = True
+        import pytest
+
+        from harness.diff.reference import Recorder
+        from harness.errors import CheckFailure, HarnessError
+        from harness.pool import VariantUnavailable, make_room
+
+        ctx.goldens = Recorder()
+        make_room(self.pool)
+        try:
+            entry.check.run(ctx)
+        except (NotJudged, VariantUnavailable):
+            raise
+        except pytest.skip.Exception as exc:
+            raise NotJudged(f"the reference run {ctx.sides.expected} skipped this check ({exc.msg}), so "
+                            f"{ctx.sides.actual} was not judged") from None
+        except (CheckFailure, HarnessError) as exc:
+            raise CheckFailure(f"the reference run {ctx.sides.expected} failed, so {ctx.sides.actual} was not "
+                               f"judged against it: {exc}") from None
+        return ctx.goldens.records
 
     def _variant_has_goldens(self, variant: VariantSpec | None) -> Path | None:
         """The golden folder of ``variant`` on this device class, when it holds goldens."""

@@ -79,9 +79,12 @@ def safe_name(text: str) -> str:
 
 def resolve(
     value: str | None, *, registry: Registry, rootdir: Path, adapter: str | None = None,
-    progress: Progress = lambda _: None,
+    progress: Progress = lambda _: None, option: str = "--model",
 ) -> ResolvedModel:
-    """Turn ``--model`` (a registry name, a folder, a .gguf file or a hub id) into a folder."""
+    """Turn ``--model`` (a registry name, a folder, a .gguf file or a hub id) into a folder.
+
+    ``option`` names the flag in errors (``--reference`` resolves the same way).
+    """
     name = value or registry.default
     if name in registry.models:
         entry = registry.models[name]
@@ -96,14 +99,14 @@ def resolve(
         return _resolve_entry(safe_name(path.name), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelNotFoundError(f"--model {name}: no such GGUF file ({path}).")
+            raise ModelNotFoundError(f"{option} {name}: no such GGUF file ({path}).")
         entry = ModelEntry(gguf=str(path))
         return _resolve_entry(safe_name(path.stem), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not path.exists():
         entry = ModelEntry(hub=name)
         return _resolve_entry(safe_name(name.split("/")[-1]), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
     raise ModelNotFoundError(
-        f"--model {name}: not a model in the registry {registry.path} "
+        f"{option} {name}: not a model in the registry {registry.path} "
         f"(known: {', '.join(registry.models)}), not a model folder, not a .gguf file and "
         "not a hub id (org/name). Fix: pass one of those, or add an entry to the registry."
     )

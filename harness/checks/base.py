@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from harness.compare import GOLDEN_SIDES, Sides
 from harness.variants import ALL_KEYS, VariantSpec
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class CheckContext:
     device: Device
     request: pytest.FixtureRequest
     figures: dict[str, Any] = field(default_factory=dict)
+    sides: Sides = GOLDEN_SIDES  # reference mode names OLD and NEW instead of the golden and this run
 
     def record(self, **figures: Any) -> None:
         """Figures (MB, tokens/s, KL...) for the session report and JUnit properties."""
@@ -155,6 +157,7 @@ class Check(ABC, Generic[S]):
     kind: ClassVar[str]
     per_variant: ClassVar[bool] = True
     needs_gpu: ClassVar[bool] = False
+    uses_goldens: ClassVar[bool] = False  # judged by ctx.assert_golden: reference mode runs it on OLD first
 
     def __init__(self, spec: S) -> None:
         self.spec = spec

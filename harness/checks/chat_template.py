@@ -89,6 +89,7 @@ def mode_key(add_generation_prompt: bool) -> str:
 @register_check("chat_template")
 class ChatTemplateCheck(Check[ChatTemplateSpec]):
     Spec = ChatTemplateSpec
+    uses_goldens = True
     per_variant = False
 
     @property

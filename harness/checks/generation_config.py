@@ -42,6 +42,7 @@ class GenerationConfigSpec(CheckSpec):
 @register_check("generation_config")
 class GenerationConfigCheck(Check[GenerationConfigSpec]):
     Spec = GenerationConfigSpec
+    uses_goldens = True
     per_variant = False
 
     def run(self, ctx: CheckContext) -> None:

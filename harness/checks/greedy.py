@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import ChatMessages, NoChatTemplate, PromptText, assert_fits_context, describe_token, encode_prompt, greedy_generate
-from harness.compare import NoiseModel, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
+from harness.compare import GOLDEN_SIDES, NoiseModel, Sides, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
 from harness.errors import CheckFailure, GoldenError
 from harness.observation import (
     DEFAULT_TOP_K, Observation, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
@@ -58,6 +58,7 @@ class GreedySpec(CheckSpec):
 @register_check("greedy")
 class GreedyCheck(Check[GreedySpec]):
     Spec = GreedySpec
+    uses_goldens = True
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
@@ -84,7 +85,7 @@ class GreedyCheck(Check[GreedySpec]):
         judgement = GoldenJudgement(
             observed=observed, tokenizer=tokenizer, tol=self.spec.judging(key, cross_device=other is not None),
             rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
-            golden=ctx.goldens.reference(ctx.golden_path()), update=ctx.goldens.update,
+            golden=ctx.goldens.reference(ctx.golden_path()), update=ctx.goldens.update, sides=ctx.sides,
         )
         ctx.assert_golden(actual, judgement.explain, judge=judgement.judge)
         label = f" (judged against {other} goldens)" if other else ""
@@ -92,7 +93,7 @@ class GreedyCheck(Check[GreedySpec]):
             ctx.note(f"{ctx.subject} judged against {other} goldens, tolerance {describe(judgement.tol)}")
         if judgement.verdict is not None:
             for tie in judgement.verdict.accepted_ties:
-                ctx.note(render_tokens(tie.describe(ctx.subject), tokenizer) + label)
+                ctx.note(render_tokens(tie.describe(ctx.subject, ctx.sides), tokenizer) + label)
         if ctx.goldens.update:
             recorded = judgement.expected if judgement.passed and judgement.expected else observed
             fragile = near_ties(recorded, self.spec.noise_model().tolerance(key).tie_gap)
@@ -195,6 +196,7 @@ class GoldenJudgement:
     judged_against: str | None = None
     golden: Any = None  # the golden file read (named in a format error)
     update: bool = False
+    sides: Sides = GOLDEN_SIDES  # how messages name the two runs (reference mode: OLD and NEW)
     expected: Observation | None = None
     verdict: Verdict | None = None
     problem: str | None = None
@@ -212,9 +214,9 @@ class GoldenJudgement:
         except GoldenFormatError as exc:
             self.problem = str(exc)
             return False
-        self.changes = [f"{k}: golden {expected.get(k)}, this run {actual[k]}"
+        self.changes = [f"{k}: {self.sides.expected_short} {expected.get(k)}, {self.sides.actual_short} {actual[k]}"
                         for k in ("prompt_tokens", "max_new_tokens") if expected.get(k) != actual[k]]
-        self.verdict = compare(self.expected, self.observed, self.tol, rescore=self.rescore)
+        self.verdict = compare(self.expected, self.observed, self.tol, rescore=self.rescore, sides=self.sides)
         same_ids = self.expected.token_ids == self.observed.token_ids
         if same_ids and expected.get("text") != actual["text"]:
             self.changes.append("the token ids are identical but the decoded text differs: the tokenizer's "
@@ -225,12 +227,12 @@ class GoldenJudgement:
     def explain(self, expected: Any, actual: dict[str, Any]) -> str:
         if self.problem is not None:
             return f"golden not judged: {self.problem}."
-        lines = setting_changes(expected.get("generation"), actual["generation"])
+        lines = setting_changes(expected.get("generation"), actual["generation"], self.sides)
         lines += self.changes
         if self.verdict is not None and self.expected is not None:
             lines += [render_tokens(r, self.tokenizer) for r in self.verdict.reasons]
             lines += self._divergence_context()
-            lines += [render_tokens(t.describe(), self.tokenizer) for t in self.verdict.accepted_ties]
+            lines += [render_tokens(t.describe(sides=self.sides), self.tokenizer) for t in self.verdict.accepted_ties]
             lines.append(self.verdict.summary())
             if self.verdict.ok:
                 lines.append("(the log-probabilities agree within noise)")
@@ -249,12 +251,12 @@ class GoldenJudgement:
             return []
         def top(step: Any) -> str:
             return ", ".join(f"{describe_token(self.tokenizer, t)} {lp:.3f}" for t, lp in step.top)
-        return [f"  golden top-{len(self.expected.steps[first].top)} at new token {first}: "
+        return [f"  {self.sides.expected_short} top-{len(self.expected.steps[first].top)} at new token {first}: "
                 f"{top(self.expected.steps[first])}",
-                f"  this run's top-{len(self.observed.steps[first].top)}: {top(self.observed.steps[first])}"]
+                f"  {self.sides.actual_of} top-{len(self.observed.steps[first].top)}: {top(self.observed.steps[first])}"]
 
 
-def setting_changes(recorded: Any, current: dict[str, Any]) -> list[str]:
+def setting_changes(recorded: Any, current: dict[str, Any], sides: Sides = GOLDEN_SIDES) -> list[str]:
     """Effective generation settings that differ from the golden's, named (they apply under greedy too)."""
     if not isinstance(recorded, dict):
         return []
@@ -264,8 +266,8 @@ def setting_changes(recorded: Any, current: dict[str, Any]) -> list[str]:
     lines = []
     for name in sorted(set(recorded) | set(current)):
         if plain(name, recorded.get(name)) != plain(name, current.get(name)):
-            lines.append(f"generation setting {name} changed: golden {recorded.get(name)!r}, this run "
-                         f"{current.get(name)!r} (from the model's generation_config; it applies under greedy "
+            lines.append(f"generation setting {name} changed: {sides.expected_short} {recorded.get(name)!r}, "
+                         f"{sides.actual_short} {current.get(name)!r} (from the model's generation_config; it applies under greedy "
                          "decoding too, so it can explain this failure)")
     return lines
 

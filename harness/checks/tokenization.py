@@ -63,6 +63,7 @@ class TokenizationSpec(CheckSpec):
 @register_check("tokenization")
 class TokenizationCheck(Check[TokenizationSpec]):
     Spec = TokenizationSpec
+    uses_goldens = True
     per_variant = False
 
     @property

