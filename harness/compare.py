@@ -175,6 +175,13 @@ class Sides:
 GOLDEN_SIDES = Sides()
 
 
+def sides(expected: str, actual: str) -> Sides:
+    """Two runs of the same model compared by a consistency check, each named by how it ran
+    ("no-cache" -> "the no-cache run"): neither is a golden."""
+    return Sides(expected=f"the {expected} run", actual=f"the {actual} run", expected_short=expected,
+                 actual_short=actual)
+
+
 @dataclass(frozen=True)
 class AcceptedTie:
     """A first differing token accepted as numerical noise: reported, never silent."""

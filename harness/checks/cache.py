@@ -57,11 +57,12 @@ class CacheCheck(Check[CacheSpec]):
                         raise
                     unsupported.append(f"{cache}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                     continue
-                from harness.compare import compare
+                from harness.compare import compare, sides
 
                 rescore = rescorer(model, tokenizer, prompt) if cache == "dynamic" else None
+                named = sides("no-cache", f"{cache}-cache")
                 findings.add(f"prompt {prompt.label}, {cache} cache vs no cache",
-                             compare(reference, actual, tol, rescore=rescore))
+                             compare(reference, actual, tol, rescore=rescore, sides=named), named)
         if unsupported:
             ctx.record(cache_unsupported=sorted(set(unsupported)))
         findings.finish(

@@ -24,7 +24,7 @@ from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
     from harness.checks.base import CheckContext
-    from harness.compare import Observation, Step, Tolerance, Verdict
+    from harness.compare import Observation, Sides, Step, Tolerance, Verdict
 
 DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
 
@@ -126,14 +126,17 @@ class Findings:
     worst_mean: float = 0.0
     worst_max: float = 0.0
 
-    def add(self, what: str, verdict: Verdict) -> None:
-        from harness.compare import render_tokens
+    def add(self, what: str, verdict: Verdict, sides: Sides | None = None) -> None:
+        """``sides`` names the two runs in the reasons ("no cache" / "static cache"), not a golden."""
+        from harness.compare import GOLDEN_SIDES, render_tokens
+
+        sides = sides or GOLDEN_SIDES
 
         self.worst_mean = max(self.worst_mean, verdict.stats.get("mean_abs_dlogp", 0.0))
         self.worst_max = max(self.worst_max, verdict.stats.get("max_abs_dlogp", 0.0))
-        self.ties.extend(f"{what}: {render_tokens(t.describe(), self.tokenizer)}" for t in verdict.accepted_ties)
+        self.ties.extend(f"{what}: {render_tokens(t.describe(sides=sides), self.tokenizer)}" for t in verdict.accepted_ties)
         if not verdict.ok:
-            detail = verdict.explain(self.tokenizer).replace("\n", "\n      ")
+            detail = verdict.explain(self.tokenizer, sides).replace("\n", "\n      ")
             self.problems.append(f"{what}:\n      {detail}")
 
     def fail(self, message: str) -> None:

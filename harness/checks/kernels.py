@@ -86,10 +86,12 @@ class KernelsCheck(Check[KernelsSpec]):
                 if runs:
                     reference_name, reference = next(iter(runs.items()))
                     for prompt, ref, actual in zip(prompts, reference, observed):
-                        from harness.compare import compare
+                        from harness.compare import compare, sides
 
+                        named = sides(reference_name, name)
                         findings.add(f"prompt {prompt.label}, {name} vs {reference_name}",
-                                     compare(ref, actual, tol, rescore=rescorer(model, tokenizer, prompt)))
+                                     compare(ref, actual, tol, rescore=rescorer(model, tokenizer, prompt),
+                                             sides=named), named)
                 runs[name] = observed
         finally:
             base.set_attn_implementation(original)

@@ -71,15 +71,17 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
 
     def _same_behaviour(self, ctx: CheckContext, merged: Any, prompts: list[Any], unmerged: list[Any]) -> None:
         __tracebackhide__ = True
-        from harness.compare import compare
+        from harness.compare import compare, sides
 
+        named = sides("unmerged", "merged")
         tokenizer = ctx.tokenizer
         tol = tolerance_for(ctx, self.spec)
         findings = Findings(self.spec.id, tokenizer)
         for prompt, reference in zip(prompts, unmerged):
             actual = greedy(merged, tokenizer, prompt, self.spec.max_new_tokens)
             findings.add(f"prompt {prompt.label}, merged vs unmerged adapter",
-                         compare(reference, actual, tol, rescore=rescorer(merged, tokenizer, prompt)))
+                         compare(reference, actual, tol, rescore=rescorer(merged, tokenizer, prompt), sides=named),
+                         named)
         findings.finish(
             ctx, headline="the merged adapter (merge_and_unload) does not behave like the unmerged one", tol=tol,
             fix="On a 16-bit base a merge only rounds. A larger change means a LoRA delta was lost or "

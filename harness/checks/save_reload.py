@@ -39,7 +39,9 @@ class SaveReloadCheck(Check[SaveReloadSpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        from harness.compare import compare
+        from harness.compare import compare, sides
+
+        named = sides("original", "reloaded")
 
         assert ctx.variant is not None
         model, tokenizer = ctx.model, ctx.tokenizer
@@ -54,7 +56,8 @@ class SaveReloadCheck(Check[SaveReloadSpec]):
             for prompt, reference in zip(prompts, before):
                 actual = greedy(reloaded, tokenizer, prompt, self.spec.max_new_tokens)
                 findings.add(f"prompt {prompt.label}, reloaded {what} vs the one saved",
-                             compare(reference, actual, tol, rescore=rescorer(reloaded, tokenizer, prompt)))
+                             compare(reference, actual, tol, rescore=rescorer(reloaded, tokenizer, prompt),
+                                     sides=named), named)
             del reloaded
         findings.finish(
             ctx, headline=f"the {what} reloaded from save_pretrained does not behave like the one saved", tol=tol,
