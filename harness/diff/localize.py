@@ -8,7 +8,7 @@ module's NEW-vs-OLD difference counts as a change only above
 ``max(FACTOR * noise at that module, dtype floor)``; the floor covers modules where
 the two kernels agree exactly (the embedding, the first norm).
 
-The same module names serve a golden-only localization (``harness.diff.fingerprint``).
+The same module names serve a golden-only localization (``harness.diff.fingerprints``).
 """
 
 from __future__ import annotations
