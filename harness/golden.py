@@ -356,12 +356,14 @@ class GoldenStore:
 
     def assert_matches(
         self, path: Path, actual: Any, *, explain: Explain, provenance_extra: dict[str, Any] | None = None,
-        judge: Judge | None = None,
+        judge: Judge | None = None, sidecar: dict[str, Any] | None = None,
     ) -> None:
         """Compare ``actual`` with the golden at ``path``; fail with a reviewer's diff.
 
         ``judge`` lets a kind accept numerical noise (see ``harness.compare``);
         an update rewrites a golden only where the judge says the behaviour changed.
+        ``sidecar``: data an update keeps next to the golden, not compared (an activation
+        fingerprint); written with the golden, or into the sidecar of an unchanged one.
         """
         __tracebackhide__ = True
         contained(self.root, path)
@@ -376,10 +378,10 @@ class GoldenStore:
             expected = None
         if expected is not None and (judge(expected, actual) if judge is not None else expected == actual):
             if self.update:
-                self._refresh_meta(path, provenance_extra)
+                self._refresh_meta(path, provenance_extra, sidecar)
             return
         if self.update:
-            self._write(path, actual, provenance_extra)
+            self._write(path, actual, provenance_extra, sidecar)
             return
         obtained = self._save_obtained(path, actual)
         if expected is None:
@@ -418,14 +420,16 @@ class GoldenStore:
             return f"obtained: not saved ({write_error(target, exc, what='obtained file', intact='')})\n"
         return f"obtained: {target}\n"
 
-    def _write(self, path: Path, data: Any, provenance_extra: dict[str, Any] | None) -> None:
+    def _write(self, path: Path, data: Any, provenance_extra: dict[str, Any] | None,
+               sidecar: dict[str, Any] | None = None) -> None:
         """Data first, then the sidecar that names its sha256: a sidecar never vouches for an unwritten golden."""
         text = dumps(data)
         existed = os.path.isfile(path)
         self._write_file(path, text, what="golden", intact=(
             "The previous golden is intact." if existed else "Nothing was written."))
         (self.updated if existed else self.written).append(path)
-        self._write_file(meta_path(path), self._meta(sha256_text(text), provenance_extra), what="golden sidecar", intact=(
+        self._write_file(meta_path(path), self._meta(sha256_text(text), provenance_extra, sidecar),
+                         what="golden sidecar", intact=(
             f"The golden {path.name} was written; its sidecar now names another version of it and is "
             "reported as stale."))
 
@@ -439,13 +443,16 @@ class GoldenStore:
         except OSError as exc:
             raise write_error(path, exc, what=what, intact=intact) from None
 
-    def _meta(self, golden_sha: str, provenance_extra: dict[str, Any] | None) -> str:
-        return dumps({**self.provenance, **(provenance_extra or {}), SHA_KEY: golden_sha})
+    def _meta(self, golden_sha: str, provenance_extra: dict[str, Any] | None,
+              sidecar: dict[str, Any] | None = None) -> str:
+        return dumps({**(sidecar or {}), **self.provenance, **(provenance_extra or {}), SHA_KEY: golden_sha})
 
-    def _refresh_meta(self, path: Path, provenance_extra: dict[str, Any] | None) -> None:
-        """An unchanged golden re-recorded by a reviewer now vouches for the current model."""
+    def _refresh_meta(self, path: Path, provenance_extra: dict[str, Any] | None,
+                      sidecar: dict[str, Any] | None = None) -> None:
+        """An unchanged golden re-recorded by a reviewer now vouches for the current model
+        (and gains the kind's sidecar data, such as a fingerprint, without its data changing)."""
         meta_file = meta_path(path)
-        meta = self._meta(hashlib.sha256(path.read_bytes()).hexdigest(), provenance_extra)
+        meta = self._meta(hashlib.sha256(path.read_bytes()).hexdigest(), provenance_extra, sidecar)
         try:
             if meta_file.read_text(encoding="utf-8") == meta:
                 return

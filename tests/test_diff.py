@@ -1,4 +1,4 @@
-"""harness-diff on the real embedded model with constructed updates, and fingerprint localization.
+"""harness-diff on the real embedded model with constructed updates (fingerprints: test_fingerprint_goldens.py).
 
 Each update is a modified copy of the converted model folder (or of the pirate adapter)
 under a temporary folder; one prompt and two new tokens keep the CPU cost low.
@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from harness.diff.cli import main
-from harness.diff.localize import fingerprint, localize, sidecar_localization
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER = REPO / "fixtures" / "adapters" / "smollm2-135m-pirate"
@@ -154,54 +153,6 @@ def test_unchanged_resave_reports_no_change(tmp_path: Path, embedded_model_dir: 
     assert report["behaviour"]["mean_kl"] == 0 and report["behaviour"]["greedy_diverged"] == 0
     assert not (out / "diff.png").exists()
     assert "![" not in (out / "diff.md").read_text()
-
-
-def test_fingerprints_localize_a_changed_layer_and_ignore_kernel_noise(embedded_model_dir: Path, tmp_path: Path,
-                                                                       layer_noise_model: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(str(embedded_model_dir))("The capital of France is Paris.")["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(str(embedded_model_dir), dtype=torch.float16).eval()
-    golden = fingerprint(model, ids)
-    model.set_attn_implementation("eager")
-    assert localize(golden, fingerprint(model, ids)) == "no change beyond noise at any layer"
-    assert json.loads(json.dumps(golden)) == golden  # storable in a sidecar as it is
-    assert len(golden["modules"]) == 1 + 30 * 5 + 2 and len(golden["modules"]["layers.0.mlp"]) == 9
-    changed = AutoModelForCausalLM.from_pretrained(str(layer_noise_model), dtype=torch.float16).eval()
-    assert localize(golden, fingerprint(changed, ids)).startswith(f"behaviour first changes at layer {LAYER} (mlp)")
-    assert localize(golden, fingerprint(changed, ids[:-1])) == \
-        "before layer 0: the tokenizer (the prompt encodes to different token ids)"
-    sidecar = tmp_path / "capital.meta.json"
-    sidecar.write_text(json.dumps({"model": "smollm2-135m", "fingerprint": golden}, sort_keys=True, indent=2))
-    assert sidecar_localization(sidecar, changed, ids) == (
-        "localization (activation fingerprint vs the recording model): "
-        + localize(golden, fingerprint(changed, ids)))
-    sidecar.write_text(json.dumps({"model": "smollm2-135m"}))
-    assert sidecar_localization(sidecar, changed, ids) is None  # goldens recorded before fingerprints
-
-
-def _fp(**modules: list[float]) -> dict[str, Any]:
-    return {"version": 1, "ids_sha256": "x", "modules": modules}
-
-
-def test_localize_reads_fingerprints_in_execution_order() -> None:
-    base = {"embedding": [1.0, 0.5, 0.5], "layers.2.attention": [1.0, 0.1, 0.2], "layers.2.mlp": [2.0, 1.0, 1.0],
-            "layers.10.mlp": [1.0, 0.3, 0.3], "head": [5.0, 1.0, 1.0]}
-    assert localize(_fp(**base), _fp(**base)) == "no change beyond noise at any layer"
-    later = {**base, "layers.10.mlp": [1.0, 0.9, 0.3], "head": [5.0, 3.0, 1.0]}
-    assert localize(_fp(**base), _fp(**later)).startswith("behaviour first changes at layer 10 (mlp)")
-    # Sorted keys put layers.10 before layers.2; execution order must not.
-    both = {**later, "layers.2.mlp": [2.0, 1.5, 1.0]}
-    assert localize(_fp(**base), _fp(**both)).startswith("behaviour first changes at layer 2 (mlp)")
-    assert localize(_fp(**base), _fp(**both), noise={"layers.2.mlp": 0.3}).startswith(
-        "behaviour first changes at layer 10 (mlp)")
-    assert localize(_fp(**base), _fp(**{**base, "embedding": [1.0, 0.9, 0.5]})) == \
-        "before layer 0: the tokenizer or embeddings"
-    assert localize(_fp(**base), _fp(**{**base, "layers.2.attention": [1.0, float("nan"), 0.2]})).startswith(
-        "behaviour first changes at layer 2 (attention)")
-    assert localize(_fp(**base), _fp(**{**base, "head": [5.0, 1.5, 1.0]})).startswith(
-        "behaviour first changes after the last layer (head)")
 
 
 def test_unusable_arguments_exit_2_with_one_actionable_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

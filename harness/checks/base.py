@@ -138,13 +138,14 @@ class CheckContext:
         return f"{self.check_id}[{self.variant.key}]" if self.variant else self.check_id
 
     def assert_golden(self, actual: Any, explain: Callable[[Any, Any], str],
-                      judge: Callable[[Any, Any], bool] | None = None) -> None:
+                      judge: Callable[[Any, Any], bool] | None = None, sidecar: dict[str, Any] | None = None) -> None:
+        """``sidecar``: extra data for the golden's ``.meta.json`` when an update writes it (never compared)."""
         __tracebackhide__ = True
         extra: dict[str, Any] = {"check": f"{self.suite}::{self.check_id}"}
         if self.variant is not None:
             extra["variant"] = self.variant.key
         self.goldens.assert_matches(self.golden_path(), actual, explain=explain, provenance_extra=extra,
-                                    judge=judge)
+                                    judge=judge, sidecar=sidecar)
 
 
 S = TypeVar("S", bound=CheckSpec)

@@ -12,6 +12,7 @@ score within tolerance under the model.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -20,7 +21,9 @@ from pydantic import Field, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import ChatMessages, NoChatTemplate, PromptText, assert_fits_context, describe_token, encode_prompt, greedy_generate
 from harness.compare import GOLDEN_SIDES, NoiseModel, Sides, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
+from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
+from harness.golden import meta_path
 from harness.observation import (
     DEFAULT_TOP_K, Observation, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
     teacher_force, to_trace,
@@ -82,12 +85,19 @@ class GreedyCheck(Check[GreedySpec]):
             refuse_nonfinite(observed, ctx.subject)
         other = ctx.goldens.judged_against()
         key = ctx.variant.key if ctx.variant else None
+        noise = fingerprint_noise(ctx.variant.quant if ctx.variant else "fp16", cross_device=other is not None)
+        golden = ctx.goldens.reference(ctx.golden_path())
         judgement = GoldenJudgement(
             observed=observed, tokenizer=tokenizer, tol=self.spec.judging(key, cross_device=other is not None),
             rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
-            golden=ctx.goldens.reference(ctx.golden_path()), update=ctx.goldens.update, sides=ctx.sides,
+            golden=golden, update=ctx.goldens.update, sides=ctx.sides,
+            localize=None if ctx.sides != GOLDEN_SIDES else  # reference mode: no recording model to compare with
+            lambda: sidecar_localization(meta_path(golden), model, prompt_ids, noise=noise,
+                                          caveat=f", recorded on {other}" if other else ""),
         )
-        ctx.assert_golden(actual, judgement.explain, judge=judgement.judge)
+        sidecar = sidecar_fingerprint(meta_path(ctx.golden_path()), model, prompt_ids, noise=noise) \
+            if ctx.goldens.update else None
+        ctx.assert_golden(actual, judgement.explain, judge=judgement.judge, sidecar=sidecar)
         label = f" (judged against {other} goldens)" if other else ""
         if other:
             ctx.note(f"{ctx.subject} judged against {other} goldens, tolerance {describe(judgement.tol)}")
@@ -197,6 +207,7 @@ class GoldenJudgement:
     golden: Any = None  # the golden file read (named in a format error)
     update: bool = False
     sides: Sides = GOLDEN_SIDES  # how messages name the two runs (reference mode: OLD and NEW)
+    localize: Callable[[], str] | None = None  # one line: where the model first changed (computed on failure only)
     expected: Observation | None = None
     verdict: Verdict | None = None
     problem: str | None = None
@@ -238,6 +249,8 @@ class GoldenJudgement:
                 lines.append("(the log-probabilities agree within noise)")
             else:
                 lines.append(f"tolerance: {describe(self.tol)}")
+            if self.localize is not None:
+                lines.append(self.localize())
         if self.judged_against:
             lines.append(f"judged against {self.judged_against} goldens, with cross-device tolerance")
         lines += text_diff(str(expected.get("text", "")), actual["text"])

@@ -1,11 +1,11 @@
 """Model diff: what changed between two models or adapters, and where behaviour first changes.
 
-``harness-diff OLD NEW`` (``cli.py``) writes the report; ``localize.fingerprint`` and
-``localize.localize`` let a golden alone say where a model changed.
+``harness-diff OLD NEW`` (``cli.py``) writes the report; ``fingerprints.fingerprint`` and
+``fingerprints.localize`` let a golden alone say where a model changed.
 """
 
 from __future__ import annotations
 
-from harness.diff.localize import fingerprint, localize
+from harness.diff.fingerprints import fingerprint, localize
 
 __all__ = ["fingerprint", "localize"]

@@ -93,15 +93,18 @@ def layer_index(name: str) -> int | None:
 
 
 @contextmanager
-def capturing(model: Any) -> Iterator[dict[str, Any]]:
-    """Hooks that store each module's output (float32, CPU), in execution order, per forward."""
+def capturing(model: Any, rows: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Hooks that store each module's output (float32, CPU), in execution order, per forward.
+
+    ``rows``: keep only these positions (a fingerprint needs three, not the whole sequence).
+    """
     store: dict[str, Any] = {}
     handles = []
 
     def hook(name: str) -> Any:
         def record(_module: Any, _inputs: Any, output: Any) -> None:
-            tensor = output[0] if isinstance(output, tuple) else output
-            store[name] = tensor.detach()[0].float().cpu()
+            tensor = (output[0] if isinstance(output, tuple) else output).detach()[0]
+            store[name] = (tensor if rows is None else tensor[rows]).float().cpu()
         return record
 
     modules = named_modules(model)
@@ -118,13 +121,13 @@ def capturing(model: Any) -> Iterator[dict[str, Any]]:
             handle.remove()
 
 
-def capture(model: Any, input_ids: list[int]) -> dict[str, Any]:
+def capture(model: Any, input_ids: list[int], rows: list[int] | None = None) -> dict[str, Any]:
     """One forward pass over ``input_ids``; every hooked module's output, [positions, hidden]."""
     import torch
 
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], device=device)
-    with capturing(model) as store, torch.inference_mode():
+    with capturing(model, rows) as store, torch.inference_mode():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return dict(store)
 

@@ -1,0 +1,226 @@
+"""Activation fingerprints: where a model changed, from a golden's sidecar alone.
+
+A greedy golden's sidecar keeps, per module (embedding, each layer's norms, attention
+and MLP, final norm, head), four numbers over three prompt positions: the RMS of the
+module's output, and three projections of its RMS-normalized rows onto fixed ±1
+directions. In RMS units a projection moves by about the relative change of the
+output, so one threshold per quantization tells "unchanged within noise" from
+"changed"; the first module above it, in execution order, is where behaviour first
+changes. Layer outputs are left out: a layer's output only changes if its input,
+attention or MLP did. One line of text per layer keeps a sidecar at about 4 KB.
+
+The directions come from integer hashing, not a random generator, so a torch upgrade
+cannot move every fingerprint at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from harness.diff.activations import capture, layer_index
+
+FINGERPRINT_VERSION = 2
+POSITIONS = 3
+PROJECTIONS = 3
+# What a module moves by (largest of: relative RMS change, projection change in RMS units)
+# under benign changes, with margin, per quantization. Measured on SmolLM2-135M, CPU, the 7
+# prompts of suites/generation.yaml. Benign: worst module over all prompts (sdpa vs eager;
+# 2 vs 1 threads). Changed: the least any prompt moved the truly changed module (Gaussian noise
+# of 2% / 5% of the weights' std on layer 14's MLP down_proj; the pirate adapter's lora_B x1.1 /
+# x1.5, which first changes layer 0's attention):
+#   variant     eager   1 thread   noise 2%   noise 5%   lora_B x1.1   lora_B x1.5
+#   fp16        0.010   0          0.023      0.057      -             -
+#   fp16-lora   0.013   0          0.024      0.059      0.004         0.015
+#   nf4         0.093   0          0.048      0.073      -             -
+#   nf4-lora    0.057   0.025      0.054      0.061      0.005         0.014
+# fp16 separates 2% noise from kernel noise. NF4 computes in bfloat16: its kernel noise is as
+# large as 2-5% weight noise, so its threshold is higher and such changes localize later or not
+# at all. A small adapter rescale moves layer 0 less than deep layers move under kernel noise,
+# so it is reported a layer or two late; a constant threshold cannot do better.
+FINGERPRINT_NOISE = {"fp16": 2e-2, "nf4": 1.5e-1}
+# Judged against another device class (--golden-device): other kernels, other rounding; a guess
+# (not measured on a GPU yet), so the line names the recording device class.
+CROSS_DEVICE_FACTOR = 3.0
+NOTE = "localization"
+
+
+class FingerprintError(ValueError):
+    """A recorded fingerprint this version cannot read (edited by hand, or another format)."""
+
+
+def fingerprint_noise(quantization: str, *, cross_device: bool = False) -> float:
+    level = FINGERPRINT_NOISE.get(quantization, max(FINGERPRINT_NOISE.values()))
+    return level * (CROSS_DEVICE_FACTOR if cross_device else 1.0)
+
+
+def picked_positions(tokens: int, positions: int = POSITIONS) -> list[int]:
+    """First, middle and last token: the first is an attention sink, the last sees the whole prompt."""
+    return sorted({0, tokens // 2, tokens - 1})[:positions] if tokens else []
+
+
+def ids_digest(ids: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+
+
+def fingerprint(model: Any, input_ids: list[int], *, positions: int = POSITIONS) -> dict[str, Any]:
+    """The fingerprint of ``model`` on ``input_ids`` (one forward pass), ready for a sidecar."""
+    ids = list(input_ids)
+    picked = picked_positions(len(ids), positions)
+    store = capture(model, ids, rows=picked)
+    modules: dict[str, str] = {}
+    parts: list[str] = []
+    for name, rows in store.items():
+        index = layer_index(name)
+        if name.endswith(".output"):
+            continue
+        text = " ".join(_summary(rows))
+        if index is None:
+            modules[name] = text
+            continue
+        key, part = f"layers.{index}", name.rsplit(".", 1)[-1]
+        if index == 0:
+            parts.append(part)
+        modules[key] = f"{modules[key]} | {text}" if key in modules else text
+    return {"version": FINGERPRINT_VERSION, "tokens": len(ids), "positions": picked, "ids_sha256": ids_digest(ids),
+            "layer_parts": parts, "columns": f"rms, then {PROJECTIONS} projections of the rows in RMS units",
+            "modules": modules}
+
+
+def _summary(rows: Any) -> list[str]:
+    """RMS of the rows, then projections of each row divided by its own RMS (RMS units)."""
+    import torch
+
+    rms = float(rows.pow(2).mean().sqrt())
+    unit = rows / rows.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-30)
+    flat = unit.flatten()
+    signs = _signs(flat.numel(), torch)
+    projections = (signs @ flat / math.sqrt(flat.numel())).tolist()
+    return [f"{rms:.4g}"] + [f"{p:.3f}" for p in projections]
+
+
+def _signs(width: int, torch: Any) -> Any:
+    """PROJECTIONS fixed ±1 directions of ``width``, from an integer hash (version-independent)."""
+    index = torch.arange(width, dtype=torch.int64)
+    rows = []
+    for k in range(PROJECTIONS):
+        h = (index * 0x9E3779B1 + (k + 1) * 0x85EBCA77) & 0xFFFFFFFF
+        h = h ^ (h >> 15)
+        h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
+        h = h ^ (h >> 12)
+        rows.append((h & 1).to(torch.float32) * 2 - 1)
+    return torch.stack(rows)
+
+
+def module_rows(fp: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """(canonical module name, numbers) in execution order; FingerprintError if it does not parse."""
+    if not isinstance(fp, dict):
+        raise FingerprintError(f"it is a JSON {type(fp).__name__}, not an object")
+    if fp.get("version") != FINGERPRINT_VERSION:
+        raise FingerprintError(f"it has format {fp.get('version')!r}, this harness reads {FINGERPRINT_VERSION}")
+    modules, parts = fp.get("modules"), fp.get("layer_parts")
+    if not isinstance(modules, dict) or not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise FingerprintError("its modules or layer_parts have the wrong type")
+    found: list[tuple[tuple[int, int], str, list[float]]] = []
+    for key, text in modules.items():
+        if not isinstance(text, str):
+            raise FingerprintError(f"module {key!r} is not a line of numbers")
+        groups = text.split(" | ")
+        index = layer_index(key + ".")
+        if index is not None and len(groups) != len(parts):
+            raise FingerprintError(f"{key} has {len(groups)} groups of numbers, layer_parts names {len(parts)}")
+        for rank, group in enumerate(groups):
+            try:
+                numbers = [float(v) for v in group.split()]
+            except ValueError:
+                raise FingerprintError(f"{key} holds something other than numbers: {group[:40]!r}") from None
+            if len(numbers) != 1 + PROJECTIONS:
+                raise FingerprintError(f"{key} has {len(numbers)} numbers per module, expected {1 + PROJECTIONS}")
+            if index is not None:
+                found.append(((index, rank), f"{key}.{parts[rank]}", numbers))
+            else:
+                found.append(({"embedding": (-1, 0), "norm": (1 << 30, 0)}.get(key, (1 << 30, 1)), key, numbers))
+    return [(name, numbers) for _, name, numbers in sorted(found, key=lambda row: row[0])]
+
+
+def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[tuple[str, float]]:
+    """(module, how far it moved in RMS units), expected's modules in execution order; inf if missing."""
+    theirs = dict(module_rows(actual))
+    rows: list[tuple[str, float]] = []
+    for name, exp in module_rows(expected):
+        act = theirs.get(name)
+        if act is None:
+            rows.append((name, float("inf")))
+            continue
+        changes = [abs(act[0] - exp[0]) / max(abs(exp[0]), 1e-30)] + [abs(a - e) for e, a in zip(exp[1:], act[1:])]
+        rows.append((name, math.nan if any(map(math.isnan, changes)) else max(changes)))
+    return rows
+
+
+def localize(fp_expected: dict[str, Any], fp_actual: dict[str, Any], noise: float) -> str:
+    """"behaviour first changes at layer 14 (mlp) ...", "before layer 0: ..." or "no change ..."."""
+    from harness.diff.localize import describe
+
+    if fp_expected.get("ids_sha256") != fp_actual.get("ids_sha256"):
+        return "before layer 0: the tokenizer (the prompt encodes to different token ids)"
+    for name, moved in differences(fp_expected, fp_actual):
+        if not moved <= noise:  # NaN counts as changed
+            where = "before layer 0: the tokenizer or embeddings" if name == "embedding" else describe(name)
+            return f"{where} (fingerprint moved {moved:.3g} x RMS, noise {noise:.3g})"
+    return "no change beyond noise at any layer"
+
+
+def recorded(sidecar: Path) -> dict[str, Any] | None:
+    """The fingerprint a sidecar holds, None when it holds none; FingerprintError when unreadable."""
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FingerprintError(f"the sidecar {sidecar.name} does not parse ({exc})") from None
+    fp = meta.get("fingerprint") if isinstance(meta, dict) else None
+    if fp is not None:
+        module_rows(fp)
+    return fp
+
+
+def sidecar_localization(sidecar: Path, model: Any, input_ids: list[int], *, noise: float,
+                         caveat: str = "") -> str:
+    """One line for a failing golden: where ``model`` first differs from the model that recorded it.
+
+    Never raises for what a sidecar holds: an old golden without a fingerprint, or a damaged
+    one, gets a one-line note instead.
+    """
+    label = f"{NOTE} (activation fingerprint vs the recording model{caveat})"
+    try:
+        old = recorded(sidecar)
+    except FingerprintError as exc:
+        return f"{NOTE}: the recorded fingerprint cannot be read ({exc}); re-record to enable localization"
+    if old is None:
+        return f"{NOTE}: no fingerprint recorded; re-record to enable localization"
+    try:
+        return f"{label}: {localize(old, fingerprint(model, input_ids), noise)}"
+    except ValueError as exc:  # an architecture whose layers cannot be found
+        return f"{NOTE}: not possible for this model ({exc})"
+
+
+def sidecar_fingerprint(sidecar: Path, model: Any, input_ids: list[int], *, noise: float) -> dict[str, Any]:
+    """What an update writes into a sidecar: ``{"fingerprint": ...}``.
+
+    The recorded fingerprint is kept when the current one is the same within noise, so that
+    re-recording on another machine does not churn sidecars; {} where none can be taken.
+    """
+    try:
+        new = fingerprint(model, input_ids)
+    except ValueError:
+        return {}
+    try:
+        old = recorded(sidecar)
+    except FingerprintError:
+        old = None
+    if old is not None and localize(old, new, noise).startswith("no change"):
+        return {"fingerprint": old}
+    return {"fingerprint": new}
