@@ -83,6 +83,13 @@ def _options(config: pytest.Config) -> Options:
             "run of the reference and never reads or writes golden files, so there is nothing to update. "
             "Fix: drop --snapshot-update to compare NEW with OLD, or drop --reference to record goldens."
         )
+    for flag, dest in (("--golden-device", "golden_device"), ("--harness-obtained", "harness_obtained")):
+        if reference is not None and config.getoption(dest):
+            raise pytest.UsageError(
+                f"--reference {reference} with {flag}: reference mode judges against a live run of the reference "
+                f"model, not golden files, so {flag} (which concerns goldens) would be silently ignored. Fix: drop "
+                f"{flag}, or drop --reference to judge against goldens."
+            )
     variants = _variants_option(config.getoption("variants"))
     registry = _registry_option(config.getoption("registry"), root / "models.yaml")
     _writable_file_option("--harness-report", config.getoption("harness_report"))

@@ -123,11 +123,13 @@ def test_edited_chat_template_and_generation_config_fail_in_reference_mode(proje
     assert not project.golden.exists()
 
 
-def test_reference_with_snapshot_update_is_a_usage_error(project):
+@pytest.mark.parametrize(("flag", "value"), [("--snapshot-update", None), ("--golden-device", "cpu"),
+                                           ("--harness-obtained", "obtained")])
+def test_reference_with_a_golden_option_is_a_usage_error(project, flag, value):
     project.suite("ref", SUITE)
-    result = project.run("--reference=smollm2-135m", "--snapshot-update")
+    result = project.run("--reference=smollm2-135m", flag, *([value] if value else []))
     assert result.ret == 4
-    result.stderr.fnmatch_lines(["*--reference smollm2-135m with --snapshot-update: reference mode judges*"])
+    result.stderr.fnmatch_lines([f"*--reference smollm2-135m with {flag}: reference mode judges*"])
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     assert not project.golden.exists()
 
