@@ -102,7 +102,8 @@ def resolve(
             raise ModelNotFoundError(f"{option} {name}: no such GGUF file ({path}).")
         entry = ModelEntry(gguf=str(path))
         return _resolve_entry(safe_name(path.stem), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not path.exists():
+    # a hub id starts with a letter or digit: "./old-model" is a folder that is missing, not org "."
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) and not path.exists():
         entry = ModelEntry(hub=name)
         return _resolve_entry(safe_name(name.split("/")[-1]), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
     raise ModelNotFoundError(

@@ -134,9 +134,10 @@ def test_reference_with_a_golden_option_is_a_usage_error(project, flag, value):
     assert not project.golden.exists()
 
 
-def test_a_reference_that_does_not_exist_is_named(project, tmp_path):
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_reference_that_does_not_exist_is_named(project, tmp_path, relative):
     project.suite("ref", SUITE)
-    missing = tmp_path / "nowhere" / "old-model"
+    missing = "./old-model" if relative else tmp_path / "nowhere" / "old-model"  # "./x" is a folder, not a hub id
     result = project.run(f"--reference={missing}", "--variants", "fp16")
     assert result.ret == 4
     result.stderr.fnmatch_lines([f"*--reference {missing}: not a model in the registry*not a model folder*"])
