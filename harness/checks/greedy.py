@@ -19,7 +19,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import ChatMessages, NoChatTemplate, PromptText, assert_fits_context, describe_token, encode_prompt, greedy_generate
+from harness.checks.prompts import (
+    ChatMessages, PromptText, assert_fits_context, describe_token, encode_or_skip, greedy_generate,
+)
 from harness.compare import GOLDEN_SIDES, NoiseModel, Sides, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
@@ -65,17 +67,8 @@ class GreedyCheck(Check[GreedySpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        import pytest
-
-        try:
-            prompt_ids = encode_prompt(ctx.tokenizer, prompt=self.spec.prompt, messages=self.spec.messages)
-        except NoChatTemplate:
-            message = (f"{ctx.pool.resolved.name!r} has no chat template, and this check renders chat "
-                       "messages")
-            if self.spec.if_no_chat_template == "skip":
-                pytest.skip(message)
-            raise CheckFailure(message + ". Fix: use `prompt:` for a base model, or set "
-                               "if_no_chat_template: skip.") from None
+        prompt_ids = encode_or_skip(ctx.tokenizer, model_name=ctx.pool.resolved.name, prompt=self.spec.prompt,
+                                    messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template)
         model, tokenizer = ctx.model, ctx.tokenizer
         assert_fits_context(model, len(prompt_ids), self.spec.max_new_tokens, what=self.spec.id)
         observed = observe_greedy(model, tokenizer, prompt_ids, self.spec.max_new_tokens)
