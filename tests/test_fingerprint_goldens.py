@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from harness.diff.fingerprints import (
-    FINGERPRINT_VERSION, differences, fingerprint, fingerprint_noise, localize, sidecar_fingerprint,
-    sidecar_localization,
+    FINGERPRINT_VERSION, differences, fingerprint, fingerprint_noise, localize, recorded_noise, sidecar_fingerprint,
+    sidecar_localization, with_noise,
 )
 
 LAYER = 14
@@ -84,7 +84,11 @@ def test_update_adds_fingerprints_to_old_sidecars_without_changing_goldens_and_p
     capital = sidecar(project, "smollm2-135m", "capital")
     recorded = json.loads(capital.read_text())["fingerprint"]
     assert recorded["version"] == FINGERPRINT_VERSION and recorded["positions"] == [0, 2, 4]
-    assert len(capital.read_bytes()) < 6000  # the whole sidecar, provenance included
+    assert len(capital.read_bytes()) < 7500  # the whole sidecar, provenance and noise record included
+    noise = recorded_noise(recorded)  # per module: how far sdpa vs eager moved it at record time
+    assert noise is not None and recorded["noise"]["method"].startswith("attention kernel sdpa vs eager")
+    assert len(noise) == 1 + 30 * 4 + 2 and noise["embedding"] == 0  # no kernel runs before the first attention
+    assert noise["layers.0.attention"] > 0 and max(noise.values()) < fingerprint_noise("fp16").constant
 
     project.run("--variants", "fp16").assert_outcomes(passed=2)
     assert fingerprints_computed(project) == 0  # passing runs pay nothing
@@ -119,7 +123,7 @@ def test_noise_on_one_layer_fails_with_that_layer_named_and_an_old_sidecar_gets_
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([
         "*localization (activation fingerprint vs the recording model): "
-        f"behaviour first changes at layer {LAYER} (mlp) (fingerprint moved * x RMS, noise 0.02)",
+        f"behaviour first changes at layer {LAYER} (mlp) (fingerprint moved * x RMS, threshold *: * x recorded noise *)",
     ])
     assert result.stdout.str().count(NO_FINGERPRINT) == 1
     assert "INTERNALERROR" not in result.stdout.str()
@@ -137,20 +141,22 @@ BASE = {"embedding": "1.0 0.5 0.5 0.5", "layers.2": "1.0 0.1 0.2 0.3 | 2.0 1.0 1
 
 
 def test_localize_reads_layers_in_execution_order_not_key_order() -> None:
-    assert localize(_fp(**BASE), _fp(**BASE), 0.02) == "no change beyond noise at any layer"
+    fp16, nf4 = fingerprint_noise("fp16"), fingerprint_noise("nf4")  # no noise record: the constants 0.02, 0.15
+    assert localize(_fp(**BASE), _fp(**BASE), fp16) == "no change beyond noise at any layer"
     later = {**BASE, "layers.10": "1.0 0.3 0.3 0.3 | 1.0 0.9 0.3 0.3", "head": "5.0 3.0 1.0 1.0"}
-    assert localize(_fp(**BASE), _fp(**later), 0.02).startswith("behaviour first changes at layer 10 (mlp)")
+    assert localize(_fp(**BASE), _fp(**later), fp16).startswith("behaviour first changes at layer 10 (mlp)")
     both = {**later, "layers.2": "1.0 0.1 0.2 0.3 | 2.2 1.0 1.0 1.0"}  # layer 2's MLP output grew 10%
-    assert localize(_fp(**BASE), _fp(**both), 0.02) == \
-        "behaviour first changes at layer 2 (mlp) (fingerprint moved 0.1 x RMS, noise 0.02)"
-    assert localize(_fp(**BASE), _fp(**both), 0.2).startswith("behaviour first changes at layer 10 (mlp)")
-    assert localize(_fp(**BASE), _fp(**{**BASE, "embedding": "1.0 0.9 0.5 0.5"}), 0.02).startswith(
+    assert localize(_fp(**BASE), _fp(**both), fp16) == \
+        "behaviour first changes at layer 2 (mlp) (fingerprint moved 0.1 x RMS, threshold 0.02: the fp16 constant, " \
+        "no noise recorded)"
+    assert localize(_fp(**BASE), _fp(**both), nf4).startswith("behaviour first changes at layer 10 (mlp)")
+    assert localize(_fp(**BASE), _fp(**{**BASE, "embedding": "1.0 0.9 0.5 0.5"}), fp16).startswith(
         "before layer 0: the tokenizer or embeddings")
-    assert localize(_fp(**BASE), _fp(**{**BASE, "layers.2": "1.0 nan 0.2 0.3 | 2.0 1.0 1.0 1.0"}), 0.02).startswith(
+    assert localize(_fp(**BASE), _fp(**{**BASE, "layers.2": "1.0 nan 0.2 0.3 | 2.0 1.0 1.0 1.0"}), fp16).startswith(
         "behaviour first changes at layer 2 (attention)")
-    assert localize(_fp(**BASE), _fp(**{**BASE, "head": "5.0 1.5 1.0 1.0"}), 0.02).startswith(
+    assert localize(_fp(**BASE), _fp(**{**BASE, "head": "5.0 1.5 1.0 1.0"}), fp16).startswith(
         "behaviour first changes after the last layer (head)")
-    assert localize(_fp(**BASE), _fp(ids="y", **BASE), 0.02) == \
+    assert localize(_fp(**BASE), _fp(ids="y", **BASE), fp16) == \
         "before layer 0: the tokenizer (the prompt encodes to different token ids)"
 
 
@@ -171,13 +177,13 @@ def test_old_or_damaged_sidecars_give_one_line_never_an_error(tmp_path: Path) ->
         path.unlink(missing_ok=True)
         if content is not None:
             path.write_text(content if isinstance(content, str) else json.dumps(content))
-        lines[label] = sidecar_localization(path, unused, [1, 2, 3], noise=0.02)
+        lines[label] = sidecar_localization(path, unused, [1, 2, 3], rule=fingerprint_noise("fp16"))
     assert lines["missing"] == lines["no fingerprint"] == NO_FINGERPRINT
     assert lines["edited numbers"] == ("localization: the recorded fingerprint cannot be read (layers.2 holds "
                                        "something other than numbers: '1.0 0.1 x 0.3'); re-record to enable "
                                        "localization")
     assert "layers.2 has 1 groups of numbers, layer_parts names 2" in lines["a group lost"]
-    assert "it has format 1, this harness reads 2" in lines["other format"]
+    assert "it has format 1, this harness reads 2 and 3" in lines["other format"]
     assert "it is a JSON list, not an object" in lines["not an object"]
     assert "the sidecar capital.meta.json does not parse" in lines["not JSON"]
     assert all("\n" not in line and line.endswith("re-record to enable localization") for line in lines.values())
@@ -196,14 +202,62 @@ def test_fingerprint_is_small_ignores_kernel_noise_and_is_kept_on_rerecord(embed
     assert json.loads(dumps(golden)) == golden and len(dumps(golden)) < 4500
     assert len(golden["modules"]) == 1 + 30 + 2 and golden["layer_parts"] == ["input_norm", "attention",
                                                                              "post_norm", "mlp"]
-    noise = fingerprint_noise("fp16")
+    rule = fingerprint_noise("fp16", dtype="float16")
     model.set_attn_implementation("eager")
     eager = fingerprint(model, ids)
-    assert 0 < max(moved for _, moved in differences(golden, eager)) < noise
-    assert localize(golden, eager, noise) == "no change beyond noise at any layer"
-    assert localize(golden, fingerprint(model, ids[:-1]), noise).startswith("before layer 0: the tokenizer")
-    # Re-recording under benign noise keeps the recorded numbers: sidecars do not churn.
+    model.set_attn_implementation("sdpa")
+    assert 0 < max(moved for _, moved in differences(golden, eager)) < rule.constant
+    assert localize(golden, eager, rule) == "no change beyond noise at any layer"
+    assert localize(golden, fingerprint(model, ids[:-1]), rule).startswith("before layer 0: the tokenizer")
+    # Re-recording under benign noise keeps the recorded numbers (noise record included): no churn.
     path = tmp_path / "capital.meta.json"
-    path.write_text(dumps({"fingerprint": golden}))
-    assert sidecar_fingerprint(path, model, ids, noise=noise) == {"fingerprint": golden}
-    assert sidecar_fingerprint(path, model, ids[:-1], noise=noise)["fingerprint"]["tokens"] == len(ids) - 1
+    recorded = with_noise(golden, model, ids)
+    assert model.config._attn_implementation == "sdpa"  # the kernel switch is undone
+    path.write_text(dumps({"fingerprint": recorded}))
+    model.set_attn_implementation("eager")
+    assert sidecar_fingerprint(path, model, ids, rule=rule) == {"fingerprint": recorded}
+    model.set_attn_implementation("sdpa")
+    assert sidecar_fingerprint(path, model, ids[:-1], rule=rule)["fingerprint"]["tokens"] == len(ids) - 1
+
+
+QUIET = {"embedding": "0", "layers.2": "0.0005 | 0.0005", "layers.10": "0.002 | 0.05", "norm": "0.01", "head": "0.01"}
+
+
+def _recorded(noise: dict[str, str] | None = QUIET, version: int = FINGERPRINT_VERSION, **modules: str) -> dict[str, Any]:
+    fp = {**_fp(**(modules or BASE)), "version": version}
+    return fp if noise is None else {**fp, "noise": {"method": "attention kernel sdpa vs eager", "modules": noise}}
+
+
+def test_each_module_is_judged_against_its_own_recorded_noise_and_without_one_against_the_constant() -> None:
+    rule = fingerprint_noise("fp16", dtype="float16")
+    noisy_mlp = {**BASE, "layers.10": "1.0 0.3 0.3 0.3 | 1.0 0.4 0.3 0.3"}  # moved 0.1: 5x the fp16 constant
+    assert localize(_recorded(None), _fp(**noisy_mlp), rule).startswith("behaviour first changes at layer 10 (mlp)")
+    assert localize(_recorded(), _fp(**noisy_mlp), rule) == "no change beyond noise at any layer"  # its noise: 0.05
+    quiet_attention = {**BASE, "layers.2": "1.0 0.11 0.2 0.3 | 2.0 1.0 1.0 1.0"}  # moved 0.01: half the constant
+    assert localize(_recorded(None), _fp(**quiet_attention), rule) == "no change beyond noise at any layer"
+    assert localize(_recorded(), _fp(**quiet_attention), rule) == (
+        f"behaviour first changes at layer 2 (attention) (fingerprint moved 0.01 x RMS, threshold {rule.floor:.3g}: "
+        "the float16 floor, recorded noise 0.0005)")
+    cross = fingerprint_noise("fp16", dtype="float16", cross_device=True)
+    assert localize(_recorded(), _fp(**quiet_attention), cross) == "no change beyond noise at any layer"
+    louder = {**BASE, "layers.10": "1.0 0.3 0.3 0.3 | 1.0 0.3 0.3 0.3", "head": "5.0 1.2 1.0 1.0"}  # head moved 0.2
+    assert localize(_recorded(), _fp(**louder), rule) == (
+        f"behaviour first changes after the last layer (head) (fingerprint moved 0.2 x RMS, threshold "
+        f"{rule.factor * 0.01:.3g}: {rule.factor:g} x recorded noise 0.01)")
+
+
+def test_format_2_fingerprints_without_a_noise_record_still_localize_with_the_constants(tmp_path: Path) -> None:
+    old = _recorded(None, version=2)
+    both = {**BASE, "layers.2": "1.0 0.1 0.2 0.3 | 2.2 1.0 1.0 1.0", "layers.10": "1.0 0.3 0.3 0.3 | 1.0 0.9 0.3 0.3"}
+    assert localize(old, _fp(**both), fingerprint_noise("fp16", dtype="float16")) == (
+        "behaviour first changes at layer 2 (mlp) (fingerprint moved 0.1 x RMS, threshold 0.02: the fp16 constant, "
+        "no noise recorded)")
+    assert localize(old, _fp(**both), fingerprint_noise("nf4", dtype="bfloat16")).startswith(
+        "behaviour first changes at layer 10 (mlp) (fingerprint moved 0.6 x RMS, threshold 0.15: the nf4 constant")
+    path = tmp_path / "capital.meta.json"
+    unused: Any = None
+    damaged = _recorded({**QUIET, "layers.2": "0.0005"})
+    path.write_text(json.dumps({"fingerprint": damaged}))
+    assert sidecar_localization(path, unused, [1], rule=fingerprint_noise("fp16")) == (
+        "localization: the recorded fingerprint cannot be read (its noise record: layers.2 has 1 groups of numbers, "
+        "layer_parts names 2); re-record to enable localization")

@@ -23,6 +23,7 @@ from harness.checks.prompts import (
     ChatMessages, PromptText, assert_fits_context, describe_token, encode_or_skip, greedy_generate,
 )
 from harness.compare import GOLDEN_SIDES, NoiseModel, Sides, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
+from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import meta_path
@@ -78,17 +79,18 @@ class GreedyCheck(Check[GreedySpec]):
             refuse_nonfinite(observed, ctx.subject)
         other = ctx.goldens.judged_against()
         key = ctx.variant.key if ctx.variant else None
-        noise = fingerprint_noise(ctx.variant.quant if ctx.variant else "fp16", cross_device=other is not None)
+        rule = fingerprint_noise(ctx.variant.quant if ctx.variant else "fp16", dtype=compute_dtype(model),
+                                 cross_device=other is not None)
         golden = ctx.goldens.reference(ctx.golden_path())
         judgement = GoldenJudgement(
             observed=observed, tokenizer=tokenizer, tol=self.spec.judging(key, cross_device=other is not None),
             rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
             golden=golden, update=ctx.goldens.update, sides=ctx.sides,
             localize=None if ctx.sides != GOLDEN_SIDES else  # reference mode: no recording model to compare with
-            lambda: sidecar_localization(meta_path(golden), model, prompt_ids, noise=noise,
+            lambda: sidecar_localization(meta_path(golden), model, prompt_ids, rule=rule,
                                           caveat=f", recorded on {other}" if other else ""),
         )
-        sidecar = sidecar_fingerprint(meta_path(ctx.golden_path()), model, prompt_ids, noise=noise) \
+        sidecar = sidecar_fingerprint(meta_path(ctx.golden_path()), model, prompt_ids, rule=rule) \
             if ctx.goldens.update else None
         ctx.assert_golden(actual, judgement.explain, judge=judgement.judge, sidecar=sidecar)
         label = f" (judged against {other} goldens)" if other else ""

@@ -18,12 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.diff.activations import capture, layer_index
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: no noise record, judged with the constants
 POSITIONS = 3
 PROJECTIONS = 3
 # What a module moves by (largest of: relative RMS change, projection change in RMS units)
@@ -42,6 +44,10 @@ PROJECTIONS = 3
 # at all. A small adapter rescale moves layer 0 less than deep layers move under kernel noise,
 # so it is reported a layer or two late; a constant threshold cannot do better.
 FINGERPRINT_NOISE = {"fp16": 2e-2, "nf4": 1.5e-1}
+# With a noise record: a module is changed above NOISE_FACTOR x its recorded noise, and never
+# below the floor of its compute dtype (rounding of the dtype and of the printed numbers).
+NOISE_FACTOR = 4.0
+NOISE_FLOOR = {"float32": 2e-3, "float16": 4e-3, "bfloat16": 2e-2}
 # Judged against another device class (--golden-device): other kernels, other rounding; a guess
 # (not measured on a GPU yet), so the line names the recording device class.
 CROSS_DEVICE_FACTOR = 3.0
@@ -52,9 +58,44 @@ class FingerprintError(ValueError):
     """A recorded fingerprint this version cannot read (edited by hand, or another format)."""
 
 
-def fingerprint_noise(quantization: str, *, cross_device: bool = False) -> float:
-    level = FINGERPRINT_NOISE.get(quantization, max(FINGERPRINT_NOISE.values()))
-    return level * (CROSS_DEVICE_FACTOR if cross_device else 1.0)
+@dataclass(frozen=True)
+class NoiseRule:
+    """When a module counts as changed: above its own recorded noise, or the constant without one.
+
+    Kernel noise grows with depth and differs between models and machines, so a sidecar
+    recorded with a noise record is judged module by module; older ones use the constant.
+    """
+
+    quantization: str
+    dtype: str = "float16"
+    cross_device: bool = False
+    factor: float = NOISE_FACTOR
+
+    @property
+    def scale(self) -> float:
+        return CROSS_DEVICE_FACTOR if self.cross_device else 1.0
+
+    @property
+    def constant(self) -> float:
+        return FINGERPRINT_NOISE.get(self.quantization, max(FINGERPRINT_NOISE.values())) * self.scale
+
+    @property
+    def floor(self) -> float:
+        return NOISE_FLOOR.get(self.dtype, max(NOISE_FLOOR.values())) * self.scale
+
+    def threshold(self, recorded: float | None) -> tuple[float, str]:
+        """(threshold, why) for a module whose recorded noise is ``recorded`` (None: none recorded)."""
+        cross = f", x{CROSS_DEVICE_FACTOR:g} cross-device" if self.cross_device else ""
+        if recorded is None:
+            return self.constant, f"the {self.quantization} constant, no noise recorded{cross}"
+        scaled = self.factor * recorded * self.scale
+        if scaled >= self.floor:
+            return scaled, f"{self.factor:g} x recorded noise {recorded:.2g}{cross}"
+        return self.floor, f"the {self.dtype} floor, recorded noise {recorded:.2g}{cross}"
+
+
+def fingerprint_noise(quantization: str, *, dtype: str = "float16", cross_device: bool = False) -> NoiseRule:
+    return NoiseRule(quantization, dtype, cross_device)
 
 
 def picked_positions(tokens: int, positions: int = POSITIONS) -> list[int]:
@@ -115,12 +156,13 @@ def _signs(width: int, torch: Any) -> Any:
     return torch.stack(rows)
 
 
-def module_rows(fp: dict[str, Any]) -> list[tuple[str, list[float]]]:
-    """(canonical module name, numbers) in execution order; FingerprintError if it does not parse."""
+def module_rows(fp: dict[str, Any], *, width: int = 1 + PROJECTIONS) -> list[tuple[str, list[float]]]:
+    """(canonical module name, ``width`` numbers) in execution order; FingerprintError if it does not parse."""
     if not isinstance(fp, dict):
         raise FingerprintError(f"it is a JSON {type(fp).__name__}, not an object")
-    if fp.get("version") != FINGERPRINT_VERSION:
-        raise FingerprintError(f"it has format {fp.get('version')!r}, this harness reads {FINGERPRINT_VERSION}")
+    if fp.get("version") not in READABLE_VERSIONS:
+        raise FingerprintError(f"it has format {fp.get('version')!r}, this harness reads "
+                               f"{' and '.join(map(str, READABLE_VERSIONS))}")
     modules, parts = fp.get("modules"), fp.get("layer_parts")
     if not isinstance(modules, dict) or not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
         raise FingerprintError("its modules or layer_parts have the wrong type")
@@ -137,13 +179,25 @@ def module_rows(fp: dict[str, Any]) -> list[tuple[str, list[float]]]:
                 numbers = [float(v) for v in group.split()]
             except ValueError:
                 raise FingerprintError(f"{key} holds something other than numbers: {group[:40]!r}") from None
-            if len(numbers) != 1 + PROJECTIONS:
-                raise FingerprintError(f"{key} has {len(numbers)} numbers per module, expected {1 + PROJECTIONS}")
+            if len(numbers) != width:
+                raise FingerprintError(f"{key} has {len(numbers)} numbers per module, expected {width}")
             if index is not None:
                 found.append(((index, rank), f"{key}.{parts[rank]}", numbers))
             else:
                 found.append(({"embedding": (-1, 0), "norm": (1 << 30, 0)}.get(key, (1 << 30, 1)), key, numbers))
     return [(name, numbers) for _, name, numbers in sorted(found, key=lambda row: row[0])]
+
+
+def recorded_noise(fp: dict[str, Any]) -> dict[str, float] | None:
+    """Per module, how far a benign kernel switch moved it at record time; None without a record."""
+    record = fp.get("noise")
+    if not isinstance(record, dict) or "modules" not in record:
+        return None
+    try:
+        rows = module_rows({**fp, "modules": record["modules"]}, width=1)
+    except FingerprintError as exc:
+        raise FingerprintError(f"its noise record: {exc}") from None
+    return {name: numbers[0] for name, numbers in rows}
 
 
 def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[tuple[str, float]]:
@@ -160,17 +214,45 @@ def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[tuple[
     return rows
 
 
-def localize(fp_expected: dict[str, Any], fp_actual: dict[str, Any], noise: float) -> str:
+def localize(fp_expected: dict[str, Any], fp_actual: dict[str, Any], rule: NoiseRule) -> str:
     """"behaviour first changes at layer 14 (mlp) ...", "before layer 0: ..." or "no change ..."."""
     from harness.diff.localize import describe
 
     if fp_expected.get("ids_sha256") != fp_actual.get("ids_sha256"):
         return "before layer 0: the tokenizer (the prompt encodes to different token ids)"
+    noise = recorded_noise(fp_expected)
     for name, moved in differences(fp_expected, fp_actual):
-        if not moved <= noise:  # NaN counts as changed
+        level, why = rule.threshold(None if noise is None else noise.get(name))
+        if not moved <= level:  # NaN counts as changed
             where = "before layer 0: the tokenizer or embeddings" if name == "embedding" else describe(name)
-            return f"{where} (fingerprint moved {moved:.3g} x RMS, noise {noise:.3g})"
+            return f"{where} (fingerprint moved {moved:.3g} x RMS, threshold {level:.3g}: {why})"
     return "no change beyond noise at any layer"
+
+
+def with_noise(fp: dict[str, Any], model: Any, input_ids: list[int]) -> dict[str, Any]:
+    """``fp`` with its noise record: per module, how far the other attention kernel moves it.
+
+    In the modules' line layout (one number per module), so a sidecar stays a few KB. Where
+    the model cannot switch kernels, the record says why and the constants judge it.
+    """
+    from harness.diff.activations import KernelSwitchError, other_attention
+
+    try:
+        with other_attention(model) as method:
+            benign = fingerprint(model, input_ids)
+    except KernelSwitchError as exc:
+        return {**fp, "noise": {"method": f"none, judged with the constant: {exc}"}}
+    return {**fp, "noise": noise_record(fp, benign, f"attention kernel {method}")}
+
+
+def noise_record(fp: dict[str, Any], benign: dict[str, Any], method: str) -> dict[str, Any]:
+    """How far each module of ``fp`` moved in ``benign`` (same model, benign change), in its line layout."""
+    moved = dict(differences(fp, benign))
+    lines: dict[str, str] = {}
+    for key in fp["modules"]:
+        names = [f"{key}.{part}" for part in fp["layer_parts"]] if layer_index(key + ".") is not None else [key]
+        lines[key] = " | ".join(f"{moved[name]:.2g}" if math.isfinite(moved[name]) else "inf" for name in names)
+    return {"method": f"{method}, one number per module", "modules": lines}
 
 
 def recorded(sidecar: Path) -> dict[str, Any] | None:
@@ -184,10 +266,11 @@ def recorded(sidecar: Path) -> dict[str, Any] | None:
     fp = meta.get("fingerprint") if isinstance(meta, dict) else None
     if fp is not None:
         module_rows(fp)
+        recorded_noise(fp)
     return fp
 
 
-def sidecar_localization(sidecar: Path, model: Any, input_ids: list[int], *, noise: float,
+def sidecar_localization(sidecar: Path, model: Any, input_ids: list[int], *, rule: NoiseRule,
                          caveat: str = "") -> str:
     """One line for a failing golden: where ``model`` first differs from the model that recorded it.
 
@@ -202,16 +285,17 @@ def sidecar_localization(sidecar: Path, model: Any, input_ids: list[int], *, noi
     if old is None:
         return f"{NOTE}: no fingerprint recorded; re-record to enable localization"
     try:
-        return f"{label}: {localize(old, fingerprint(model, input_ids), noise)}"
+        return f"{label}: {localize(old, fingerprint(model, input_ids), rule)}"
     except ValueError as exc:  # an architecture whose layers cannot be found
         return f"{NOTE}: not possible for this model ({exc})"
 
 
-def sidecar_fingerprint(sidecar: Path, model: Any, input_ids: list[int], *, noise: float) -> dict[str, Any]:
-    """What an update writes into a sidecar: ``{"fingerprint": ...}``.
+def sidecar_fingerprint(sidecar: Path, model: Any, input_ids: list[int], *, rule: NoiseRule) -> dict[str, Any]:
+    """What an update writes into a sidecar: ``{"fingerprint": ...}``, with its noise record.
 
-    The recorded fingerprint is kept when the current one is the same within noise, so that
-    re-recording on another machine does not churn sidecars; {} where none can be taken.
+    A recorded fingerprint with a noise record (format 3) is kept when the current one is the
+    same within that noise, so that re-recording on another machine does not churn
+    sidecars; {} where none can be taken.
     """
     try:
         new = fingerprint(model, input_ids)
@@ -221,6 +305,6 @@ def sidecar_fingerprint(sidecar: Path, model: Any, input_ids: list[int], *, nois
         old = recorded(sidecar)
     except FingerprintError:
         old = None
-    if old is not None and localize(old, new, noise).startswith("no change"):
+    if old is not None and "noise" in old and localize(old, new, rule).startswith("no change"):
         return {"fingerprint": old}
-    return {"fingerprint": new}
+    return {"fingerprint": with_noise(new, model, input_ids)}

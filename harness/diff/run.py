@@ -231,25 +231,18 @@ def _compute_dtype(model: Any) -> str:
 
 def _noise(model: Any, sequences: Any, reference: list[dict[str, Any]]) -> tuple[list[dict[str, float]], str]:
     """Per prompt and module: how far OLD moves when only its attention kernel changes."""
-    from harness.diff.activations import base_model, capture, relative_difference
+    from harness.diff.activations import KernelSwitchError, capture, other_attention, relative_difference
 
-    inner = base_model(model)
-    current = getattr(inner.config, "_attn_implementation", None) or "sdpa"
-    other = "eager" if current != "eager" else "sdpa"
     try:
-        inner.set_attn_implementation(other)
-    except Exception as exc:  # noqa: BLE001 - no second kernel: fall back to the dtype floor alone
-        return [{} for _ in sequences], (f"dtype floor only: {type(inner).__name__} cannot switch attention "
-                                         f"kernel ({str(exc).splitlines()[0][:120]})")
-    try:
-        noise = []
-        for seq, acts in zip(sequences, reference):
-            again = capture(model, seq)
-            noise.append({name: _finite_or_zero(relative_difference(acts[name], again[name]))
-                          for name in acts if name in again})
-    finally:
-        inner.set_attn_implementation(current)
-    return noise, f"OLD run twice, attention kernel {current} vs {other}"
+        with other_attention(model) as method:
+            noise = []
+            for seq, acts in zip(sequences, reference):
+                again = capture(model, seq)
+                noise.append({name: _finite_or_zero(relative_difference(acts[name], again[name]))
+                              for name in acts if name in again})
+    except KernelSwitchError as exc:  # no second kernel: fall back to the dtype floor alone
+        return [{} for _ in sequences], f"dtype floor only: {exc}"
+    return noise, f"OLD run twice, attention kernel {method}"
 
 
 def _finite_or_zero(value: float) -> float:
