@@ -80,7 +80,7 @@ def counted(project: Any) -> Any:
 def test_update_adds_fingerprints_to_old_sidecars_without_changing_goldens_and_passing_runs_compute_none(counted):
     project = counted
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
-    assert fingerprints_computed(project) == 2
+    assert fingerprints_computed(project) == 4  # each twice: its own kernel, then the other (noise)
     capital = sidecar(project, "smollm2-135m", "capital")
     recorded = json.loads(capital.read_text())["fingerprint"]
     assert recorded["version"] == FINGERPRINT_VERSION and recorded["positions"] == [0, 2, 4]
@@ -261,3 +261,40 @@ def test_format_2_fingerprints_without_a_noise_record_still_localize_with_the_co
     assert sidecar_localization(path, unused, [1], rule=fingerprint_noise("fp16")) == (
         "localization: the recorded fingerprint cannot be read (its noise record: layers.2 has 1 groups of numbers, "
         "layer_parts names 2); re-record to enable localization")
+
+
+def test_nf4_weight_noise_the_constant_missed_is_localized_against_the_recorded_noise(
+        embedded_model_dir: Path, tmp_path: Path) -> None:
+    """5% Gaussian noise on layer 14's down_proj: the nf4 constant (0.15) sees nothing, the record does."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.golden import dumps
+    from harness.pool import nf4_config
+
+    def nf4(folder: Path) -> Any:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu",
+                                                    quantization_config=nf4_config()).eval()
+
+    ids = AutoTokenizer.from_pretrained(str(embedded_model_dir))("The capital of France is")["input_ids"]
+    rule = fingerprint_noise("nf4", dtype="bfloat16")
+    path = tmp_path / "capital-raw.meta.json"
+    path.write_text(dumps(sidecar_fingerprint(path, nf4(embedded_model_dir), ids, rule=rule)))
+    recorded = json.loads(path.read_text())["fingerprint"]
+    old_format = tmp_path / "old.meta.json"
+    old_format.write_text(dumps({"fingerprint": {**{k: v for k, v in recorded.items() if k != "noise"}, "version": 2}}))
+
+    changed = tmp_path / "changed"
+    shutil.copytree(embedded_model_dir, changed)
+    tensors = load_file(changed / "model.safetensors")
+    name = f"model.layers.{LAYER}.mlp.down_proj.weight"
+    weight = tensors[name].float()
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std() * 0.05
+    tensors[name] = (weight + noise).to(tensors[name].dtype)
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    model = nf4(changed)
+
+    assert sidecar_localization(path, model, ids, rule=rule).startswith(
+        "localization (activation fingerprint vs the recording model): behaviour first changes at layer 14 (mlp)")
+    assert sidecar_localization(old_format, model, ids, rule=rule).endswith("no change beyond noise at any layer")
