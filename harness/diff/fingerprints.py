@@ -4,10 +4,13 @@ A greedy golden's sidecar keeps, per module (embedding, each layer's norms, atte
 and MLP, final norm, head), four numbers over three prompt positions: the RMS of the
 module's output, and three projections of its RMS-normalized rows onto fixed ±1
 directions. In RMS units a projection moves by about the relative change of the
-output, so one threshold per quantization tells "unchanged within noise" from
-"changed"; the first module above it, in execution order, is where behaviour first
-changes. Layer outputs are left out: a layer's output only changes if its input,
-attention or MLP did. One line of text per layer keeps a sidecar at about 4 KB.
+output. Next to them (format 3), a noise record: one number per module, how far it
+moved when the same model ran the prompt with its other attention kernel at record
+time. Each module is judged against its own noise (kernel noise grows with depth and
+differs between models and machines); the first module above its threshold, in
+execution order, is where behaviour first changes. Layer outputs are left out: a
+layer's output only changes if its input, attention or MLP did. One line of text per
+layer, in both blocks, keeps a sidecar at about 6 KB.
 
 The directions come from integer hashing, not a random generator, so a torch upgrade
 cannot move every fingerprint at once.
@@ -28,26 +31,33 @@ FINGERPRINT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # 2: no noise record, judged with the constants
 POSITIONS = 3
 PROJECTIONS = 3
-# What a module moves by (largest of: relative RMS change, projection change in RMS units)
-# under benign changes, with margin, per quantization. Measured on SmolLM2-135M, CPU, the 7
-# prompts of suites/generation.yaml. Benign: worst module over all prompts (sdpa vs eager;
-# 2 vs 1 threads). Changed: the least any prompt moved the truly changed module (Gaussian noise
-# of 2% / 5% of the weights' std on layer 14's MLP down_proj; the pirate adapter's lora_B x1.1 /
-# x1.5, which first changes layer 0's attention):
-#   variant     eager   1 thread   noise 2%   noise 5%   lora_B x1.1   lora_B x1.5
-#   fp16        0.010   0          0.023      0.057      -             -
-#   fp16-lora   0.013   0          0.024      0.059      0.004         0.015
-#   nf4         0.093   0          0.048      0.073      -             -
-#   nf4-lora    0.057   0.025      0.054      0.061      0.005         0.014
-# fp16 separates 2% noise from kernel noise. NF4 computes in bfloat16: its kernel noise is as
-# large as 2-5% weight noise, so its threshold is higher and such changes localize later or not
-# at all. A small adapter rescale moves layer 0 less than deep layers move under kernel noise,
-# so it is reported a layer or two late; a constant threshold cannot do better.
+# Thresholds, in the fingerprint's units (largest of: relative RMS change, projection change in
+# RMS units). With a noise record: changed above max(NOISE_FACTOR x the module's recorded noise,
+# NOISE_FLOOR of the compute dtype; the floor covers dtype rounding and the printed digits where
+# the kernels agree, e.g. before the first attention). Without one (format 2, or no second
+# kernel): FINGERPRINT_NOISE per quantization, fitted to SmolLM2-135M alone.
+# Measured on SmolLM2-135M, CPU (2 threads, AVX512), the 7 prompts of suites/generation.yaml,
+# recorded with sdpa. Prompts localized correctly, constants -> noise record ("+n" or "a+b":
+# n, b more named one layer late). Benign, must be "no change": eager at judge time; 1 thread, and
+# ATEN_CPU_CAPABILITY=avx2, each in a fresh process. Changed: Gaussian noise of 2% / 5% of the
+# weights' std on layer 14's mlp.down_proj and layer 5's self_attn.o_proj; the pirate adapter's
+# lora_B x1.1 / x1.5 (first change: layer 0 attention).
+#   case          fp16        fp16-lora   nf4         nf4-lora
+#   benign (x3)   7 -> 7      7 -> 7      7 -> 7      7 -> 7     (worst: 0.75, 0.83, 0.72, 0.76 of threshold)
+#   mlp14 2%      7 -> 6 (+1) 7 -> 7      0 -> 7      0 -> 5 (+2)
+#   mlp14 5%      7 -> 7      7 -> 7      3 -> 7      3 -> 6 (+1)
+#   attn5 2%      4 -> 7      3 -> 7      1 -> 7      0 -> 7
+#   attn5 5%      7 -> 7      7 -> 7      4 -> 7      2 -> 7
+#   lora_B x1.1   -           0+5 -> 7    -           0 -> 0 (+5)
+#   lora_B x1.5   -           6+1 -> 7    -           0+3 -> 6 (+1)
+# Benign moves reach 2.5x the recorded noise at a module (float16: 0.003 where the floor
+# applies; bfloat16: 0.019), hence 3 and the floors; FACTOR 4 keeps more margin but loses about
+# a third of the NF4 2% cases. Left: a lora_B x1.1 rescale moves NF4's layer 0 attention by
+# 0.005-0.017, under bfloat16 rounding, so it is named at layer 1; 2% noise in NF4 localizes on
+# every prompt but some only just (1.02x threshold), 5% with at least 1.8x.
 FINGERPRINT_NOISE = {"fp16": 2e-2, "nf4": 1.5e-1}
-# With a noise record: a module is changed above NOISE_FACTOR x its recorded noise, and never
-# below the floor of its compute dtype (rounding of the dtype and of the printed numbers).
-NOISE_FACTOR = 4.0
-NOISE_FLOOR = {"float32": 2e-3, "float16": 4e-3, "bfloat16": 2e-2}
+NOISE_FACTOR = 3.0
+NOISE_FLOOR = {"float32": 4e-3, "float16": 4e-3, "bfloat16": 2.5e-2}  # float32: not measured
 # Judged against another device class (--golden-device): other kernels, other rounding; a guess
 # (not measured on a GPU yet), so the line names the recording device class.
 CROSS_DEVICE_FACTOR = 3.0
