@@ -298,3 +298,18 @@ def test_nf4_weight_noise_the_constant_missed_is_localized_against_the_recorded_
     assert sidecar_localization(path, model, ids, rule=rule).startswith(
         "localization (activation fingerprint vs the recording model): behaviour first changes at layer 14 (mlp)")
     assert sidecar_localization(old_format, model, ids, rule=rule).endswith("no change beyond noise at any layer")
+
+
+def test_a_model_that_cannot_switch_kernels_records_why_and_is_judged_with_the_constant() -> None:
+    class OneKernel:
+        config = type("Config", (), {"_attn_implementation": "sdpa"})()
+
+        def set_attn_implementation(self, name: str) -> None:
+            raise ValueError(f"{name} is not supported by this architecture")
+
+    fp = with_noise(_fp(**BASE), OneKernel(), [1, 2, 3])
+    assert fp["noise"] == {"method": "none, judged with the constant: OneKernel cannot switch its attention kernel "
+                                     "(ValueError: eager is not supported by this architecture)"}
+    assert recorded_noise(fp) is None
+    both = {**BASE, "layers.2": "1.0 0.1 0.2 0.3 | 2.2 1.0 1.0 1.0"}
+    assert localize(fp, _fp(**both), fingerprint_noise("fp16")).endswith("the fp16 constant, no noise recorded)")
