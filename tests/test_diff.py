@@ -212,7 +212,7 @@ def test_reference_stand_ins_judge_new_against_the_live_record_of_old(tmp_path: 
     recorder = Recorder()
     recorder.assert_matches(golden, {"ids": (1, 2, 3)}, explain=lambda e, a: "unused")
     assert recorder.records == {golden: {"ids": [1, 2, 3]}} and not golden.parent.exists()
-    live = LiveReference(recorder.records, "new-model vs smollm2-135m")
+    live = LiveReference(records=recorder.records, label="new-model vs smollm2-135m")
     live.assert_matches(golden, {"ids": [1, 2, 3]}, explain=lambda e, a: "unused")
     live.assert_matches(golden, {"ids": [1, 2, 4]}, explain=lambda e, a: "unused", judge=lambda e, a: True)
     with pytest.raises(CheckFailure, match=r"^new-model vs smollm2-135m: ids differ: \[1, 2, 3\] -> \[1, 2, 4\]"):

@@ -40,7 +40,7 @@ class _LiveStore:
         return path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Recorder(_LiveStore):
     """Stands in for the golden store on the reference run: records, never compares, never writes."""
 
@@ -52,7 +52,7 @@ class Recorder(_LiveStore):
         self.records[path] = normalize(actual)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LiveReference(_LiveStore):
     """Stands in for the golden store on the run under test: OLD's live record is the golden."""
 
