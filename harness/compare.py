@@ -70,9 +70,14 @@ class Tolerance:
 # nf4 (bf16 compute), from issue 9 (eager vs sdpa, free-running, 7 prompts):
 # per-item mean <= 0.037, a step <= 0.24, teacher-forced max 0.070, a flip at a
 # gap of 0.31 (nf4-lora); bounds ~2.5x above, tie gap above the observed flip.
+# nf4 margin shift: bfloat16 moves tail tokens far more than fp16 does. The whole default
+# suite under ATEN_CPU_CAPABILITY=avx2 moved the margin of chinese-question[nf4] step 21
+# (chosen -0.033, runner-up -5.63) by 0.92 while no chosen token moved more than 0.049; nf4
+# regressions (5% weight noise, lora_B x1.1: mean 0.24 / 0.23) are caught by the mean bound, so
+# the margin bound here only has to stay above noise: 1.5.
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance(mean_abs_dlogp=0.017, max_abs_dlogp=0.071, tie_gap=0.22, source="fp16"),
-    "nf4": Tolerance(mean_abs_dlogp=0.09, max_abs_dlogp=0.6, tie_gap=0.5, source="nf4"),
+    "nf4": Tolerance(mean_abs_dlogp=0.09, max_abs_dlogp=0.6, tie_gap=0.5, max_margin_shift=1.5, source="nf4"),
 }
 # Goldens of another device class (GPU vs CPU kernels, other accumulation
 # orders): the same kind of noise, larger; every bound is scaled by this.
