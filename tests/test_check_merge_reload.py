@@ -71,9 +71,10 @@ peft.peft_model.safe_save_file = _losing(peft.peft_model.safe_save_file, "lora_A
 """
 
 
-def test_merge_and_reload_agree_on_the_real_model(project):
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])  # eager: the reload must not fall back to sdpa
+def test_merge_and_reload_agree_on_the_real_model(project, kernel):
     project.suite("mr", SUITE)
-    result = project.run("--variants", "fp16,fp16-lora", "-v")
+    result = project.run("--variants", "fp16,fp16-lora", "-v", "--attn-implementation", kernel)
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*mr.yaml::reload?fp16? PASSED*", "*mr.yaml::merge?fp16-lora? PASSED*",
                                  "*mr.yaml::reload?fp16-lora? PASSED*"])
