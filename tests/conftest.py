@@ -6,6 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -130,3 +131,31 @@ def scale_weight(model_dir: Path, name: str, factor: float) -> None:
     weights = load_file(model_dir / "model.safetensors")
     weights[name] = weights[name] * factor
     save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def copy_model(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None] | None = None, *,
+               metadata: dict[str, str] | None = None) -> Path:
+    """A full copy of a model folder; ``edit(tensors)`` changes the weights before they are written."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.is_file() and file.suffix != ".safetensors":
+            shutil.copy(file, dst / file.name)
+    tensors = load_file(str(src / "model.safetensors"))
+    if edit is not None:
+        edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata=metadata or {"format": "pt"})
+    return dst
+
+
+def add_noise(name: str, scale: float, *, seed: int = 0) -> Callable[[dict[str, Any]], None]:
+    """An ``edit`` for ``copy_model``: Gaussian noise of ``scale`` x the tensor's std on one tensor
+    (its dtype kept): a regression of a known size at a known place."""
+
+    def edit(tensors: dict[str, Any]) -> None:
+        weight = tensors[name]
+        noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * weight.float().std()
+        tensors[name] = (weight.float() + noise * scale).to(weight.dtype)
+
+    return edit

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from conftest import add_noise, copy_model
 from harness.diff.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,33 +30,10 @@ checks:
 """
 
 
-def copy_with_weights(src: Path, dst: Path, edit: Any = None, *, metadata: dict[str, str] | None = None) -> Path:
-    """A full copy of a model folder; ``edit(tensors)`` changes the weights before they are written."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True)
-    for file in src.iterdir():
-        if file.is_file() and file.suffix != ".safetensors":
-            shutil.copy(file, dst / file.name)
-    tensors = load_file(str(src / "model.safetensors"))
-    if edit is not None:
-        edit(tensors)
-    save_file(tensors, str(dst / "model.safetensors"), metadata=metadata or {"format": "pt"})
-    return dst
-
-
-def _noise_on_layer(tensors: dict[str, Any]) -> None:
-    import torch
-
-    weight = tensors[TENSOR]
-    gen = torch.Generator().manual_seed(0)
-    tensors[TENSOR] = weight + torch.randn(weight.shape, generator=gen) * weight.std() * 0.05
-
-
 @pytest.fixture(scope="module")
 def layer_noise_model(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded model with 5% Gaussian noise on layer 14's MLP down-projection."""
-    return copy_with_weights(embedded_model_dir, tmp_path_factory.mktemp("upd") / "layer14", _noise_on_layer)
+    return copy_model(embedded_model_dir, tmp_path_factory.mktemp("upd") / "layer14", add_noise(TENSOR, 0.05))
 
 
 def run_diff(tmp_path: Path, old: str | Path, new: str | Path, *extra: str, suite: bool = True) -> tuple[int, dict[str, Any], Path]:
@@ -141,7 +119,7 @@ def test_adapter_rescale_is_localized_to_its_target_modules(tmp_path: Path) -> N
 
 def test_unchanged_resave_reports_no_change(tmp_path: Path, embedded_model_dir: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    new = copy_with_weights(embedded_model_dir, tmp_path / "resaved", metadata={"format": "pt", "saved": "again"})
+    new = copy_model(embedded_model_dir, tmp_path / "resaved", metadata={"format": "pt", "saved": "again"})
     config = json.loads((new / "config.json").read_text())
     (new / "config.json").write_text(json.dumps(dict(reversed(list(config.items()))), indent=4))
     assert (new / "model.safetensors").read_bytes() != (embedded_model_dir / "model.safetensors").read_bytes()
@@ -189,7 +167,7 @@ def test_added_token_rows_are_a_reshape_and_a_head_change(tmp_path: Path, embedd
         emb = tensors["model.embed_tokens.weight"]
         tensors["model.embed_tokens.weight"] = torch.cat([emb, emb[:2].clone()])
 
-    new = copy_with_weights(embedded_model_dir, tmp_path / "grown", grow)
+    new = copy_model(embedded_model_dir, tmp_path / "grown", grow)
     config = json.loads((new / "config.json").read_text())
     config["vocab_size"] += 2
     (new / "config.json").write_text(json.dumps(config, indent=2))

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from conftest import add_noise, copy_model
 from harness.diff.fingerprints import (
     FINGERPRINT_VERSION, differences, fingerprint, fingerprint_noise, localize, recorded_noise, sidecar_fingerprint,
     sidecar_localization, with_noise,
@@ -104,7 +105,6 @@ def test_update_adds_fingerprints_to_old_sidecars_without_changing_goldens_and_p
 def test_noise_on_one_layer_fails_with_that_layer_named_and_an_old_sidecar_gets_a_note(
         counted, embedded_model_dir: Path, tmp_path: Path):
     from safetensors.torch import load_file, save_file
-    import torch
 
     project = counted
     model_dir = tmp_path / "mymodel"
@@ -113,10 +113,7 @@ def test_noise_on_one_layer_fails_with_that_layer_named_and_an_old_sidecar_gets_
     strip_fingerprint(sidecar(project, "mymodel", "joke"))
 
     tensors = load_file(model_dir / "model.safetensors")
-    name = f"model.layers.{LAYER}.mlp.down_proj.weight"
-    weight = tensors[name].float()
-    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std() * 0.5
-    tensors[name] = (weight + noise).to(tensors[name].dtype)
+    add_noise(f"model.layers.{LAYER}.mlp.down_proj.weight", 0.5)(tensors)
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
 
     result = project.run("--model", str(model_dir), "--variants", "fp16")
@@ -267,7 +264,6 @@ def test_nf4_weight_noise_the_constant_missed_is_localized_against_the_recorded_
         embedded_model_dir: Path, tmp_path: Path) -> None:
     """5% Gaussian noise on layer 14's down_proj: the nf4 constant (0.15) sees nothing, the record does."""
     import torch
-    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.golden import dumps
@@ -285,14 +281,8 @@ def test_nf4_weight_noise_the_constant_missed_is_localized_against_the_recorded_
     old_format = tmp_path / "old.meta.json"
     old_format.write_text(dumps({"fingerprint": {**{k: v for k, v in recorded.items() if k != "noise"}, "version": 2}}))
 
-    changed = tmp_path / "changed"
-    shutil.copytree(embedded_model_dir, changed)
-    tensors = load_file(changed / "model.safetensors")
-    name = f"model.layers.{LAYER}.mlp.down_proj.weight"
-    weight = tensors[name].float()
-    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std() * 0.05
-    tensors[name] = (weight + noise).to(tensors[name].dtype)
-    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    noise = add_noise(f"model.layers.{LAYER}.mlp.down_proj.weight", 0.05)
+    changed = copy_model(embedded_model_dir, tmp_path / "changed", noise)
     model = nf4(changed)
 
     assert sidecar_localization(path, model, ids, rule=rule).startswith(

@@ -7,11 +7,11 @@ edited chat template). One small suite on fp16 keeps each run to a few seconds o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import add_noise, copy_model
 from harness.compare import GOLDEN_SIDES, Observation, Step, Tolerance, compare
 from harness.diff.reference import reference_sides
 
@@ -42,20 +42,7 @@ GOLDEN_STYLE = ("ref.yaml::capital[fp16]", "ref.yaml::texts", "ref.yaml::chat", 
 @pytest.fixture(scope="module")
 def noisy_model(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded model with Gaussian noise (2x the tensor's std) on layer 14's MLP down-projection."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    dst = tmp_path_factory.mktemp("ref") / "smollm2-noisy"
-    dst.mkdir()
-    for file in embedded_model_dir.iterdir():
-        if file.is_file() and file.suffix != ".safetensors":
-            shutil.copy(file, dst / file.name)
-    tensors = load_file(str(embedded_model_dir / "model.safetensors"))
-    weight = tensors[TENSOR]
-    gen = torch.Generator().manual_seed(0)
-    tensors[TENSOR] = weight + torch.randn(weight.shape, generator=gen) * weight.float().std() * 2.0
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
+    return copy_model(embedded_model_dir, tmp_path_factory.mktemp("ref") / "smollm2-noisy", add_noise(TENSOR, 2.0))
 
 
 def _tree(root: Path) -> dict[str, float]:
