@@ -328,6 +328,10 @@ class GoldenStore:
             return path
         return self.root.joinpath(rel[0], other, *rel[2:])
 
+    def sidecar_of(self, path: Path) -> Path | None:
+        """The sidecar a comparison of ``path`` reads recorded extras from (a fingerprint)."""
+        return meta_path(self.reference(path))
+
     def path(self, *, suite: str, check_id: str, variant: str | None) -> Path:
         scope = [TOKENIZER_SCOPE] if variant is None else [self.device_class, variant]
         return contained(self.root, self.root.joinpath(self.model, *scope, suite, f"{check_id}.json"))

@@ -247,7 +247,7 @@ class HarnessSession:
         import pytest
 
         from harness.checks.base import CheckContext
-        from harness.diff.reference import LiveReference, reference_sides
+        from harness.diff.reference import LiveReference, Recorder, reference_sides
         from harness.pool import VariantUnavailable, make_room
 
         sides = reference_sides(new=self.model_name, old=self.reference_name or "")
@@ -258,7 +258,7 @@ class HarnessSession:
                                 sides=sides)
 
         try:
-            records = self._record_reference(entry, context(self.reference_pool, None)) \
+            records = self._record_reference(entry, context(self.reference_pool, Recorder())) \
                 if entry.check.uses_goldens else {}
             make_room(self.reference_pool)
             live = LiveReference(records=records, label=f"{sides.actual} vs {sides.expected}", old=sides.expected)
@@ -275,11 +275,9 @@ class HarnessSession:
         __tracebackhide__ = True
         import pytest
 
-        from harness.diff.reference import Recorder
         from harness.errors import CheckFailure, HarnessError
         from harness.pool import VariantUnavailable, make_room
 
-        ctx.goldens = Recorder()
         make_room(self.pool)
         try:
             entry.check.run(ctx)
@@ -291,7 +289,7 @@ class HarnessSession:
         except (CheckFailure, HarnessError) as exc:
             raise CheckFailure(f"the reference run {ctx.sides.expected} failed, so {ctx.sides.actual} was not "
                                f"judged against it: {exc}") from None
-        return ctx.goldens.records
+        return ctx.goldens.records  # the Recorder's
 
     def _variant_has_goldens(self, variant: VariantSpec | None) -> Path | None:
         """The golden folder of ``variant`` on this device class, when it holds goldens."""

@@ -82,12 +82,13 @@ class GreedyCheck(Check[GreedySpec]):
         rule = fingerprint_noise(ctx.variant.quant if ctx.variant else "fp16", dtype=compute_dtype(model),
                                  cross_device=other is not None)
         golden = ctx.goldens.reference(ctx.golden_path())
+        sidecar_file = ctx.goldens.sidecar_of(ctx.golden_path())  # None: a live reference, no recording
         judgement = GoldenJudgement(
             observed=observed, tokenizer=tokenizer, tol=self.spec.judging(key, cross_device=other is not None),
             rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
             golden=golden, update=ctx.goldens.update, sides=ctx.sides,
-            localize=None if ctx.sides != GOLDEN_SIDES else  # reference mode: no recording model to compare with
-            lambda: sidecar_localization(meta_path(golden), model, prompt_ids, rule=rule,
+            localize=None if sidecar_file is None else
+            lambda: sidecar_localization(sidecar_file, model, prompt_ids, rule=rule,
                                           caveat=f", recorded on {other}" if other else ""),
         )
         sidecar = sidecar_fingerprint(meta_path(ctx.golden_path()), model, prompt_ids, rule=rule) \

@@ -39,6 +39,9 @@ class _LiveStore:
     def reference(self, path: Path) -> Path:
         return path
 
+    def sidecar_of(self, path: Path) -> Path | None:
+        return None  # a live record has no sidecar: nothing recorded to localize against
+
 
 @dataclass(kw_only=True)
 class Recorder(_LiveStore):
