@@ -13,26 +13,14 @@ from typing import Any
 
 import pytest
 
-from conftest import add_noise, copy_model
+from conftest import add_noise, copy_model, gen_suite
 from harness.diff.fingerprints import (
     FINGERPRINT_VERSION, differences, fingerprint, fingerprint_noise, localize, recorded_noise, sidecar_fingerprint,
     sidecar_localization, with_noise,
 )
 
 LAYER = 14
-SUITE = """
-suite: gen
-checks:
-  - id: joke
-    kind: greedy
-    messages:
-      - {role: user, content: "Create a funny joke about chickens."}
-    max_new_tokens: 4
-  - id: capital
-    kind: greedy
-    prompt: "The capital of France is"
-    max_new_tokens: 4
-"""
+SUITE = gen_suite(joke=4, capital=4)
 COUNTING = """
 import harness.diff.fingerprints as fp
 
