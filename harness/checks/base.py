@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from harness.compare import GOLDEN_SIDES, Sides
 from harness.variants import ALL_KEYS, VariantSpec
@@ -66,20 +66,18 @@ class CheckSpec(BaseModel):
                              "(it names a golden file, and file names are limited)")
         return value
 
-    @field_validator("models")
+    @field_validator("models", "variants")
     @classmethod
-    def _models_listed(cls, value: list[str] | None) -> list[str] | None:
+    def _selects_something(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is not None and not value:
-            raise ValueError("an empty list selects no model, so the check would never run; remove the key "
-                             "(every model) or list the models it was written for")
+            name = info.field_name
+            raise ValueError(f"an empty list selects no {name.removesuffix('s')}, so the check would never run; "
+                             f"remove the key (all {name}) or list {name}")
         return value
 
     @field_validator("variants")
     @classmethod
     def _variants_known(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not value:
-            raise ValueError("an empty list selects no variant, so the check would never run; "
-                             "remove the key (all variants) or list variants")
         for key in value or []:
             if key not in ALL_KEYS:
                 match = difflib.get_close_matches(key, ALL_KEYS, n=1)
