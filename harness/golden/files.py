@@ -37,6 +37,7 @@ def normalize(data: Any) -> Any:
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+
 def _new_file_mode() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
