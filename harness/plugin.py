@@ -419,6 +419,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 def _golden_folder_summary(terminalreporter: Any, state: HarnessSession, record: SessionRecord,
                            config: pytest.Config, exitstatus: int) -> None:
+    from harness.display import relative_paths, shown_path
     from harness.golden import tree_report
     from harness.report import unused_goldens
 
@@ -426,7 +427,7 @@ def _golden_folder_summary(terminalreporter: Any, state: HarnessSession, record:
         terminalreporter.write_line(f"removed {len(state.removed_temp_files)} leftover temporary files of "
                                     "an interrupted update from the golden folder")
     for line in tree_report(state.options.golden_dir):
-        terminalreporter.write_line(line)
+        terminalreporter.write_line(relative_paths(line, state.options.rootdir))
     try:
         unused = unused_goldens(state, record, config, exitstatus=int(exitstatus))
     except OSError as exc:
@@ -435,4 +436,4 @@ def _golden_folder_summary(terminalreporter: Any, state: HarnessSession, record:
     if unused is not None and unused:
         terminalreporter.write_line(f"goldens that no check used ({len(unused)}): delete them or restore their checks")
         for file in unused:
-            terminalreporter.write_line(f"  {file}")
+            terminalreporter.write_line(f"  {shown_path(file, state.options.rootdir)}")
