@@ -220,6 +220,35 @@ def sidecar_problem(golden: Path, sidecar: Path) -> str | None:
     return None
 
 
+def orphan_sidecars(root: Path) -> list[Path]:
+    """Sidecars whose golden file does not exist: they describe nothing."""
+    if not root.is_dir():
+        return []
+    return [sidecar for sidecar in sorted(root.rglob(f"*{META_SUFFIX}"))
+            if not sidecar.with_name(sidecar.name.removesuffix(META_SUFFIX) + ".json").exists()]
+
+
+def remove_orphan_sidecars(root: Path) -> list[Path]:
+    """Called when an update starts (as for temporary files): what ``tree_report`` says the update fixes."""
+    removed = []
+    for sidecar in orphan_sidecars(root):
+        sidecar.unlink(missing_ok=True)
+        removed.append(sidecar)
+    return removed
+
+
+def trust_problem(golden: Path) -> str | None:
+    """Why ``golden``'s content is not vouched for by its sidecar (missing, or naming another sha256), or None.
+
+    A sidecar written by an older harness, without a sha256, vouches for nothing and is not held against it.
+    """
+    sidecar = meta_path(golden)
+    if not sidecar.exists():
+        return f"it has no sidecar ({sidecar.name}), which --snapshot-update always writes with it"
+    problem = sidecar_problem(golden, sidecar)
+    return None if problem is None else f"its sidecar {sidecar.name} {problem}"
+
+
 def tree_report(root: Path) -> list[str]:
     """Lines for the end of the session: what an interrupted update or a hand edit left behind."""
     lines: list[str] = []
@@ -305,6 +334,9 @@ class GoldenStore:
     updated: list[Path] = field(default_factory=list)
     used: set[Path] = field(default_factory=set)
     judge_device: str | None = None  # --golden-device: a class (or "auto") to judge against where this one has none
+    rootdir: Path | None = None  # suite files are recorded relative to it
+    gate: bool = False  # CI: a golden its sidecar does not vouch for fails instead of being judged
+    _owners: dict[Path, dict[str, str]] = field(default_factory=dict)
 
     def judged_against(self) -> str | None:
         """The other device class whose goldens this run reads, or None (this class's own).
@@ -360,7 +392,7 @@ class GoldenStore:
 
     def assert_matches(
         self, path: Path, actual: Any, *, explain: Explain, provenance_extra: dict[str, Any] | None = None,
-        judge: Judge | None = None, sidecar: dict[str, Any] | None = None,
+        judge: Judge | None = None, sidecar: dict[str, Any] | None = None, owner: Path | None = None,
     ) -> None:
         """Compare ``actual`` with the golden at ``path``; fail with a reviewer's diff.
 
@@ -368,10 +400,15 @@ class GoldenStore:
         an update rewrites a golden only where the judge says the behaviour changed.
         ``sidecar``: data an update keeps next to the golden, not compared (an activation
         fingerprint); written with the golden, or into the sidecar of an unchanged one.
+        ``owner``: the suite file of the check, recorded in the sidecar; a suite folder
+        whose sidecars name another suite file that still declares this suite name is an error.
         """
         __tracebackhide__ = True
         contained(self.root, path)
         self.used.add(path)
+        if owner is not None:
+            provenance_extra = {**(provenance_extra or {}), "suite_file": self._owner_key(owner)}
+            self._check_owner(path, provenance_extra["suite_file"])
         actual = normalize(actual)
         source = contained(self.root, self.reference(path))
         try:
@@ -380,6 +417,15 @@ class GoldenStore:
             if not self.update:
                 raise
             expected = None
+        if expected is not None and self.gate and not self.update:
+            untrusted = trust_problem(source)
+            if untrusted:
+                raise GoldenError(
+                    f"Golden file {source} is not vouched for, so this gate run does not judge against it: "
+                    f"{untrusted}. A golden copied in by hand (from --harness-obtained, another checkout, an "
+                    "editor) would make any output pass. Fix: record goldens with --snapshot-update, which writes "
+                    "each golden with its sidecar, review and commit both; or restore both from version control."
+                )
         if expected is not None and (judge(expected, actual) if judge is not None else expected == actual):
             if self.update:
                 self._refresh_meta(path, provenance_extra, sidecar)
@@ -409,6 +455,54 @@ class GoldenStore:
             f"{message}\n{self._provenance_lines(source, provenance_extra)}golden{judged}: {source}\n{obtained}"
             "If this change is intended: review the diff, then update with --snapshot-update."
         )
+
+    def _owner_key(self, suite_file: Path) -> str:
+        """How a sidecar names a suite file: relative to the rootdir where it lies below it."""
+        if self.rootdir is not None:
+            try:
+                return suite_file.resolve().relative_to(self.rootdir.resolve()).as_posix()
+            except ValueError:
+                pass
+        return str(suite_file.resolve())
+
+    def _check_owner(self, path: Path, suite_file: str) -> None:
+        """One suite file owns a suite name's golden folder, across runs (a session alone sees one run)."""
+        folder = path.parent
+        if folder not in self._owners:
+            owners: dict[str, str] = {}
+            for meta in sorted(folder.glob(f"*{META_SUFFIX}")) if folder.is_dir() else []:
+                try:
+                    recorded = json.loads(meta.read_text(encoding="utf-8")).get("suite_file")
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(recorded, str):
+                    owners.setdefault(recorded, meta.name)
+            self._owners[folder] = owners
+        for other, meta in self._owners[folder].items():
+            if other != suite_file and self._declares(other, folder.name):
+                raise GoldenError(
+                    f"The golden folder {folder} belongs to suite file {other} (its sidecar {meta} records it), "
+                    f"and {suite_file} declares the same suite name {folder.name!r}: "
+                    f"{'updating would rewrite' if self.update else 'judging would compare this file with'} the "
+                    f"other file's goldens. Fix: give one of the two files its own `suite:` name (if {suite_file} "
+                    f"replaces {other}, delete {other} or rename its suite, then record with --snapshot-update)."
+                )
+
+    def _declares(self, suite_file: str, name: str) -> bool:
+        """Whether ``suite_file`` still exists and declares suite ``name`` (a moved or renamed file does not)."""
+        from harness.yamlload import load_yaml
+
+        file = Path(suite_file)
+        if not file.is_absolute() and self.rootdir is not None:
+            file = self.rootdir / file
+        if not file.is_file():
+            return False
+        try:
+            data = load_yaml(file, what="suite")
+        except SuiteError:
+            return True  # it exists; unreadable now, it may still claim the name
+        declared = data.get("suite", file.stem) if isinstance(data, dict) else file.stem
+        return str(declared).casefold() == name.casefold()
 
     def _save_obtained(self, path: Path, actual: Any) -> str:
         """Outside the golden tree, what this run saw: for CI artifacts and side-by-side review."""

@@ -10,6 +10,7 @@ import pytest
 
 from harness.ci import in_ci
 from harness.errors import HarnessError
+from harness.outputs import LazyBinaryFile, output_in_golden_problem
 from harness.report import SessionRecord
 from harness.session import HarnessSession, Options
 
@@ -17,7 +18,8 @@ _STATE = pytest.StashKey[HarnessSession]()
 _RECORD = pytest.StashKey[SessionRecord]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.register(_LazyBenchmarkJson(parser), "harness-lazy-benchmark-json")
     group = parser.getgroup("harness", "behaviour tests of causal language models (harness)")
     group.addoption("--model", default=None, metavar="NAME|PATH",
                     help="registry name, local model folder, .gguf file or hub id (default: the registry's default)")
@@ -50,6 +52,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("harness_suites", type="linelist", default=[],
                   help="glob patterns (relative to the rootdir) of YAML files outside suites/ that are "
                        "harness suites; YAML elsewhere is collected only when named on the command line")
+
+
+class _LazyBenchmarkJson:
+    """pytest-benchmark's ``--benchmark-json`` truncates its file while pytest parses the command line,
+    before any check can run: make it open the file on first write instead, so that a path inside
+    the golden folder is refused (in ``_options``) before the golden it names is lost."""
+
+    def __init__(self, parser: pytest.Parser) -> None:
+        self.parser = parser
+
+    def pytest_plugin_registered(self) -> None:  # historic: also called for plugins registered earlier
+        optparser = getattr(self.parser, "optparser", None)
+        action = getattr(optparser, "_option_string_actions", {}).get("--benchmark-json")
+        if action is not None and action.type is not LazyBinaryFile:
+            action.type = LazyBinaryFile
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,12 +110,18 @@ def _options(config: pytest.Config) -> Options:
     variants = _variants_option(config.getoption("variants"))
     registry = _registry_option(config.getoption("registry"), root / "models.yaml")
     _writable_file_option("--harness-report", config.getoption("harness_report"))
+    for flag, value, erases in _outputs(config):
+        problem = output_in_golden_problem(flag, value, golden, erases=erases)
+        if problem:
+            raise pytest.UsageError(problem)
     adapter = config.getoption("adapter")
-    if adapter and not Path(adapter).expanduser().is_dir():
-        raise pytest.UsageError(
-            f"--adapter {adapter}: {'this is a file' if Path(adapter).expanduser().exists() else 'no such folder'}; "
-            "an adapter is a folder with adapter_config.json and adapter_model.safetensors. Fix: pass that folder."
-        )
+    if adapter:
+        from harness.pool import adapter_config
+
+        try:
+            adapter_config(Path(adapter).expanduser())
+        except HarnessError as exc:
+            raise pytest.UsageError(f"--adapter: {exc}") from None
     obtained = config.getoption("harness_obtained")
     if obtained and Path(obtained).exists() and not Path(obtained).is_dir():
         raise pytest.UsageError(f"--harness-obtained {obtained}: this is a file, not a folder. Fix: pass a folder.")
@@ -108,14 +131,18 @@ def _options(config: pytest.Config) -> Options:
         problem = overlap_problem(golden, Path(obtained))
         if problem:
             raise pytest.UsageError(problem)
-    attn = config.getoption("attn_implementation") or os.environ.get("HARNESS_ATTN_IMPLEMENTATION") or None
+    option_attn = config.getoption("attn_implementation")
+    attn = option_attn or os.environ.get("HARNESS_ATTN_IMPLEMENTATION") or None
     if attn:
         from harness.registry import check_attn_implementation
 
         try:
             check_attn_implementation(attn)
         except ValueError as exc:
-            raise pytest.UsageError(f"--attn-implementation: {exc}.") from None
+            where = "--attn-implementation" if option_attn else \
+                "the environment variable HARNESS_ATTN_IMPLEMENTATION (read when --attn-implementation is not given)"
+            fix = "" if option_attn else " Fix: correct or unset HARNESS_ATTN_IMPLEMENTATION."
+            raise pytest.UsageError(f"{where}: {exc}.{fix}") from None
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=adapter, device=config.getoption("device"),
@@ -125,6 +152,35 @@ def _options(config: pytest.Config) -> Options:
         golden_device=_golden_device(config.getoption("golden_device")),
         reference=reference,
     )
+
+
+def _outputs(config: pytest.Config) -> list[tuple[str, str, bool]]:
+    """Every path this session may write that is not a golden: (flag, path, whether pytest empties it).
+
+    Options of plugins that are not installed read as absent; ``--harness-obtained`` has its own,
+    stricter rule (``overlap_problem``: it may not contain the golden folder either).
+    """
+    def option(dest: str) -> Any:
+        return getattr(config.option, dest, None)
+
+    found: list[tuple[str, str, bool]] = []
+    for flag, dest in (("--harness-report", "harness_report"), ("--junitxml", "xmlpath"),
+                       ("--report-log", "report_log")):
+        if option(dest):
+            found.append((flag, str(option(dest)), False))
+    json_file = option("benchmark_json")
+    if json_file is not None:
+        found.append(("--benchmark-json", str(getattr(json_file, "name", json_file)), False))
+    for flag, dest in (("--benchmark-histogram", "benchmark_histogram"), ("--benchmark-csv", "benchmark_csv"),
+                       ("--benchmark-cprofile-dump", "benchmark_cprofile_dump")):
+        found += [(flag, str(prefix), False) for prefix in option(dest) or () if prefix]
+    storage = option("benchmark_storage")
+    if (option("benchmark_save") or option("benchmark_autosave")) and isinstance(storage, str) \
+            and "://" not in storage.removeprefix("file://"):
+        found.append(("--benchmark-storage", storage.removeprefix("file://"), False))
+    if option("basetemp"):
+        found.append(("--basetemp", str(option("basetemp")), True))
+    return found
 
 
 def _variants_option(value: str | None) -> str | None:
@@ -363,9 +419,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     state = harness_state(session.config)
     if state.options.update and not hasattr(session.config, "workerinput"):
         # before any worker writes: a temporary file found now is an interrupted update's
-        from harness.golden import remove_leftover_temp_files
+        from harness.golden import remove_leftover_temp_files, remove_orphan_sidecars
 
         state.removed_temp_files = remove_leftover_temp_files(state.options.golden_dir)
+        state.removed_sidecars = remove_orphan_sidecars(state.options.golden_dir)
 
 
 def _warn_unpinned(config: pytest.Config) -> None:
@@ -431,6 +488,11 @@ def _golden_folder_summary(terminalreporter: Any, state: HarnessSession, record:
     if state.removed_temp_files:
         terminalreporter.write_line(f"removed {len(state.removed_temp_files)} leftover temporary files of "
                                     "an interrupted update from the golden folder")
+    if state.removed_sidecars:
+        terminalreporter.write_line(f"removed {len(state.removed_sidecars)} sidecars whose golden file does not "
+                                    "exist from the golden folder")
+        for sidecar in state.removed_sidecars:
+            terminalreporter.write_line(f"  {sidecar}")
     for line in tree_report(state.options.golden_dir):
         terminalreporter.write_line(line)
     try:

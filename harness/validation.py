@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,11 +20,42 @@ def validate(cls: type[M], data: Any, *, path: Path, root: Any, loc: tuple[Any, 
 
     Strictly: YAML already gives values their types, so ``max_new_tokens: true`` or
     ``"32"`` is a mistake to report, not a value to coerce (ints still count as floats).
+    Every number must be finite, whatever the kind or field (see ``nonfinite_at``).
     """
+    where = nonfinite_at(data)
+    if where is not None:
+        full = loc + where
+        line, key = line_of(root, full)
+        raw = raw_of(root, full)
+        raise SuiteError(path, f"{raw or 'this value'} is not a finite number: a budget, tolerance or setting of "
+                         "infinity (or NaN) passes or fails every comparison, so it judges nothing",
+                         line=line, key=key, hint="write a number, or remove the key to use the default")
     try:
         return cls.model_validate(data, strict=True)
     except ValidationError as exc:
         raise to_suite_error(exc, cls=cls, path=path, root=root, loc=loc) from None
+
+
+def nonfinite_at(data: Any, loc: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    """Where the first infinite or NaN number sits in ``data``, or None.
+
+    The one rule for numeric fields of every check kind (and the registry): a field that
+    accepts ``.inf`` here and refuses it there reads as a rule nobody can learn, and an
+    infinite bound never fails.
+    """
+    if isinstance(data, float):
+        return None if math.isfinite(data) else loc
+    if isinstance(data, dict):
+        items: Any = data.items()
+    elif isinstance(data, (list, tuple)):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = nonfinite_at(value, (*loc, key))
+        if found is not None:
+            return found
+    return None
 
 
 def to_suite_error(
