@@ -166,7 +166,8 @@ def check_adapter(flag: str, value: str | None) -> None:
     try:
         adapter_config(Path(value).expanduser())
     except HarnessError as exc:
-        raise ToolUsageError(f"{flag}: {exc}") from None
+        raise ToolUsageError(f"{flag} {value}: " + str(exc).removeprefix(f"Adapter {Path(value).expanduser()}: ")) \
+            from None
 
 
 def check_variants(value: str | None) -> None:

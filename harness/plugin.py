@@ -121,7 +121,8 @@ def _options(config: pytest.Config) -> Options:
         try:
             adapter_config(Path(adapter).expanduser())
         except HarnessError as exc:
-            raise pytest.UsageError(f"--adapter: {exc}") from None
+            raise pytest.UsageError(f"--adapter {adapter}: "
+                                    + str(exc).removeprefix(f"Adapter {Path(adapter).expanduser()}: ")) from None
     obtained = config.getoption("harness_obtained")
     if obtained and Path(obtained).exists() and not Path(obtained).is_dir():
         raise pytest.UsageError(f"--harness-obtained {obtained}: this is a file, not a folder. Fix: pass a folder.")

@@ -61,9 +61,12 @@ def nonfinite_at(data: Any, loc: tuple[Any, ...] = ()) -> tuple[Any, ...] | None
 def to_suite_error(
     exc: ValidationError, *, cls: type[BaseModel], path: Path, root: Any, loc: tuple[Any, ...]
 ) -> SuiteError:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # a union (json: true | {schema: ...}) reports each member's error: the one that is not "wrong type" says more
+    err = next((e for e in errors if not str(e["type"]).endswith("_type")), errors[0]) if len(errors) > 1 else errors[0]
     # pydantic adds union member tags such as "function-after[...]" to locations
     inner = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "-" in p and p.startswith("function"))))
+    inner = _without_member_tags(data_at(root, loc), inner)
     full = loc + inner
     line, key = line_of(root, full)
     message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
@@ -86,6 +89,33 @@ def to_suite_error(
     elif raw is not None:
         message += f" (you wrote {raw!r})"
     return SuiteError(path, message, line=line, key=key, hint=hint)
+
+
+def data_at(root: Any, loc: tuple[Any, ...]) -> Any:
+    node = root
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _without_member_tags(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without the union member names pydantic inserts (``json.JsonExpectation.schema``): a part
+    that is not a key of the data, followed by one that is."""
+    out: list[Any] = []
+    node = data
+    for index, part in enumerate(loc):
+        nxt = loc[index + 1] if index + 1 < len(loc) else None
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and nxt in node:
+            continue
+        out.append(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return tuple(out)
 
 
 _WANTED = {
