@@ -130,11 +130,17 @@ def validate_arguments(args: argparse.Namespace) -> Path | None:
     for setting in args.env or []:
         name, sep, _ = setting.partition("=")
         if not sep or not name.strip():
-            raise ToolUsageError(f"--env {setting!r}: expected NAME=VALUE, e.g. --env ATEN_CPU_CAPABILITY=avx2.")
+            raise ToolUsageError(f"--env {setting!r}: expected NAME=VALUE. Fix: write the setting as a name, '=' and "
+                                 "a value, e.g. --env ATEN_CPU_CAPABILITY=avx2.")
     if args.regressions:
-        from harness.regressions import parse
+        from harness.regressions import KINDS, parse
 
-        parse(args.regressions)
+        try:
+            parse(args.regressions)
+        except ValueError as exc:
+            raise ToolUsageError(f"{exc}. Fix: give KIND:VALUE pairs with KIND one of {', '.join(KINDS)}, "
+                                 "e.g. --regressions weights:0.02,lora_b:1.1, or the bare flag for a default set.") \
+                from None
     for value in args.suites:
         if not Path(value).exists():
             raise ToolUsageError(f"{value}: no such suite file or folder. Fix: name suite files or folders "

@@ -52,6 +52,10 @@ def run_tool(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; outputs may be incomplete.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ToolUsageError as exc:
+        text = _paragraph(exc)
+        print(f"{prog}: {text}" + ("" if "Nothing was run" in text else " Nothing was run."), file=sys.stderr)
+        return EXIT_UNUSABLE
     except (HarnessError, ValueError) as exc:
         print(f"{prog}: {_paragraph(exc)}", file=sys.stderr)
         return EXIT_UNUSABLE

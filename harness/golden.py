@@ -180,11 +180,13 @@ def leftover_temp_files(root: Path) -> list[Path]:
 
 def remove_leftover_temp_files(root: Path) -> list[Path]:
     """Called before an update writes anything (never while one runs: they would be its own)."""
-    removed = []
-    for file in leftover_temp_files(root):
+    return _unlink_all(leftover_temp_files(root))
+
+
+def _unlink_all(files: list[Path]) -> list[Path]:
+    for file in files:
         file.unlink(missing_ok=True)
-        removed.append(file)
-    return removed
+    return files
 
 
 def stale_sidecars(root: Path) -> list[tuple[Path, str]]:
@@ -230,11 +232,7 @@ def orphan_sidecars(root: Path) -> list[Path]:
 
 def remove_orphan_sidecars(root: Path) -> list[Path]:
     """Called when an update starts (as for temporary files): what ``tree_report`` says the update fixes."""
-    removed = []
-    for sidecar in orphan_sidecars(root):
-        sidecar.unlink(missing_ok=True)
-        removed.append(sidecar)
-    return removed
+    return _unlink_all(orphan_sidecars(root))
 
 
 def trust_problem(golden: Path) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import suite_error
 from harness.checks import get_check, known_kinds
 from harness.errors import SuiteError
 from harness.spec import load_suite
@@ -118,11 +119,7 @@ REFUSED = {
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_at_collection_in_one_paragraph(tmp_path, case):
     text, words = REFUSED[case]
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(SuiteError) as info:
-        load_suite(path)
-    message = str(info.value).replace(str(tmp_path) + "/", "")
+    message = suite_error(tmp_path, text)
     for needle in words:
         assert needle in message, message
     assert "\n" not in message.strip()
