@@ -92,3 +92,47 @@ class LazyBinaryFile:
 
     def __repr__(self) -> str:
         return f"<file {self.name!r}, opened on first write>"
+
+
+class LazyBenchmarkJson:
+    """A pytest plugin object: pytest-benchmark's ``--benchmark-json`` opens its file with
+    ``LazyBinaryFile`` instead of truncating it while the command line is parsed."""
+
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+
+    def pytest_plugin_registered(self) -> None:  # historic: also called for plugins registered earlier
+        optparser = getattr(self.parser, "optparser", None)
+        action = getattr(optparser, "_option_string_actions", {}).get("--benchmark-json")
+        if action is not None and action.type is not LazyBinaryFile:
+            action.type = LazyBinaryFile
+
+
+def output_options(option: Any) -> list[tuple[str, str, bool]]:
+    """Every path a pytest session may write that is not a golden: (flag, path, whether pytest empties it).
+
+    ``option`` is ``config.option``; options of plugins that are not installed read as absent.
+    ``--harness-obtained`` has its own, stricter rule (``harness.golden.overlap_problem``: it may
+    not contain the golden folder either).
+    """
+    def get(dest: str) -> Any:
+        return getattr(option, dest, None)
+
+    found: list[tuple[str, str, bool]] = []
+    for flag, dest in (("--harness-report", "harness_report"), ("--junitxml", "xmlpath"),
+                       ("--report-log", "report_log")):
+        if get(dest):
+            found.append((flag, str(get(dest)), False))
+    json_file = get("benchmark_json")
+    if json_file is not None:
+        found.append(("--benchmark-json", str(getattr(json_file, "name", json_file)), False))
+    for flag, dest in (("--benchmark-histogram", "benchmark_histogram"), ("--benchmark-csv", "benchmark_csv"),
+                       ("--benchmark-cprofile-dump", "benchmark_cprofile_dump")):
+        found += [(flag, str(prefix), False) for prefix in get(dest) or () if prefix]
+    storage = get("benchmark_storage")
+    if (get("benchmark_save") or get("benchmark_autosave")) and isinstance(storage, str) \
+            and "://" not in storage.removeprefix("file://"):
+        found.append(("--benchmark-storage", storage.removeprefix("file://"), False))
+    if get("basetemp"):
+        found.append(("--basetemp", str(get("basetemp")), True))
+    return found

@@ -10,7 +10,7 @@ import pytest
 
 from harness.ci import in_ci
 from harness.errors import HarnessError
-from harness.outputs import LazyBinaryFile, output_in_golden_problem
+from harness.outputs import LazyBenchmarkJson, output_in_golden_problem, output_options
 from harness.report import SessionRecord
 from harness.session import HarnessSession, Options
 
@@ -19,7 +19,7 @@ _RECORD = pytest.StashKey[SessionRecord]()
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
-    pluginmanager.register(_LazyBenchmarkJson(parser), "harness-lazy-benchmark-json")
+    pluginmanager.register(LazyBenchmarkJson(parser), "harness-lazy-benchmark-json")
     group = parser.getgroup("harness", "behaviour tests of causal language models (harness)")
     group.addoption("--model", default=None, metavar="NAME|PATH",
                     help="registry name, local model folder, .gguf file or hub id (default: the registry's default)")
@@ -52,21 +52,6 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     parser.addini("harness_suites", type="linelist", default=[],
                   help="glob patterns (relative to the rootdir) of YAML files outside suites/ that are "
                        "harness suites; YAML elsewhere is collected only when named on the command line")
-
-
-class _LazyBenchmarkJson:
-    """pytest-benchmark's ``--benchmark-json`` truncates its file while pytest parses the command line,
-    before any check can run: make it open the file on first write instead, so that a path inside
-    the golden folder is refused (in ``_options``) before the golden it names is lost."""
-
-    def __init__(self, parser: pytest.Parser) -> None:
-        self.parser = parser
-
-    def pytest_plugin_registered(self) -> None:  # historic: also called for plugins registered earlier
-        optparser = getattr(self.parser, "optparser", None)
-        action = getattr(optparser, "_option_string_actions", {}).get("--benchmark-json")
-        if action is not None and action.type is not LazyBinaryFile:
-            action.type = LazyBinaryFile
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -110,7 +95,7 @@ def _options(config: pytest.Config) -> Options:
     variants = _variants_option(config.getoption("variants"))
     registry = _registry_option(config.getoption("registry"), root / "models.yaml")
     _writable_file_option("--harness-report", config.getoption("harness_report"))
-    for flag, value, erases in _outputs(config):
+    for flag, value, erases in output_options(config.option):
         problem = output_in_golden_problem(flag, value, golden, erases=erases)
         if problem:
             raise pytest.UsageError(problem)
@@ -153,35 +138,6 @@ def _options(config: pytest.Config) -> Options:
         golden_device=_golden_device(config.getoption("golden_device")),
         reference=reference,
     )
-
-
-def _outputs(config: pytest.Config) -> list[tuple[str, str, bool]]:
-    """Every path this session may write that is not a golden: (flag, path, whether pytest empties it).
-
-    Options of plugins that are not installed read as absent; ``--harness-obtained`` has its own,
-    stricter rule (``overlap_problem``: it may not contain the golden folder either).
-    """
-    def option(dest: str) -> Any:
-        return getattr(config.option, dest, None)
-
-    found: list[tuple[str, str, bool]] = []
-    for flag, dest in (("--harness-report", "harness_report"), ("--junitxml", "xmlpath"),
-                       ("--report-log", "report_log")):
-        if option(dest):
-            found.append((flag, str(option(dest)), False))
-    json_file = option("benchmark_json")
-    if json_file is not None:
-        found.append(("--benchmark-json", str(getattr(json_file, "name", json_file)), False))
-    for flag, dest in (("--benchmark-histogram", "benchmark_histogram"), ("--benchmark-csv", "benchmark_csv"),
-                       ("--benchmark-cprofile-dump", "benchmark_cprofile_dump")):
-        found += [(flag, str(prefix), False) for prefix in option(dest) or () if prefix]
-    storage = option("benchmark_storage")
-    if (option("benchmark_save") or option("benchmark_autosave")) and isinstance(storage, str) \
-            and "://" not in storage.removeprefix("file://"):
-        found.append(("--benchmark-storage", storage.removeprefix("file://"), False))
-    if option("basetemp"):
-        found.append(("--basetemp", str(option("basetemp")), True))
-    return found
 
 
 def _variants_option(value: str | None) -> str | None:

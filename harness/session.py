@@ -207,7 +207,7 @@ class HarnessSession:
 
         models = entry.check.spec.models
         if models is not None and self.model_name not in models:
-            unknown = self.unknown_models(models)
+            unknown = self._unknown_models(models)
             if unknown:
                 raise _not_judged(request, unknown)
             pytest.skip(f"{entry.check.spec.id} was written for {', '.join(models)} (its `models:` key), not for "
@@ -242,7 +242,7 @@ class HarnessSession:
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))
 
-    def unknown_models(self, models: list[str]) -> str | None:
+    def _unknown_models(self, models: list[str]) -> str | None:
         """Why a check's ``models:`` looks like a typo (a name neither registered nor this session's), or None.
 
         A check written for other registered models skips here as a matter of course; one whose
