@@ -146,6 +146,18 @@ def test_example_a_second_suite_file_with_the_same_name_does_not_rewrite_the_fir
     assert path.read_bytes() == before
 
 
+def test_example_two_suite_files_updated_in_separate_runs(project):
+    project.suite("a", TOKENIZER_SUITE)
+    project.suite("b", TOKENIZER_SUITE.replace("texts: [", "texts: [Bonjour, "))
+    project.run("suites/a.yaml", "--snapshot-update").assert_outcomes(passed=1)
+    before = _files(project.golden)
+    result = project.run("suites/b.yaml", "--snapshot-update")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*belongs to suite file suites/a.yaml (its sidecar words.meta.json records it), "
+                                 "and suites/b.yaml declares the same suite name 'words'*"])
+    assert _files(project.golden) == before
+
+
 def test_a_suite_file_that_was_renamed_takes_its_goldens_over(tmp_path):
     (tmp_path / "suites").mkdir()
     (tmp_path / "suites/a.yaml").write_text("suite: gen\nchecks: []\n")
