@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli import (
-    ToolParser,
-    EXIT_FINDING, EXIT_OK, check_adapter, check_out_folder, check_registry, check_variants, golden_dir_argument,
-    golden_dirs, run_tool, some_text, whole_number,
+    EXIT_FINDING, EXIT_OK, ToolParser, check_adapter, check_out_folder, check_registry, check_variants,
+    golden_dir_argument, golden_dirs, run_tool, some_text, whole_number,
 )
 from harness.measure import MIB, NF4_BITS_PER_WEIGHT, Shape, measure_throughput, mib, nf4_estimate
 from harness.outputs import strict_json

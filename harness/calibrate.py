@@ -26,9 +26,8 @@ from typing import Any
 
 from harness.bounds import MAX_TOLERANCE_NATS, tolerance_problem
 from harness.cli import (
-    ToolParser,
-    EXIT_FINDING, EXIT_OK, ToolUsageError, check_adapter, check_attn, check_out_folder, check_registry, check_variants,
-    finite_number, golden_dir_argument, golden_dirs, run_tool, whole_number,
+    EXIT_FINDING, EXIT_OK, ToolParser, ToolUsageError, check_adapter, check_attn, check_out_folder, check_registry,
+    check_variants, finite_number, golden_dir_argument, golden_dirs, run_tool, whole_number,
 )
 from harness.noise import (
     FLOORS, Item, Noise, Recommendation, Scored, forced, forced_batch, measure, paths_from_json, paths_to_json,

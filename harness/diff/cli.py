@@ -15,8 +15,8 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 from harness.cli import (
-    ToolParser,
-    EXIT_FINDING, EXIT_OK, check_out_folder, check_registry, golden_dir_argument, golden_dirs, run_tool, whole_number,
+    EXIT_FINDING, EXIT_OK, ToolParser, check_out_folder, check_registry, golden_dir_argument, golden_dirs, run_tool,
+    whole_number,
 )
 from harness.diff.run import DiffSide
 
