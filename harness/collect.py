@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from harness.display import relative_paths
 from harness.errors import CheckFailure, HarnessError, SuiteError
 from harness.session import harness_state
 from harness.spec import CheckEntry, SuiteSpec, load_suite
@@ -118,14 +119,15 @@ class HarnessItem(pytest.Function):
         return self.path, self.suite_line - 1, self.name
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Any:  # type: ignore[override]
-        """Harness errors show their message; anything else is this item's failure with its traceback.
+        """Harness errors show their message (paths relative to the rootdir, as in the reports);
+        anything else is this item's failure with its traceback.
 
         The session goes on either way: an unexpected exception (a library's, or the harness's
         own bug) must never escape as an INTERNALERROR that hides it and stops every other item.
         """
         header = f"{self.path.name}:{self.suite_line}: {self.name}"
         if isinstance(excinfo.value, (CheckFailure, HarnessError)):
-            return f"{header}\n{excinfo.value}"
+            return f"{header}\n{relative_paths(str(excinfo.value), self.config.rootpath)}"
         try:
             shown = str(super().repr_failure(excinfo))
         except Exception:  # noqa: BLE001 - never let reporting a failure become an INTERNALERROR

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from harness.display import relative_paths, shown_path
 from harness.errors import NOT_JUDGED_PROPERTY
 from harness.session import HarnessSession
 from harness.variants import ALL_KEYS, RUN_ORDER
@@ -136,7 +137,7 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
     if record.goldens_written:
         reporter.write_line(f"goldens written or updated: {len(record.goldens_written)}")
         for path in sorted(record.goldens_written):
-            reporter.write_line(f"  {path}")
+            reporter.write_line(f"  {shown_path(path, state.options.rootdir)}")
 
 
 def unjudged_section(reporter: Any, record: SessionRecord, *, ci: bool) -> None:
@@ -175,7 +176,7 @@ _SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skippe
 
 
 def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -> str:
-    """A short Markdown report, pasteable as a pull-request comment."""
+    """A short Markdown report, pasteable as a pull-request comment: no path of this machine in it."""
     counts = Counter(o.outcome for o in record.outcomes.values())
     if state.options.reference is not None:
         lines = [f"# Behaviour report: NEW {state.model_name} vs OLD {state.reference_name}", "",
@@ -196,7 +197,7 @@ def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -
     lines += _failures(record)
     if state.options.reference is None:  # reference mode reads nothing under the golden folder
         lines += _golden_folder(state)
-    return "\n".join(lines).rstrip() + "\n"
+    return relative_paths("\n".join(lines).rstrip() + "\n", state.options.rootdir)
 
 
 def _golden_folder(state: HarnessSession) -> list[str]:
