@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -13,8 +13,12 @@ from harness.errors import HarnessError
 from harness.report import SessionRecord
 from harness.session import HarnessSession, Options
 
+if TYPE_CHECKING:
+    from harness.threads import ThreadShare
+
 _STATE = pytest.StashKey[HarnessSession]()
 _RECORD = pytest.StashKey[SessionRecord]()
+_THREADS = pytest.StashKey["ThreadShare | None"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,6 +54,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("harness_suites", type="linelist", default=[],
                   help="glob patterns (relative to the rootdir) of YAML files outside suites/ that are "
                        "harness suites; YAML elsewhere is collected only when named on the command line")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """An xdist worker takes its share of the cores before any conftest can import torch."""
+    from harness.threads import apply, worker_share
+
+    share = worker_share()
+    if share is not None:
+        apply(share)
+    early_config.stash[_THREADS] = share
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -355,6 +370,8 @@ class _Recorder:
         loads = output.get("harness_loads")
         if loads:
             self.record.worker_loads[node.gateway.id] = loads
+        if output.get("harness_threads"):
+            self.record.worker_threads[node.gateway.id] = output["harness_threads"]
         self.record.add_unselected(output.get("harness_unselected", ()))
 
 
@@ -396,6 +413,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(config, "workeroutput"):
         if state._pool is not None:
             config.workeroutput["harness_loads"] = _pool_loads(state._pool)
+        share = config.stash.get(_THREADS, None)
+        if share is not None:
+            from harness.threads import torch_threads
+
+            config.workeroutput["harness_threads"] = {"share": share.as_dict(), "torch": torch_threads()}
         config.workeroutput["harness_unselected"] = list(state.unselected)
         return
     record.add_unselected(state.unselected)

@@ -17,6 +17,7 @@ import pytest
 
 from harness.errors import NOT_JUDGED_PROPERTY
 from harness.session import HarnessSession
+from harness.threads import summary_line
 from harness.variants import ALL_KEYS, RUN_ORDER
 
 _NODE = re.compile(r"^(?P<file>[^:]+)::(?P<check>[^\[@]+)(\[(?P<variant>[^\]]+)\])?")
@@ -44,6 +45,7 @@ class SessionRecord:
     goldens_written: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # accepted near-ties, fragile goldens: never silent
     worker_loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worker_threads: dict[str, dict[str, Any]] = field(default_factory=dict)  # xdist: each worker's CPU threads
     deselected: int = 0
     started: float = field(default_factory=time.time)
     not_judged: dict[str, str] = field(default_factory=dict)
@@ -110,7 +112,7 @@ def _one_line(detail: str, report: pytest.TestReport) -> str:
 
 def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord) -> None:
     pool = state._pool
-    if pool is None and not record.outcomes and not record.worker_loads:
+    if pool is None and not record.outcomes and not record.worker_loads and not record.worker_threads:
         return
     reporter.section("harness")
     if state.options.reference is not None:
@@ -131,6 +133,8 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
     for worker, loads in sorted(record.worker_loads.items()):
         for line in load_lines(loads):
             reporter.write_line(f"{worker}: {line}")
+    for worker, threads in sorted(record.worker_threads.items()):
+        reporter.write_line(summary_line(worker, threads))
     for note in record.notes:
         reporter.write_line(note)
     if record.goldens_written:
