@@ -49,6 +49,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--golden-device", default=None, metavar="CLASS|auto",
                     help="where this device class has no goldens, judge against another class's (e.g. cpu; "
                          "auto: the nearest recorded) with cross-device tolerances; never writes there")
+    group.addoption("--shard", default=None, metavar="K/N",
+                    help="run shard K of N: whole load groups (a variant's items, the model-level items) dealt "
+                         "deterministically, so N jobs run every item once and each loads a variant at most once; "
+                         "merge their --harness-result files with `harness-report merge`")
+    group.addoption("--harness-result", default=None, metavar="FILE.json|DIR",
+                    help="write the session's machine-readable result (verdicts, reasons, figures, provenance, "
+                         "commit, golden and suite hashes) for `harness-report merge`; a folder gets "
+                         "harness-result-K-of-N.json")
     group.addoption("--allow-update-in-ci", action="store_true", default=False,
                     help="allow --snapshot-update when the CI environment variable is set")
     parser.addini("harness_suites", type="linelist", default=[],
@@ -75,6 +83,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = HarnessSession(_options(config))
     config.stash[_RECORD] = SessionRecord()
     config.pluginmanager.register(_Recorder(config.stash[_RECORD]), "harness-recorder")
+    options = config.stash[_STATE].options
+    if options.result is not None and not hasattr(config, "workerinput"):  # the controller writes it, once
+        from harness.result import ResultWriter
+
+        config.pluginmanager.register(ResultWriter(config, options.result, shard=options.shard,
+                                                   state=config.stash[_STATE], record=config.stash[_RECORD]),
+                                      "harness-result")
 
 
 def _options(config: pytest.Config) -> Options:
@@ -131,6 +146,7 @@ def _options(config: pytest.Config) -> Options:
             check_attn_implementation(attn)
         except ValueError as exc:
             raise pytest.UsageError(f"--attn-implementation: {exc}.") from None
+    shard, result = _shard_options(config.getoption("shard"), config.getoption("harness_result"))
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=adapter, device=config.getoption("device"),
@@ -138,8 +154,26 @@ def _options(config: pytest.Config) -> Options:
         obtained_dir=Path(obtained).resolve() if obtained else None,
         attn_implementation=attn,
         golden_device=_golden_device(config.getoption("golden_device")),
-        reference=reference,
+        reference=reference, shard=shard, result=result,
     )
+
+
+def _shard_options(shard_text: str | None, result_text: str | None) -> tuple[Any, Path | None]:
+    """``--shard K/N`` parsed; ``--harness-result`` as the file it will be (a folder gets a name)."""
+    from harness.result import result_path
+    from harness.shard import Shard
+
+    shard = None
+    if shard_text is not None:
+        try:
+            shard = Shard.parse(shard_text)
+        except ValueError as exc:
+            raise pytest.UsageError(f"{exc}.") from None
+    if result_text is None:
+        return shard, None
+    path = result_path(result_text, shard)
+    _writable_file_option("--harness-result", str(path))
+    return shard, path.absolute()
 
 
 def _variants_option(value: str | None) -> str | None:
@@ -246,6 +280,24 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             # `pytest -n N --dist loadgroup` keeps a variant's items on one worker: one load each
             variant = item.harness_variant
             item.add_marker(pytest.mark.xdist_group(variant.key if variant else "tokenizer"))
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_shard(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--shard K/N`` keeps this shard's load groups, after -k/-m: shards split what the session would run.
+
+    Also with ``--harness-result`` alone: the plan (what was collected) is part of the result.
+    """
+    options = harness_state(config).options
+    if options.shard is None and options.result is None:
+        return
+    from harness.shard import Shard, plan
+
+    kept, dropped, record = plan(items, options.shard or Shard(1, 1), rootdir=Path(config.rootpath))
+    config.stash[_RECORD].plan = record
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -373,6 +425,8 @@ class _Recorder:
         if output.get("harness_threads"):
             self.record.worker_threads[node.gateway.id] = output["harness_threads"]
         self.record.add_unselected(output.get("harness_unselected", ()))
+        if self.record.plan is None:  # every worker collects the same items, so the same plan
+            self.record.plan = output.get("harness_plan")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -419,8 +473,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
             config.workeroutput["harness_threads"] = {"share": share.as_dict(), "torch": torch_threads()}
         config.workeroutput["harness_unselected"] = list(state.unselected)
+        config.workeroutput["harness_plan"] = record.plan
         return
     record.add_unselected(state.unselected)
+    if _empty_shard(state, record, session):
+        session.exitstatus = pytest.ExitCode.OK
     if in_ci() and record.unjudged() and not config.option.collectonly and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         record.gate_failed = True
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -433,6 +490,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             record.report_error = f"--harness-report {path} could not be written: {type(exc).__name__}: {exc}"
 
 
+def _empty_shard(state: HarnessSession, record: SessionRecord, session: pytest.Session) -> bool:
+    """A shard dealt no group (more shards than load groups) ran nothing, rightly: not pytest's 5."""
+    return (state.options.shard is not None and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED
+            and record.plan is not None and record.plan["collected"] > 0 and not record.plan["selected"])
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     from harness.report import terminal_summary, unjudged_section
 
@@ -441,6 +504,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if state.options.reference is None:  # reference mode reads nothing under the golden folder
         _golden_folder_summary(terminalreporter, state, record, config, exitstatus)
     unjudged_section(terminalreporter, record, ci=in_ci())
+    if state.options.shard is not None and record.plan is not None:
+        mine = [name for name, group in record.plan["groups"].items() if group["shard"] == state.options.shard.index]
+        terminalreporter.write_line(f"harness: shard {state.options.shard}: {len(record.plan['selected'])} of "
+                                    f"{record.plan['collected']} items, load groups: {', '.join(mine) or 'none'}")
+    writer = config.pluginmanager.get_plugin("harness-result")
+    if writer is not None and writer.error:
+        terminalreporter.write_line(f"harness: {writer.error}", red=True)
     if record.report_error:
         terminalreporter.write_line(f"harness: {record.report_error}", red=True)
 

@@ -34,6 +34,7 @@ class Outcome:
     reason: str = ""
     detail: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # this item's accepted near-ties and other forgiveness
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SessionRecord:
     unselected: list[str] = field(default_factory=list)
     gate_failed: bool = False
     report_error: str | None = None
+    plan: dict[str, Any] | None = None  # --shard / --harness-result: what was collected and what this shard runs
 
     def add_unselected(self, notes: Any) -> None:
         """Checks whose ``variants:`` matched none of the session's (from collection, any worker)."""
@@ -93,6 +95,7 @@ class SessionRecord:
             nodeid=report.nodeid, suite=Path(match["file"]).stem, check=match["check"], variant=variant,
             outcome=outcome, reason=_one_line(detail, report), detail=detail,
             figures={k: v for k, v in props.items() if k not in GOLDEN_PROPS},
+            notes=[str(value) for name, value in report.user_properties if name == "harness_note"],
         )
 
 
@@ -178,43 +181,94 @@ def load_lines(loads: dict[str, Any]) -> list[str]:
 _SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skip"}
 
 
+@dataclass
+class Side:
+    """One model of the run as a report's header shows it: from a live session or a shard's result file."""
+
+    name: str
+    provenance: dict[str, Any] | None = None
+    error: str | None = None  # why the provenance is unavailable
+    adapter: str | None = None
+    device: str = ""  # the device's description
+
+
+@dataclass
+class Header:
+    """Who was tested where; ``reference`` is OLD in reference mode (the report then reads NEW vs OLD)."""
+
+    model: Side
+    reference: Side | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Header:
+        return cls(model=Side(**data["model"]),
+                   reference=Side(**data["reference"]) if data.get("reference") else None)
+
+
+def session_header(state: HarnessSession) -> Header:
+    """The header of a live session; a provenance that cannot be had is said, never raised."""
+
+    def side(*, reference: bool) -> Side:
+        name = state.reference_name if reference else state.model_name
+        try:
+            prov = state.provenance(reference=reference)
+        except Exception as exc:  # noqa: BLE001 - the report must still be written
+            return Side(name=str(name), error=str(exc))
+        resolved = state._reference_resolved if reference else state._resolved
+        adapter = resolved.adapter if resolved else None
+        return Side(name=str(name), provenance=prov, adapter=str(adapter) if adapter else None,
+                    device=state.device.description)
+
+    reference = side(reference=True) if state.options.reference is not None else None
+    return Header(model=side(reference=False), reference=reference)
+
+
 def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -> str:
-    """A short Markdown report, pasteable as a pull-request comment."""
+    """A short Markdown report of a live session, pasteable as a pull-request comment."""
+    return render_markdown(session_header(state), record, exitstatus=exitstatus,
+                           seconds=time.time() - record.started)
+
+
+def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, seconds: float,
+                    preface: list[str] | None = None, appendix: list[str] | None = None) -> str:
+    """The one Markdown renderer: a session's report, and ``harness-report merge``'s of a sharded run.
+
+    ``preface`` (lines after the verdict) and ``appendix`` (lines at the end) are the merge's
+    problems and its per-shard table.
+    """
     counts = Counter(o.outcome for o in record.outcomes.values())
-    if state.options.reference is not None:
-        lines = [f"# Behaviour report: NEW {state.model_name} vs OLD {state.reference_name}", "",
+    if header.reference is not None:
+        lines = [f"# Behaviour report: NEW {header.model.name} vs OLD {header.reference.name}", "",
                  "Reference mode: golden-style checks were judged against a live run of OLD in this session "
                  "(same variant and device), not against golden files.", "", "NEW:"]
-        lines += _provenance_lines(state) + ["", "OLD:"] + _provenance_lines(state, reference=True)
+        lines += _provenance_lines(header.model) + ["", "OLD:"] + _provenance_lines(header.reference)
     else:
-        lines = [f"# Behaviour report: {state.model_name}", ""]
-        lines += _provenance_lines(state)
+        lines = [f"# Behaviour report: {header.model.name}", ""]
+        lines += _provenance_lines(header.model)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no harness items"
     verdict = "green" if exitstatus == 0 else "red"
-    lines += [f"- **result: {verdict}** ({summary}) in {time.time() - record.started:.0f} s", ""]
+    lines += [f"- **result: {verdict}** ({summary}) in {seconds:.0f} s", ""]
+    lines += preface or []
     lines += _matrix(record)
     lines += _unjudged(record)
     lines += _figures(record)
     if record.notes:
         lines += ["## Judged up to noise", "", *[f"- {note}" for note in record.notes], ""]
     lines += _failures(record)
+    lines += appendix or []
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _provenance_lines(state: HarnessSession, *, reference: bool = False) -> list[str]:
-    try:
-        prov = state.provenance(reference=reference)
-    except Exception as exc:  # noqa: BLE001 - the report must still be written
-        name = state.reference_name if reference else state.model_name
-        return [f"- model: {name} (provenance unavailable: {exc})"]
+def _provenance_lines(side: Side) -> list[str]:
+    prov = side.provenance
+    if prov is None:
+        return [f"- model: {side.name} (provenance unavailable: {side.error})"]
     versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
-    resolved = state._reference_resolved if reference else state._resolved
-    adapter = resolved.adapter if resolved else None
     return [
         f"- model: `{prov['model']}` ({prov['source']}), revision `{prov['revision'] or '-'}`, "
         f"weights fingerprint `{prov['model_fingerprint']}`, tokenizer `{prov['tokenizer_fingerprint']}`",
-        f"- adapter: `{adapter or '-'}` fingerprint `{prov['adapter_fingerprint'] or '-'}`",
-        f"- device: {state.device.description} (class `{prov['device']}`)",
+        f"- adapter: `{side.adapter or '-'}` fingerprint `{prov['adapter_fingerprint'] or '-'}`",
+        f"- device: {side.device} (class `{prov['device']}`)",
         f"- libraries: {versions}",
     ]
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from harness.golden import GoldenStore
     from harness.pool import ModelPool
     from harness.registry import Registry
+    from harness.shard import Shard
     from harness.sources import ResolvedModel
     from harness.spec import CheckEntry, SuiteSpec
 
@@ -44,6 +45,8 @@ class Options:
     attn_implementation: str | None = None
     golden_device: str | None = None  # --golden-device
     reference: str | None = None  # --reference: judge golden-style checks against this model, live
+    shard: Shard | None = None  # --shard K/N
+    result: Path | None = None  # --harness-result: the machine-readable result file
 
 
 class HarnessSession:
