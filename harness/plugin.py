@@ -40,6 +40,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--attn-implementation", default=None, metavar="KERNEL",
                     help="attention kernel for this run (eager, sdpa, flash_attention_2, ...); overrides the "
                          "registry's attn_implementation. Env: HARNESS_ATTN_IMPLEMENTATION")
+    group.addoption("--device-map", default=None, metavar="STRATEGY",
+                    help="spread a model that does not fit one device over GPUs, CPU and disk (accelerate: auto, "
+                         "balanced, balanced_low_0, sequential); overrides the registry's device_map")
+    group.addoption("--max-memory", default=None, metavar="DEV=SIZE,...",
+                    help="per-device limits for --device-map, e.g. 0=20GiB,cpu=60GiB (implies --device-map auto); "
+                         "what does not fit goes to the next device, then to disk")
+    group.addoption("--offload-folder", default=None, metavar="DIR",
+                    help="where weights offloaded to disk are kept (implies --device-map auto)")
     group.addoption("--golden-dir", default=None, metavar="DIR",
                     help="golden files root (default: golden/ at the rootdir)")
     group.addoption("--harness-report", default=None, metavar="FILE.md",
@@ -147,6 +155,7 @@ def _options(config: pytest.Config) -> Options:
         except ValueError as exc:
             raise pytest.UsageError(f"--attn-implementation: {exc}.") from None
     shard, result = _shard_options(config.getoption("shard"), config.getoption("harness_result"))
+    device_map, max_memory, offload = _placement_options(config)
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=adapter, device=config.getoption("device"),
@@ -155,7 +164,23 @@ def _options(config: pytest.Config) -> Options:
         attn_implementation=attn,
         golden_device=_golden_device(config.getoption("golden_device")),
         reference=reference, shard=shard, result=result,
+        device_map=device_map, max_memory=max_memory, offload_folder=offload,
     )
+
+
+def _placement_options(config: pytest.Config) -> tuple[str | None, Any, Path | None]:
+    """``--device-map``, ``--max-memory`` and ``--offload-folder``, checked before anything loads."""
+    from harness.placement import check_device_map, parse_max_memory
+
+    device_map, max_memory, folder = (config.getoption(n) for n in ("device_map", "max_memory", "offload_folder"))
+    try:
+        device_map = None if device_map is None else check_device_map(device_map)
+        max_memory = None if max_memory is None else parse_max_memory(max_memory)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{exc}.") from None
+    if folder and Path(folder).exists() and not Path(folder).is_dir():
+        raise pytest.UsageError(f"--offload-folder {folder}: this is a file, not a folder. Fix: pass a folder.")
+    return device_map, max_memory, Path(folder).resolve() if folder else None
 
 
 def _shard_options(shard_text: str | None, result_text: str | None) -> tuple[Any, Path | None]:

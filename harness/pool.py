@@ -19,6 +19,7 @@ from typing import Any
 
 from harness.devices import Device
 from harness.errors import AdapterError, HarnessError, ModelLoadError
+from harness.placement import Placement, describe_bytes, placement_bytes
 from harness.sources import ResolvedModel
 from harness.variants import VariantSpec
 
@@ -35,6 +36,7 @@ class Loaded:
     model: Any
     seconds: float
     weights_bytes: int
+    placement: dict[str, int] | None = None  # bytes per device, where accelerate spread the model
 
 
 @dataclass
@@ -51,6 +53,8 @@ class ModelPool:
     _observations: dict[tuple[str, str], Any] = field(default_factory=dict)
     loader: Callable[[VariantSpec], Any] | None = None
     attn_implementation: str | None = None  # overrides the registry's (--attn-implementation, calibration)
+    placement: Placement | None = None  # device_map over GPUs, CPU and disk; None: all on ``device``
+    placements: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def requested_attn(self) -> str | None:
@@ -131,6 +135,8 @@ class ModelPool:
         except HarnessError:
             raise
         except Exception as exc:  # noqa: BLE001 - one clear paragraph instead of a deep traceback
+            if variant.quant == "nf4" and self.placement is not None and _is_offload_refusal(exc):
+                raise self._nf4_offload_error(variant, "transformers refused to load it") from None
             if _is_oom(exc):
                 raise ModelLoadError(
                     f"Out of memory while loading {self.resolved.name!r} as {variant.key} on "
@@ -146,10 +152,26 @@ class ModelPool:
         model.eval()
         seconds = time.perf_counter() - start
         footprint = int(model.get_memory_footprint())
+        held = placement_bytes(model)
+        if variant.quant == "nf4" and held and any(d == "disk" or (d == "cpu" and self.device.is_cuda) for d in held):
+            raise self._nf4_offload_error(variant, f"its layers were placed on {describe_bytes(held)}")
         self.load_counts[variant.key] += 1
         self.load_seconds[variant.key] = seconds
         self.weights_bytes[variant.key] = footprint
-        return Loaded(variant, model, seconds, footprint)
+        if held:
+            self.placements[variant.key] = held
+        return Loaded(variant, model, seconds, footprint, held)
+
+    def _nf4_offload_error(self, variant: VariantSpec, what: str) -> ModelLoadError:
+        assert self.placement is not None
+        return ModelLoadError(
+            f"{variant.key}: {self.resolved.name!r} in NF4 does not fit {self.placement.describe()} on "
+            f"{self.device.description}, and NF4 cannot be offloaded ({what}): bitsandbytes' 4-bit layers cannot "
+            "run from disk, nor from the CPU beside a GPU, and transformers would keep offloaded layers "
+            f"unquantized, which is not NF4. The {variant.key} items are not judged with this placement. Fix: "
+            "raise max_memory so that the 4-bit model fits the devices, or run the 16-bit variants alone "
+            "(--variants fp16,fp16-lora) with this placement and the NF4 ones where they fit."
+        )
 
     def _from_pretrained(self, variant: VariantSpec) -> Any:
         import torch
@@ -162,6 +184,11 @@ class ModelPool:
             "trust_remote_code": entry.trust_remote_code,
             "use_safetensors": not entry.allow_pickle or None,
         }
+        if self.placement is not None:
+            try:
+                kwargs.update(self.placement.from_pretrained_kwargs(self.device.name))
+            except ValueError as exc:
+                raise ModelLoadError(f"{self.resolved.name!r}: {exc}.") from None
         if variant.quant == "nf4":
             kwargs["quantization_config"] = nf4_config()
         if self.requested_attn:
@@ -274,6 +301,11 @@ def _probe_nf4(device: Device) -> str | ModelLoadError | None:
             "`python -m bitsandbytes`."
         )
     return None
+
+
+def _is_offload_refusal(exc: BaseException) -> bool:
+    """transformers' refusal to put quantized layers on the CPU or disk (bitsandbytes cannot run them there)."""
+    return isinstance(exc, ValueError) and "dispatched on the CPU or the disk" in str(exc)
 
 
 def _is_oom(exc: BaseException) -> bool:

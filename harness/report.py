@@ -166,14 +166,18 @@ def unjudged_section(reporter: Any, record: SessionRecord, *, ci: bool) -> None:
 
 def _pool_loads(pool: Any) -> dict[str, Any]:
     return {
-        key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0)}
+        key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0),
+              "placement": pool.placements.get(key)}
         for key, count in pool.load_counts.items()
     }
 
 
 def load_lines(loads: dict[str, Any]) -> list[str]:
+    from harness.placement import describe_bytes
+
     return [
         f"loaded {key}: {info['count']}x, {info['seconds']:.1f} s, weights {info['bytes'] / 2**20:.1f} MiB"
+        + (f" (held on {describe_bytes(info['placement'])})" if info.get("placement") else "")
         for key, info in sorted(loads.items(), key=lambda kv: RUN_ORDER.index(kv[0]))
     ]
 

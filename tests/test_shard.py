@@ -188,3 +188,65 @@ def test_the_plan_splits_whole_groups(tmp_path):
     assert kept[0] == ["a.py::t0", "a.py::t1", "a.py::t2"] and kept[1] == ["b.py::t0", "c.py::t0"]
     assert parts[0][2]["collected_digest"] == parts[1][2]["collected_digest"]
     assert parts[0][2]["groups"] == parts[1][2]["groups"]
+
+
+SUITES = {
+    "gen": """
+suite: gen
+checks:
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: 3
+  - id: colours
+    kind: greedy
+    prompt: "Three primary colours are red,"
+    max_new_tokens: 3
+""",
+    "tok": """
+suite: tok
+checks:
+  - id: words
+    kind: tokenization
+    texts: ["The capital of France is", "Three primary colours are red,"]
+""",
+}
+
+
+def test_three_shards_and_a_merge_reproduce_the_unsharded_run_item_for_item(project, tmp_path):
+    """Real suites on the embedded model, fp16 + nf4, one golden changed: the same verdicts, the same diff."""
+    for name, text in SUITES.items():
+        project.suite(name, text)
+    variants = ("--variants", "fp16,nf4")
+    project.run(*variants, "--snapshot-update").assert_outcomes(passed=5)
+    golden = project.golden / "smollm2-135m" / "tokenizer" / "tok" / "words.json"
+    data = json.loads(golden.read_text())
+    data["texts"][0]["ids"][1] += 1  # a tokenizer regression the goldens must catch
+    golden.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    whole = project.run(*variants, "--harness-result", str(tmp_path / "whole" / "result.json"))
+    whole.assert_outcomes(passed=4, failed=1)
+    for k in (1, 2, 3):
+        shard = project.run(*variants, "--shard", f"{k}/3", "--harness-result", str(tmp_path / f"shard-{k}") + "/")
+        assert shard.ret in (0, 1)
+        # one load group per shard: each loads at most one variant, once
+        assert len(re.findall(r"^loaded (\S+): 1x", shard.stdout.str(), re.MULTILINE)) <= 1
+
+    code_whole = merge_main(["merge", str(tmp_path / "whole"), "--report", str(tmp_path / "whole.md")])
+    code = merge_main(["merge", *(str(tmp_path / f"shard-{k}") for k in (1, 2, 3)),
+                       "--report", str(tmp_path / "merged.md"), "--junitxml", str(tmp_path / "merged.xml")])
+    assert code == code_whole == 1
+    verdicts = {}
+    for name in ("whole", "merged"):
+        items = []
+        for file in (tmp_path / name).rglob("*.json") if name == "whole" else tmp_path.glob("shard-*/*.json"):
+            items += json.loads(file.read_text())["items"]
+        verdicts[name] = {item["nodeid"]: (item["outcome"], item["reason"]) for item in items}
+    assert verdicts["merged"] == verdicts["whole"]
+    assert len(verdicts["whole"]) == 5
+    assert verdicts["whole"]["suites/tok.yaml::words"][0] == "failed"
+    merged = (tmp_path / "merged.md").read_text()
+    assert "**result: red**" in merged and "### suites/tok.yaml::words" in merged
+    failure = merged.split("### suites/tok.yaml::words")[1]
+    assert failure.split("```")[1] == (tmp_path / "whole.md").read_text().split("### suites/tok.yaml::words")[1].split("```")[1]
+    assert "| 1/3 |" in merged and "| 3/3 |" in merged

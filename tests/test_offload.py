@@ -1,0 +1,67 @@
+"""Models larger than memory: accelerate's device_map spreads the model over devices and disk.
+
+Goldens recorded with the whole model in memory must judge a run whose layers partly live on
+disk (same dtype, same arithmetic); NF4, which cannot be offloaded, fails with its own reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from harness.placement import Placement, check_max_memory, parse_max_memory
+
+GEN = """
+suite: gen
+checks:
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: 4
+  - id: joke
+    kind: greedy
+    messages:
+      - {role: user, content: "Create a funny joke about chickens."}
+    max_new_tokens: 4
+"""
+
+
+def test_goldens_recorded_in_memory_pass_with_part_of_the_model_on_disk(project, tmp_path):
+    project.suite("gen", GEN)
+    project.run("--variants", "fp16,fp16-lora", "--snapshot-update").assert_outcomes(passed=4)
+    offload = tmp_path / "offload"
+    result = project.run("--variants", "fp16,fp16-lora,nf4", "--max-memory", "cpu=60MiB",
+                         "--offload-folder", str(offload))
+    out = result.stdout.str()
+    result.assert_outcomes(passed=4, failed=2)
+    # the summary says where the weights were
+    held = re.findall(r"^loaded (fp16(?:-lora)?): 1x, .*\(held on cpu ([\d.]+) MiB, disk ([\d.]+) MiB\)$", out, re.M)
+    assert sorted(key for key, _, _ in held) == ["fp16", "fp16-lora"], out
+    assert all(float(cpu) <= 60 and float(disk) > 100 for _, cpu, disk in held)
+    # NF4 cannot be offloaded: said, per item, never faked with 16-bit layers
+    result.stdout.fnmatch_lines(["*nf4: 'smollm2-135m' in NF4 does not fit device_map auto (cpu=60MiB, offload folder *)"
+                                 "*NF4 cannot be offloaded*"])
+
+
+def test_placement_from_the_registry_and_the_command_line():
+    assert check_max_memory({0: "20GiB", "cpu": "60 GB", "disk": 10**12}) == {0: "20GiB", "cpu": "60 GB", "disk": 10**12}
+    assert parse_max_memory("cpu=150MiB, 1=8GiB") == {"cpu": "150MiB", 1: "8GiB"}
+    for bad in ({"gpu": "1GiB"}, {"cpu": "lots"}, {"cpu": True}, {}):
+        with pytest.raises(ValueError):
+            check_max_memory(bad)
+    with pytest.raises(ValueError, match="a GPU, but this session runs on the CPU"):
+        Placement(max_memory={0: "1GiB"}).from_pretrained_kwargs("cpu")
+    assert Placement(max_memory={"cpu": "1GiB"}).from_pretrained_kwargs("cpu")["max_memory"] == {"cpu": "1GiB"}
+
+
+def test_bad_placement_values_are_usage_errors(project):
+    project.suite("gen", GEN)
+    result = project.run("--max-memory", "cpu:150MiB")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--max-memory 'cpu:150MiB': write DEVICE=SIZE pairs*"])
+    (project.path / "models.yaml").write_text(
+        (project.path / "models.yaml").read_text().replace("    chat: true\n", "    chat: true\n    max_memory: {cpu: lots}\n", 1))
+    result = project.run("--collect-only")
+    assert result.ret != 0
+    assert "max_memory[cpu] = 'lots'" in result.stdout.str() + result.stderr.str()
