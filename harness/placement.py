@@ -37,7 +37,7 @@ class Placement:
 
     def from_pretrained_kwargs(self, device_name: str) -> dict[str, Any]:
         """What ``from_pretrained`` takes; a CPU session never places layers on a GPU."""
-        max_memory = self.max_memory
+        max_memory = dict(self.max_memory) if self.max_memory else None  # transformers converts it in place
         if device_name == "cpu":
             gpus = [k for k in (max_memory or {}) if k not in ("cpu", "disk", "mps")]
             if gpus:
@@ -84,14 +84,14 @@ def parse_max_memory(text: str) -> dict[str | int, str | int]:
 
 
 def placement_bytes(model: Any) -> dict[str, int] | None:
-    """Bytes of weights (parameters and buffers) per device of a dispatched model; None on one device.
+    """Bytes of weights (parameters and buffers) per device of a dispatched model; None when not dispatched.
 
     From ``hf_device_map`` (module name -> device), so a weight offloaded to disk (a meta
     tensor in memory) counts where accelerate keeps it; a tied weight counts once.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device_map = getattr(base, "hf_device_map", None)
-    if not device_map or len(set(map(str, device_map.values()))) < 2:
+    if not device_map:
         return None
     seen: set[int] = set()
     held: dict[str, int] = {}
@@ -104,6 +104,18 @@ def placement_bytes(model: Any) -> dict[str, int] | None:
             key = f"cuda:{where}" if isinstance(where, int) else str(where)
             held[key] = held.get(key, 0) + tensor.numel() * tensor.element_size()
     return held
+
+
+def offloaded_input_problem(model: Any) -> str | None:
+    """Why a dispatched model cannot take inputs, or None: transformers' ``generate`` puts its tensors on
+    ``model.device`` (the first parameter's), which is no device when the input embedding went to disk."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    first = next(base.parameters(), None)
+    if first is None or first.device.type != "meta":
+        return None
+    where = (getattr(base, "hf_device_map", None) or {})
+    return (f"its first weights (the input embedding) were offloaded to {where.get(next(iter(where), ''), 'disk')}, "
+            "and generation needs them in memory")
 
 
 def describe_bytes(held: dict[str, int]) -> str:

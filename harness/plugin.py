@@ -294,11 +294,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return -2
 
     items.sort(key=order)
+    from harness.shard import load_group
+
     for item in items:
         if isinstance(item, HarnessItem):
             # `pytest -n N --dist loadgroup` keeps a variant's items on one worker: one load each
-            variant = item.harness_variant
-            item.add_marker(pytest.mark.xdist_group(variant.key if variant else "tokenizer"))
+            item.add_marker(pytest.mark.xdist_group(load_group(item)))
 
 
 @pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")

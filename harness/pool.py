@@ -19,7 +19,7 @@ from typing import Any
 
 from harness.devices import Device
 from harness.errors import AdapterError, HarnessError, ModelLoadError
-from harness.placement import Placement, describe_bytes, placement_bytes
+from harness.placement import Placement, describe_bytes, offloaded_input_problem, placement_bytes
 from harness.sources import ResolvedModel
 from harness.variants import VariantSpec
 
@@ -152,7 +152,14 @@ class ModelPool:
         model.eval()
         seconds = time.perf_counter() - start
         footprint = int(model.get_memory_footprint())
-        held = placement_bytes(model)
+        held = placement_bytes(model) if self.placement is not None else None
+        problem = offloaded_input_problem(model) if held else None
+        if problem:
+            assert self.placement is not None
+            raise ModelLoadError(
+                f"{variant.key}: {self.resolved.name!r} with {self.placement.describe()}: {problem} "
+                f"(held on {describe_bytes(held)}). Fix: raise max_memory for the first device so that at "
+                "least the input embedding fits there.")
         if variant.quant == "nf4" and held and any(d == "disk" or (d == "cpu" and self.device.is_cuda) for d in held):
             raise self._nf4_offload_error(variant, f"its layers were placed on {describe_bytes(held)}")
         self.load_counts[variant.key] += 1
@@ -202,7 +209,9 @@ class ModelPool:
                 f"Variant needs a LoRA adapter but none is known for {self.resolved.name!r}. "
                 "Fix: pass --adapter PATH or set `adapter:` in the registry."
             )
-        return load_adapter(model, adapter, model_name=self.resolved.name)
+        # a dispatched base is dispatched again with the adapter: peft needs the same limits and folder
+        dispatch = self.placement.from_pretrained_kwargs(self.device.name) if self.placement is not None else None
+        return load_adapter(model, adapter, model_name=self.resolved.name, dispatch=dispatch)
 
 
 def has_room(device: Device, nbytes: int) -> bool:
@@ -312,8 +321,13 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
 
-def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
-    """Apply a LoRA adapter, refusing ones that do not fit or that change nothing."""
+def load_adapter(model: Any, adapter: Path, *, model_name: str, dispatch: dict[str, Any] | None = None) -> Any:
+    """Apply a LoRA adapter, refusing ones that do not fit or that change nothing.
+
+    ``dispatch`` (device_map, max_memory, offload_folder) for a base spread by accelerate:
+    peft re-dispatches the model with the adapter, and without them would move every
+    offloaded weight onto one device.
+    """
     from peft import PeftModel
 
     config_file = adapter / "adapter_config.json"
@@ -338,7 +352,7 @@ def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
         )
     trained_for = config.get("base_model_name_or_path") or "unknown"
     try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, **(dispatch or {}))
     except Exception as exc:  # noqa: BLE001
         detail = str(exc).strip().splitlines()
         first = next((line for line in detail if "size mismatch" in line), detail[0] if detail else "")
@@ -383,14 +397,23 @@ def _assert_keys_match(model: Any, adapter: Path, *, model_name: str) -> None:
 
 
 def _assert_adapter_loaded(model: Any, adapter: Path, *, model_name: str, trained_for: str) -> None:
-    """peft only warns on missing keys; a lora_B left at its zero init means they did not load."""
+    """peft only warns on missing keys; a lora_B left at its zero init means they did not load.
+
+    A lora_B offloaded by accelerate (a meta tensor in memory) is judged by its tensor in the
+    file, which ``_assert_keys_match`` tied to the model's LoRA layers.
+    """
     zero: list[str] = []
     total = 0
+    offloaded = False
     for name, param in model.named_parameters():
         if "lora_B" in name:
             total += 1
-            if not param.detach().float().abs().max().item() > 0:
+            if param.device.type == "meta":
+                offloaded = True
+            elif not param.detach().float().abs().max().item() > 0:
                 zero.append(name)
+    if offloaded:
+        zero += _zero_lora_b_in_file(adapter)
     if total == 0:
         raise AdapterError(
             f"Adapter {adapter} added no LoRA layers to {model_name!r} (trained for {trained_for!r}). "
@@ -402,3 +425,11 @@ def _assert_adapter_loaded(model: Any, adapter: Path, *, model_name: str, traine
             f"weights are still zero (first: {zero[0]}), so their keys are missing from the file or "
             "the adapter is a no-op. Fix: re-save the adapter from the trained model."
         )
+
+
+def _zero_lora_b_in_file(adapter: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as handle:
+        return [key for key in handle.keys()
+                if "lora_B" in key and not handle.get_tensor(key).float().abs().max().item() > 0]

@@ -183,6 +183,10 @@ class HarnessSession:
         max_memory = opts.max_memory or entry.max_memory
         if device_map is None and max_memory is None and folder is None:
             return None
+        if folder is None:  # peft re-dispatches an adapter's base and needs a folder for what goes to disk
+            from harness.sources import cache_dir
+
+            folder = cache_dir() / "offload" / self.model_name
         return Placement(device_map=device_map or "auto", max_memory=max_memory, offload_folder=folder)
 
     @property

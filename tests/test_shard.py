@@ -250,3 +250,17 @@ def test_three_shards_and_a_merge_reproduce_the_unsharded_run_item_for_item(proj
     failure = merged.split("### suites/tok.yaml::words")[1]
     assert failure.split("```")[1] == (tmp_path / "whole.md").read_text().split("### suites/tok.yaml::words")[1].split("```")[1]
     assert "| 1/3 |" in merged and "| 3/3 |" in merged
+
+
+def test_shards_under_xdist_record_their_plan_and_merge(tmp_path):
+    """The controller collects nothing: the plan comes from the workers, the reports from the controller."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "conftest.py").write_text("import builtins\nbuiltins.FAIL = False\n")
+    for name, text in PLAIN_TESTS.items():
+        (tmp_path / name).write_text(text)
+    runs = _run_shards(tmp_path, 2, "-n", "2", "--dist", "loadgroup")
+    assert [r.returncode for r in runs] == [0, 0], [r.stdout + r.stderr for r in runs]
+    plans = [json.loads(_result(tmp_path, k).read_text())["plan"] for k in (1, 2)]
+    assert sum(len(p["selected"]) for p in plans) == plans[0]["collected"] == 7
+    code, report = _merge(tmp_path)
+    assert code == 0, report
