@@ -74,3 +74,31 @@ def test_bad_placement_values_are_usage_errors(project):
     result = project.run("--collect-only")
     assert result.ret != 0
     assert "max_memory[cpu] = 'lots'" in result.stdout.str() + result.stderr.str()
+
+
+def test_which_device_held_what_comes_from_the_device_map():
+    """A tiny model with tied embeddings: each weight counted once, where the map puts its module."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.checks.memory import MemoryFigures
+    from harness.measure import PeakMemory
+    from harness.placement import placement_bytes
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(torch.float16)
+    assert placement_bytes(model) is None  # not dispatched
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                           "model.norm": "disk", "model.rotary_emb": "disk", "lm_head": "cpu"}
+    held = placement_bytes(model)
+
+    def size(module):
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+    assert held == {"cpu": size(model.model.embed_tokens) + size(model.model.layers[0]),  # lm_head: tied
+                    "disk": size(model.model.layers[1]) + size(model.model.norm) + size(model.model.rotary_emb)}
+    figures = MemoryFigures(variant="fp16", weights_bytes=sum(held.values()), generated_tokens=1,
+                            peak=PeakMemory(source="rss", peak_bytes=1, baseline_bytes=0), placement=held).figures()
+    assert figures["weights_held_on"].startswith("cpu ") and ", disk " in figures["weights_held_on"]
+    assert {"weights_on_cpu_mb", "weights_on_disk_mb"} <= set(figures)
