@@ -238,8 +238,9 @@ def _markdown(merged: Merged) -> str:
         preface += ["## The shards do not make one whole run (red)", "",
                     *(f"- {problem}" for problem in merged.problems), ""]
     preface += _version_notes(with_provenance)
+    golden_folder = next((s.data["golden_folder"] for s in merged.shards if s.data.get("golden_folder")), [])
     return render_markdown(header, merged.record, exitstatus=merged.exitstatus, seconds=seconds,
-                           preface=preface, appendix=_shard_table(merged.shards))
+                           preface=preface, appendix=_shard_table(merged.shards) + golden_folder)
 
 
 def _version_notes(headers: list[dict[str, Any]]) -> list[str]:

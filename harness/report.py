@@ -230,7 +230,7 @@ def session_header(state: HarnessSession) -> Header:
 def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -> str:
     """A short Markdown report of a live session, pasteable as a pull-request comment."""
     return render_markdown(session_header(state), record, exitstatus=exitstatus,
-                           seconds=time.time() - record.started)
+                           seconds=time.time() - record.started, appendix=golden_folder_lines(state))
 
 
 def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, seconds: float,
@@ -261,6 +261,23 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     lines += _failures(record)
     lines += appendix or []
     return "\n".join(lines).rstrip() + "\n"
+
+
+def golden_folder_lines(state: HarnessSession) -> list[str]:
+    """What the terminal says about the golden folder (untrusted sidecars, leftovers), in the report too;
+    nothing in reference mode, which reads nothing under the golden folder."""
+    if state.options.reference is not None:
+        return []
+    from harness.golden import tree_report
+
+    try:
+        found = tree_report(state.options.golden_dir)
+    except OSError as exc:
+        found = [f"the golden folder cannot be read: {exc}"]
+    if not found:
+        return []
+    return ["## Golden folder", "", *(f"- {line.strip()}" if not line.startswith("  ") else f"  - `{line.strip()}`"
+                                     for line in found), ""]
 
 
 def _provenance_lines(side: Side) -> list[str]:

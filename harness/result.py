@@ -86,7 +86,7 @@ class ResultWriter:
         }
 
     def _final(self, exitstatus: int) -> dict[str, Any]:
-        from harness.report import Header, Side, _pool_loads, session_header
+        from harness.report import Header, Side, _pool_loads, golden_folder_lines, session_header
 
         record, state = self.record, self.state
         if record.outcomes:
@@ -108,6 +108,7 @@ class ResultWriter:
             "gate_failed": record.gate_failed,
             "loads": loads,
             "threads": dict(record.worker_threads),
+            "golden_folder": golden_folder_lines(state),  # the report's lines on leftovers, untrusted sidecars
             "reports": self.reports,
         }
 
