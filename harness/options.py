@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,14 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--attn-implementation", default=None, metavar="KERNEL",
                     help="attention kernel for this run (eager, sdpa, flash_attention_2, ...); overrides the "
                          "registry's attn_implementation. Env: HARNESS_ATTN_IMPLEMENTATION")
+    group.addoption("--device-map", default=None, metavar="STRATEGY",
+                    help="spread a model that does not fit one device over GPUs, CPU and disk (accelerate: auto, "
+                         "balanced, balanced_low_0, sequential); overrides the registry's device_map")
+    group.addoption("--max-memory", default=None, metavar="DEV=SIZE,...",
+                    help="per-device limits for --device-map, e.g. 0=20GiB,cpu=60GiB (implies --device-map auto); "
+                         "what does not fit goes to the next device, then to disk")
+    group.addoption("--offload-folder", default=None, metavar="DIR",
+                    help="where weights offloaded to disk are kept (implies --device-map auto)")
     group.addoption("--golden-dir", default=None, metavar="DIR",
                     help="golden files root (default: golden/ at the rootdir)")
     group.addoption("--harness-report", default=None, metavar="FILE.md",
@@ -46,12 +55,19 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--golden-device", default=None, metavar="CLASS|auto",
                     help="where this device class has no goldens, judge against another class's (e.g. cpu; "
                          "auto: the nearest recorded) with cross-device tolerances; never writes there")
+    group.addoption("--shard", default=None, metavar="K/N",
+                    help="run shard K of N: whole load groups (a variant's items, the model-level items) dealt "
+                         "deterministically, so N jobs run every item once and each loads a variant at most once; "
+                         "merge their --harness-result files with `harness-report merge`")
+    group.addoption("--harness-result", default=None, metavar="FILE.json|DIR",
+                    help="write the session's machine-readable result (verdicts, reasons, figures, provenance, "
+                         "commit, golden and suite hashes) for `harness-report merge`; a folder gets "
+                         "harness-result-K-of-N.json")
     group.addoption("--allow-update-in-ci", action="store_true", default=False,
                     help="allow --snapshot-update when the CI environment variable is set")
     parser.addini("harness_suites", type="linelist", default=[],
                   help="glob patterns (relative to the rootdir) of YAML files outside suites/ that are "
                        "harness suites; YAML elsewhere is collected only when named on the command line")
-
 
 
 def options_from_config(config: pytest.Config) -> Options:
@@ -119,6 +135,8 @@ def options_from_config(config: pytest.Config) -> Options:
                 "the environment variable HARNESS_ATTN_IMPLEMENTATION (read when --attn-implementation is not given)"
             fix = "" if option_attn else " Fix: correct or unset HARNESS_ATTN_IMPLEMENTATION."
             raise pytest.UsageError(f"{where}: {exc}.{fix}") from None
+    shard, result = _shard_options(config.getoption("shard"), config.getoption("harness_result"))
+    device_map, max_memory, offload = _placement_options(config)
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=adapter, device=config.getoption("device"),
@@ -126,8 +144,42 @@ def options_from_config(config: pytest.Config) -> Options:
         obtained_dir=Path(obtained).resolve() if obtained else None,
         attn_implementation=attn,
         golden_device=_golden_device(config.getoption("golden_device")),
-        reference=reference,
+        reference=reference, shard=shard, result=result,
+        device_map=device_map, max_memory=max_memory, offload_folder=offload,
     )
+
+
+def _placement_options(config: pytest.Config) -> tuple[str | None, Any, Path | None]:
+    """``--device-map``, ``--max-memory`` and ``--offload-folder``, checked before anything loads."""
+    from harness.placement import check_device_map, parse_max_memory
+
+    device_map, max_memory, folder = (config.getoption(n) for n in ("device_map", "max_memory", "offload_folder"))
+    try:
+        device_map = None if device_map is None else check_device_map(device_map)
+        max_memory = None if max_memory is None else parse_max_memory(max_memory)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{exc}.") from None
+    if folder and Path(folder).exists() and not Path(folder).is_dir():
+        raise pytest.UsageError(f"--offload-folder {folder}: this is a file, not a folder. Fix: pass a folder.")
+    return device_map, max_memory, Path(folder).resolve() if folder else None
+
+
+def _shard_options(shard_text: str | None, result_text: str | None) -> tuple[Any, Path | None]:
+    """``--shard K/N`` parsed; ``--harness-result`` as the file it will be (a folder gets a name)."""
+    from harness.result import result_path
+    from harness.shard import Shard
+
+    shard = None
+    if shard_text is not None:
+        try:
+            shard = Shard.parse(shard_text)
+        except ValueError as exc:
+            raise pytest.UsageError(f"{exc}.") from None
+    if result_text is None:
+        return shard, None
+    path = result_path(result_text, shard)
+    _writable_file_option("--harness-result", str(path))
+    return shard, path.absolute()
 
 
 def _variants_option(value: str | None) -> str | None:

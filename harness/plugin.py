@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -14,12 +14,27 @@ from harness.outputs import LazyBenchmarkJson
 from harness.report import SessionRecord
 from harness.session import SESSION_KEY, HarnessSession, harness_state
 
+if TYPE_CHECKING:
+    from harness.threads import ThreadShare
+
 _RECORD = pytest.StashKey[SessionRecord]()
+_THREADS = pytest.StashKey["ThreadShare | None"]()
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     pluginmanager.register(LazyBenchmarkJson(parser), "harness-lazy-benchmark-json")
     add_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """An xdist worker takes its share of the cores before any conftest can import torch."""
+    from harness.threads import apply, worker_share
+
+    share = worker_share()
+    if share is not None:
+        apply(share)
+    early_config.stash[_THREADS] = share
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,6 +45,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = HarnessSession(options_from_config(config))
     config.stash[_RECORD] = SessionRecord()
     config.pluginmanager.register(_Recorder(config.stash[_RECORD]), "harness-recorder")
+    options = harness_state(config).options
+    if options.result is not None and not hasattr(config, "workerinput"):  # the controller writes it, once
+        from harness.result import ResultWriter
+
+        config.pluginmanager.register(ResultWriter(config, options.result, shard=options.shard,
+                                                   state=harness_state(config), record=config.stash[_RECORD]),
+                                      "harness-result")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -71,11 +93,30 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return -2
 
     items.sort(key=order)
+    from harness.shard import load_group
+
     for item in items:
         if isinstance(item, HarnessItem):
             # `pytest -n N --dist loadgroup` keeps a variant's items on one worker: one load each
-            variant = item.harness_variant
-            item.add_marker(pytest.mark.xdist_group(variant.key if variant else "tokenizer"))
+            item.add_marker(pytest.mark.xdist_group(load_group(item)))
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_shard(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--shard K/N`` keeps this shard's load groups, after -k/-m: shards split what the session would run.
+
+    Also with ``--harness-result`` alone: the plan (what was collected) is part of the result.
+    """
+    options = harness_state(config).options
+    if options.shard is None and options.result is None:
+        return
+    from harness.shard import Shard, plan
+
+    kept, dropped, record = plan(items, options.shard or Shard(1, 1), rootdir=Path(config.rootpath))
+    config.stash[_RECORD].plan = record
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -200,7 +241,11 @@ class _Recorder:
         loads = output.get("harness_loads")
         if loads:
             self.record.worker_loads[node.gateway.id] = loads
+        if output.get("harness_threads"):
+            self.record.worker_threads[node.gateway.id] = output["harness_threads"]
         self.record.add_unselected(output.get("harness_unselected", ()))
+        if self.record.plan is None:  # every worker collects the same items, so the same plan
+            self.record.plan = output.get("harness_plan")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -242,9 +287,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(config, "workeroutput"):
         if state._pool is not None:
             config.workeroutput["harness_loads"] = _pool_loads(state._pool)
+        share = config.stash.get(_THREADS, None)
+        if share is not None:
+            from harness.threads import torch_threads
+
+            config.workeroutput["harness_threads"] = {"share": share.as_dict(), "torch": torch_threads()}
         config.workeroutput["harness_unselected"] = list(state.unselected)
+        config.workeroutput["harness_plan"] = record.plan
         return
     record.add_unselected(state.unselected)
+    if _empty_shard(state, record, session):
+        session.exitstatus = pytest.ExitCode.OK
     if in_ci() and record.unjudged() and not config.option.collectonly and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         record.gate_failed = True
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -257,6 +310,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             record.report_error = f"--harness-report {path} could not be written: {type(exc).__name__}: {exc}"
 
 
+def _empty_shard(state: HarnessSession, record: SessionRecord, session: pytest.Session) -> bool:
+    """A shard dealt no group (more shards than load groups) ran nothing, rightly: not pytest's 5."""
+    return (state.options.shard is not None and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED
+            and record.plan is not None and record.plan["collected"] > 0 and not record.plan["selected"])
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     from harness.report import terminal_summary, unjudged_section
 
@@ -265,6 +324,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if state.options.reference is None:  # reference mode reads nothing under the golden folder
         _golden_folder_summary(terminalreporter, state, record, config, exitstatus)
     unjudged_section(terminalreporter, record, ci=in_ci())
+    if state.options.shard is not None and record.plan is not None:
+        mine = [name for name, group in record.plan["groups"].items() if group["shard"] == state.options.shard.index]
+        terminalreporter.write_line(f"harness: shard {state.options.shard}: {len(record.plan['selected'])} of "
+                                    f"{record.plan['collected']} items, load groups: {', '.join(mine) or 'none'}")
+    writer = config.pluginmanager.get_plugin("harness-result")
+    if writer is not None and writer.error:
+        terminalreporter.write_line(f"harness: {writer.error}", red=True)
     if record.report_error:
         terminalreporter.write_line(f"harness: {record.report_error}", red=True)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from harness.devices import Device
 from harness.errors import AdapterError, HarnessError, ModelLoadError
+from harness.placement import Placement, describe_bytes, offloaded_input_problem, placement_bytes
 from harness.sources import ResolvedModel
 from harness.variants import VariantSpec
 
@@ -35,6 +36,7 @@ class Loaded:
     model: Any
     seconds: float
     weights_bytes: int
+    placement: dict[str, int] | None = None  # bytes per device, where accelerate spread the model
 
 
 @dataclass
@@ -51,6 +53,8 @@ class ModelPool:
     _observations: dict[tuple[str, str], Any] = field(default_factory=dict)
     loader: Callable[[VariantSpec], Any] | None = None
     attn_implementation: str | None = None  # overrides the registry's (--attn-implementation, calibration)
+    placement: Placement | None = None  # device_map over GPUs, CPU and disk; None: all on ``device``
+    placements: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def requested_attn(self) -> str | None:
@@ -131,6 +135,8 @@ class ModelPool:
         except HarnessError:
             raise
         except Exception as exc:  # noqa: BLE001 - one clear paragraph instead of a deep traceback
+            if variant.quant == "nf4" and self.placement is not None and _is_offload_refusal(exc):
+                raise self._nf4_offload_error(variant, "transformers refused to load it") from None
             if _is_oom(exc):
                 raise ModelLoadError(
                     f"Out of memory while loading {self.resolved.name!r} as {variant.key} on "
@@ -146,10 +152,33 @@ class ModelPool:
         model.eval()
         seconds = time.perf_counter() - start
         footprint = int(model.get_memory_footprint())
+        held = placement_bytes(model) if self.placement is not None else None
+        problem = offloaded_input_problem(model) if held else None
+        if problem:
+            assert self.placement is not None
+            raise ModelLoadError(
+                f"{variant.key}: {self.resolved.name!r} with {self.placement.describe()}: {problem} "
+                f"(held on {describe_bytes(held)}). Fix: raise max_memory for the first device so that at "
+                "least the input embedding fits there.")
+        if variant.quant == "nf4" and held and any(d == "disk" or (d == "cpu" and self.device.is_cuda) for d in held):
+            raise self._nf4_offload_error(variant, f"its layers were placed on {describe_bytes(held)}")
         self.load_counts[variant.key] += 1
         self.load_seconds[variant.key] = seconds
         self.weights_bytes[variant.key] = footprint
-        return Loaded(variant, model, seconds, footprint)
+        if held:
+            self.placements[variant.key] = held
+        return Loaded(variant, model, seconds, footprint, held)
+
+    def _nf4_offload_error(self, variant: VariantSpec, what: str) -> ModelLoadError:
+        assert self.placement is not None
+        return ModelLoadError(
+            f"{variant.key}: {self.resolved.name!r} in NF4 does not fit {self.placement.describe()} on "
+            f"{self.device.description}, and NF4 cannot be offloaded ({what}): bitsandbytes' 4-bit layers cannot "
+            "run from disk, nor from the CPU beside a GPU, and transformers would keep offloaded layers "
+            f"unquantized, which is not NF4. The {variant.key} items are not judged with this placement. Fix: "
+            "raise max_memory so that the 4-bit model fits the devices, or run the 16-bit variants alone "
+            "(--variants fp16,fp16-lora) with this placement and the NF4 ones where they fit."
+        )
 
     def _from_pretrained(self, variant: VariantSpec) -> Any:
         import torch
@@ -162,6 +191,11 @@ class ModelPool:
             "trust_remote_code": entry.trust_remote_code,
             "use_safetensors": not entry.allow_pickle or None,
         }
+        if self.placement is not None:
+            try:
+                kwargs.update(self.placement.from_pretrained_kwargs(self.device.name))
+            except ValueError as exc:
+                raise ModelLoadError(f"{self.resolved.name!r}: {exc}.") from None
         if variant.quant == "nf4":
             kwargs["quantization_config"] = nf4_config()
         if self.requested_attn:
@@ -175,7 +209,9 @@ class ModelPool:
                 f"Variant needs a LoRA adapter but none is known for {self.resolved.name!r}. "
                 "Fix: pass --adapter PATH or set `adapter:` in the registry."
             )
-        return load_adapter(model, adapter, model_name=self.resolved.name)
+        # a dispatched base is dispatched again with the adapter: peft needs the same limits and folder
+        dispatch = self.placement.from_pretrained_kwargs(self.device.name) if self.placement is not None else None
+        return load_adapter(model, adapter, model_name=self.resolved.name, dispatch=dispatch)
 
 
 def has_room(device: Device, nbytes: int) -> bool:
@@ -276,6 +312,11 @@ def _probe_nf4(device: Device) -> str | ModelLoadError | None:
     return None
 
 
+def _is_offload_refusal(exc: BaseException) -> bool:
+    """transformers' refusal to put quantized layers on the CPU or disk (bitsandbytes cannot run them there)."""
+    return isinstance(exc, ValueError) and "dispatched on the CPU or the disk" in str(exc)
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
@@ -369,14 +410,19 @@ def _safetensors_header(weights: Path) -> dict[str, Any]:
     return header if isinstance(header, dict) else {}
 
 
-def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
-    """Apply a LoRA adapter, refusing ones that do not fit or that change nothing."""
+def load_adapter(model: Any, adapter: Path, *, model_name: str, dispatch: dict[str, Any] | None = None) -> Any:
+    """Apply a LoRA adapter, refusing ones that do not fit or that change nothing.
+
+    ``dispatch`` (device_map, max_memory, offload_folder) for a base spread by accelerate:
+    peft re-dispatches the model with the adapter, and without them would move every
+    offloaded weight onto one device.
+    """
     from peft import PeftModel
 
     config = adapter_config(adapter)
     trained_for = config.get("base_model_name_or_path") or "unknown"
     try:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, **(dispatch or {}))
     except Exception as exc:  # noqa: BLE001
         detail = str(exc).strip().splitlines()
         first = next((line for line in detail if "size mismatch" in line), detail[0] if detail else "")
@@ -421,19 +467,31 @@ def _assert_keys_match(model: Any, adapter: Path, *, model_name: str) -> None:
 
 
 def _assert_adapter_loaded(model: Any, adapter: Path, *, model_name: str, trained_for: str) -> None:
-    """peft only warns on missing keys; a lora_B left at its zero init means they did not load."""
+    """peft only warns on missing keys; a lora_B left at its zero init means they did not load.
+
+    A LoRA tensor offloaded by accelerate (a meta tensor in memory) is judged by its tensor in
+    the file, which ``_assert_keys_match`` tied to the model's LoRA layers.
+    """
     import torch
 
     zero: list[str] = []
     nonfinite: list[str] = []
     total = 0
+    offloaded = False
     for name, param in model.named_parameters():
+        if "lora_" in name and param.device.type == "meta":
+            offloaded = True
+            total += "lora_B" in name
+            continue
         if "lora_" in name and not bool(torch.isfinite(param.detach()).all()):
             nonfinite.append(name)
         if "lora_B" in name:
             total += 1
             if not param.detach().float().abs().max().item() > 0:
                 zero.append(name)
+    if offloaded:
+        file_zero, file_nonfinite = _bad_lora_tensors_in_file(adapter)
+        zero, nonfinite = zero + file_zero, nonfinite + file_nonfinite
     if nonfinite:
         raise AdapterError(
             f"Adapter {adapter} holds NaN or infinite weights in {len(nonfinite)} LoRA tensors (first: {nonfinite[0]}), "
@@ -451,3 +509,22 @@ def _assert_adapter_loaded(model: Any, adapter: Path, *, model_name: str, traine
             f"weights are still zero (first: {zero[0]}), so their keys are missing from the file or "
             "the adapter is a no-op. Fix: re-save the adapter from the trained model."
         )
+
+
+def _bad_lora_tensors_in_file(adapter: Path) -> tuple[list[str], list[str]]:
+    """(all-zero lora_B tensors, LoRA tensors with NaN or inf) of the adapter's file."""
+    import torch
+    from safetensors import safe_open
+
+    zero: list[str] = []
+    nonfinite: list[str] = []
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            if "lora_" not in key:
+                continue
+            tensor = handle.get_tensor(key).float()
+            if not bool(torch.isfinite(tensor).all()):
+                nonfinite.append(key)
+            elif "lora_B" in key and not tensor.abs().max().item() > 0:
+                zero.append(key)
+    return zero, nonfinite

@@ -61,7 +61,24 @@ class ModelEntry(BaseModel):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     attn_implementation: str | None = None
+    device_map: str | None = None  # accelerate's placement over GPUs, CPU and disk (harness.placement)
+    max_memory: dict[str | int, str | int] | None = None
+    offload_folder: str | None = None
     description: str = ""
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_device_map(cls, value: str | None) -> str | None:
+        from harness.placement import check_device_map
+
+        return None if value is None else check_device_map(value)
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        from harness.placement import check_max_memory
+
+        return None if value is None else check_max_memory(value)
 
     @field_validator("attn_implementation")
     @classmethod

@@ -18,6 +18,7 @@ import pytest
 from harness.display import relative_paths, shown_path
 from harness.errors import NOT_JUDGED_PROPERTY
 from harness.session import HarnessSession
+from harness.threads import summary_line
 from harness.variants import ALL_KEYS, RUN_ORDER
 
 _NODE = re.compile(r"^(?P<file>[^:]+)::(?P<check>[^\[@]+)(\[(?P<variant>[^\]]+)\])?")
@@ -34,6 +35,7 @@ class Outcome:
     reason: str = ""
     detail: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # this item's accepted near-ties and other forgiveness
 
 
 @dataclass
@@ -45,12 +47,14 @@ class SessionRecord:
     goldens_written: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # accepted near-ties, fragile goldens: never silent
     worker_loads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    worker_threads: dict[str, dict[str, Any]] = field(default_factory=dict)  # xdist: each worker's CPU threads
     deselected: int = 0
     started: float = field(default_factory=time.time)
     not_judged: dict[str, str] = field(default_factory=dict)
     unselected: list[str] = field(default_factory=list)
     gate_failed: bool = False
     report_error: str | None = None
+    plan: dict[str, Any] | None = None  # --shard / --harness-result: what was collected and what this shard runs
 
     def add_unselected(self, notes: Any) -> None:
         """Checks whose ``variants:`` matched none of the session's (from collection, any worker)."""
@@ -92,6 +96,7 @@ class SessionRecord:
             nodeid=report.nodeid, suite=Path(match["file"]).stem, check=match["check"], variant=variant,
             outcome=outcome, reason=_one_line(detail, report), detail=detail,
             figures={k: v for k, v in props.items() if k not in GOLDEN_PROPS},
+            notes=[str(value) for name, value in report.user_properties if name == "harness_note"],
         )
 
 
@@ -111,7 +116,7 @@ def _one_line(detail: str, report: pytest.TestReport) -> str:
 
 def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord) -> None:
     pool = state._pool
-    if pool is None and not record.outcomes and not record.worker_loads:
+    if pool is None and not record.outcomes and not record.worker_loads and not record.worker_threads:
         return
     reporter.section("harness")
     if state.options.reference is not None:
@@ -132,6 +137,8 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
     for worker, loads in sorted(record.worker_loads.items()):
         for line in load_lines(loads):
             reporter.write_line(f"{worker}: {line}")
+    for worker, threads in sorted(record.worker_threads.items()):
+        reporter.write_line(summary_line(worker, threads))
     for note in record.notes:
         reporter.write_line(note)
     if record.goldens_written:
@@ -160,14 +167,18 @@ def unjudged_section(reporter: Any, record: SessionRecord, *, ci: bool) -> None:
 
 def _pool_loads(pool: Any) -> dict[str, Any]:
     return {
-        key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0)}
+        key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0),
+              "placement": pool.placements.get(key)}
         for key, count in pool.load_counts.items()
     }
 
 
 def load_lines(loads: dict[str, Any]) -> list[str]:
+    from harness.placement import describe_bytes
+
     return [
         f"loaded {key}: {info['count']}x, {info['seconds']:.1f} s, weights {info['bytes'] / 2**20:.1f} MiB"
+        + (f" (held on {describe_bytes(info['placement'])})" if info.get("placement") else "")
         for key, info in sorted(loads.items(), key=lambda kv: RUN_ORDER.index(kv[0]))
     ]
 
@@ -175,33 +186,91 @@ def load_lines(loads: dict[str, Any]) -> list[str]:
 _SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skip"}
 
 
+@dataclass
+class Side:
+    """One model of the run as a report's header shows it: from a live session or a shard's result file."""
+
+    name: str
+    provenance: dict[str, Any] | None = None
+    error: str | None = None  # why the provenance is unavailable
+    adapter: str | None = None
+    device: str = ""  # the device's description
+
+
+@dataclass
+class Header:
+    """Who was tested where; ``reference`` is OLD in reference mode (the report then reads NEW vs OLD)."""
+
+    model: Side
+    reference: Side | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Header:
+        return cls(model=Side(**data["model"]),
+                   reference=Side(**data["reference"]) if data.get("reference") else None)
+
+
+def session_header(state: HarnessSession) -> Header:
+    """The header of a live session; a provenance that cannot be had is said, never raised."""
+
+    def side(*, reference: bool) -> Side:
+        name = state.reference_name if reference else state.model_name
+        try:
+            prov = state.provenance(reference=reference)
+        except Exception as exc:  # noqa: BLE001 - the report must still be written
+            return Side(name=str(name), error=str(exc))
+        resolved = state._reference_resolved if reference else state._resolved
+        adapter = resolved.adapter if resolved else None
+        return Side(name=str(name), provenance=prov, adapter=str(adapter) if adapter else None,
+                    device=state.device.description)
+
+    reference = side(reference=True) if state.options.reference is not None else None
+    return Header(model=side(reference=False), reference=reference)
+
+
 def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -> str:
-    """A short Markdown report, pasteable as a pull-request comment: no path of this machine in it."""
+    """A short Markdown report of a live session, pasteable as a pull-request comment: no path of this
+    machine in it (paths under the rootdir are shown relative to it)."""
+    text = render_markdown(session_header(state), record, exitstatus=exitstatus,
+                           seconds=time.time() - record.started, appendix=golden_folder_lines(state))
+    return relative_paths(text, state.options.rootdir)
+
+
+def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, seconds: float,
+                    preface: list[str] | None = None, appendix: list[str] | None = None) -> str:
+    """The one Markdown renderer: a session's report, and ``harness-report merge``'s of a sharded run.
+
+    ``preface`` (lines after the verdict) and ``appendix`` (lines at the end) are the merge's
+    problems and its per-shard table.
+    """
     counts = Counter(o.outcome for o in record.outcomes.values())
-    if state.options.reference is not None:
-        lines = [f"# Behaviour report: NEW {state.model_name} vs OLD {state.reference_name}", "",
+    if header.reference is not None:
+        lines = [f"# Behaviour report: NEW {header.model.name} vs OLD {header.reference.name}", "",
                  "Reference mode: golden-style checks were judged against a live run of OLD in this session "
                  "(same variant and device), not against golden files.", "", "NEW:"]
-        lines += _provenance_lines(state) + ["", "OLD:"] + _provenance_lines(state, reference=True)
+        lines += _provenance_lines(header.model) + ["", "OLD:"] + _provenance_lines(header.reference)
     else:
-        lines = [f"# Behaviour report: {state.model_name}", ""]
-        lines += _provenance_lines(state)
+        lines = [f"# Behaviour report: {header.model.name}", ""]
+        lines += _provenance_lines(header.model)
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no harness items"
     verdict = "green" if exitstatus == 0 else "red"
-    lines += [f"- **result: {verdict}** ({summary}) in {time.time() - record.started:.0f} s", ""]
+    lines += [f"- **result: {verdict}** ({summary}) in {seconds:.0f} s", ""]
+    lines += preface or []
     lines += _matrix(record)
     lines += _unjudged(record)
     lines += _figures(record)
     if record.notes:
         lines += ["## Judged up to noise", "", *[f"- {note}" for note in record.notes], ""]
     lines += _failures(record)
-    if state.options.reference is None:  # reference mode reads nothing under the golden folder
-        lines += _golden_folder(state)
-    return relative_paths("\n".join(lines).rstrip() + "\n", state.options.rootdir)
+    lines += appendix or []
+    return "\n".join(lines).rstrip() + "\n"
 
 
-def _golden_folder(state: HarnessSession) -> list[str]:
-    """What the terminal says about the golden folder (untrusted sidecars, leftovers), in the report too."""
+def golden_folder_lines(state: HarnessSession) -> list[str]:
+    """What the terminal says about the golden folder (untrusted sidecars, leftovers), in the report too;
+    nothing in reference mode, which reads nothing under the golden folder."""
+    if state.options.reference is not None:
+        return []
     from harness.golden import tree_report
 
     try:
@@ -214,20 +283,16 @@ def _golden_folder(state: HarnessSession) -> list[str]:
                                      for line in found), ""]
 
 
-def _provenance_lines(state: HarnessSession, *, reference: bool = False) -> list[str]:
-    try:
-        prov = state.provenance(reference=reference)
-    except Exception as exc:  # noqa: BLE001 - the report must still be written
-        name = state.reference_name if reference else state.model_name
-        return [f"- model: {name} (provenance unavailable: {exc})"]
+def _provenance_lines(side: Side) -> list[str]:
+    prov = side.provenance
+    if prov is None:
+        return [f"- model: {side.name} (provenance unavailable: {side.error})"]
     versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
-    resolved = state._reference_resolved if reference else state._resolved
-    adapter = resolved.adapter if resolved else None
     return [
         f"- model: `{prov['model']}` ({prov['source']}), revision `{prov['revision'] or '-'}`, "
         f"weights fingerprint `{prov['model_fingerprint']}`, tokenizer `{prov['tokenizer_fingerprint']}`",
-        f"- adapter: `{adapter or '-'}` fingerprint `{prov['adapter_fingerprint'] or '-'}`",
-        f"- device: {state.device.description} (class `{prov['device']}`)",
+        f"- adapter: `{side.adapter or '-'}` fingerprint `{prov['adapter_fingerprint'] or '-'}`",
+        f"- device: {side.device} (class `{prov['device']}`)",
         f"- libraries: {versions}",
     ]
 

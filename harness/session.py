@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from harness.devices import Device
     from harness.golden import GoldenStore
     from harness.pool import ModelPool
-    from harness.registry import Registry
+    from harness.placement import Placement
+    from harness.registry import ModelEntry, Registry
+    from harness.shard import Shard
     from harness.sources import ResolvedModel
     from harness.spec import CheckEntry, SuiteSpec
 
@@ -48,6 +50,11 @@ class Options:
     attn_implementation: str | None = None
     golden_device: str | None = None  # --golden-device
     reference: str | None = None  # --reference: judge golden-style checks against this model, live
+    shard: Shard | None = None  # --shard K/N
+    device_map: str | None = None  # --device-map, --max-memory, --offload-folder (over the registry's)
+    max_memory: dict[str | int, str | int] | None = None
+    offload_folder: Path | None = None
+    result: Path | None = None  # --harness-result: the machine-readable result file
 
 
 class HarnessSession:
@@ -149,8 +156,10 @@ class HarnessSession:
         if self._pool is None:
             from harness.pool import ModelPool
 
-            self._pool = ModelPool(resolved=self.resolve(), device=self.device,
-                                   attn_implementation=self.options.attn_implementation)
+            resolved = self.resolve()
+            self._pool = ModelPool(resolved=resolved, device=self.device,
+                                   attn_implementation=self.options.attn_implementation,
+                                   placement=self.placement(resolved.entry))
         return self._pool
 
     @property
@@ -162,8 +171,25 @@ class HarnessSession:
             resolved = self.resolve_reference()
             assert resolved is not None, "reference_pool outside reference mode"
             self._reference_pool = ModelPool(resolved=resolved, device=self.device,
-                                             attn_implementation=self.options.attn_implementation)
+                                             attn_implementation=self.options.attn_implementation,
+                                             placement=self.placement(resolved.entry))
         return self._reference_pool
+
+    def placement(self, entry: ModelEntry) -> Placement | None:
+        """The command line's placement over the registry entry's; None: the whole model on one device."""
+        from harness.placement import Placement
+
+        opts = self.options
+        folder = opts.offload_folder or (self.options.rootdir / entry.offload_folder if entry.offload_folder else None)
+        device_map = opts.device_map or entry.device_map
+        max_memory = opts.max_memory or entry.max_memory
+        if device_map is None and max_memory is None and folder is None:
+            return None
+        if folder is None:  # peft re-dispatches an adapter's base and needs a folder for what goes to disk
+            from harness.sources import cache_dir
+
+            folder = cache_dir() / "offload" / self.model_name
+        return Placement(device_map=device_map or "auto", max_memory=max_memory, offload_folder=folder)
 
     @property
     def goldens(self) -> GoldenStore:

@@ -114,6 +114,7 @@ class MemoryFigures:
     quant_state_after_bytes: int = 0
     expected_nf4_bytes: int | None = None
     expected_16bit_bytes: int | None = None
+    placement: dict[str, int] | None = None  # a model spread by device_map: bytes per device
 
     def metric(self, name: str) -> int:
         return self.weights_bytes if name == "weights" else self.peak.peak_bytes
@@ -132,6 +133,11 @@ class MemoryFigures:
             out["quant_state_after_workload_mb"] = mib(self.quant_state_after_bytes)
         if self.expected_nf4_bytes is not None:
             out["expected_nf4_mb"] = mib(self.expected_nf4_bytes)
+        if self.placement:
+            from harness.placement import describe_bytes
+
+            out["weights_held_on"] = describe_bytes(self.placement)
+            out.update({f"weights_on_{device.replace(':', '')}_mb": mib(size) for device, size in self.placement.items()})
         return out
 
 
@@ -155,6 +161,7 @@ def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device
         quant_state_after_bytes=quant_state_bytes(model) if is_nf4 else 0,
         expected_nf4_bytes=estimate.total_bytes if estimate else None,
         expected_16bit_bytes=estimate.sixteen_bit_bytes if estimate else None,
+        placement=loaded.placement,
     )
 
 
