@@ -142,7 +142,9 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
         __tracebackhide__ = True
         model = ctx.model
         effect = adapter_effect(model, ctx.tokenizer, prompts, unmerged)
-        results = [self._path(ctx, path, prompts, unmerged) for path in MERGE_PATHS]
+        tol = tolerance_for(ctx, self.spec)
+        results = [judge_path(model, ctx.tokenizer, path, prompts, unmerged, tol=tol,
+                              max_new_tokens=self.spec.max_new_tokens) for path in MERGE_PATHS]
         ctx.record(adapter_effect_mean_abs_dlogp=round(effect, 6))
         for r in results:
             ctx.record(**{f"merge_{r.path}_mean_abs_dlogp": round(r.mean, 6),
@@ -151,7 +153,6 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
                           f"merge_{r.path}_within_noise": r.within_noise})
         safe = [r.path for r in results if r.within_noise and r.finite]
         ctx.record(merge_within_noise=",".join(safe) or "none")
-        tol = tolerance_for(ctx, self.spec)
         summary = (f"the adapter's own effect (adapter on vs off) is mean |Δ log p| {effect:.3g}; tolerance for "
                    f"{ctx.variant.key if ctx.variant else ''}: mean {tol.mean_abs_dlogp:g}, step {tol.max_abs_dlogp:g}"
                    + "".join(f"\n  - {r.describe(effect)}" for r in results))
@@ -170,35 +171,6 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
         if all(v is None for v in budget.model_dump().values()):
             warnings.warn(f"{ctx.subject}: no nf4_budget set, the re-quantizing merges are reported only: {summary}",
                           UserWarning, stacklevel=1)
-
-    def _path(self, ctx: CheckContext, path: MergePath, prompts: list[Prompt], unmerged: list[Any]) -> PathResult:
-        from harness.compare import compare, sides, teacher_force
-
-        tokenizer = ctx.tokenizer
-        tol = tolerance_for(ctx, self.spec)
-        model = merged(ctx.model, path)
-        deltas: list[float] = []
-        changes: list[str] = []
-        within = True
-        for prompt, reference in zip(prompts, unmerged):
-            forced = teacher_force(model, prompt.ids, list(reference.token_ids), tokenizer=tokenizer)
-            deltas += [abs(r.logprob - f.logprob) for r, f in zip(reference.steps, forced)]
-            if len(forced) < len(reference.steps):
-                changes.append(f"prompt {prompt.label}: the merged model stops after {len(forced)} of "
-                               f"{len(reference.steps)} tokens")
-            change = next((i for i, (r, f) in enumerate(zip(reference.steps, forced)) if f.best[0] != r.token_id), None)
-            if change is not None:
-                got = forced[change].best[0]
-                changes.append(f"prompt {prompt.label}: at step {change} the merged model prefers "
-                               f"{tokenizer.decode([got])!r} over {tokenizer.decode([reference.token_ids[change]])!r}")
-            actual = greedy(model, tokenizer, prompt, self.spec.max_new_tokens)
-            verdict = compare(reference, actual, tol, rescore=rescorer(model, tokenizer, prompt),
-                              sides=sides("unmerged", path))
-            within = within and verdict.ok
-        del model
-        mean = sum(deltas) / len(deltas) if deltas else 0.0
-        return PathResult(path=path, mean=mean, worst=max(deltas, default=0.0), steps=len(deltas),
-                          within_noise=within, changes=tuple(changes))
 
     def _problems(self, results: list[PathResult], effect: float) -> list[str]:
         """Non-finite anywhere, a 16-bit merge beyond noise, a re-quantizing merge beyond ``nf4_budget``."""
@@ -222,6 +194,36 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
                 problems.append(f"{name}: loses {r.lost(effect):.2f} of the adapter's effect > budget "
                                 f"max_adapter_lost {budget.max_adapter_lost:g}")
         return problems
+
+
+def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt], unmerged: list[Any], *,
+               tol: Any, max_new_tokens: int) -> PathResult:
+    """Merge a copy of ``model`` along ``path``; score the unmerged greedy tokens through it and judge its own
+    greedy output against the unmerged one (the engine, the variant's tolerance)."""
+    from harness.compare import compare, sides, teacher_force
+
+    merged_model = merged(model, path)
+    deltas: list[float] = []
+    changes: list[str] = []
+    within = True
+    for prompt, reference in zip(prompts, unmerged):
+        forced = teacher_force(merged_model, prompt.ids, list(reference.token_ids), tokenizer=tokenizer)
+        deltas += [abs(r.logprob - f.logprob) for r, f in zip(reference.steps, forced)]
+        if len(forced) < len(reference.steps):
+            changes.append(f"prompt {prompt.label}: the merged model stops after {len(forced)} of "
+                           f"{len(reference.steps)} tokens")
+        change = next((i for i, (r, f) in enumerate(zip(reference.steps, forced)) if f.best[0] != r.token_id), None)
+        if change is not None:
+            got = forced[change].best[0]
+            changes.append(f"prompt {prompt.label}: at step {change} the merged model prefers "
+                           f"{tokenizer.decode([got])!r} over {tokenizer.decode([reference.token_ids[change]])!r}")
+        actual = greedy(merged_model, tokenizer, prompt, max_new_tokens)
+        within = within and compare(reference, actual, tol, rescore=rescorer(merged_model, tokenizer, prompt),
+                                    sides=sides("unmerged", path)).ok
+    del merged_model
+    mean = sum(deltas) / len(deltas) if deltas else 0.0
+    return PathResult(path=path, mean=mean, worst=max(deltas, default=0.0), steps=len(deltas),
+                      within_noise=within, changes=tuple(changes))
 
 
 def adapter_effect(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: list[Any]) -> float:
