@@ -326,7 +326,6 @@ class DriftCheck(Check[DriftSpec]):
                 + (f"\n{detail}" if detail else "")
             )
 
-
     def run_against_reference(self, pair: ReferencePair) -> None:
         """NEW's variant against OLD's same variant, within the variant's noise; NEW's own budgets too."""
         __tracebackhide__ = True
