@@ -75,7 +75,9 @@ def report(model_name: str | None) -> str:
                                   f"adapter lost; {verdict})")
         if variant.quant == "nf4":
             rounding = rounding_figures(model)
-    names = {**MERGE_PATH_NAMES, "off": "no adapter at all (the adapter's whole effect)"}
+    names = {"merge_and_unload": "`merge_and_unload()` (on NF4, peft re-quantizes the merged layers)",
+             "requantize": MERGE_PATH_NAMES["requantize"], "dequantize": MERGE_PATH_NAMES["dequantize"],
+             "off": "no adapter at all (the adapter's whole effect)"}
     no_quant = "– (nothing to dequantize: the same as `merge_and_unload()`)"
     lines = [
         "# Merging a LoRA adapter into an NF4 base",

@@ -82,15 +82,17 @@ _delta = lora_bnb.Linear4bit.get_delta_weight
 lora_bnb.Linear4bit.get_delta_weight = lambda self, adapter: _delta(self, adapter) * float("inf")
 
 
-# an NF4 save that raises (a bitsandbytes that cannot serialize 4-bit weights)
-import bitsandbytes
+# an NF4 save that raises (a bitsandbytes that cannot serialize 4-bit weights); other saves as they were
+_save_pretrained = transformers.modeling_utils.PreTrainedModel.save_pretrained
 
 
-def _cannot_save(self, *args, **kwargs):
-    raise NotImplementedError("4-bit serialization fault")
+def _cannot_save_4bit(self, *args, **kwargs):
+    if getattr(self, "is_loaded_in_4bit", False):
+        raise NotImplementedError("4-bit serialization fault")
+    return _save_pretrained(self, *args, **kwargs)
 
 
-bitsandbytes.nn.Linear4bit._save_to_state_dict = _cannot_save
+transformers.modeling_utils.PreTrainedModel.save_pretrained = _cannot_save_4bit
 """
 
 # The three merges into NF4 on the real adapter, with a budget the re-quantizing ones cannot meet.

@@ -141,7 +141,7 @@ def test_every_kind_gets_a_new_vs_old_verdict_and_a_sampled_drop_fails_with_the_
     project.suite("ref", EVERY_KIND)
     report = project.path / "report.md"
     result = project.run(f"--model={paris_model}", "--reference=smollm2-135m", "--variants", "fp16,fp16-lora",
-                         "-rA", f"--harness-report={report}")
+                         "--adapter", "fixtures/adapters/smollm2-135m-pirate", "-rA", f"--harness-report={report}")
     outcomes = result.parseoutcomes()
     assert "skipped" not in outcomes, result.stdout.str()[-4000:]  # every item a verdict, none a plain skip
     text = report.read_text(encoding="utf-8")
