@@ -54,7 +54,7 @@ EVERY_KIND = SUITE + """
     variants: [fp16]
     prompt: "The capital of France is"
     max_new_tokens: 2
-    sample: {n: 32, seed: 0, temperature: 0.8, min_pass_rate: 0.3}
+    sample: {n: 32, seed: 2, temperature: 0.8, min_pass_rate: 0.3}  # 0.875 -> 0.53 on NEW, p 0.0005
     expect: [{contains: "Paris"}]
   - id: kv
     kind: cache
@@ -157,7 +157,7 @@ def test_every_kind_gets_a_new_vs_old_verdict_and_a_sampled_drop_fails_with_the_
     result.stdout.fnmatch_lines([
         "NEW (smollm2-paris) vs OLD (smollm2-135m): paris-sampled: NEW's pass rate is significantly lower than "
         "OLD's (p * < alpha 0.05)*",
-        "n 32 samples (seed 0, temperature 0.8, top_p 1), the same seeds on both: pass rate OLD *, NEW 0.*; "
+        "n 32 samples (seed 2, temperature 0.8, top_p 1), the same seeds on both: pass rate OLD *, NEW 0.*; "
         "* pair(s) pass on OLD only, * on NEW only; exact McNemar one-sided p = *",
     ])
     assert "old_pass_rate=" in text and "mcnemar_p=" in text and "weights_ratio_vs_old=1" in text
