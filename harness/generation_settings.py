@@ -6,8 +6,10 @@ when there is none), then from transformers' global defaults; a missing pad
 token falls back to the first eos token. A model update that edits
 ``generation_config.json`` (a new eos id, sampling turned on, a repetition
 penalty, a shorter max_length) changes every user's output without touching a
-weight, so this is recorded as a golden (``generation_config`` kind) and shown
-with greedy goldens. One function, so that both describe the same thing.
+weight, so this is recorded as a golden (``generation_config`` kind). The greedy
+golden's ``generation`` block holds the part of it that still acts under forced
+greedy decoding (``greedy_settings``): a filter of the same resolution, so that
+both describe the same thing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ SETTINGS: tuple[str, ...] = (
     "guidance_scale",
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "stop_strings",
     "use_cache", "cache_implementation",
+)
+
+
+# The settings (a subset of SETTINGS) that still act when greedy decoding is forced (logits
+# processors and stopping): what shaped a greedy golden's tokens besides the weights.
+GREEDY_SETTINGS: tuple[str, ...] = (
+    "eos_token_id", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length",
+    "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
+    "remove_invalid_values", "stop_strings", "encoder_repetition_penalty", "guidance_scale",
 )
 
 
@@ -53,6 +65,28 @@ def effective_generation_settings(generation_config: Any) -> dict[str, Any]:
         eos = settings["eos_token_id"]
         settings["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
         settings["pad_token_id_from"] = "eos_token_id (generate's fallback: no pad token is set)"
+    return settings
+
+
+def greedy_settings(generation_config: Any) -> dict[str, Any]:
+    """``GREEDY_SETTINGS`` as ``generate()`` resolves them, where they act.
+
+    ``eos_token_id`` is always listed, as a sorted list (it decides where generation
+    stops); the others only where their resolved value differs from what generate()
+    resolves for a config that sets nothing (``repetition_penalty: 1.0`` does nothing).
+    """
+    from transformers import GenerationConfig
+
+    effective = effective_generation_settings(generation_config)
+    neutral = effective_generation_settings(GenerationConfig())
+    settings: dict[str, Any] = {}
+    for name in GREEDY_SETTINGS:
+        value = effective[name]
+        if name == "eos_token_id":
+            eos = [] if value is None else value if isinstance(value, list) else [value]
+            settings[name] = sorted(int(v) for v in eos)  # one type whether the config holds an int or a list
+        elif value != neutral[name]:
+            settings[name] = value
     return settings
 
 

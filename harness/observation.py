@@ -21,21 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from harness.generation_settings import plain
 
 Stop = Literal["eos", "length"]
 DEFAULT_TOP_K = 5
 LOGPROB_DECIMALS = 4
-
-# generation_config fields that still act under forced greedy decoding (logits
-# processors and stopping), so a golden must say which ones were in force.
-GREEDY_SETTINGS: tuple[str, ...] = (
-    "eos_token_id", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length",
-    "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-    "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits",
-    "remove_invalid_values", "stop_strings", "encoder_repetition_penalty", "guidance_scale",
-)
-
 
 @dataclass(frozen=True)
 class Step:
@@ -96,24 +85,12 @@ def eos_ids(model: Any) -> frozenset[int]:
 
 
 def generation_settings(model: Any) -> dict[str, Any]:
-    """The generation_config fields that act under forced greedy decoding, where they are set.
-
-    ``eos_token_id`` is always listed (it decides where generation stops); the
-    others only where they differ from transformers' defaults, so a golden
-    shows exactly what shaped its tokens besides the weights.
-    """
+    """The model's generation settings that act under forced greedy decoding (``greedy_settings``)."""
     from transformers import GenerationConfig
 
-    config = getattr(model, "generation_config", None) or GenerationConfig()
-    default = GenerationConfig()
-    settings: dict[str, Any] = {}
-    for name in GREEDY_SETTINGS:
-        value = getattr(config, name, None)
-        if name == "eos_token_id":
-            settings[name] = sorted(eos_ids(model))  # one type whether the config holds an int or a list
-        elif value != getattr(default, name, None):
-            settings[name] = plain(value)
-    return settings
+    from harness.generation_settings import greedy_settings
+
+    return greedy_settings(getattr(model, "generation_config", None) or GenerationConfig())
 
 
 def observe_greedy(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_new_tokens: int, *,

@@ -24,9 +24,8 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--model", default=None, metavar="NAME|PATH",
                     help="registry name, local model folder, .gguf file or hub id (default: the registry's default)")
     group.addoption("--reference", default=None, metavar="NAME|PATH",
-                    help="reference mode: judge golden-style checks (greedy, tokenization, chat_template, "
-                         "generation_config) against a live run of this model (OLD; resolved like --model) on the "
-                         "same variant and device, instead of golden files; the report reads NEW vs OLD")
+                    help="reference mode: judge every check against a live run of this model (OLD; resolved like "
+                         "--model) on the same variant and device, instead of golden files; the report reads NEW vs OLD")
     group.addoption("--registry", default=None, metavar="FILE",
                     help="model registry (default: models.yaml at the rootdir)")
     group.addoption("--variants", default=None, metavar="LIST",

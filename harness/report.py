@@ -120,8 +120,8 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
         return
     reporter.section("harness")
     if state.options.reference is not None:
-        reporter.write_line(f"reference mode: NEW {state.model_name} vs OLD {state.reference_name} (golden-style "
-                            "checks judged against a live run of OLD; golden files neither read nor written)")
+        reporter.write_line(f"reference mode: NEW {state.model_name} vs OLD {state.reference_name} (every check "
+                            "judged against a live run of OLD in this session; golden files neither read nor written)")
     side = "NEW " if state.options.reference is not None else ""
     if state._resolved is not None:
         reporter.write_line(f"{side}model {state.model_name}: {state._resolved.source}; device {state.device.description}")
@@ -246,8 +246,8 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     counts = Counter(o.outcome for o in record.outcomes.values())
     if header.reference is not None:
         lines = [f"# Behaviour report: NEW {header.model.name} vs OLD {header.reference.name}", "",
-                 "Reference mode: golden-style checks were judged against a live run of OLD in this session "
-                 "(same variant and device), not against golden files.", "", "NEW:"]
+                 "Reference mode: every check was judged against a live run of OLD in this session (same variant "
+                 "and device), not against golden files; figures of OLD are prefixed `old_`.", "", "NEW:"]
         lines += _provenance_lines(header.model) + ["", "OLD:"] + _provenance_lines(header.reference)
     else:
         lines = [f"# Behaviour report: {header.model.name}", ""]

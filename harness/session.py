@@ -49,7 +49,7 @@ class Options:
     obtained_dir: Path | None = None
     attn_implementation: str | None = None
     golden_device: str | None = None  # --golden-device
-    reference: str | None = None  # --reference: judge golden-style checks against this model, live
+    reference: str | None = None  # --reference: judge every check against this model, live
     shard: Shard | None = None  # --shard K/N
     device_map: str | None = None  # --device-map, --max-memory, --offload-folder (over the registry's)
     max_memory: dict[str | int, str | int] | None = None
@@ -232,16 +232,21 @@ class HarnessSession:
         from harness.checks.base import CheckContext
         from harness.pool import VariantUnavailable
 
+        reference = self.options.reference is not None
         models = entry.check.spec.models
-        if models is not None and self.model_name not in models:
+        names = [self.model_name] + ([self.reference_name or ""] if reference else [])
+        if models is not None and not set(names) & set(models):
             unknown = self._unknown_models(models)
             if unknown:
                 raise _not_judged(request, unknown)
             pytest.skip(f"{entry.check.spec.id} was written for {', '.join(models)} (its `models:` key), not for "
-                        f"{self.model_name}: add this model there, or write its own check")
+                        f"{' or '.join(names)}: add this model there, or write its own check")
         if entry.check.needs_gpu and not self.device.is_cuda:
-            pytest.skip(f"{entry.check.kind} needs a CUDA device; running on {self.device.description}")
-        if self.options.reference is not None:
+            reason = f"{entry.check.kind} needs a CUDA device; running on {self.device.description}"
+            if reference:
+                raise _not_judged(request, reason)
+            pytest.skip(reason)
+        if reference:
             self._run_against_reference(suite, entry, variant, request)
             return
         ctx = CheckContext(
@@ -279,6 +284,8 @@ class HarnessSession:
 
         known = set(self.registry.models) | {golden_folder_name(name) for name in self.registry.models}
         known.add(self.model_name)
+        if self.reference_name is not None:
+            known.add(self.reference_name)
         unknown = [name for name in models if name not in known]
         if not unknown:
             return None
@@ -291,54 +298,36 @@ class HarnessSession:
 
     def _run_against_reference(self, suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None,
                                request: pytest.FixtureRequest) -> None:
-        """Reference mode: a golden-style check runs on OLD (recorded), then on NEW judged against that record.
+        """Reference mode: the check judges NEW against OLD, both run in this session (``harness.diff.reference``).
 
-        Other kinds run on NEW only; one that asks for a golden anyway fails (nothing was recorded),
-        never passes unjudged. Nothing under the golden folder is read or written.
+        Nothing under the golden folder is read or written; whatever cannot be judged
+        (a skip, a variant that does not load) is NOT JUDGED, never a plain skip.
         """
         __tracebackhide__ = True
         from harness.checks.base import CheckContext
-        from harness.diff.reference import LiveReference, Recorder, reference_sides
-        from harness.pool import VariantUnavailable, make_room
+        from harness.diff.reference import LiveReference, Recorder, ReferencePair, reference_sides
+        from harness.pool import VariantUnavailable
 
         sides = reference_sides(new=self.model_name, old=self.reference_name or "")
 
-        def context(pool: ModelPool, goldens: Any) -> CheckContext:
+        def context(pool: ModelPool, goldens: Any, **side: str) -> CheckContext:
             return CheckContext(suite=suite.name, suite_path=suite.path, check_id=entry.check.spec.id,
                                 variant=variant, pool=pool, goldens=goldens, device=self.device, request=request,
-                                sides=sides)
+                                sides=sides, **side)
 
+        recorder = Recorder()
+        live = LiveReference(records=recorder.records, label=f"{sides.actual} vs {sides.expected}",
+                             old=sides.expected)
+        pair = ReferencePair(
+            old=context(self.reference_pool, recorder, figure_prefix="old_", note_prefix=f"{sides.expected}: "),
+            new=context(self.pool, live),
+        )
         try:
-            records = self._record_reference(entry, context(self.reference_pool, Recorder())) \
-                if entry.check.uses_goldens else {}
-            make_room(self.reference_pool)
-            live = LiveReference(records=records, label=f"{sides.actual} vs {sides.expected}", old=sides.expected)
-            entry.check.run(context(self.pool, live))
-        except NotJudged as exc:
+            entry.check.run_against_reference(pair)
+        except (NotJudged, VariantUnavailable) as exc:
             raise _not_judged(request, str(exc)) from None
-        except VariantUnavailable as exc:
-            raise _skip_here(str(exc)) from None
         except pytest.skip.Exception as exc:
-            raise _skip_here(exc.msg) from None
-
-    def _record_reference(self, entry: CheckEntry, ctx: CheckContext) -> dict[Path, Any]:
-        """OLD's observation of one check, recorded in memory; a failure there is named as OLD's."""
-        __tracebackhide__ = True
-        from harness.errors import CheckFailure, HarnessError
-        from harness.pool import VariantUnavailable, make_room
-
-        make_room(self.pool)
-        try:
-            entry.check.run(ctx)
-        except (NotJudged, VariantUnavailable):
-            raise
-        except pytest.skip.Exception as exc:
-            raise NotJudged(f"the reference run {ctx.sides.expected} skipped this check ({exc.msg}), so "
-                            f"{ctx.sides.actual} was not judged") from None
-        except (CheckFailure, HarnessError) as exc:
-            raise CheckFailure(f"the reference run {ctx.sides.expected} failed, so {ctx.sides.actual} was not "
-                               f"judged against it: {exc}") from None
-        return ctx.goldens.records  # the Recorder's
+            raise _not_judged(request, exc.msg) from None
 
     def _variant_has_goldens(self, variant: VariantSpec | None) -> Path | None:
         """The golden folder of ``variant`` on this device class, when it holds goldens."""

@@ -102,9 +102,6 @@ REFUSED = {
     "lora_merge nf4_budget on a check that never runs nf4-lora": (
         "checks:\n  - id: a\n    kind: lora_merge\n    variants: [fp16-lora]\n    nf4_budget: {max_abs_dlogp: 1}\n",
         ["checks[0].nf4_budget: has no effect: nf4_budget judges only the nf4-lora variant"]),
-    "lora_merge tolerance on a check that runs nf4-lora only": (
-        "checks:\n  - id: a\n    kind: lora_merge\n    variants: [nf4-lora]\n    tolerance: {tie_gap: 0.1}\n",
-        ["checks[0].tolerance: has no effect: the tolerance judges only the fp16-lora merge"]),
     # -- a kind that can never run on the variants it lists --------------------------------------------
     "example: lora_merge on variants: [fp16]": (
         "checks:\n  - id: a\n    kind: lora_merge\n    variants: [fp16]\n",

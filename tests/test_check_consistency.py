@@ -20,6 +20,11 @@ checks:
     kind: cache
     prompts: ["The capital of France is"]
     max_new_tokens: 6
+  - id: kv-static
+    kind: cache
+    caches: [static]
+    prompts: ["The capital of France is"]
+    max_new_tokens: 3
   - id: attn
     kind: kernels
     implementations: [sdpa, IMPL]
@@ -29,9 +34,16 @@ checks:
     kind: batch
     prompts: ["Water boils at a temperature of"]
     max_new_tokens: 4
+  - id: rows-two
+    kind: batch
+    batch_sizes: [2]
+    shapes: [mixed]
+    positions: [first]
+    prompts: ["Water boils at a temperature of"]
+    max_new_tokens: 2
 """
 
-# Installed as the project's conftest.py: three faults, each visible to one kind only.
+# Installed as the project's conftest.py: four faults, each visible to one kind only.
 FAULTS = """
 from transformers import AttentionInterface, cache_utils
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -49,7 +61,15 @@ def _ignore_cache(self, key_states, value_states, *args, **kwargs):
 cache_utils.DynamicLayer.update = _ignore_cache
 
 
-# 2. an attention kernel whose output is 5% too large
+# 2. a static cache that cannot be built
+def _no_static(self, *args, **kwargs):
+    raise RuntimeError("static cache fault")
+
+
+cache_utils.StaticCache.__init__ = _no_static
+
+
+# 3. an attention kernel whose output is 5% too large
 def _perturbed(module, query, key, value, attention_mask, **kwargs):
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return out * 1.05, weights
@@ -57,16 +77,17 @@ def _perturbed(module, query, key, value, attention_mask, **kwargs):
 
 AttentionInterface.register("perturbed", _perturbed)
 
-# 3. rows of a batch leak into each other (5% of the neighbouring row's embeddings)
+# 4. padded rows of a batch take 5% of the neighbouring row's embeddings; unpadded rows are left alone
 _forward = modeling_llama.LlamaModel.forward
 
 
-def _leak(self, input_ids=None, inputs_embeds=None, **kwargs):
+def _leak(self, input_ids=None, inputs_embeds=None, attention_mask=None, **kwargs):
     if inputs_embeds is None:
         inputs_embeds = self.embed_tokens(input_ids)
-    if inputs_embeds.shape[0] > 1:
-        inputs_embeds = inputs_embeds + 0.05 * inputs_embeds.roll(1, dims=0)
-    return _forward(self, input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
+    if inputs_embeds.shape[0] > 1 and attention_mask is not None and attention_mask.dim() == 2:
+        padded = (attention_mask == 0).any(-1).to(inputs_embeds.dtype)[:, None, None]
+        inputs_embeds = inputs_embeds + 0.05 * padded * inputs_embeds.roll(1, dims=0)
+    return _forward(self, input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
 modeling_llama.LlamaModel.forward = _leak
@@ -76,23 +97,31 @@ modeling_llama.LlamaModel.forward = _leak
 def test_real_model_is_self_consistent(project):
     project.suite("cons", SUITE.replace("IMPL", "eager"))
     result = project.run("--variants", "fp16", "-v")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)
     assert project.goldens() == []
 
 
 def test_each_fault_fails_its_own_check(project):
     project.suite("cons", SUITE.replace("IMPL", "perturbed"))
     project.pytester.makeconftest(FAULTS)
-    result = project.run("--variants", "fp16")
-    result.assert_outcomes(failed=3)
+    result = project.run("--variants", "fp16", "-rs")
+    result.assert_outcomes(failed=4, skipped=1)
     out = result.stdout.str()
     result.stdout.fnmatch_lines([
         "kv: decoding with the KV cache differs from recomputing without it (tolerance for fp16*",
         "*prompt 'The capital of France is', dynamic cache vs no cache:",
         "*greedy output diverges at new token *: expected * (log p * in the no-cache run), got * (log p *)*"
         "not a near-tie, a real change*",
+        "*float32 forward of the same tokens (one pass, no cache): agrees with the no-cache run (mean |Δ log p| *"
+        "against * for the dynamic run)*: the dynamic cache is the broken path",
     ])
-    assert "static cache vs no cache" not in out  # the static cache is not the one broken
+    result.stdout.fnmatch_lines(["*Also not judged: prompt 'The capital of France is', static cache: "
+                                 "RuntimeError: static cache fault*"])
+    assert "static cache vs no cache" not in out  # the static cache raised: never compared, never passed
+    result.stdout.fnmatch_lines([  # the static cache alone: NOT JUDGED with the real error, not a pass
+        "SKIPPED * NOT JUDGED: kv-static[[]fp16[]]: decoding raised, so that cache was not judged: prompt "
+        "'The capital of France is', static cache: RuntimeError: static cache fault*",
+    ])
     result.stdout.fnmatch_lines([
         "attn: attention implementations disagree beyond numerical noise*",
         "*prompt 'The capital of France is', perturbed vs sdpa:*",
@@ -100,8 +129,13 @@ def test_each_fault_fails_its_own_check(project):
     ])
     result.stdout.fnmatch_lines([
         "rows: a prompt scored inside a batch differs from the same prompt alone*",
-        "*batch of 4 (equal lengths), first row:*",
+        "*batch of 4 (mixed lengths), first row:*",
         "*|Δ log p| * on the reference's top-5 > per-row tolerance*",
+    ])
+    assert "batch of 4 (equal lengths)" not in out  # no padding, no leak
+    result.stdout.fnmatch_lines([  # two rows: the prompt's own row is the padded one
+        "rows-two: a prompt scored inside a batch differs from the same prompt alone*",
+        "*batch of 2 (mixed lengths), first row:*",
     ])
 
 
@@ -147,3 +181,12 @@ def test_batch_rows_are_distinct_and_shaped():
     assert [len(r) for r in equal] == [9, 9, 9] and len({tuple(r) for r in equal}) == 3
     mixed = others(filler, 9, 3, "mixed")
     assert len({len(r) for r in mixed}) == 3 and min(len(r) for r in mixed) < 9 < max(len(r) for r in mixed)
+
+
+@pytest.mark.parametrize("length", [1, 2, 9, 40])
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_a_mixed_batch_pads_the_prompt_row_at_every_size(length, count):
+    """Two rows included: the other row is longer, so the prompt's own row is the padded one."""
+    rows = others(list(range(100, 130)), length, count, "mixed")
+    assert max(len(r) for r in rows) > length
+    assert len({len(r) for r in rows}) == count or length < 4  # distinct where lengths allow

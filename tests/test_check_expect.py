@@ -103,3 +103,56 @@ def test_spec_needs_one_prompt_and_a_valid_sample():
     with pytest.raises(ValueError):
         ExpectSpec.model_validate({"id": "e", "kind": "expect", "prompt": "x", "expect": [{"contains": "x"}],
                                    "sample": {"n": 0}})
+
+
+@pytest.mark.parametrize("old, new, p", [
+    ([True] * 8, [True] * 8, 1.0),  # an unchanged NEW draws the same samples: nothing discordant
+    ([True] * 9 + [False], [True] * 5 + [False] * 5, 0.0625),  # 0.9 -> 0.5 on 10 samples: not enough evidence
+    ([True] * 29 + [False] * 3, [True] * 16 + [False] * 16, 2 ** -13),  # the same drop on 32: significant
+    ([False, True, True, True], [True, False, False, False], 5 / 16),  # 3 worse, 1 better: P(X >= 3), X ~ Bin(4, 1/2)
+])
+def test_paired_drop_is_exact_mcnemar_one_sided(old, new, p):
+    from harness.checks.expect import paired_drop
+
+    test = paired_drop(old, new)
+    assert test.p_value == pytest.approx(p) and test.n == len(old)
+    assert test.old_only == sum(o and not n for o, n in zip(old, new))
+    assert test.new_rate == sum(new) / len(new)
+
+
+class _Tokenizer:
+    eos_token_id = 5  # the tokenizer's eos, which the model's generation_config does not stop at
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+class _Model:
+    """Generates a fixed row: the tokenizer's eos (5) early, the generation_config's eos (9) nowhere."""
+
+    def __init__(self, row, eos):
+        import torch
+        from transformers import GenerationConfig
+
+        self.row, self.generation_config = row, GenerationConfig(eos_token_id=eos)
+        self._param = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self._param])
+
+    def generate(self, input_ids, **kwargs):
+        import torch
+
+        return torch.tensor([input_ids[0].tolist() + self.row])
+
+
+@pytest.mark.parametrize("eos, stopped, tokens", [(9, False, 4), (5, True, 1)])
+def test_answers_stop_where_generate_stops(eos, stopped, tokens):
+    """Only the model's generation_config eos ends an answer, as in generate(); the tokenizer's does not."""
+    from harness.checks.expect import generate_answers
+
+    spec = ExpectSpec.model_validate({"id": "e", "kind": "expect", "prompt": "x", "expect": [{"stops": True}],
+                                      "max_new_tokens": 4})
+    answer = generate_answers(_Model([7, 5, 8, 6], eos), _Tokenizer(), [1, 2], spec)[0]
+    assert (answer.stopped, answer.new_tokens) == (stopped, tokens)

@@ -63,3 +63,36 @@ def test_explain_lists_removed_and_added_settings():
 def test_spec_refuses_unknown_ignored_setting():
     with pytest.raises(ValueError, match="did you mean 'temperature'"):
         GenerationConfigSpec.model_validate({"id": "g", "kind": "generation_config", "ignore": ["temprature"]})
+
+
+def test_greedy_settings_are_a_filter_of_what_generate_resolves():
+    from transformers import GenerationConfig
+
+    from harness.generation_settings import GREEDY_SETTINGS, SETTINGS, greedy_settings
+
+    assert set(GREEDY_SETTINGS) <= set(SETTINGS)
+    assert greedy_settings(GenerationConfig(eos_token_id=2)) == {"eos_token_id": [2]}
+    # a value generate() resolves to anyway does nothing, and is not listed
+    assert greedy_settings(GenerationConfig(eos_token_id=[9, 2], repetition_penalty=1.0)) == {"eos_token_id": [2, 9]}
+    settings = greedy_settings(GenerationConfig(eos_token_id=2, repetition_penalty=1.3, no_repeat_ngram_size=3,
+                                                temperature=0.2, do_sample=True))
+    assert settings == {"eos_token_id": [2], "repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
+
+
+def test_a_greedy_golden_fails_on_a_changed_generation_setting_naming_it():
+    """The golden's ``generation`` block is judged, not only shown: same tokens, another eos, a failure."""
+    from types import SimpleNamespace
+
+    from harness.checks.greedy import GoldenJudgement, golden_record
+    from harness.compare import NoiseModel
+    from harness.observation import Observation, Step
+
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "".join(f"<{i}>" for i in ids))
+    observed = Observation(prompt_ids=(1,), steps=(Step(5, -0.1, ((5, -0.1), (6, -2.5))),), stop="length")
+    golden = golden_record(observed, tokenizer, settings={"eos_token_id": [2]}, max_new_tokens=1)
+    actual = golden_record(observed, tokenizer, settings={"eos_token_id": [2, 7]}, max_new_tokens=1)
+    judgement = GoldenJudgement(observed=observed, tokenizer=tokenizer, tol=NoiseModel().tolerance("fp16"),
+                                rescore=lambda ids: ())
+    assert judgement.judge(golden, golden)
+    assert not judgement.judge(golden, actual)
+    assert "generation setting eos_token_id changed: golden [2], this run [2, 7]" in judgement.explain(golden, actual)

@@ -1,7 +1,8 @@
-"""Reference mode (``--reference OLD``): golden-style checks judged against a live run of OLD.
+"""Reference mode (``--reference OLD``): every kind judged NEW against a live run of OLD.
 
-The real embedded model is OLD; NEW is a copy of it (weights perturbed on one layer, or an
-edited chat template). One small suite on fp16 keeps each run to a few seconds of model time.
+The real embedded model is OLD; NEW is a copy of it (weights perturbed on one layer, one token's
+embedding scaled, or an edited chat template). Small suites on fp16 (and fp16-lora where a kind
+needs an adapter) keep each run to seconds of model time.
 """
 
 from __future__ import annotations
@@ -38,6 +39,72 @@ checks:
 """
 GOLDEN_STYLE = ("ref.yaml::capital[fp16]", "ref.yaml::texts", "ref.yaml::chat", "ref.yaml::settings")
 
+# One check of every kind in suites/, each as small as it can be: run with --variants fp16,fp16-lora.
+EVERY_KIND = SUITE + """
+  - id: paris
+    kind: expect
+    models: [smollm2-135m]
+    variants: [fp16]
+    prompt: "The capital of France is"
+    max_new_tokens: 3
+    expect: [{contains: "Paris"}]
+  - id: paris-sampled
+    kind: expect
+    models: [smollm2-135m]
+    variants: [fp16]
+    prompt: "The capital of France is"
+    max_new_tokens: 2
+    sample: {n: 32, seed: 2, temperature: 0.8, min_pass_rate: 0.3}  # 0.875 -> 0.53 on NEW, p 0.0005
+    expect: [{contains: "Paris"}]
+  - id: kv
+    kind: cache
+    variants: [fp16]
+    max_new_tokens: 3
+  - id: attn
+    kind: kernels
+    variants: [fp16]
+    implementations: [sdpa, eager]
+    max_new_tokens: 3
+  - id: rows
+    kind: batch
+    variants: [fp16]
+    batch_sizes: [2]
+    max_new_tokens: 2
+  - id: merge
+    kind: lora_merge
+    max_new_tokens: 3
+  - id: reload
+    kind: save_reload
+    variants: [fp16]
+    max_new_tokens: 2
+  - id: footprint
+    kind: memory
+    workload: {prompts: ["Hi"], max_new_tokens: 2}
+  - id: speed
+    kind: throughput
+    prompt_tokens: 4
+    new_tokens: 2
+    rounds: 1
+    warmup_rounds: 0
+    vs_reference: {min_decode_ratio: 0.2, min_prefill_ratio: 0.2}  # one round on a shared CPU
+  - id: drift
+    kind: drift
+    prompts: ["The capital of France is"]
+    new_tokens: 3
+"""
+PARIS = 7042  # ' Paris'
+
+
+@pytest.fixture(scope="module")
+def paris_model(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model with the (tied) embedding of ' Paris' scaled by 0.9: its logit after "The capital of
+    France is" drops by a tenth, so at temperature 0.8 about half the samples name Paris instead of nine in ten."""
+
+    def edit(tensors: dict) -> None:
+        tensors["model.embed_tokens.weight"][PARIS] *= 0.9
+
+    return copy_model(embedded_model_dir, tmp_path_factory.mktemp("ref") / "smollm2-paris", edit)
+
 
 @pytest.fixture(scope="module")
 def noisy_model(embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -49,24 +116,52 @@ def _tree(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")} if root.exists() else {}
 
 
-def test_same_model_as_reference_passes_and_leaves_the_golden_folder_alone(project):
-    project.suite("ref", SUITE)
+def test_same_model_as_reference_passes_every_kind_and_leaves_the_golden_folder_alone(project):
+    project.suite("ref", EVERY_KIND)
     # a damaged golden where the greedy check would read one: reference mode must not read it
     damaged = project.golden / "smollm2-135m" / "cpu" / "fp16" / "ref" / "capital.json"
     damaged.parent.mkdir(parents=True)
     damaged.write_text("{not json", encoding="utf-8")
     before = _tree(project.golden)
-    result = project.run("--model=smollm2-135m", "--reference=smollm2-135m", "--variants", "fp16", "-rA")
-    result.assert_outcomes(passed=5)
+    result = project.run("--model=smollm2-135m", "--reference=smollm2-135m", "--variants", "fp16,fp16-lora", "-rA")
+    result.assert_outcomes(passed=20)
     lines = result.stdout.lines
     assert all(f"PASSED suites/{item}" in lines for item in GOLDEN_STYLE)
     result.stdout.fnmatch_lines([
         "harness: reference mode: NEW smollm2-135m vs OLD smollm2-135m*",
-        "reference mode: NEW smollm2-135m vs OLD smollm2-135m (golden-style checks judged against a live run*",
-        "NEW loaded fp16: 1x*",
-        "OLD loaded fp16: 1x*",
+        "reference mode: NEW smollm2-135m vs OLD smollm2-135m (every check judged against a live run of OLD*",
+        "NEW loaded fp16: *",
+        "OLD loaded fp16: *",
     ])
+    assert "NOT JUDGED" not in result.stdout.str()
     assert _tree(project.golden) == before
+
+
+def test_every_kind_gets_a_new_vs_old_verdict_and_a_sampled_drop_fails_with_the_paired_test(project, paris_model):
+    project.suite("ref", EVERY_KIND)
+    report = project.path / "report.md"
+    result = project.run(f"--model={paris_model}", "--reference=smollm2-135m", "--variants", "fp16,fp16-lora",
+                         "--adapter", "fixtures/adapters/smollm2-135m-pirate", "-rA", f"--harness-report={report}")
+    outcomes = result.parseoutcomes()
+    assert "skipped" not in outcomes, result.stdout.str()[-4000:]  # every item a verdict, none a plain skip
+    text = report.read_text(encoding="utf-8")
+    kinds = ("capital", "texts", "chat", "settings", "pad", "paris", "paris-sampled", "kv", "attn", "rows",
+             "merge", "reload", "footprint", "speed", "drift")
+    for check in kinds:
+        assert f"| ref::{check} |" in text, check
+    assert "skip:" not in text
+    failed = {line.split("::")[1].split(" ")[0] for line in result.stdout.lines if line.startswith("FAILED")}
+    # the scaled ' Paris' moves the greedy log-probs and the drift beyond fp16 noise, and halves the sampled rate
+    assert {"capital[fp16]", "paris-sampled[fp16]", "drift[fp16]"} <= failed, failed
+    assert "paris[fp16]" not in failed and "footprint[fp16]" not in failed and "kv[fp16]" not in failed
+    result.stdout.fnmatch_lines([
+        "NEW (smollm2-paris) vs OLD (smollm2-135m): paris-sampled: NEW's pass rate is significantly lower than "
+        "OLD's (p * < alpha 0.05)*",
+        "n 32 samples (seed 2, temperature 0.8, top_p 1), the same seeds on both: pass rate OLD *, NEW 0.*; "
+        "* pair(s) pass on OLD only, * on NEW only; exact McNemar one-sided p = *",
+    ])
+    assert "old_pass_rate=" in text and "mcnemar_p=" in text and "weights_ratio_vs_old=1" in text
+    assert "decode_ratio_vs_old=" in text and "mean_kl_vs_old=" in text
 
 
 def test_perturbed_weights_fail_greedy_with_new_vs_old_and_the_first_divergence(project, noisy_model):
@@ -171,3 +266,77 @@ def test_the_other_pool_is_freed_only_where_a_second_model_does_not_fit(fits):
     make_room(other, room=lambda device, nbytes: fits)  # type: ignore[arg-type]
     assert (other._current is not None) == fits
     assert not has_room(OtherPool.device, 2**60)  # an exabyte never fits beside the loaded model
+
+
+class _Pool:
+    _current = None
+
+    def release(self) -> None:
+        self._current = None
+
+
+class _Ctx:
+    def __init__(self, name: str) -> None:
+        self.name, self.pool, self.notes = name, _Pool(), []
+        self.sides = reference_sides(new="b", old="a")
+        self.subject = "c[fp16]"
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+class _Check:
+    """Passes or fails per side, as a consistency check of a model does."""
+
+    def __init__(self, fails_on: set[str]) -> None:
+        self.fails_on = fails_on
+
+    def run(self, ctx: _Ctx) -> None:
+        from harness.errors import CheckFailure
+
+        if ctx.name in self.fails_on:
+            raise CheckFailure(f"c: disagrees on {ctx.name}")
+
+
+@pytest.mark.parametrize("fails_on, expected", [
+    ({"new"}, "NEW (b) vs OLD (a): fails on NEW and passed on OLD (a): a regression of this update\nc: disagrees on new"),
+    ({"new", "old"}, "NEW (b) vs OLD (a): fails on NEW, and on OLD (a) too (not introduced by this update, but NEW "
+                     "does not hold it either); OLD: c: disagrees on old\nc: disagrees on new"),
+    ({"old"}, None),
+    (set(), None),
+])
+def test_a_check_run_on_both_says_whether_old_held_it(fails_on, expected):
+    from harness.diff.reference import ReferencePair, run_on_both
+    from harness.errors import CheckFailure
+
+    pair = ReferencePair(old=_Ctx("old"), new=_Ctx("new"))  # type: ignore[arg-type]
+    if expected is None:
+        run_on_both(_Check(fails_on), pair)  # type: ignore[arg-type]
+        assert pair.new.notes == (["c[fp16]: NEW (b) passes; on OLD (a) it failed: c: disagrees on old"]
+                                  if fails_on else [])
+        return
+    with pytest.raises(CheckFailure) as info:
+        run_on_both(_Check(fails_on), pair)  # type: ignore[arg-type]
+    assert str(info.value) == expected
+
+
+def test_memory_is_judged_as_a_ratio_to_old():
+    from types import SimpleNamespace
+
+    from harness.checks.memory import MemoryFigures, VersusReference, _versus_old
+    from harness.measure import PeakMemory
+
+    def figures(weights: int, peak: int) -> MemoryFigures:
+        return MemoryFigures(variant="fp16", weights_bytes=weights, peak=PeakMemory("rss", peak, 0),
+                             generated_tokens=2)
+
+    recorded: dict = {}
+    ctx = SimpleNamespace(sides=reference_sides(new="b", old="a"), record=lambda **f: recorded.update(f))
+    assert _versus_old(ctx, figures(100 * 2**20, 700 * 2**20), figures(100 * 2**20, 690 * 2**20),
+                       VersusReference()) == []
+    assert recorded == {"weights_ratio_vs_old": 1.0, "peak_ratio_vs_old": 1.0145}
+    problems = _versus_old(ctx, figures(110 * 2**20, 1000 * 2**20), figures(100 * 2**20, 700 * 2**20),
+                           VersusReference())
+    assert problems[0].startswith("weights 110.00 MB on NEW, 100.00 MB on OLD (a): 1.100x > "
+                                  "vs_reference.max_weights_ratio 1.02")
+    assert "1.429x > vs_reference.max_peak_ratio 1.25" in problems[1]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import pytest
 
     from harness.devices import Device
+    from harness.diff.reference import ReferencePair
     from harness.golden import GoldenStore
     from harness.pool import Loaded, ModelPool
 
@@ -95,12 +96,15 @@ class CheckContext:
     request: pytest.FixtureRequest
     figures: dict[str, Any] = field(default_factory=dict)
     sides: Sides = GOLDEN_SIDES  # reference mode names OLD and NEW instead of the golden and this run
+    # reference mode runs a check on OLD too: its figures and notes are told apart from NEW's
+    figure_prefix: str = ""
+    note_prefix: str = ""
 
     def record(self, **figures: Any) -> None:
         """Figures (MB, tokens/s, KL...) for the session report and JUnit properties."""
         self.figures.update(figures)
         for name, value in figures.items():
-            self.request.node.user_properties.append((name, value))
+            self.request.node.user_properties.append((self.figure_prefix + name, value))
 
     @property
     def tokenizer(self) -> Any:
@@ -123,7 +127,7 @@ class CheckContext:
     def note(self, text: str) -> None:
         """A line for the terminal summary and the report that a passing check must not keep silent
         (an accepted near-tie, a fragile golden, a cross-device judgement)."""
-        self.request.node.user_properties.append(("harness_note", text))
+        self.request.node.user_properties.append(("harness_note", self.note_prefix + text))
 
     @property
     def subject(self) -> str:
@@ -168,6 +172,18 @@ class Check(ABC, Generic[S]):
     @abstractmethod
     def run(self, ctx: CheckContext) -> None:
         """Observe and compare; raise CheckFailure with a reviewer's message on a difference."""
+
+    def run_against_reference(self, pair: ReferencePair) -> None:
+        """Reference mode (``--reference OLD``): judge NEW against OLD, measured in this session.
+
+        Golden-style kinds judge NEW against OLD's recorded observation; the others run on
+        both and say whether a failure on NEW held on OLD. Kinds whose verdict is a figure
+        (budgets, drift, sampled expectations) override this to compare the figures.
+        """
+        __tracebackhide__ = True
+        from harness.diff.reference import judge_against_record, run_on_both
+
+        (judge_against_record if self.uses_goldens else run_on_both)(self, pair)
 
 
 _REGISTRY: dict[str, type[Check[Any]]] = {}

@@ -8,7 +8,9 @@ distribution because of its neighbours. Each prompt's greedy path (decoded
 alone) is scored in one forward pass alone, then placed first or last in
 batches of the listed sizes, among other rows of the same length (``equal``,
 no padding) or of other lengths (``mixed``, left-padded as generation batches
-are, positions from the mask). Every next-token distribution along the path
+are, positions from the mask). A mixed batch always holds a row longer than the
+prompt, so the prompt's own row is padded in every mixed layout, two rows
+included (and, from three rows on, a shorter row is padded beside it). Every next-token distribution along the path
 is compared with the lone run's by the comparison engine
 (``compare_distributions``), so a changed best token is a failure unless it
 is a near-tie in both runs.
@@ -87,6 +89,7 @@ class BatchCheck(Check[BatchSpec]):
                         rows = others(filler, len(sequence), size - 1, shape)
                         at = 0 if position == "first" else size - 1
                         rows.insert(at, sequence)
+                        assert shape == "equal" or len(sequence) < max(map(len, rows)), "a mixed row is padded"
                         got = row_logprobs(model, rows, tokenizer.pad_token_id)[at][first_row:]
                         layouts += 1
                         findings.add(f"prompt {prompt.label}, batch of {size} ({shape} lengths), {position} row",
@@ -101,15 +104,26 @@ class BatchCheck(Check[BatchSpec]):
 
 
 def others(filler: list[int], length: int, count: int, shape: Shape) -> list[list[int]]:
-    """``count`` distinct rows cut from the filler: all ``length`` long, or of varied lengths."""
+    """``count`` distinct rows cut from the filler: all ``length`` long, or of varied lengths.
+
+    Mixed lengths alternate longer and shorter than ``length``, the first longer: the
+    prompt's row is padded whatever the batch size, and other rows are padded too.
+    """
     rows: list[list[int]] = []
     for index in range(count):
-        n = length if shape == "equal" else max(1, length // 2 + index * (length // 2 + 3))
+        n = length if shape == "equal" else mixed_length(length, index)
         start = (index * 7) % max(1, len(filler))
         needed = start + n
         source = filler * (needed // max(1, len(filler)) + 1)
         rows.append(source[start:start + n])
     return rows
+
+
+def mixed_length(length: int, index: int) -> int:
+    """The ``index``-th other row's length in a mixed batch: even indices longer, odd ones shorter."""
+    if index % 2 == 0:
+        return length + 3 + index
+    return max(1, length // 2 - index // 2)
 
 
 def row_logprobs(model: Any, rows: list[list[int]], pad_id: int | None) -> list[Any]:

@@ -20,12 +20,18 @@ Budgets belong to a model (``budgets: {model: {variant: ...}}``, ``device_budget
 model. The reference variant's own item measures the reference and judges nothing, so it
 skips, saying so; it is kept (not left out at collection) because it measures while its
 variant is loaded, which spares a second load of the reference.
+
+In reference mode (``--reference OLD``) every item, the reference variant's included, is
+also judged NEW against OLD on the same variant: OLD's greedy continuations are
+teacher-forced through NEW and each position's next-token distribution must agree
+within the variant's noise (``compare_distributions``, the engine's tolerance), the KL
+figures recorded beside. NEW's own budgets (where its name has them) still apply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,6 +44,9 @@ from harness.checks.budgets import (
     validate_model_table,
 )
 from harness.variants import ALL_KEYS, VariantSpec
+
+if TYPE_CHECKING:
+    from harness.diff.reference import ReferencePair
 
 ADAPTER_MIN_MEAN_KL = 1e-4
 
@@ -316,6 +325,61 @@ class DriftCheck(Check[DriftSpec]):
                 f"{where}: drift from {reference.key} out of budget:\n  " + "\n  ".join(problems)
                 + (f"\n{detail}" if detail else "")
             )
+
+    def run_against_reference(self, pair: ReferencePair) -> None:
+        """NEW's variant against OLD's same variant, within the variant's noise; NEW's own budgets too."""
+        __tracebackhide__ = True
+        import pytest
+
+        variant = pair.new.variant
+        assert variant is not None
+        old_ctx = pair.on_old()
+        old_ctx.loaded()
+        old = self._reference(old_ctx, variant, self._prompt_ids(old_ctx))
+        ctx = pair.on_new()
+        problems: list[str] = []
+        try:
+            self.run(ctx)
+        except pytest.skip.Exception:
+            pass  # NEW has no budget of its own: NEW against OLD below is the verdict
+        except CheckFailure as exc:
+            problems.append(str(exc))
+        problems += versus_old(ctx, old, tolerance=self._tolerance(variant))
+        if problems:
+            raise CheckFailure(f"{pair.label}: " + "\n".join(problems))
+
+    @staticmethod
+    def _tolerance(variant: VariantSpec) -> Any:
+        from harness.compare import NoiseModel
+
+        return NoiseModel().tolerance(variant.key)
+
+
+def versus_old(ctx: CheckContext, old: DriftReference, *, tolerance: Any) -> list[str]:
+    """OLD's paths teacher-forced through NEW: every position within the variant's noise (reference mode)."""
+    from harness.checks.consistency import Findings
+    from harness.compare import compare_distributions
+
+    variant = ctx.variant.key if ctx.variant else ""
+    result = compare_to_reference(ctx.model, old, variant=variant)
+    ctx.record(**{f"{k}_vs_old": v for k, v in result.figures().items() if k != "drift_reference"})
+    findings = Findings(f"{ctx.check_id}[{variant}]", ctx.tokenizer)
+    for index, (sequence, n_prompt, old_lp) in enumerate(zip(old.sequences, old.prompt_lengths, old.logprobs)):
+        labels = [f"position {p}" + (f" (new token {p - n_prompt + 1})" if p >= n_prompt - 1 else "")
+                  for p in range(len(sequence))]
+        findings.add(f"prompt {index}", compare_distributions(old_lp, _logprobs(ctx.model, sequence), tolerance,
+                                                              labels=labels))
+    for tie in findings.ties:
+        ctx.note(f"{ctx.subject}: {tie}")
+    if not findings.problems:
+        return []
+    sides = ctx.sides
+    detail = "\n".join(f"  - {p}" for p in findings.problems)
+    return [f"{ctx.check_id}[{variant}]: {sides.actual_short}'s next-token distributions moved from "
+            f"{sides.expected}'s beyond the noise of {variant} (tolerance{tolerance.describe()}: mean "
+            f"{tolerance.mean_abs_dlogp:g}, per position {tolerance.max_abs_dlogp:g}, tie gap {tolerance.tie_gap:g}; "
+            f"mean KL {result.mean_kl:.4g}, top-1 agreement {result.top1_agreement:.3f} over {result.positions} "
+            f"positions, {sides.expected}'s greedy paths teacher-forced):\n{detail}"]
 
 
 def _describe_divergence(tokenizer: Any, result: DriftResult, ref: DriftReference, reference: str,

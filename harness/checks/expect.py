@@ -3,11 +3,19 @@
 A golden says "nothing changed"; an expectation says what must stay true when
 something does (a new revision, a retrained adapter, another device): the
 answer contains "Paris", starts with "Arr", parses as JSON matching a schema,
-ends by itself within a token budget. Greedy by default; with ``sample:`` the
-prompt is sampled ``n`` times from a fixed seed and the assertions must hold
-for at least ``min_pass_rate`` of the samples (sampling is what users run, and
-a rate tolerates the odd bad draw where a single sample would be flaky).
-JSON Schema is checked with the ``jsonschema`` package.
+ends by itself within a token budget (where ``generate()`` stops: at an eos id of
+the model's generation_config). Greedy by default; with ``sample:`` the prompt is
+sampled ``n`` times from a fixed seed and the assertions must hold for at least
+``min_pass_rate`` of the samples (sampling is what users run, and a rate
+tolerates the odd bad draw where a single sample would be flaky). JSON Schema is
+checked with the ``jsonschema`` package.
+
+In reference mode (``--reference OLD``) a greedy expectation runs on OLD and NEW
+and a failure says whether OLD held it. A sampled one draws the same seeded
+samples from both: the same random stream makes sample ``i`` of OLD and of NEW a
+pair, so a drop in NEW's pass rate is judged by an exact McNemar test on the
+discordant pairs (one-sided: NEW worse), and the failure gives n, both rates
+and the p-value.
 """
 
 from __future__ import annotations
@@ -15,13 +23,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import ChatMessages, PromptText, assert_fits_context, encode_or_skip, greedy_generate
 from harness.errors import CheckFailure
+
+if TYPE_CHECKING:
+    from harness.diff.reference import ReferencePair
 
 MIN_TEMPERATURE = 1e-3
 ASSERTIONS = ("contains", "not_contains", "starts_with", "regex", "json", "max_tokens", "stops", "one_of")
@@ -176,6 +187,8 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     min_pass_rate: float = Field(0.75, gt=0, le=1)
+    # reference mode: NEW's pass rate is worse than OLD's when the paired test's p-value is below this
+    alpha: float = Field(0.05, gt=0, lt=1)
 
 
 class ExpectSpec(CheckSpec):
@@ -211,13 +224,18 @@ class Answer:
 class ExpectCheck(Check[ExpectSpec]):
     Spec = ExpectSpec
 
-    def run(self, ctx: CheckContext) -> None:
+    def answers(self, ctx: CheckContext) -> list[Answer]:
+        """The greedy answer, or the seeded samples, of ``ctx``'s model."""
         __tracebackhide__ = True
         prompt_ids = encode_or_skip(ctx.tokenizer, model_name=ctx.pool.resolved.name, prompt=self.spec.prompt,
                                     messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template)
         model = ctx.model
         assert_fits_context(model, len(prompt_ids), self.spec.max_new_tokens, what=self.spec.id)
-        answers = generate_answers(model, ctx.tokenizer, prompt_ids, self.spec)
+        return generate_answers(model, ctx.tokenizer, prompt_ids, self.spec)
+
+    def run(self, ctx: CheckContext) -> None:
+        __tracebackhide__ = True
+        answers = self.answers(ctx)
         failures = [(a, self.failed(a)) for a in answers]
         passed = sum(1 for _, f in failures if not f)
         ctx.record(expect_pass_rate=passed / len(answers), expect_samples=len(answers))
@@ -247,6 +265,69 @@ class ExpectCheck(Check[ExpectSpec]):
     def failed(self, answer: Answer) -> list[str]:
         """Each assertion the answer breaks, with what the answer has instead."""
         return [reason for a in self.spec.expect if (reason := judge(a, answer, self.spec.ignore_case))]
+
+    def run_against_reference(self, pair: ReferencePair) -> None:
+        """Greedy: run on both (a failure says whether OLD held it). Sampled: the paired test."""
+        __tracebackhide__ = True
+        if self.spec.sample is None:
+            super().run_against_reference(pair)
+            return
+        sampling = self.spec.sample
+        old = [not self.failed(a) for a in self.answers(pair.on_old())]
+        ctx = pair.on_new()
+        answers = self.answers(ctx)
+        new = [not self.failed(a) for a in answers]
+        test = paired_drop(old, new)
+        ctx.record(expect_samples=test.n, old_pass_rate=round(test.old_rate, 4), expect_pass_rate=round(test.new_rate, 4),
+                   pairs_old_only=test.old_only, pairs_new_only=test.new_only, mcnemar_p=round(test.p_value, 6))
+        sides = pair.sides
+        figures = (f"n {test.n} samples (seed {sampling.seed}, temperature {sampling.temperature:g}, top_p "
+                   f"{sampling.top_p:g}), the same seeds on both: pass rate {sides.expected_short} "
+                   f"{test.old_rate:.2f}, {sides.actual_short} {test.new_rate:.2f}; {test.old_only} pair(s) pass on "
+                   f"{sides.expected_short} only, {test.new_only} on {sides.actual_short} only; exact McNemar "
+                   f"one-sided p = {test.p_value:.3g}")
+        problems = []
+        if test.p_value < sampling.alpha:
+            problems.append(f"{sides.actual_short}'s pass rate is significantly lower than {sides.expected_short}'s "
+                            f"(p {test.p_value:.3g} < alpha {sampling.alpha:g})")
+        if test.new_rate < sampling.min_pass_rate:
+            problems.append(f"{sides.actual_short}'s pass rate {test.new_rate:.2f} < min_pass_rate "
+                            f"{sampling.min_pass_rate:g}" + (f" ({sides.expected_short}'s {test.old_rate:.2f} is "
+                                                             "below it too)" if test.old_rate < sampling.min_pass_rate
+                                                             else ""))
+        if problems:
+            shown = [(a, f) for a in answers if (f := self.failed(a))][:3]
+            raise CheckFailure(
+                f"{pair.label}: {self.spec.id}: " + "; ".join(problems) + f".\n{figures}.\nFailing samples of "
+                f"{sides.actual_short}:\n" + "\n".join(f"  - {a.text!r}: {'; '.join(f)}" for a, f in shown)
+                + "\nFix: the update made this expectation hold less often; if the new answers are still right, "
+                "change the expectation."
+            )
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Per-sample outcomes of OLD and NEW on the same seeds, and the exact McNemar test of a drop."""
+
+    n: int
+    old_rate: float
+    new_rate: float
+    old_only: int  # pairs that pass on OLD and fail on NEW
+    new_only: int
+    p_value: float  # one-sided: the chance of at least ``old_only`` of the discordant pairs if neither is worse
+
+
+def paired_drop(old: list[bool], new: list[bool]) -> PairedTest:
+    """Exact one-sided McNemar test on paired outcomes (True = the sample passes)."""
+    from math import comb
+
+    assert len(old) == len(new) and old, "paired outcomes of the same samples"
+    old_only = sum(1 for o, n in zip(old, new) if o and not n)
+    new_only = sum(1 for o, n in zip(old, new) if n and not o)
+    discordant = old_only + new_only
+    p = sum(comb(discordant, k) for k in range(old_only, discordant + 1)) / 2 ** discordant
+    return PairedTest(n=len(old), old_rate=sum(old) / len(old), new_rate=sum(new) / len(new),
+                      old_only=old_only, new_only=new_only, p_value=min(1.0, p))
 
 
 def judge(assertion: Assertion, answer: Answer, ignore_case: bool) -> str | None:
@@ -308,7 +389,7 @@ def generate_answers(model: Any, tokenizer: Any, prompt_ids: list[int], spec: Ex
             rows = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens,
                                   do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
                                   num_beams=1, num_return_sequences=s.n, pad_token_id=tokenizer.pad_token_id)
-    stop_ids = eos_ids(model) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    stop_ids = eos_ids(model)  # where generate() stops: the model's generation_config, not the tokenizer's eos
     answers: list[Answer] = []
     for row in rows[:, len(prompt_ids):].tolist():
         end = next((i for i, t in enumerate(row) if t in stop_ids), None)

@@ -228,7 +228,8 @@ class GoldenJudgement:
         if same_ids and expected.get("text") != actual["text"]:
             self.changes.append("the token ids are identical but the decoded text differs: the tokenizer's "
                                 "decoding changed")
-        self.passed = self.verdict.ok and not self.changes
+        settings = setting_changes(expected.get("generation"), actual["generation"], self.sides)
+        self.passed = self.verdict.ok and not self.changes and not settings  # a changed setting fails, named
         return self.passed
 
     def explain(self, expected: Any, actual: dict[str, Any]) -> str:

@@ -7,7 +7,9 @@ allocated on CUDA, process RSS on CPU. Absolute budgets belong to a model
 measured in the same session, either against a fixed ``ratio`` or against what the
 model's own layer shapes predict (``of_expected``), which holds for any model. The pool
 memoizes each variant's figures per suite, check and workload, so a reference is
-measured once.
+measured once. In reference mode (``--reference OLD``) NEW's weights and peak are also
+judged as a ratio to OLD's same variant, measured in this session with the other model
+freed (``vs_reference``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from harness.variants import VariantSpec
 
 if TYPE_CHECKING:
     from harness.devices import Device
+    from harness.diff.reference import ReferencePair
     from harness.pool import Loaded
 
 
@@ -83,11 +86,21 @@ class Savings(VariantComparison):
         return self
 
 
+class VersusReference(BaseModel):
+    """Reference mode: NEW's figure over OLD's (same variant, same session) may be at most this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_weights_ratio: float = Field(1.02, gt=0)
+    max_peak_ratio: float = Field(1.25, gt=0)
+
+
 class MemorySpec(CheckSpec):
     kind: Literal["memory"]
     workload: Workload
     budgets: dict[str, dict[str, dict[str, MemoryBudget]]] = Field(default_factory=dict)
     min_savings: list[Savings] = Field(default_factory=list)
+    vs_reference: VersusReference = Field(default_factory=VersusReference)
     devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
 
     @field_validator("devices")
@@ -177,23 +190,54 @@ class MemoryCheck(Check[MemorySpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
+        mine = self._measure(ctx)
+        problems, missing = self._judge(ctx, mine)
+        self._finish(ctx, problems, missing)
+
+    def run_against_reference(self, pair: ReferencePair) -> None:
+        """NEW's budgets as in a normal run, and NEW over OLD (same variant), each measured alone."""
+        __tracebackhide__ = True
+        variant = pair.new.variant
+        assert variant is not None
+        old_ctx = pair.on_old(alone=True)
+        skip_unless_device(self.spec.devices, old_ctx)
+        old_ctx.loaded()
+        old = self._observe(old_ctx, variant)
+        old_ctx.record(weights_mb=mib(old.weights_bytes), peak_mb=mib(old.peak.peak_bytes))
+        ctx = pair.on_new(alone=True)
+        mine = self._measure(ctx)
+        problems, missing = self._judge(ctx, mine)
+        problems += _versus_old(ctx, mine, old, self.spec.vs_reference)
+        self._finish(ctx, problems, None)  # judged: NEW against OLD
+
+    def _where(self, ctx: CheckContext) -> str:
+        return f"{self.spec.id}[{ctx.variant.key if ctx.variant else ''}] on {ctx.device.klass}"
+
+    def _measure(self, ctx: CheckContext) -> MemoryFigures:
+        __tracebackhide__ = True
         variant = ctx.variant
         assert variant is not None
-        klass, model = ctx.device.klass, ctx.pool.resolved.name
-        where = f"{self.spec.id}[{variant.key}] on {klass}"
         skip_unless_device(self.spec.devices, ctx)
         conflict = parallel_conflict(ctx.device)
         if conflict:
-            raise CheckFailure(f"{where}: refused to measure memory: {conflict}")
+            raise CheckFailure(f"{self._where(ctx)}: refused to measure memory: {conflict}")
         ctx.loaded()
         mine = self._observe(ctx, variant)
         ctx.record(**mine.figures())
         note = parallel_note(ctx.device)
         if note:
             ctx.record(peak_note=note)
+        return mine
+
+    def _judge(self, ctx: CheckContext, mine: MemoryFigures) -> tuple[list[str], str | None]:
+        """Problems with the absolute budget and the savings; why nothing was judged (None: something was)."""
+        variant = ctx.variant
+        assert variant is not None
+        klass, model = ctx.device.klass, ctx.pool.resolved.name
         problems: list[str] = []
         budget, key = budget_for(self.spec.budgets, model=model, device_class=klass, variant=variant.key)
         judged = budget is not None
+        missing = None
         if budget is None:
             missing = missing_budget(self.spec.budgets, model=model, device_class=klass, variant=variant.key)
             ctx.record(budget=missing)
@@ -208,16 +252,40 @@ class MemoryCheck(Check[MemorySpec]):
             problem = _judge_saving(ctx, saving, mine, reference, klass=klass)
             if problem:
                 problems.append(problem)
+        if judged and budget is None:
+            warnings.warn(NoBudgetWarning(f"{self._where(ctx)}: {missing}; savings judged, absolute size not"),
+                          stacklevel=1)
+        return problems, None if judged else missing
+
+    def _finish(self, ctx: CheckContext, problems: list[str], missing: str | None) -> None:
+        __tracebackhide__ = True
+        where = self._where(ctx)
         if problems:
             raise CheckFailure(
                 f"{where}: memory budget not met:\n  " + "\n  ".join(problems)
                 + "\nFix: find what grew (model revision, adapter, dtype, quantization), or raise the "
                 "budget in the suite if the growth is intended and reviewed."
             )
-        if not judged:
+        if missing is not None:
             nothing_judged(where, missing)
-        if budget is None:
-            warnings.warn(NoBudgetWarning(f"{where}: {missing}; savings judged, absolute size not"), stacklevel=1)
+
+
+def _versus_old(ctx: CheckContext, mine: MemoryFigures, old: MemoryFigures, limits: VersusReference) -> list[str]:
+    """NEW's weights and peak over OLD's, both measured in this session (reference mode)."""
+    sides = ctx.sides
+    weights = mine.weights_bytes / max(old.weights_bytes, 1)
+    peak = mine.peak.peak_bytes / max(old.peak.peak_bytes, 1)
+    ctx.record(weights_ratio_vs_old=round(weights, 4), peak_ratio_vs_old=round(peak, 4))
+    problems = []
+    if weights > limits.max_weights_ratio:
+        problems.append(f"weights {mine.weights_bytes / MIB:.2f} MB on {sides.actual_short}, "
+                        f"{old.weights_bytes / MIB:.2f} MB on {sides.expected}: {weights:.3f}x > "
+                        f"vs_reference.max_weights_ratio {limits.max_weights_ratio:g}")
+    if peak > limits.max_peak_ratio:
+        problems.append(f"peak {mine.peak.label} {mine.peak.peak_bytes / MIB:.1f} MB on {sides.actual_short}, "
+                        f"{old.peak.peak_bytes / MIB:.1f} MB on {sides.expected} (each measured with the other "
+                        f"model freed): {peak:.3f}x > vs_reference.max_peak_ratio {limits.max_peak_ratio:g}")
+    return problems
 
 
 def _judge_saving(ctx: CheckContext, saving: Savings, mine: MemoryFigures, reference: MemoryFigures, *,

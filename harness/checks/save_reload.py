@@ -5,8 +5,9 @@ tensor that is not saved (a tied or renamed weight, a buffer, a quantization
 state), saved in another dtype, or an adapter saved without one of its
 modules, is silently re-initialized or dropped on reload, with at most a
 warning. Per variant: the 16-bit model is saved and reloaded; the NF4 model
-is saved quantized and reloaded where bitsandbytes supports 4-bit
-serialization (else the item skips, saying why); for adapter variants the
+is saved quantized and reloaded (a save that raises, e.g. a bitsandbytes
+without 4-bit serialization, leaves the item NOT JUDGED with the real error:
+never a pass, never a plain skip); for adapter variants the
 adapter is saved and loaded again onto a copy of the same base. Missing,
 unexpected or mismatched keys on reload fail by name; then greedy outputs of
 the original and the reloaded model are judged by the comparison engine,
@@ -25,7 +26,7 @@ from harness.checks.base import Check, CheckContext, register_check
 from harness.checks.consistency import (
     ConsistencySpec, Findings, encoded_prompts, exact_tolerance, greedy, rescorer, tolerance_for,
 )
-from harness.errors import AdapterError, CheckFailure
+from harness.errors import AdapterError, CheckFailure, NotJudged
 
 
 class SaveReloadSpec(ConsistencySpec):
@@ -76,7 +77,6 @@ class SaveReloadCheck(Check[SaveReloadSpec]):
 def reload_model(ctx: CheckContext, model: Any, folder: Path) -> Any:
     """Save the (base or NF4) model and load it back the way the pool loads models."""
     __tracebackhide__ = True
-    import pytest
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +84,10 @@ def reload_model(ctx: CheckContext, model: Any, folder: Path) -> Any:
         model.save_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - bitsandbytes versions without 4-bit serialization
         if ctx.variant is not None and ctx.variant.quant == "nf4":
-            pytest.skip(f"this bitsandbytes cannot serialize NF4 weights: {type(exc).__name__}: {exc}")
+            raise NotJudged(f"{ctx.subject}: saving the NF4 model raised, so its reload was not judged: "
+                            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}. A bitsandbytes "
+                            "without 4-bit serialization cannot ship NF4 weights: upgrade it, or leave nf4 out "
+                            "of this check's `variants:`") from None
         raise
     entry = ctx.pool.resolved.entry
     reloaded, info = AutoModelForCausalLM.from_pretrained(

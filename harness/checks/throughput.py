@@ -7,15 +7,17 @@ and carry tokens/s in ``extra_info``. When pytest-benchmark is disabled
 rounds run on the harness's own per-step clock and the budgets are judged all the same:
 a floor is never waved through because a plugin switched itself off. Only where the
 timing itself would be wrong (xdist workers sharing one GPU) is the item not judged,
-which is an error, never a pass. Floors belong to a model, as goldens do.
+which is an error, never a pass. Floors belong to a model, as goldens do. In reference
+mode (``--reference OLD``) NEW's tokens/s are also judged as a ratio to OLD's same
+variant, timed in this session on the same per-step clock (``vs_reference``).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
@@ -29,6 +31,9 @@ from harness.measure import (
     RoundTiming, Shape, ThroughputFigures, measure_throughput, parallel_conflict, throughput_inputs, timed_round,
 )
 from harness.variants import VariantSpec
+
+if TYPE_CHECKING:
+    from harness.diff.reference import ReferencePair
 
 METRICS = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 
@@ -45,6 +50,15 @@ class SpeedRatio(VariantComparison):
     metric: Literal["decode", "prefill"] = "decode"
     ratio: float = Field(gt=0)
 
+class VersusReference(BaseModel):
+    """Reference mode: NEW's tokens/s over OLD's (same variant, same session) must be at least this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_decode_ratio: float = Field(0.5, gt=0)
+    min_prefill_ratio: float = Field(0.5, gt=0)
+
+
 class ThroughputSpec(CheckSpec):
     kind: Literal["throughput"]
     batch: int = Field(1, ge=1, le=4096)
@@ -54,6 +68,7 @@ class ThroughputSpec(CheckSpec):
     warmup_rounds: int = Field(1, ge=0, le=1000)
     budgets: dict[str, dict[str, dict[str, ThroughputBudget]]] = Field(default_factory=dict)
     min_ratios: list[SpeedRatio] = Field(default_factory=list)
+    vs_reference: VersusReference = Field(default_factory=VersusReference)
     devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
 
     @field_validator("devices")
@@ -121,20 +136,63 @@ class ThroughputCheck(Check[ThroughputSpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
+        figures, timer = self._timed(ctx)
+        problems, missing = self._judge(ctx, figures, timer)
+        self._finish(ctx, problems, missing)
+
+    def run_against_reference(self, pair: ReferencePair) -> None:
+        """NEW's floors as in a normal run, and NEW's tokens/s over OLD's (same variant, same clock)."""
+        __tracebackhide__ = True
+        spec = self.spec
+        variant = pair.new.variant
+        assert variant is not None
+        old_ctx = pair.on_old()
+        skip_unless_device(spec.devices, old_ctx)
+        old = old_ctx.pool.observe(variant, self._key(old_ctx), lambda loaded: measure_throughput(
+            loaded.model, old_ctx.tokenizer, spec.shape, device=old_ctx.device, rounds=spec.rounds,
+            warmup_rounds=spec.warmup_rounds))
+        old_ctx.record(**{name: round(getattr(old, name), 2) for name in METRICS.values()})
+        ctx = pair.on_new()
+        figures, timer = self._timed(ctx)
+        problems, _ = self._judge(ctx, figures, timer)
+        sides = ctx.sides
+        for metric, floor in (("decode", spec.vs_reference.min_decode_ratio),
+                              ("prefill", spec.vs_reference.min_prefill_ratio)):
+            name = METRICS[metric]
+            ratio = getattr(figures, name) / getattr(old, name)
+            ctx.record(**{f"{metric}_ratio_vs_old": round(ratio, 3)})
+            if ratio < floor:
+                problems.append(f"{metric} {getattr(figures, name):.1f} tokens/s on {sides.actual_short}, "
+                                f"{getattr(old, name):.1f} on {sides.expected} (same session, {spec.shape}): "
+                                f"{ratio:.2f}x < vs_reference.min_{metric}_ratio {floor:g}")
+        self._finish(ctx, problems, None)  # judged: NEW against OLD
+
+    def _timed(self, ctx: CheckContext) -> tuple[ThroughputFigures, str]:
+        __tracebackhide__ = True
         variant = ctx.variant
         assert variant is not None
         spec = self.spec
-        klass, model_name = ctx.device.klass, ctx.pool.resolved.name
-        where = f"{spec.id}[{variant.key}] on {klass}"
         skip_unless_device(spec.devices, ctx)
         model, tokenizer = ctx.model, ctx.tokenizer
         assert_fits_context(model, spec.prompt_tokens, spec.new_tokens, what=spec.id)
         figures, timer = self._measure(ctx, model, tokenizer)
         ctx.record(**figures.figures(), timer=timer)
         ctx.pool.observe(variant, self._key(ctx), lambda _loaded: figures)
+        return figures, timer
+
+    def _where(self, ctx: CheckContext) -> str:
+        return f"{self.spec.id}[{ctx.variant.key if ctx.variant else ''}] on {ctx.device.klass}"
+
+    def _judge(self, ctx: CheckContext, figures: ThroughputFigures, timer: str) -> tuple[list[str], str | None]:
+        """Problems with the floors and the ratios; why nothing was judged (None: something was)."""
+        variant = ctx.variant
+        assert variant is not None
+        spec = self.spec
+        klass, model_name = ctx.device.klass, ctx.pool.resolved.name
         problems: list[str] = []
         budget, key = budget_for(spec.budgets, model=model_name, device_class=klass, variant=variant.key)
         judged = budget is not None
+        missing = None
         if budget is None:
             missing = missing_budget(spec.budgets, model=model_name, device_class=klass, variant=variant.key)
             ctx.record(budget=missing)
@@ -155,7 +213,7 @@ class ThroughputCheck(Check[ThroughputSpec]):
             judged = True
             reference = ctx.pool.observe(
                 VariantSpec.from_key(ratio.reference), self._key(ctx),
-                lambda loaded: measure_throughput(loaded.model, tokenizer, spec.shape, device=ctx.device,
+                lambda loaded: measure_throughput(loaded.model, ctx.tokenizer, spec.shape, device=ctx.device,
                                                   rounds=spec.rounds, warmup_rounds=spec.warmup_rounds),
             )
             name = METRICS[ratio.metric]
@@ -167,14 +225,19 @@ class ThroughputCheck(Check[ThroughputSpec]):
                     f"{getattr(reference, name):.1f} tokens/s, same session), below min ratio "
                     f"{ratio.ratio:g} (device class {klass}, variant {variant.key})"
                 )
+        if judged and budget is None:
+            warnings.warn(NoBudgetWarning(f"{self._where(ctx)}: {missing}; ratios judged, absolute speed not"),
+                          stacklevel=1)
+        return problems, None if judged else missing
+
+    def _finish(self, ctx: CheckContext, problems: list[str], missing: str | None) -> None:
+        __tracebackhide__ = True
         if problems:
             speed = "CPU" if not ctx.device.is_cuda else "GPU"
             raise CheckFailure(
-                f"{where}: throughput budget not met ({speed} speed):\n  " + "\n  ".join(problems)
+                f"{self._where(ctx)}: throughput budget not met ({speed} speed):\n  " + "\n  ".join(problems)
                 + "\nFix: profile what slowed down, or lower the budget in the suite if the machine "
                 "changed; compare runs with --benchmark-save / --benchmark-compare."
             )
-        if not judged:
-            nothing_judged(where, missing)
-        if budget is None:
-            warnings.warn(NoBudgetWarning(f"{where}: {missing}; ratios judged, absolute speed not"), stacklevel=1)
+        if missing is not None:
+            nothing_judged(self._where(ctx), missing)
