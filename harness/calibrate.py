@@ -279,8 +279,7 @@ def _cross_device(args: argparse.Namespace, resolved: Any, device: Any) -> Cross
     """``--golden-device``: refused when it names this device's own class (that is not cross-device)."""
     if not args.golden_device:
         return None
-    from harness.golden import name_problem
-    from harness.session import golden_folder_name
+    from harness.names import golden_folder_name, name_problem
 
     klass = args.golden_device
     if name_problem(klass):

@@ -35,9 +35,11 @@ class GoldenPath:
 
 
 def golden_file(root: Path, *, model: str, device_class: str, variant: str, item_name: str) -> Path:
-    """Where the greedy golden of ``suite::check`` lives for a device class and variant."""
+    """Where the greedy golden of ``suite::check`` (a calibration item's name) lives."""
+    from harness.golden.layout import golden_path
+
     suite, _, check = item_name.partition("::")
-    return root / model / device_class / variant / suite / f"{check}.json"
+    return golden_path(root, model=model, device_class=device_class, variant=variant, suite=suite, check_id=check)
 
 
 def golden_paths(items: Sequence[Item], *, root: Path, model: str, device_class: str,
@@ -47,8 +49,14 @@ def golden_paths(items: Sequence[Item], *, root: Path, model: str, device_class:
 
     found: list[GoldenPath] = []
     skipped: dict[str, str] = {}
+    from harness.errors import GoldenError
+
     for item in items:
-        path = golden_file(root, model=model, device_class=device_class, variant=variant, item_name=item.name)
+        try:
+            path = golden_file(root, model=model, device_class=device_class, variant=variant, item_name=item.name)
+        except GoldenError as exc:
+            skipped[item.name] = str(exc)
+            continue
         if not path.is_file():
             skipped[item.name] = f"no golden at {path}"
             continue

