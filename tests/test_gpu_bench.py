@@ -78,7 +78,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_the_dry_run_takes_every_step_on_cpu(tmp_path: Path, embedded_model_dir: Path) -> None:
-    """pack -> install -> synthetic (tiny config) -> receive -> real (one prompt, nf4-lora) -> doc,
+    """pack -> install -> synthetic (tiny config, four variants) -> receive -> real (one prompt, fp16-lora) -> doc,
     in temporary folders: the goldens and .gpu-carry/ of the repository are not touched."""
     golden_before = _digest(ROOT / "golden")
     carry_before = _digest(ROOT / ".gpu-carry") if (ROOT / ".gpu-carry").is_dir() else None
@@ -96,8 +96,8 @@ def test_the_dry_run_takes_every_step_on_cpu(tmp_path: Path, embedded_model_dir:
     assert "reassembled, sha256 matches the pin" in log
     assert "model.safetensors: identical to the file the CPU goldens were recorded with" in log
     assert "MEASURED CROSS-DEVICE FACTOR: cpu goldens of smollm2-135m judged on cpu" in log
-    # the dry run's variant, nf4-lora, takes the quantization and the adapter paths; both directions
-    assert log.count("  nf4-lora: cross-device / same-device noise: mean |Δ log p| x") >= 2
+    # the dry run's variant (fp16-lora: the adapter path), in both directions
+    assert log.count("  fp16-lora: cross-device / same-device noise: mean |Δ log p| x") >= 2
 
     names = sorted(p.name for p in out.iterdir())
     assert names == ["benchmark-gpu.json", "benchmark-gpu.md", "benchmark-gpu.png", "calibration.tar.gz",
@@ -105,7 +105,7 @@ def test_the_dry_run_takes_every_step_on_cpu(tmp_path: Path, embedded_model_dir:
     assert len(names) <= 8 and all((out / n).stat().st_size < 16 * 2**20 for n in names)  # what $OUT returns
     with tarfile.open(out / "golden-cpu.tar.gz") as tar:
         recorded = [n for n in tar.getnames() if not n.endswith(".meta.json")]
-    assert recorded == ["smollm2-135m/cpu/nf4-lora/generation/capital-raw.json"]
+    assert recorded == ["smollm2-135m/cpu/fp16-lora/generation/capital-raw.json"]
     doc = json.loads((out / "benchmark-gpu.json").read_text())
     assert [r["synthetic"]["name"] for r in doc["synthetic"]] == ["tiny-llama"]
     assert {s["name"].split(" ")[0] for s in doc["real"]["steps"]} >= {"record", "cpu", "harness-calibrate"}
