@@ -8,11 +8,21 @@ same functions the ``memory``, ``throughput`` and ``drift`` checks use, and writ
     harness-bench --model smollm2-135m --device auto --out bench-out/
 
 On CPU the report says that memory is process RSS and that speeds are CPU speeds.
+
+``--config NAME|PATH`` measures an architecture without its weights: the model is built from
+its config.json with random weights (``harness.synthetic``), saved, and loaded through the same
+pool, so memory and speed are the architecture's (drift is not measured: the weights mean
+nothing). ``--sweep 1x128,8x512`` measures peaks, the KV cache, prefill and decode speed and the
+decode bandwidth roofline at each batch x prompt shape, and flags shapes where 4-bit peaks above
+or decodes slower than 16-bit::
+
+    harness-bench --config llama-3-8b --device cuda --sweep 1x128,8x512,32x1024 --new-tokens 32
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -22,8 +32,12 @@ from harness.cli import (
     EXIT_FINDING, EXIT_OK, ToolParser, check_adapter, check_out_folder, check_registry, check_variants,
     golden_dir_argument, golden_dirs, run_tool, some_text, whole_number,
 )
-from harness.measure import MIB, NF4_BITS_PER_WEIGHT, Shape, measure_throughput, mib, nf4_estimate
 from harness.outputs import strict_json
+from harness.measure import (
+    MIB, NF4_BITS_PER_WEIGHT, Shape, measure_throughput, mib, model_device, nf4_estimate, synthetic_prompt_ids,
+)
+from harness.benchdoc import fmt as _fmt
+from harness.measure.roofline import peak_bandwidth
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -41,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
                     "variants (fp16, NF4, with and without the LoRA adapter) in one process.",
     )
     p.add_argument("--model", default=None, help="registry name, model folder, .gguf or hub id (default: registry default)")
+    p.add_argument("--config", default=None, metavar="NAME|PATH",
+                   help="config-only: an architecture built from its config.json with random weights, a shipped "
+                        "name (" + ", ".join(_shipped()) + ") or a config.json path; instead of --model")
+    p.add_argument("--work-dir", default=None,
+                   help="where --config writes the random model (default: a temporary folder, removed after); "
+                        "a RAM disk such as /dev/shm saves the disk round trip of a large model")
+    p.add_argument("--sweep", default=None, metavar="BxP,...",
+                   help="batch x prompt-token shapes to measure peaks, KV cache and speed at, e.g. 1x128,8x512 "
+                        "(default: --batch x --prompt-tokens); each generates --new-tokens")
+    p.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
+                   help="peak memory bandwidth for the decode roofline (default: from a table of known GPUs)")
     p.add_argument("--registry", default="models.yaml", help="model registry (default: ./models.yaml)")
     p.add_argument("--variants", default=None, help="comma list out of fp16,nf4,fp16-lora,nf4-lora (default: all known); fp16 is always measured as the reference")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (overrides the registry)")
@@ -69,6 +94,30 @@ def _parser() -> argparse.ArgumentParser:
 OUTPUTS = ("report.md", "report.json", "memory.png")
 
 
+def _shipped() -> list[str]:
+    from harness.synthetic import shipped_configs
+
+    return list(shipped_configs())
+
+
+def parse_sweep(text: str | None, *, new_tokens: int) -> list[Shape]:
+    """``--sweep 1x128,8x512``: (batch, prompt tokens) pairs, each generating ``new_tokens``."""
+    shapes: list[Shape] = []
+    for part in (text or "").split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        batch, sep, prompt = part.partition("x")
+        if not sep or not batch.isdigit() or not prompt.isdigit() or int(batch) < 1 or int(prompt) < 1:
+            raise ValueError(f"--sweep {text!r}: {part!r} is not BATCHxPROMPT_TOKENS (e.g. 8x512); give a comma "
+                             "list of positive whole numbers")
+        shapes.append(Shape(batch=int(batch), prompt_tokens=int(prompt), new_tokens=new_tokens))
+    if text is not None and not shapes:
+        raise ValueError(f"--sweep {text!r}: no shape given; e.g. --sweep 1x128,8x512")
+    return shapes
+
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit 0: every variant measured (or unavailable on this platform, which the report says); 1: a variant
     failed to load, the report is incomplete; 2: nothing measured (a usage error, found before a model loads, or
@@ -79,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     out = check_out_folder("--out", args.out, golden_dirs=golden_dirs(args.golden_dir, args.registry), writes=OUTPUTS)
-    check_registry(args.registry, required=True)
+    check_registry(args.registry, required=args.config is None)  # --config writes its own
     check_variants(args.variants)
     check_adapter("--adapter", args.adapter)
     report = run_bench(args)
@@ -98,6 +147,38 @@ def _say(line: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the variants of ``--model``, or of ``--config``'s random model (removed afterwards)."""
+    if args.config is None:
+        return _run(args, synthetic=None)
+    if args.model is not None:
+        raise ValueError("--config and --model both given: --config builds a random model of an architecture, "
+                         "--model loads a real one; pass one of them")
+    import shutil
+    import tempfile
+
+    from harness.devices import pick_device
+    from harness.synthetic import materialize
+
+    created = args.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="harness-bench-")) if created else Path(args.work_dir)
+    try:
+        synthetic = materialize(args.config, out_dir=work, device=pick_device(args.device).name, progress=_say)
+        registry = work / "models.yaml"
+        name = synthetic.folder.name
+        registry.write_text(json.dumps({"default": name, "models": {name: {
+            "path": str(synthetic.folder), "adapter": str(synthetic.adapter),
+            "description": f"{synthetic.name} config with random weights"}}}, indent=2))
+        args = argparse.Namespace(**{**vars(args), "model": name, "registry": str(registry), "adapter": None})
+        return _run(args, synthetic=synthetic.figures())
+    finally:
+        if created:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            for path in work.glob("*-random*"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, *, synthetic: dict[str, Any] | None) -> dict[str, Any]:
     """Measure the variants; every figure comes from the checks' own functions."""
     from harness.checks.drift import compare_to_reference, default_reference, reference_observation
     from harness.checks.memory import Workload, measure_memory
@@ -123,11 +204,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = pool.tokenizer
     prompts = args.prompt or DEFAULT_PROMPTS
     workload = Workload(prompts=prompts, max_new_tokens=args.workload_tokens, batch_size=args.workload_batch)
-    shape = Shape(batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    new_tokens = max(2, args.new_tokens)
+    shapes = parse_sweep(args.sweep, new_tokens=new_tokens) or [
+        Shape(batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=new_tokens)]
+    shape = shapes[0]
+    bandwidth = peak_bandwidth(_gpu_name(device), override_gb_s=args.bandwidth)
     drift_ids = [encode_prompt(tokenizer, prompt=p, messages=None) for p in prompts]
     fp16 = VariantSpec("fp16", False)
-    # A variant's reference observation is taken while it is loaded (as the drift check does).
-    references = {fp16.key} | {default_reference(v).key for v in variants if v.lora}
+    # A variant's reference observation is taken while it is loaded (as the drift check does);
+    # random weights have no behaviour to drift from.
+    references = set() if synthetic else {fp16.key} | {default_reference(v).key for v in variants if v.lora}
 
     rows: list[dict[str, Any]] = []
     for variant in variants:
@@ -153,15 +239,22 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         if variant.quant == "nf4":
             row["nf4_estimate"] = nf4_estimate(loaded.model).figures()
-        _say(f"{variant.key}: throughput ({shape})")
-        thr = measure_throughput(loaded.model, tokenizer, shape, device=device, rounds=args.rounds,
-                                 warmup_rounds=args.warmup)
-        row["throughput"] = {**thr.figures(), "rounds_s": [asdict(r) for r in thr.rounds]}
+        row["sweep"] = []
+        for each in shapes:
+            _say(f"{variant.key}: {each}")
+            row["sweep"].append(measure_shape(loaded.model, tokenizer, each, device=device, rounds=args.rounds,
+                                              warmup=args.warmup, weight_bytes=mem.weights_bytes
+                                              + (mem.quant_state_bytes or 0), bandwidth=bandwidth))
+        first = row["sweep"][0]
+        row["throughput"] = first.get("throughput") or {"error": first.get("error")}
+        row["drift"] = {}
+        if synthetic:
+            row["drift"] = {"skipped": "random weights (config-only): no behaviour to drift from"}
+            continue
         if variant.key in references:
             _say(f"{variant.key}: reference continuations for drift")
             pool.observe(variant, DRIFT_KEY, lambda l, v=variant: reference_observation(
                 l.model, tokenizer, drift_ids, args.drift_tokens, variant=v.key))
-        row["drift"] = {}
         for label, ref in (("fp16", fp16), ("base", default_reference(variant) if variant.lora else None)):
             if ref is None or ref == variant or ref.key not in {v.key for v in variants}:
                 continue
@@ -179,7 +272,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if base is not None and "memory" in row:
             row["saving_vs_fp16"] = round(base["memory"]["weights_bytes"] / row["memory"]["weights_bytes"], 3)
     pool.release()
+    from harness.benchdoc import flags
+
+    measured = [r for r in rows if "memory" in r]
+    label = "GPU peak allocated" if device.is_cuda else "process RSS"
     return {
+        "synthetic": synthetic,
+        "bandwidth": bandwidth.figures() if bandwidth else None,
+        "flags": flags(measured, peak_label=label),
         "model": session.model_name,
         "source": resolved.source,
         "revision": resolved.revision,
@@ -191,13 +291,59 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "versions": library_versions(),
         "settings": {
             "memory_workload": workload.model_dump(),
-            "throughput_shape": asdict(shape), "rounds": args.rounds, "warmup_rounds": args.warmup,
+            "throughput_shape": asdict(shape), "sweep": [asdict(x) for x in shapes],
+            "rounds": args.rounds, "warmup_rounds": args.warmup,
             "drift_prompts": prompts, "drift_new_tokens": args.drift_tokens,
             "nf4_bits_per_weight": NF4_BITS_PER_WEIGHT, "units": "MiB = 2**20 bytes",
         },
         "load_counts": dict(pool.load_counts),
         "variants": rows,
     }
+
+
+def measure_shape(model: Any, tokenizer: Any, shape: Shape, *, device: Any, rounds: int, warmup: int,
+                  weight_bytes: int, bandwidth: Any) -> dict[str, Any]:
+    """One shape: the KV cache it holds, then the peak around its timed rounds, then the roofline.
+
+    A shape that does not fit (out of memory) is recorded as such; the next shape still runs.
+    """
+    import torch
+
+    from harness.measure import measure_peak, release_memory
+    from harness.measure.roofline import decode_roofline_fraction, kv_cache_bytes, measured_kv_cache_bytes
+
+    out: dict[str, Any] = {"shape": asdict(shape)}
+    total = shape.prompt_tokens + shape.new_tokens
+    try:
+        ids = torch.tensor([synthetic_prompt_ids(tokenizer, total)] * shape.batch, device=model_device(model))
+        kv = measured_kv_cache_bytes(model, ids)
+        del ids
+        if kv is None:
+            kv = kv_cache_bytes(model.config, batch=shape.batch, tokens=total)
+            out["kv_cache_source"] = "config (full attention)"
+        out["kv_cache_bytes"] = int(kv)
+        thr, peak = measure_peak(lambda: measure_throughput(model, tokenizer, shape, device=device, rounds=rounds,
+                                                            warmup_rounds=warmup), device=device)
+    except torch.OutOfMemoryError as exc:
+        release_memory(device)
+        out["error"] = f"out of memory: {str(exc).splitlines()[0][:160]}"
+        return out
+    out["throughput"] = {**thr.figures(), "rounds_s": [asdict(r) for r in thr.rounds]}
+    out["peak"] = {**asdict(peak), "label": peak.label}
+    kv_mid = int(kv * (shape.prompt_tokens + shape.new_tokens / 2) / total)
+    out["roofline_fraction"] = decode_roofline_fraction(
+        weight_bytes=weight_bytes, kv_bytes_mid=kv_mid, decode_tokens_per_s=thr.decode_tokens_per_s,
+        batch=shape.batch, bandwidth=bandwidth)
+    out["bytes_per_decode_step"] = weight_bytes + kv_mid
+    return out
+
+
+def _gpu_name(device: Any) -> str | None:
+    if not device.is_cuda:
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(device.name)
 
 
 def _cpu_info(device: Any) -> dict[str, Any]:
@@ -217,14 +363,6 @@ COLUMNS = ["variant", "weights MiB", "peak MiB", "expected MiB (NF4)", "saving v
            "prefill tok/s", "decode tok/s", "mean KL vs fp16", "top-1 vs fp16"]
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     for row in report["variants"]:
@@ -239,9 +377,10 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             _fmt(mib(mem["peak"]["peak_bytes"])),
             _fmt(mib(mem["expected_nf4_bytes"])) if mem["expected_nf4_bytes"] else "–",
             f"{row['saving_vs_fp16']:.2f}x" if "saving_vs_fp16" in row else "–",
-            _fmt(thr["prefill_tokens_per_s"]),
-            _fmt(thr["decode_tokens_per_s"]),
-            _fmt(drift.get("mean_kl"), 4) if drift else "(reference)" if row["variant"] == "fp16" else "–",
+            _fmt(thr.get("prefill_tokens_per_s")),
+            _fmt(thr.get("decode_tokens_per_s")),
+            _fmt(drift.get("mean_kl"), 4) if drift else "(reference)" if row["variant"] == "fp16" and not
+            row["drift"].get("skipped") else "–",
             _fmt(drift.get("top1_agreement"), 3) if drift else "–",
         ])
     return rows
@@ -262,6 +401,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Device: {dev['description']} (class `{dev['class']}`), torch threads {dev['torch_threads']}",
         "- Libraries: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
     ]
+    synthetic = report.get("synthetic")
+    if synthetic:
+        lines += ["", f"**Config-only: the {synthetic['name']} architecture ({synthetic['parameters']:,} parameters) "
+                      "with random weights.** Weights, peaks and speeds are the architecture's; drift is not "
+                      "measured (random weights have no behaviour)."]
     if cpu:
         lines += [
             "",
@@ -284,8 +428,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['memory_workload']['max_new_tokens']} new tokens each. Speeds: batch {shape['batch']} x "
         f"{shape['prompt_tokens']} prompt tokens -> {shape['new_tokens']} new tokens, median of {s['rounds']} "
         f"rounds after {s['warmup_rounds']} warm-up; one generate call per round, prefill = time to its "
-        f"first decoding step, decode = the rest ((new tokens - 1) per row). Drift: KL(fp16 || variant) and top-1 agreement at every position of "
-        f"{len(s['drift_prompts'])} prompts + fp16's greedy {s['drift_new_tokens']} tokens, teacher-forced.",
+        f"first decoding step, decode = the rest ((new tokens - 1) per row). " + (
+            "Drift: not measured (random weights)." if synthetic else
+            f"Drift: KL(fp16 || variant) and top-1 agreement at every position of {len(s['drift_prompts'])} "
+            f"prompts + fp16's greedy {s['drift_new_tokens']} tokens, teacher-forced."),
     ]
     measured = [r for r in report["variants"] if "memory" in r]
     if cpu and measured:
@@ -296,6 +442,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{r['variant']} {mib(r['memory']['peak']['baseline_bytes']):.0f} MiB" for r in measured)
             + ". On CPU the peak therefore does not show the weight savings; the weights column does.",
         ]
+    from harness.benchdoc import sweep_section
+
+    lines += sweep_section(report)
     nf4 = next((r for r in report["variants"] if r["variant"] == "nf4" and "nf4_estimate" in r), None)
     if nf4 is not None:
         est, mem = nf4["nf4_estimate"], nf4["memory"]
@@ -364,8 +513,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title("memory" + (" (CPU: peak is process RSS)" if cpu else ""))
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.bar([i - width / 2 for i in x], [r["throughput"]["prefill_tokens_per_s"] for r in rows], width, label="prefill")
-    ax.bar([i + width / 2 for i in x], [r["throughput"]["decode_tokens_per_s"] for r in rows], width, label="decode")
+    ax.bar([i - width / 2 for i in x], [r["throughput"].get("prefill_tokens_per_s", 0) for r in rows], width,
+           label="prefill")
+    ax.bar([i + width / 2 for i in x], [r["throughput"].get("decode_tokens_per_s", 0) for r in rows], width,
+           label="decode")
     ax.set_xticks(list(x), names)
     ax.set_ylabel("tokens/s")
     ax.set_yscale("log")

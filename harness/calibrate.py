@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--regressions", nargs="?", const="default", default=None, metavar="LIST",
                    help="also measure constructed regressions (KIND:VALUE list out of weights, rope_theta, "
                         "rms_norm_eps, lora_b; bare flag: a default set) and whether the tolerances catch them")
+    p.add_argument("--golden-device", default=None, metavar="CLASS",
+                   help="also score the greedy goldens that device class recorded (cpu, cuda-sm90, ...) on this "
+                        "device, and report the cross-device noise as a factor of the same-device noise")
     p.add_argument("--out", default=None, help="write calibration.json, calibration.md and tolerance.yaml here")
     golden_dir_argument(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -97,6 +100,11 @@ def _main(args: argparse.Namespace) -> int:
     markdown, snippet = render_markdown(result), render_yaml(result)
     print(markdown)
     print(snippet)
+    if result.get("cross_device"):
+        from harness.crossdevice import summary_lines
+
+        cross = result["cross_device"]
+        print("\n".join(summary_lines(result["model"], result["device"], cross["golden_class"], result["variants"])))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "calibration.json").write_text(strict_json(result, indent=2, sort_keys=True) + "\n")
@@ -212,6 +220,16 @@ class Context:
     items: list[Item]
     reference_attn: str | None
     regressions: list[Any]
+    cross: CrossDevice | None = None
+
+
+@dataclass(frozen=True)
+class CrossDevice:
+    """``--golden-device``: whose goldens to score on this device, and where they are."""
+
+    root: Path
+    model: str
+    golden_class: str
 
 
 def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,7 +256,8 @@ def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
                         max_prompts=args.max_prompts)
     from harness.regressions import parse
 
-    ctx = Context(resolved, device, items, requested, parse(args.regressions) if args.regressions else [])
+    ctx = Context(resolved, device, items, requested, parse(args.regressions) if args.regressions else [],
+                  cross=_cross_device(args, resolved, device))
     envs = args.env if args.env is not None else default_envs(device)
     import torch
 
@@ -249,6 +268,8 @@ def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "items": {it.name: {"prompt_tokens": len(it.prompt_ids), "max_new_tokens": it.max_new_tokens} for it in items},
         "safety": args.safety, "floors": FLOORS, "versions": library_versions(), "variants": {},
+        "cross_device": None if ctx.cross is None else {
+            "golden_class": ctx.cross.golden_class, "golden_dir": str(ctx.cross.root), "model": ctx.cross.model},
     }
     for variant in variants:
         _say(f"{variant.key}: reference greedy paths of {len(items)} prompts")
@@ -283,6 +304,7 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
             continue
         observed.append((measure(name, names, ref_steps, scores), scores))
         _say(f"{variant.key}: {_summary(observed[-1][0])}")
+    cross = _measure_cross_device(ctx, pool, variant, [n for n, _ in observed], safety=safety) if ctx.cross else None
     pool.release()
     rec = recommend([n for n, _ in observed], safety=safety)
     refused = tolerance_problem(rec.as_tolerance())
@@ -306,6 +328,53 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
         "refused": refused,  # why a suite would refuse the recommendation (it is then not recommended), or None
         "smallest_margins": {k: {"step": s, "margin": m} for k, (s, m) in margins.items()},
         "fragile": sorted(k for k, (_, m) in margins.items() if m < rec.tie_gap),
+        **({"cross_device": cross} if cross is not None else {}),
+    }
+
+
+def _cross_device(args: argparse.Namespace, resolved: Any, device: Any) -> CrossDevice | None:
+    """``--golden-device``: refused when it names this device's own class (that is not cross-device)."""
+    if not args.golden_device:
+        return None
+    from harness.names import golden_folder_name, name_problem
+
+    klass = args.golden_device
+    if name_problem(klass):
+        raise ValueError(f"--golden-device {klass!r}: give a device class as named under the golden folder "
+                         "(cpu, cuda-sm90, ...)")
+    if klass == device.klass:
+        raise ValueError(f"--golden-device {klass}: that is this device's own class ({device.description}); "
+                         "cross-device noise needs goldens recorded on another class")
+    model = golden_folder_name(resolved.name)
+    root = golden_dirs(args.golden_dir, args.registry)[0]
+    if not (root / model / klass).is_dir():
+        raise ValueError(f"--golden-device {klass}: no goldens of {model!r} for that class under {root} "
+                         f"(looked for {root / model / klass}). Fix: pass --golden-dir, or record them there first")
+    return CrossDevice(root=root, model=model, golden_class=klass)
+
+
+def _measure_cross_device(ctx: Context, pool: Any, variant: Any, same: list[Noise], *,
+                          safety: float) -> dict[str, Any]:
+    """The other class's goldens scored by this variant here, and the factors against ``same``."""
+    from harness.compare import NoiseModel
+    from harness.crossdevice import factors, golden_paths, score_goldens, verdicts
+
+    assert ctx.cross is not None
+    paths, skipped = golden_paths(ctx.items, root=ctx.cross.root, model=ctx.cross.model,
+                                  device_class=ctx.cross.golden_class, variant=variant.key)
+    if not paths:
+        return {"skipped": "no comparable golden: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())}
+    label = f"cross-device ({ctx.cross.golden_class} goldens)"
+    _say(f"{variant.key}: {label}, {len(paths)} goldens")
+    noise, scores = score_goldens(pool.get(variant).model, pool.tokenizer, paths, label=label)
+    _say(f"{variant.key}: {_summary(noise)}")
+    model = NoiseModel()
+    builtin = model.tolerance(variant.key)
+    return {
+        "golden_class": ctx.cross.golden_class, "prompts": len(paths), "steps": noise.steps, "skipped": skipped,
+        "noise": _noise_dict(noise, {}), "builtin_factor": model.cross_device_factor,
+        "failed_at_builtin": verdicts(paths, scores, model.tolerance(variant.key, cross_device=True)),
+        "factors": factors(noise, same, builtin=builtin, safety=safety),
     }
 
 
@@ -498,8 +567,38 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines.append("Fragile prompts (a top-2 margin below tie_gap on the reference path): " + ", ".join(
                 f"{k} (step {data['smallest_margins'][k]['step']}, margin {_fmt(data['smallest_margins'][k]['margin'])})"
                 for k in data["fragile"]))
+        if "cross_device" in data:
+            lines += ["", *_cross_lines(data["cross_device"], n)]
         lines.append("")
     return "\n".join(lines)
+
+
+def _cross_lines(cross: dict[str, Any], n_items: int) -> list[str]:
+    """The cross-device row and its factors, under the variant's same-device table."""
+    if "factors" not in cross:
+        return [f"Cross-device: not measured ({cross.get('skipped')})."]
+    f = cross["factors"]
+    noise = {**cross["noise"], "failed": {"default": cross["failed_at_builtin"]}}  # default: with today's factor
+    lines = _table(f"{cross['golden_class']} goldens scored here", [noise], cross["prompts"])
+    ratio, needed = f["ratio_to_same_device"], f["needed_vs_builtin"]
+    lines += [
+        "",
+        f"Cross-device factor ({cross['golden_class']} goldens on this device, {cross['prompts']} of {n_items} "
+        f"prompts, their whole recorded paths): cross-device / worst same-device condition "
+        f"({', '.join(f['same_device_conditions']) or 'none measured'}): mean |Δ log p| x{_fmt_x(ratio['mean_abs_dlogp'])}, "
+        f"max |Δ log p| x{_fmt_x(ratio['max_abs_dlogp'])}, margin shift x{_fmt_x(ratio['max_gap_shift'])}. "
+        f"The built-in tolerance would need x{_fmt_x(f['needed_vs_builtin_max'])} (mean x{_fmt_x(needed['mean_abs_dlogp'])}, "
+        f"max x{_fmt_x(needed['max_abs_dlogp'])}, margin x{_fmt_x(needed['max_gap_shift'])}) to cover it with the same "
+        f"safety; today's cross-device factor is x{cross['builtin_factor']:g}, at which "
+        f"{len(cross['failed_at_builtin'])} of {cross['prompts']} goldens fail.",
+    ]
+    if cross["skipped"]:
+        lines.append("Not compared: " + "; ".join(f"{k} ({v})" for k, v in cross["skipped"].items()) + ".")
+    return lines
+
+
+def _fmt_x(value: float | None) -> str:
+    return "n/a (no same-device noise)" if value is None else f"{value:.2f}"
 
 
 def _table(title: str, rows: list[dict[str, Any]], n_items: int) -> list[str]:
@@ -510,7 +609,8 @@ def _table(title: str, rows: list[dict[str, Any]], n_items: int) -> list[str]:
         flips = (f"{len(c['flips'])} ({_fmt(max(max(f['gap_reference'], f['gap_condition']) for f in c['flips']))})"
                  if c["flips"] else "0")
         bad = f", {c['nonfinite']} NaN/inf" if c["nonfinite"] else ""
-        failed = " / ".join(f"{len(c['failed'][k])}/{n_items}" for k in ("recommended", "default"))
+        failed = " / ".join(f"{len(c['failed'][k])}/{n_items}" if k in c["failed"] else "–"
+                            for k in ("recommended", "default"))
         lines.append(f"| {c['condition']} | {c['steps']} | {_fmt(c['mean_abs_dlogp'])} | {_fmt(c['max_abs_dlogp'])} "
                      f"| {_fmt(c['max_gap_shift'])} | {flips}{bad} | {failed} |")
     return lines
