@@ -61,10 +61,7 @@ class ConsistencySpec(CheckSpec):
 
 def tolerance_for(ctx: CheckContext, spec: ConsistencySpec) -> Tolerance:
     """The engine's tolerance for this variant, with the check's override applied."""
-    from harness.compare import NoiseModel
-
-    override = spec.tolerance.as_override() if spec.tolerance is not None else None
-    return NoiseModel().overridden(override, where="check").tolerance(ctx.variant.key if ctx.variant else None)
+    return spec.noise_model().tolerance(ctx.variant.key if ctx.variant else None)
 
 
 EXACT_SOURCE = "exact: the two runs must be bit-identical"

@@ -83,8 +83,7 @@ class PaddingSpec(CheckSpec):
         return value
 
     def tolerance_for(self, variant_key: str | None) -> Tolerance:
-        override = self.tolerance.as_override() if self.tolerance else None
-        return NoiseModel().overridden(override, where="check").tolerance(variant_key)
+        return self.noise_model().tolerance(variant_key)
 
 
 @dataclass
