@@ -42,6 +42,7 @@ from harness.tolerance import MEAN_CALIBRATED_STEPS, ROUNDING, Tolerance
 FACTOR = 4.0
 POOL = 1.5
 MEAN_FACTOR = 1.0
+MARGIN_MEAN_FACTOR = 1.5
 FLIP_ALPHA = 0.01
 NOISE_VERSION = 1
 # bits of mantissa: one unit in the last place of x is 2 ** (floor(log2 |x|) - bits)
@@ -132,6 +133,7 @@ class Allowance:
     exact: bool = False          # match: exact: no flip is accepted
     widened: tuple[str, ...] = ()  # overrides that forgive more than what they replace, and where they were set
     recorded: bool = False       # from the golden's own noise record
+    margin_unit: tuple[float, ...] = ()  # the recorded margin noise (with its floor), per step: the margins' mean
 
     def _at(self, values: tuple[float, ...], index: int) -> float:
         return values[min(max(index, 0), len(values) - 1)]
@@ -158,11 +160,20 @@ class Allowance:
         """
         if not indices:
             return 0.0
-        n = len(indices)
-        base = self.mean_factor * sum(self._at(self.unit, i) for i in indices) / n
-        ceiling = sum(self.step_bound(i) for i in indices) / n
-        widened = base * max(1.0, math.sqrt(MEAN_CALIBRATED_STEPS / n))
-        return max(base, min(widened, ceiling))
+        return _mean_bound(self.mean_factor, [self._at(self.unit, i) for i in indices],
+                           [self.step_bound(i) for i in indices])
+
+    def margin_mean_bound(self, indices: Sequence[int]) -> float | None:
+        """The bound on the mean margin shift over ``indices`` (recorded allowances only, else None).
+
+        Per step a margin may move ``FACTOR`` x its pooled noise; over a path, moves that are each
+        within that but together above ``MARGIN_MEAN_FACTOR`` x the recorded (unpooled) noise are
+        a consistent change, not noise.
+        """
+        if not self.margin_unit or not indices:
+            return None
+        return _mean_bound(MARGIN_MEAN_FACTOR, [self._at(self.margin_unit, i) for i in indices],
+                           [self.margin_bound(i) for i in indices])
 
     def flip_refusal(self, index: int, gap_expected: float, gap_actual: float) -> str | None:
         """Why a flip at ``index`` is not noise, or None. Gaps: each run's preference for its own token."""
@@ -186,6 +197,16 @@ class Allowance:
 
     def describe(self) -> str:
         return f" for {self.source}" if self.source else ""
+
+
+def _mean_bound(factor: float, units: Sequence[float], ceilings: Sequence[float]) -> float:
+    """``factor`` x the mean unit for a path as long as the calibration's; a mean over fewer steps
+    varies more (as 1/sqrt(n)), so its bound grows towards the mean per-step bound, which a mean
+    over one step is."""
+    n = len(units)
+    base = factor * sum(units) / n
+    widened = base * max(1.0, math.sqrt(MEAN_CALIBRATED_STEPS / n))
+    return max(base, min(widened, sum(ceilings) / n))
 
 
 def flat_allowance(tol: Tolerance, steps: int, *, exact: bool = False) -> Allowance:
@@ -234,13 +255,14 @@ def recorded_allowance(noise: PathNoise, *, chosen_logprobs: Sequence[float] | N
     floors = [ulp(score, noise.logits_dtype) for score in noise.score]
     pooled = POOL * (sum(noise.dlogp) / n if n else 0.0)
     pooled_margin = POOL * (sum(noise.margin) / n if n else 0.0)
+    recorded_margin = [max(m, 2 * f) * scale for m, f in zip(noise.margin, floors)]
     margin_unit = [max(m, 2 * f, pooled_margin) for m, f in zip(noise.margin, floors)]
     uncertain = [1.0 - math.exp(min(lp, 0.0)) for lp in chosen_logprobs] if chosen_logprobs is not None \
         else [0.0] * n
     unit = [max(d, f, pooled, share * m) for d, f, share, m in zip(noise.dlogp, floors, uncertain, margin_unit)]
     step = [FACTOR * u * scale for u in unit]
     margin = [FACTOR * u * scale for u in margin_unit]
-    sigma = [u * scale for u in margin_unit]
+    sigma = list(recorded_margin)  # the margin's own recorded spread: flip probabilities (not pooled)
     unit = [u * scale for u in unit]
     mean_factor, tie_gap, widened = MEAN_FACTOR, None, []
     where = dict(overrides.where) if overrides is not None else {}
@@ -264,7 +286,7 @@ def recorded_allowance(noise: PathNoise, *, chosen_logprobs: Sequence[float] | N
         label += f"; {', '.join(sorted(where))} set in the suite"
     return Allowance(step=tuple(step), margin=tuple(margin), unit=tuple(unit), sigma=tuple(sigma),
                      mean_factor=mean_factor, source=label, tie_gap=tie_gap, exact=exact, widened=tuple(widened),
-                     recorded=True)
+                     recorded=True, margin_unit=tuple(recorded_margin) if "max_margin_shift" not in where else ())
 
 
 def flip_budget(probabilities: Sequence[float], *, alpha: float = FLIP_ALPHA) -> int:

@@ -282,15 +282,28 @@ def margin_shift(expected: Step, actual: Step) -> float | None:
 
 def _shift_reasons(shifts: list[tuple[int, float]], allowance: Allowance, unit: str,
                    names: Sequence[str] | None = None) -> list[str]:
+    reasons = _margin_mean_reasons(shifts, allowance)
     over = [(s / max(allowance.margin_bound(i), 1e-12), i, s) for i, s in shifts if allowance.margin_exceeded(i, s)]
     if not over:
-        return []
+        return reasons
     _, at, worst = max(over)
     where = names[at] if names is not None else f"{unit} {at}"
     more = f" (and {len(over) - 1} more {unit}s)" if len(over) > 1 else ""
-    return [f"the margin between the chosen token and its runner-up moved by {worst:.3g} at {where} > "
+    return reasons + [f"the margin between the chosen token and its runner-up moved by {worst:.3g} at {where} > "
             f"allowance {allowance.margin_bound(at):.3g}{allowance.describe()}{more}: a confident token's "
             "log-prob hides it, the distribution under it moved beyond noise"]
+
+
+def _margin_mean_reasons(shifts: list[tuple[int, float]], allowance: Allowance) -> list[str]:
+    bound = allowance.margin_mean_bound([i for i, _ in shifts])
+    if bound is None:
+        return []
+    mean = sum(s for _, s in shifts) / len(shifts)
+    if mean <= bound + ROUNDING:
+        return []
+    return [f"the margins between the chosen tokens and their runners-up moved by {mean:.3g} on average over "
+            f"{len(shifts)} steps > {bound:.3g}{allowance.describe()}: each step within its allowance, together a "
+            "consistent change of the distributions, not noise"]
 
 
 def _budget_reasons(expected: Observation, ties: Sequence[AcceptedTie], allowance: Allowance,
