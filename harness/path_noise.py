@@ -200,15 +200,16 @@ def _noise(conditions: dict[str, tuple[Sequence[Step], Sequence[Step]]], scores:
                      logits_dtype=dtype, conditions=tuple(conditions), flips=flips, environment=environment)
 
 
-def environment(model: Any, *, attn_implementation: str | None) -> dict[str, Any]:
+def environment(model: Any) -> dict[str, Any]:
     """What numerics depend on besides the weights: recorded next to the noise, shown when a golden fails."""
     import torch
 
-    from harness.diff.activations import compute_dtype
+    from harness.diff.activations import base_model, compute_dtype
 
     device = next(model.parameters()).device
+    kernel = getattr(base_model(model).config, "_attn_implementation", None)
     env: dict[str, Any] = {"device": device.type, "compute_dtype": compute_dtype(model),
-                           "logits_dtype": logits_dtype(model), "attn_implementation": attn_implementation}
+                           "logits_dtype": logits_dtype(model), "attn_implementation": kernel}
     if device.type == "cpu":
         env.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
     else:

@@ -162,7 +162,7 @@ class _Run:
             rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
             golden=ctx.goldens.reference(ctx.golden_path()), update=ctx.goldens.update, sides=ctx.sides,
             recorded_environment=noise.environment if noise is not None else None,
-            environment=path_noise.environment(model, attn_implementation=ctx.pool.requested_attn),
+            environment=path_noise.environment(model),
             localize=None if sidecar_file is None else
             lambda: sidecar_localization(sidecar_file, model, prompt_ids, rule=rule,
                                           caveat=f", recorded on {other}" if other else ""),
@@ -188,7 +188,7 @@ class _Run:
     def measure(self, recorded: Observation, *, repeat: Observation | None = None) -> PathNoise:
         return path_noise.measure(
             self.model, self.tokenizer, self.prompt_ids, recorded, processors_act=self.processors_act, repeat=repeat,
-            environment=path_noise.environment(self.model, attn_implementation=self.ctx.pool.requested_attn))
+            environment=path_noise.environment(self.model))
 
     def second_recording(self, first: Observation) -> Observation:
         """A new golden is recorded twice: a path this machine does not reproduce is never written."""
