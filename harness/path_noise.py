@@ -86,11 +86,6 @@ def path_scores(model: Any, tokenizer: Any, prompt_ids: Sequence[int], path: Seq
     return forward_scores(model, prompt_ids, path).steps
 
 
-def prefers_path(steps: Sequence[Step], path: Sequence[int]) -> bool:
-    """Whether greedy decoding of these scores picks every token of ``path`` (its best at each step)."""
-    return len(steps) == len(path) and all(s.best[0] == t for s, t in zip(steps, path))
-
-
 # -- the rounding dither ------------------------------------------------------------------------
 def _rounding_dtype(module: Any, output: Any) -> Any:
     """The dtype a Linear layer rounds in: a 4-bit layer's compute dtype, else its output's."""

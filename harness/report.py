@@ -149,7 +149,7 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
 
 
 def forgiveness_counts(record: SessionRecord) -> str:
-    ties = sum(1 for line in record.forgiven if line.startswith("accepted near-tie"))
+    ties = sum(1 for line in record.forgiven if "accepted near-tie" in line)
     widened = sum(1 for line in record.forgiven if line.startswith("widened tolerance"))
     return f"{ties} near-tie(s) accepted, {widened} widened tolerance(s)"
 

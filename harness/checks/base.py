@@ -149,6 +149,13 @@ class CheckContext:
         listed in the terminal summary and the report, never silent."""
         self.request.node.user_properties.append(("harness_forgiven", text))
 
+    def forgive_widened(self, tol: Any) -> None:
+        """Each field of a flat tolerance that a suite or check set above the built-in default."""
+        from harness.allowance import widened_defaults
+
+        for line in widened_defaults(tol):
+            self.forgive(f"widened tolerance for {self.subject}: {line}")
+
     def count_flips(self, flips: int, probabilities: list[float]) -> None:
         """This golden's accepted flips and its steps' flip probabilities, for the session's near-tie budget
         over all goldens of this suite and variant (``harness.flip_budget``)."""

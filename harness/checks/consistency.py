@@ -144,7 +144,9 @@ class Findings:
         __tracebackhide__ = True
         ctx.record(worst_mean_abs_dlogp=round(self.worst_mean, 6), worst_max_abs_dlogp=round(self.worst_max, 6))
         for tie in self.ties:
-            ctx.note(f"{ctx.subject}: {tie}")
+            ctx.forgive(f"{ctx.subject}: {tie}")
+        if tol is not None:
+            ctx.forgive_widened(tol)
         if not self.problems:
             return
         judged = f" (tolerance{tol.describe()}: mean {tol.mean_abs_dlogp:g}, step {tol.max_abs_dlogp:g}, " \

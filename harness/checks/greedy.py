@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -27,14 +27,14 @@ from harness.checks.prompts import (
 from harness import path_noise
 from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
 from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
-from harness.path_noise import path_scores, prefers_path
+from harness.path_noise import path_scores
 from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, NoiseModel, Tolerance, ToleranceSpec
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import meta_path
 from harness.observation import (
-    DEFAULT_TOP_K, Observation, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
+    DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
     teacher_force, to_trace,
 )
 
@@ -81,6 +81,22 @@ class GreedyCheck(Check[GreedySpec]):
         run.judge_and_record()
 
 
+def free_run_of(scored: tuple[Step, ...], golden: Observation, prompt_ids: Sequence[int]) -> Observation:
+    """What free greedy decoding does with these scores: the golden's path until it prefers another token.
+
+    Free decoding is forced decoding until its first flip, so where the scores of the golden's
+    path are known, the free run up to and including its first divergence is too; after it, the
+    engine judges the golden's remaining tokens with the same scores (teacher forcing).
+    """
+    steps: list[Step] = []
+    for got, want in zip(scored, golden.steps):
+        if got.best[0] != want.token_id:
+            steps.append(Step(got.best[0], got.best[1], got.top))
+            return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop="length")
+        steps.append(got)
+    return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop=golden.stop)
+
+
 def processors_act(settings: dict[str, Any]) -> bool:
     """Whether a logits processor shapes greedy decoding's scores (anything besides the eos id is set)."""
     return any(name != "eos_token_id" for name in settings)
@@ -122,8 +138,11 @@ class _Run:
         elif golden is not None:
             noise, noise_note = recorded_path_noise(ctx.goldens.sidecar_of(path), len(golden.steps))
         self.golden = golden
-        observed = self.fast_observation(golden)
-        judgement = self.judgement(noise, observed) if observed is not None else None
+        judgement, observed = None, None
+        scored = self.scored_path(golden)
+        if scored is not None:  # the golden's path in one pass: judged without decoding where it passes
+            observed = free_run_of(scored, golden, self.prompt_ids)  # type: ignore[arg-type]
+            judgement = self.judgement(noise, observed, rescore=lambda _ids: scored)
         if judgement is None or not judgement.judge(golden_data, self.record(observed)):  # type: ignore[arg-type]
             observed = self.free_run()  # decode step by step: the verdict and its evidence come from the real run
             judgement = self.judgement(noise, observed)
@@ -143,23 +162,23 @@ class _Run:
         self.notes(judgement, noise_note, recorded=recorded, noise=noise)
 
     # -- pieces ----------------------------------------------------------------------------------
-    def fast_observation(self, golden: Observation | None) -> Observation | None:
-        """The golden's path scored in one pass, when greedy decoding would pick every one of its tokens."""
+    def scored_path(self, golden: Observation | None) -> tuple[Step, ...] | None:
+        """The model's scores of the golden's whole path in one pass (None: nothing to score)."""
         if golden is None or not golden.steps or len(golden.steps) > self.spec.max_new_tokens:
             return None
         steps = path_scores(self.model, self.tokenizer, self.prompt_ids, golden.token_ids,
                             processors_act=self.processors_act)
-        if not prefers_path(steps, golden.token_ids) or not all(s.finite for s in steps):
-            return None
-        return Observation(prompt_ids=tuple(self.prompt_ids), steps=tuple(steps), stop=golden.stop)
+        return tuple(steps) if len(steps) == len(golden.steps) and all(s.finite for s in steps) else None
 
-    def judgement(self, noise: PathNoise | None, observed: Observation) -> GoldenJudgement:
+    def judgement(self, noise: PathNoise | None, observed: Observation,
+                  rescore: Callable[[list[int]], tuple[Step, ...]] | None = None) -> GoldenJudgement:
         ctx, model, tokenizer, prompt_ids = self.ctx, self.model, self.tokenizer, self.prompt_ids
         sidecar_file = ctx.goldens.sidecar_of(ctx.golden_path())  # None: a live reference, no recording
         other, rule = self.other, self.rule()
         return GoldenJudgement(
             observed=observed, tokenizer=tokenizer, tol=self.allowance(noise),
-            rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
+            rescore=rescore or (lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer)),
+            judged_against=other,
             golden=ctx.goldens.reference(ctx.golden_path()), update=ctx.goldens.update, sides=ctx.sides,
             recorded_environment=noise.environment if noise is not None else None,
             environment=path_noise.environment(model),

@@ -128,7 +128,8 @@ class PaddingCheck(Check[PaddingSpec]):
                                  f"max {verdict.stats.get('max_abs_dlogp', float('nan')):.3g})")
                 problems += shown
                 for tie in verdict.accepted_ties:
-                    ctx.note(render_tokens(tie.describe(ctx.subject), tokenizer))
+                    ctx.forgive(render_tokens(tie.describe(ctx.subject), tokenizer))
+        ctx.forgive_widened(tol)
         ctx.record(**figures)
         if problems:
             raise CheckFailure(
