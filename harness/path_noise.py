@@ -86,6 +86,27 @@ def path_scores(model: Any, tokenizer: Any, prompt_ids: Sequence[int], path: Seq
     return forward_scores(model, prompt_ids, path).steps
 
 
+def free_run_of(scored: tuple[Step, ...], golden: Observation, prompt_ids: Sequence[int]) -> Observation:
+    """What free greedy decoding does with these scores: the golden's path until it prefers another token.
+
+    Free decoding is forced decoding until its first flip, so where the scores of the golden's
+    path are known, the free run up to and including its first divergence is too; after it, the
+    engine judges the golden's remaining tokens with the same scores (teacher forcing).
+    """
+    steps: list[Step] = []
+    for got, want in zip(scored, golden.steps):
+        if got.best[0] != want.token_id:
+            steps.append(Step(got.best[0], got.best[1], got.top))
+            return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop="length")
+        steps.append(got)
+    return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop=golden.stop)
+
+
+def processors_act(settings: dict[str, Any]) -> bool:
+    """Whether a logits processor shapes greedy decoding's scores (anything besides the eos id is set)."""
+    return any(name != "eos_token_id" for name in settings)
+
+
 # -- the rounding dither ------------------------------------------------------------------------
 def _rounding_dtype(module: Any, output: Any) -> Any:
     """The dtype a Linear layer rounds in: a 4-bit layer's compute dtype, else its output's."""

@@ -27,7 +27,7 @@ from harness.checks.prompts import (
 from harness import path_noise
 from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
 from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
-from harness.path_noise import path_scores
+from harness.path_noise import free_run_of, path_scores, processors_act
 from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, NoiseModel, Tolerance, ToleranceSpec
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
@@ -79,27 +79,6 @@ class GreedyCheck(Check[GreedySpec]):
         run = _Run(ctx=ctx, spec=self.spec, model=model, tokenizer=tokenizer, prompt_ids=list(prompt_ids),
                    settings=settings, processors_act=processors_act(settings))
         run.judge_and_record()
-
-
-def free_run_of(scored: tuple[Step, ...], golden: Observation, prompt_ids: Sequence[int]) -> Observation:
-    """What free greedy decoding does with these scores: the golden's path until it prefers another token.
-
-    Free decoding is forced decoding until its first flip, so where the scores of the golden's
-    path are known, the free run up to and including its first divergence is too; after it, the
-    engine judges the golden's remaining tokens with the same scores (teacher forcing).
-    """
-    steps: list[Step] = []
-    for got, want in zip(scored, golden.steps):
-        if got.best[0] != want.token_id:
-            steps.append(Step(got.best[0], got.best[1], got.top))
-            return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop="length")
-        steps.append(got)
-    return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop=golden.stop)
-
-
-def processors_act(settings: dict[str, Any]) -> bool:
-    """Whether a logits processor shapes greedy decoding's scores (anything besides the eos id is set)."""
-    return any(name != "eos_token_id" for name in settings)
 
 
 @dataclass
