@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from harness.errors import CheckFailure, HarnessError, SuiteError
+from harness.session import harness_state
 from harness.spec import CheckEntry, SuiteSpec, load_suite
 from harness.variants import RUN_ORDER, VariantSpec
 
@@ -57,8 +58,6 @@ class SuiteFile(pytest.File):
     """One YAML suite; a bad suite is a collection error of this file only."""
 
     def collect(self) -> Iterator[pytest.Item]:
-        from harness.plugin import harness_state
-
         suite = load_suite(self.path)
         state = harness_state(self.config)
         state.suite_names.claim(suite.name, self.path)
@@ -86,8 +85,6 @@ class SuiteFile(pytest.File):
 
     def _note_unselected(self, entry: CheckEntry, wanted: list[str], variants: list[VariantSpec]) -> None:
         """A check that no variant of this session runs is said out loud, never dropped in silence."""
-        from harness.plugin import harness_state
-
         session = ", ".join(v.key for v in variants)
         harness_state(self.config).unselected.append(
             f"{self.path.name}:{entry.line}: {entry.check.spec.id}: its variants ({', '.join(wanted)}) are none "
@@ -97,8 +94,6 @@ class SuiteFile(pytest.File):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, SuiteError):
-            from harness.plugin import harness_state
-
             harness_state(self.config).suite_errors += 1
             return str(excinfo.value)
         return super().repr_failure(excinfo)

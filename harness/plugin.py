@@ -11,9 +11,8 @@ import pytest
 from harness.ci import in_ci
 from harness.errors import HarnessError
 from harness.report import SessionRecord
-from harness.session import HarnessSession, Options
+from harness.session import SESSION_KEY, HarnessSession, Options, harness_state
 
-_STATE = pytest.StashKey[HarnessSession]()
 _RECORD = pytest.StashKey[SessionRecord]()
 
 
@@ -60,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason where none is")
     # noise from dependencies' imports (torch.jit in bitsandbytes/peft), not from the model under test
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-    config.stash[_STATE] = HarnessSession(_options(config))
+    config.stash[SESSION_KEY] = HarnessSession(_options(config))
     config.stash[_RECORD] = SessionRecord()
     config.pluginmanager.register(_Recorder(config.stash[_RECORD]), "harness-recorder")
 
@@ -185,17 +184,12 @@ def _writable_file_option(name: str, value: str | None) -> None:
 
 
 def _golden_device(value: str | None) -> str | None:
-    from harness.golden import name_problem
+    from harness.names import name_problem
 
     if value is not None and name_problem(value):
         raise pytest.UsageError(f"--golden-device {value!r}: give a device class as named under the golden "
                                 "folder (cpu, cuda-sm90, ...) or auto.")
     return value
-
-
-def harness_state(config: pytest.Config) -> HarnessSession:
-    """The session's harness state; harness errors here are usage errors."""
-    return config.stash[_STATE]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from harness.errors import SuiteError
+from harness.names import name_problem, safe_name
 from harness.validation import validate
 from harness.yamlload import YamlMap, load_yaml
 
@@ -142,8 +143,6 @@ def load_registry(path: Path) -> Registry:
 
 def _check_model_names(path: Path, models: YamlMap) -> None:
     """A model name is its golden folder: it must be one safe path component, unique whatever the case."""
-    from harness.golden import name_problem
-
     seen: dict[str, str] = {}
     for name in models:
         text = str(name)
@@ -151,7 +150,7 @@ def _check_model_names(path: Path, models: YamlMap) -> None:
         problem = name_problem(text)
         if problem:
             raise SuiteError(path, f"model name {text!r}: {problem}", line=line, key=key,
-                             hint="rename the entry, e.g. " + repr(re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "my-model"))
+                             hint="rename the entry, e.g. " + repr(safe_name(text, fallback="my-model")))
         if text.casefold() in seen:
             raise SuiteError(path, f"model name {text!r} differs from {seen[text.casefold()]!r} only by case: they "
                              "would share a golden folder where case is ignored (macOS, Windows)", line=line, key=key,

@@ -2,6 +2,8 @@
 
 Options are validated when pytest starts; the model is resolved (fetched,
 converted) only once items that need it were collected, and loaded lazily.
+The state lives on the pytest config (``harness_state``), so the plugin's hooks and the
+collector both reach it from here, neither from the other.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from harness.errors import NotJudged
 from harness.golden import SuiteNames
+from harness.names import golden_folder_name
 from harness.variants import VariantSpec, parse_variants
 
 if TYPE_CHECKING:
-    import pytest
-
     from harness.checks.base import CheckContext
     from harness.devices import Device
     from harness.golden import GoldenStore
@@ -197,8 +200,6 @@ class HarnessSession:
     def run_check(self, suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None,
                   request: pytest.FixtureRequest) -> None:
         __tracebackhide__ = True
-        import pytest
-
         from harness.checks.base import CheckContext
         from harness.pool import VariantUnavailable
 
@@ -244,8 +245,6 @@ class HarnessSession:
         never passes unjudged. Nothing under the golden folder is read or written.
         """
         __tracebackhide__ = True
-        import pytest
-
         from harness.checks.base import CheckContext
         from harness.diff.reference import LiveReference, Recorder, reference_sides
         from harness.pool import VariantUnavailable, make_room
@@ -273,8 +272,6 @@ class HarnessSession:
     def _record_reference(self, entry: CheckEntry, ctx: CheckContext) -> dict[Path, Any]:
         """OLD's observation of one check, recorded in memory; a failure there is named as OLD's."""
         __tracebackhide__ = True
-        import pytest
-
         from harness.errors import CheckFailure, HarnessError
         from harness.pool import VariantUnavailable, make_room
 
@@ -302,20 +299,12 @@ class HarnessSession:
         return None
 
 
-def golden_folder_name(text: str) -> str:
-    """The folder a model's goldens live in: safe, short and one-to-one with the name given.
+SESSION_KEY = pytest.StashKey[HarnessSession]()
 
-    A name that is already safe is used as it is; any other gets a short hash of the
-    original, so ``my model`` and ``my@model`` do not share (and overwrite) one folder.
-    """
-    import hashlib
 
-    from harness.sources import safe_name
-
-    safe = safe_name(text)[:64]
-    if safe == text:
-        return safe
-    return f"{safe}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+def harness_state(config: pytest.Config) -> HarnessSession:
+    """The session's harness state, kept on the pytest config (the plugin puts it there at configure)."""
+    return config.stash[SESSION_KEY]
 
 
 def _not_judged(request: pytest.FixtureRequest, reason: str) -> BaseException:
@@ -328,7 +317,5 @@ def _not_judged(request: pytest.FixtureRequest, reason: str) -> BaseException:
 
 def _skip_here(reason: str) -> BaseException:
     """A skip reported at the suite's YAML line, not inside the harness."""
-    import pytest
-
     exc = pytest.skip.Exception(reason, _use_item_location=True)
     return exc

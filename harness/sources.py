@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ModelNotFoundError, ModelLoadError
+from harness.names import safe_name
 from harness.registry import FULL_SHA, ModelEntry, Registry
 
 Progress = Callable[[str], None]
@@ -70,11 +71,6 @@ def cache_dir() -> Path:
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llm-behave-harness"
     base.mkdir(parents=True, exist_ok=True)
     return base
-
-
-def safe_name(text: str) -> str:
-    """A filesystem-safe name for golden folders and cache entries."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
 def resolve(

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.checks import Check, get_check, known_kinds
-from harness.checks.base import MAX_ID_LENGTH
 from harness.errors import SuiteError
+from harness.names import MAX_NAME_LENGTH, name_problem, safe_name
 from harness.tolerance import ToleranceSpec
 from harness.validation import validate
 from harness.variants import ALL_KEYS
@@ -51,14 +51,7 @@ def load_suite(path: Path) -> SuiteSpec:
             raise SuiteError(path, "unknown key", line=data.lines[key], key=key,
                              hint=f"did you mean {match[0]!r}?" if match else
                              f"allowed top-level keys: {', '.join(sorted(SUITE_KEYS))}")
-    name = data.get("suite", path.stem)
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise SuiteError(path, "the suite name must be letters, digits, '-' or '_'",
-                         line=data.lines.get("suite"), key="suite")
-    if len(name) > MAX_ID_LENGTH:
-        raise SuiteError(path, f"the suite name is {len(name)} characters, at most {MAX_ID_LENGTH} are allowed "
-                         "(it names a golden folder)", line=data.lines.get("suite"), key="suite",
-                         hint="choose a shorter `suite:` name" if "suite" in data else "give the file a shorter name, or set a short `suite:` name")
+    name = _suite_name(path, data)
     checks = data.get("checks")
     if not isinstance(checks, YamlList) or not checks:
         raise SuiteError(path, "'checks' must be a non-empty list", line=data.lines.get("checks", 1),
@@ -84,6 +77,22 @@ def load_suite(path: Path) -> SuiteSpec:
         seen[check_id.casefold()] = (check_id, line)
         entries.append(entry)
     return SuiteSpec(name=name, path=path, description=str(data.get("description", "")), checks=entries)
+
+
+def _suite_name(path: Path, data: YamlMap) -> str:
+    """The suite's name (``suite:``, else the file's stem): it names a golden folder, so the golden-name rule applies."""
+    name = data.get("suite", path.stem)
+    if not isinstance(name, str):
+        raise SuiteError(path, f"the suite name must be text, but YAML read {name!r} as something else",
+                         line=data.lines.get("suite"), key="suite", hint="quote it")
+    problem = name_problem(name)
+    if problem:
+        suggestion = safe_name(str(name), fallback="my-suite")[:MAX_NAME_LENGTH]
+        hint = (f"rename it in `suite:`, e.g. `suite: {suggestion}`" if "suite" in data else
+                f"the name comes from the file name: rename the file, or set `suite: {suggestion}`")
+        given = f"you wrote {name!r}" if "suite" in data else f"the suite is named after its file: {name!r}"
+        raise SuiteError(path, f"{problem} ({given})", line=data.lines.get("suite"), key="suite", hint=hint)
+    return name
 
 
 def _suite_variants(path: Path, data: YamlMap) -> list[str] | None:

@@ -66,13 +66,13 @@ def test_update_killed_mid_write_leaves_the_previous_golden_intact(recorded, kil
     before, sidecar_before = path.read_bytes(), sidecar.read_bytes()
     # the process dies once the new content is in the temporary file, before its rename
     (recorded.path / "conftest.py").write_text(
-        "import os, harness.golden\n"
+        "import os, harness.golden.files\n"
         "_real = os.replace\n"
         "def _replace(src, dst):\n"
         f"    if str(dst).endswith('.meta.json') == {killed_in == 'sidecar'}:\n"
         "        os._exit(9)\n"
         "    _real(src, dst)\n"
-        "harness.golden.os.replace = _replace\n"
+        "harness.golden.files.os.replace = _replace\n"
     )
     result = recorded.run("--variants", "fp16", "--snapshot-update")
     assert result.ret == 9

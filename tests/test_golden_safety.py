@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import harness.golden
+import harness.golden.files
 from harness.errors import CheckFailure, GoldenError, SuiteError
 from harness.golden import GoldenStore, dumps, meta_path, overlap_problem, tree_report
 
@@ -180,7 +180,7 @@ def test_a_replaced_golden_keeps_its_mode(tmp_path):
 def test_the_data_file_is_written_before_its_sidecar_which_names_its_sha256(tmp_path, monkeypatch):
     order: list[str] = []
     real = os.replace
-    monkeypatch.setattr(harness.golden.os, "replace", lambda src, dst: (order.append(Path(dst).name), real(src, dst)))
+    monkeypatch.setattr(harness.golden.files.os, "replace", lambda src, dst: (order.append(Path(dst).name), real(src, dst)))
     path = record(tmp_path / "golden")
     assert order == ["c.json", "c.meta.json"]
     assert json.loads(meta_path(path).read_text())["golden_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -228,7 +228,7 @@ def test_a_failing_write_names_the_cause_and_keeps_the_previous_golden(tmp_path,
     def fail(src: str, dst: str) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(harness.golden.os, "replace", fail)
+    monkeypatch.setattr(harness.golden.files.os, "replace", fail)
     with pytest.raises(GoldenError, match=rf"Cannot write the golden {path}: {words}") as error:
         store(root, update=True).assert_matches(path, {**OBSERVED, "text": "new"}, explain=explain)
     assert "The previous golden is intact." in str(error.value)
@@ -266,7 +266,7 @@ def test_an_exception_midway_through_an_update_loses_no_golden(tmp_path, monkeyp
             raise RuntimeError("boom")
         real(src, dst)
 
-    monkeypatch.setattr(harness.golden.os, "replace", replace)
+    monkeypatch.setattr(harness.golden.files.os, "replace", replace)
     goldens = store(root, update=True)
     with pytest.raises(RuntimeError):
         for i, path in enumerate(paths):
@@ -341,13 +341,13 @@ def test_obtained_pointing_at_the_golden_folder_is_a_usage_error(recorded, monke
 def test_a_full_disk_during_an_update_fails_that_check_only_and_loses_nothing(recorded):
     before = files(recorded.golden)
     (recorded.path / "conftest.py").write_text(
-        "import errno, os, harness.golden\n"
+        "import errno, os, harness.golden.files\n"
         "_real = os.replace\n"
         "def _replace(src, dst):\n"
         "    if 'joke' in str(dst):\n"
         "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
         "    _real(src, dst)\n"
-        "harness.golden.os.replace = _replace\n"
+        "harness.golden.files.os.replace = _replace\n"
     )
     recorded.gen_suite(joke=5, capital=4)  # both goldens change
     result = recorded.run("--variants", "fp16", "--snapshot-update")

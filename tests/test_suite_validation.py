@@ -81,11 +81,13 @@ CASES = {
     ),
     "id_too_long_for_a_file_name": (
         "checks:\n  - id: " + "a" * 300 + "\n    kind: greedy\n    prompt: x\n",
-        "bad.yaml:2: checks[0].id: an id is at most 100 characters, this one has 300",
+        "bad.yaml:2: checks[0].id: it names a file or folder of the golden tree, so it is at most 100 characters; "
+        "this one has 300",
     ),
     "suite_name_too_long": (
         "suite: " + "s" * 200 + "\nchecks:\n  - id: a\n    kind: greedy\n    prompt: x\n",
-        "bad.yaml:1: suite: the suite name is 200 characters, at most 100 are allowed",
+        "bad.yaml:1: suite: it names a file or folder of the golden tree, so it is at most 100 characters; "
+        "this one has 200",
     ),
     "lone_surrogate": (
         "checks:\n  - id: a\n    kind: tokenization\n    texts: [\"ok\", \"bad \\ud800 text\"]\n",

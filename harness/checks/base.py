@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
 
 from harness.compare import GOLDEN_SIDES, Sides
+from harness.names import MAX_NAME_LENGTH, check_id_problem
 from harness.variants import ALL_KEYS, VariantSpec
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
     from harness.pool import Loaded, ModelPool
 
 
-# Ids and suite names name golden files and folders (with suffixes such as ``.meta.json``).
-MAX_ID_LENGTH = 100
+# Ids name golden files: ``harness.names`` holds the rule (and its length limit) for every golden name.
+MAX_ID_LENGTH = MAX_NAME_LENGTH
 
 
 class CheckSpec(BaseModel):
@@ -60,24 +61,10 @@ class CheckSpec(BaseModel):
 
     @field_validator("id")
     @classmethod
-    def _id_is_safe(cls, value: str) -> str:
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-            raise ValueError("use letters, digits, '-', '_' and '.' (it names a file and a test)")
-        from harness.golden import check_id_problem
-
+    def _id_names_a_golden_file(cls, value: str) -> str:
         problem = check_id_problem(value)
         if problem:
             raise ValueError(problem)
-        return value
-
-    @field_validator("id")
-    @classmethod
-    def _id_fits_a_file_name(cls, value: str) -> str:
-        if len(value) > MAX_ID_LENGTH:
-            raise ValueError(f"an id is at most {MAX_ID_LENGTH} characters, this one has {len(value)} "
-                             "(it names a golden file, and file names are limited)")
         return value
 
     @field_validator("models", "variants")

@@ -1,7 +1,7 @@
 """Memory and time, measured the way optimum-benchmark does, and what NF4 should weigh.
 
 One concern per module: ``memory`` (peak sampling), ``timing`` (per-step clocks),
-``workloads`` (what runs while measuring), ``nf4`` (the first-principles size estimate).
+``workloads`` (what runs while measuring, and its ``Shape``), ``nf4`` (the first-principles size estimate).
 The names below are re-exported so that ``from harness.measure import X`` keeps working.
 """
 
@@ -12,9 +12,9 @@ from harness.measure.memory import MIB, PeakMemory, RssSampler, measure_peak, mi
 from harness.measure.nf4 import (
     NF4_BITS_PER_WEIGHT, NF4Estimate, expected_nf4_bytes, nf4_estimate, quant_state_bytes,
 )
-from harness.measure.timing import RoundTiming, Shape, ThroughputFigures, measure_throughput, timed_round
+from harness.measure.timing import RoundTiming, ThroughputFigures, measure_throughput, timed_round
 from harness.measure.workloads import (
-    encode_batch, generate_exact, model_device, run_workload, synthetic_prompt_ids, throughput_inputs,
+    Shape, encode_batch, generate_exact, model_device, run_workload, synthetic_prompt_ids, throughput_inputs,
 )
 
 __all__ = [

@@ -17,22 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from harness.measure._device import synchronize
-from harness.measure.workloads import generate_exact, throughput_inputs
+from harness.measure.workloads import Shape, generate_exact, throughput_inputs
 
 if TYPE_CHECKING:
     from harness.devices import Device
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A throughput shape: ``batch`` rows of ``prompt_tokens`` tokens, ``new_tokens`` generated."""
-
-    batch: int
-    prompt_tokens: int
-    new_tokens: int
-
-    def __str__(self) -> str:
-        return f"batch {self.batch} x {self.prompt_tokens} prompt tokens -> {self.new_tokens} new"
 
 
 @dataclass(frozen=True)

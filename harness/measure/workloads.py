@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-if TYPE_CHECKING:
-    from harness.measure.timing import Shape
+
+@dataclass(frozen=True)
+class Shape:
+    """A throughput shape: ``batch`` rows of ``prompt_tokens`` tokens, ``new_tokens`` generated."""
+
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+
+    def __str__(self) -> str:
+        return f"batch {self.batch} x {self.prompt_tokens} prompt tokens -> {self.new_tokens} new"
 
 
 def model_device(model: Any) -> Any:

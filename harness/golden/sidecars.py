@@ -1,0 +1,93 @@
+"""Sidecars: the ``.meta.json`` next to each golden, with its provenance and the sha256 of the golden it
+describes; shown on failure, never compared. And the end-of-session report of what an interrupted
+update or a hand edit left in the golden tree (stale sidecars, leftover temporary files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from harness.golden.files import leftover_temp_files
+from harness.golden.layout import meta_path
+from harness.names import META_SUFFIX
+from harness.provenance import describe_changes
+
+SHA_KEY = "golden_sha256"
+
+
+def stale_sidecars(root: Path) -> list[tuple[Path, str]]:
+    """Sidecars that describe no golden, or another version of it (an update killed between the two)."""
+    if not root.is_dir():
+        return []
+    found: list[tuple[Path, str]] = []
+    for sidecar in sorted(root.rglob(f"*{META_SUFFIX}")):
+        golden = sidecar.with_name(sidecar.name.removesuffix(META_SUFFIX) + ".json")
+        problem = sidecar_problem(golden, sidecar)
+        if problem:
+            found.append((sidecar, problem))
+    return found
+
+
+def sidecar_problem(golden: Path, sidecar: Path) -> str | None:
+    """Why ``sidecar`` cannot be trusted to describe ``golden``, or None."""
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"unreadable ({exc})"
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    try:
+        data = golden.read_bytes()
+    except FileNotFoundError:
+        return "its golden file does not exist"
+    except OSError as exc:
+        return f"its golden cannot be read ({exc.strerror or exc})"
+    recorded = meta.get(SHA_KEY)
+    if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
+        return "describes another version of its golden (an update was interrupted, or it was edited)"
+    return None
+
+
+def tree_report(root: Path) -> list[str]:
+    """Lines for the end of the session: what an interrupted update or a hand edit left behind."""
+    lines: list[str] = []
+    temps = leftover_temp_files(root)
+    if temps:
+        lines.append(f"leftover temporary files in the golden folder ({len(temps)}), from an interrupted "
+                     "update: the next --snapshot-update removes them, or delete them")
+        lines += [f"  {p}" for p in temps]
+    stale = stale_sidecars(root)
+    if stale:
+        lines.append(f"golden sidecars that cannot be trusted ({len(stale)}): re-record with "
+                     "--snapshot-update, or restore both files from version control")
+        lines += [f"  {p}: {why}" for p, why in stale]
+    return lines
+
+
+def provenance_lines(path: Path, current: dict[str, Any]) -> str:
+    """What changed between the provenance recorded next to the golden at ``path`` and ``current``,
+    as lines for a failure message ("" when nothing did, or there is no sidecar)."""
+    sidecar = meta_path(path)
+    if not os.path.exists(sidecar):
+        return ""
+    problem = sidecar_problem(path, sidecar)
+    if problem:
+        return (f"  provenance: not shown, the sidecar {sidecar.name} {problem}; re-record with "
+                "--snapshot-update\n")
+    recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+    try:
+        changes = describe_changes(recorded, current)
+    except (AttributeError, TypeError):  # a hand-edited sidecar with fields of the wrong type
+        return f"  provenance: not shown, the sidecar {sidecar.name} has fields of unexpected types\n"
+    if not changes:
+        return ""
+    culprit = [c for c in changes if "changed since" in c]
+    head = (
+        "The model (or adapter) changed since these goldens were recorded: review the diffs, "
+        "then update with --snapshot-update.\n" if culprit else ""
+    )
+    return head + "".join(f"  provenance: {c}\n" for c in changes)
