@@ -13,13 +13,17 @@ On CPU the report says that memory is process RSS and that speeds are CPU speeds
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from harness.cli import (
+    EXIT_FINDING, EXIT_OK, ToolParser, check_adapter, check_out_folder, check_registry, check_variants,
+    golden_dir_argument, golden_dirs, run_tool, some_text, whole_number,
+)
 from harness.measure import MIB, NF4_BITS_PER_WEIGHT, Shape, measure_throughput, mib, nf4_estimate
+from harness.outputs import strict_json
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -31,7 +35,7 @@ DRIFT_KEY = "bench:drift-reference"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog="harness-bench",
         description="Measure weights, peak memory, prefill/decode speed and output drift of a model's "
                     "variants (fp16, NF4, with and without the LoRA adapter) in one process.",
@@ -42,36 +46,51 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (overrides the registry)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
-    p.add_argument("--batch", type=int, default=1, help="throughput batch size (default 1)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="throughput prompt length (default 64)")
-    p.add_argument("--new-tokens", type=int, default=16, help="throughput new tokens (default 16)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3; medians reported)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
-    p.add_argument("--workload-batch", type=int, default=2, help="memory workload batch size (default 2)")
-    p.add_argument("--workload-tokens", type=int, default=16, help="memory workload new tokens (default 16)")
-    p.add_argument("--drift-tokens", type=int, default=16, help="greedy tokens of the reference per drift prompt (default 16)")
-    p.add_argument("--prompt", action="append", default=None, help="a prompt for the memory and drift workloads (repeatable)")
+    p.add_argument("--batch", type=whole_number(minimum=1), default=1, help="throughput batch size (default 1)")
+    p.add_argument("--prompt-tokens", type=whole_number(minimum=1), default=64,
+                   help="throughput prompt length (default 64)")
+    p.add_argument("--new-tokens", type=whole_number(minimum=2, what="the first new token comes from the prefill, "
+                                                                    "decode needs at least one more"),
+                   default=16, help="throughput new tokens (default 16, at least 2)")
+    p.add_argument("--rounds", type=whole_number(minimum=1), default=3, help="timed rounds (default 3; medians reported)")
+    p.add_argument("--warmup", type=whole_number(minimum=0), default=1, help="warm-up rounds (default 1)")
+    p.add_argument("--workload-batch", type=whole_number(minimum=1), default=2,
+                   help="memory workload batch size (default 2)")
+    p.add_argument("--workload-tokens", type=whole_number(minimum=1), default=16,
+                   help="memory workload new tokens (default 16)")
+    p.add_argument("--drift-tokens", type=whole_number(minimum=1), default=16,
+                   help="greedy tokens of the reference per drift prompt (default 16)")
+    p.add_argument("--prompt", action="append", type=some_text, default=None,
+                   help="a prompt for the memory and drift workloads (repeatable)")
+    golden_dir_argument(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from harness.errors import HarnessError
+OUTPUTS = ("report.md", "report.json", "memory.png")
 
-    try:
-        report = run_bench(args)
-    except (HarnessError, ValueError) as exc:
-        print(f"harness-bench: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0: every variant measured (or unavailable on this platform, which the report says); 1: a variant
+    failed to load, the report is incomplete; 2: nothing measured (a usage error, found before a model loads, or
+    a model that cannot be used); 3: an unexpected error inside the harness."""
+    args = _parser().parse_args(argv)
+    return run_tool("harness-bench", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    out = check_out_folder("--out", args.out, golden_dirs=golden_dirs(args.golden_dir, args.registry), writes=OUTPUTS)
+    check_registry(args.registry, required=True)
+    check_variants(args.variants)
+    check_adapter("--adapter", args.adapter)
+    report = run_bench(args)
     write_outputs(report, out)
     print(render_markdown(report))
     print(f"harness-bench: wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'memory.png'}", file=sys.stderr)
     failed = [row["variant"] for row in report["variants"] if row.get("status") == "failed"]
     if failed:
         print(f"harness-bench: {', '.join(failed)} failed to load: the report is incomplete", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FINDING
+    return EXIT_OK
 
 
 def _say(line: str) -> None:
@@ -104,7 +123,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = pool.tokenizer
     prompts = args.prompt or DEFAULT_PROMPTS
     workload = Workload(prompts=prompts, max_new_tokens=args.workload_tokens, batch_size=args.workload_batch)
-    shape = Shape(batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=max(2, args.new_tokens))
+    shape = Shape(batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     drift_ids = [encode_prompt(tokenizer, prompt=p, messages=None) for p in prompts]
     fp16 = VariantSpec("fp16", False)
     # A variant's reference observation is taken while it is loaded (as the drift check does).
@@ -316,7 +335,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def write_outputs(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    (out / "report.json").write_text(strict_json(report, indent=2, sort_keys=True, default=str) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     plot(report, out / "memory.png")
 

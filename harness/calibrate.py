@@ -24,16 +24,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.bounds import MAX_TOLERANCE_NATS, tolerance_problem
+from harness.cli import (
+    EXIT_FINDING, EXIT_OK, ToolParser, ToolUsageError, check_adapter, check_attn, check_out_folder, check_registry,
+    check_variants, finite_number, golden_dir_argument, golden_dirs, run_tool, whole_number,
+)
 from harness.noise import (
     FLOORS, Item, Noise, Recommendation, Scored, forced, forced_batch, measure, paths_from_json, paths_to_json,
     recommend, reference_paths, score_single_pass, smallest_margins,
 )
+from harness.outputs import strict_json
 
 CONDITIONS = ("kernels", "threads", "env", "batch", "cache", "dither", "repeat")
+# Above this factor even the floors (the smallest recommendation) exceed the bound suites enforce.
+MAX_SAFETY = MAX_TOLERANCE_NATS / max(FLOORS.values())
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog="harness-calibrate",
         description="Measure how far benign numeric changes (attention kernel, threads, SIMD level, padded "
                     "batch, KV cache) move a model's greedy log-probabilities, per variant, and print the "
@@ -53,41 +61,91 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=None, metavar="NAME=VALUE",
                    help="an environment setting to measure in a fresh process (repeatable; default on an "
                         "AVX-512 CPU: ATEN_CPU_CAPABILITY=avx2)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=whole_number(minimum=1), default=None,
                    help="cap on each prompt's new tokens (default: each check's own max_new_tokens, the goldens' "
                         "full length: late steps are where noise has accumulated most)")
-    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
-    p.add_argument("--safety", type=float, default=3.0, help="recommended tolerance = observed max x SAFETY (default 3)")
+    p.add_argument("--max-prompts", type=whole_number(minimum=1), default=None, help="use at most this many prompts")
+    p.add_argument("--safety", type=finite_number(minimum=1.0, maximum=MAX_SAFETY,
+                                                  what="below 1 a recommendation fails the noise it was measured on; "
+                                                       f"above {MAX_SAFETY:g} even the floors exceed the "
+                                                       f"{MAX_TOLERANCE_NATS:g}-nat bound suites enforce"),
+                   default=3.0, help=f"recommended tolerance = observed max x SAFETY (default 3, 1..{MAX_SAFETY:g})")
     p.add_argument("--regressions", nargs="?", const="default", default=None, metavar="LIST",
                    help="also measure constructed regressions (KIND:VALUE list out of weights, rope_theta, "
                         "rms_norm_eps, lora_b; bare flag: a default set) and whether the tolerances catch them")
     p.add_argument("--out", default=None, help="write calibration.json, calibration.md and tolerance.yaml here")
+    golden_dir_argument(p)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
 
+OUTPUTS = ("calibration.json", "calibration.md", "tolerance.yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0: tolerances recommended; 1: a variant's noise is beyond the bound suites enforce (none recommended
+    for it); 2: nothing measured (a usage error, found before a model loads, or a model that cannot be used);
+    3: an unexpected error inside the harness."""
     args = _parser().parse_args(argv)
     if args.worker:
         return _worker(Path(args.worker))
-    from harness.errors import HarnessError
+    return run_tool("harness-calibrate", lambda: _main(args))
 
-    try:
-        result = run_calibration(args)
-    except (HarnessError, ValueError) as exc:
-        print(f"harness-calibrate: {exc}", file=sys.stderr)
-        return 2
+
+def _main(args: argparse.Namespace) -> int:
+    out = validate_arguments(args)
+    result = run_calibration(args)
     markdown, snippet = render_markdown(result), render_yaml(result)
     print(markdown)
     print(snippet)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "calibration.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        (out / "calibration.json").write_text(strict_json(result, indent=2, sort_keys=True) + "\n")
         (out / "calibration.md").write_text(markdown + "\n```yaml\n" + snippet + "```\n")
         (out / "tolerance.yaml").write_text(snippet)
         _say(f"wrote {out / 'calibration.json'}, {out / 'calibration.md'}, {out / 'tolerance.yaml'}")
-    return 0
+    refused = [key for key, data in result["variants"].items() if data.get("refused")]
+    if refused:
+        _say(f"no tolerance recommended for {', '.join(refused)}: the measured noise is beyond what a suite accepts "
+             "(see above)")
+        return EXIT_FINDING
+    return EXIT_OK
+
+
+def validate_arguments(args: argparse.Namespace) -> Path | None:
+    """Every argument checked before a model is resolved or loaded; the output folder, if any."""
+    out = None
+    if args.out:
+        out = check_out_folder("--out", args.out, golden_dirs=golden_dirs(args.golden_dir, args.registry),
+                               writes=OUTPUTS)
+    check_registry(args.registry, required=True)
+    check_variants(args.variants)
+    check_adapter("--adapter", args.adapter)
+    check_attn("--attn-implementation", args.attn_implementation)
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown or not conditions:
+        raise ToolUsageError(f"--conditions {args.conditions!r}: " + (f"unknown condition {unknown[0]!r}" if unknown
+                             else "no condition") + f". Fix: choose from {','.join(CONDITIONS)}.")
+    for setting in args.env or []:
+        name, sep, _ = setting.partition("=")
+        if not sep or not name.strip():
+            raise ToolUsageError(f"--env {setting!r}: expected NAME=VALUE. Fix: write the setting as a name, '=' and "
+                                 "a value, e.g. --env ATEN_CPU_CAPABILITY=avx2.")
+    if args.regressions:
+        from harness.regressions import KINDS, parse
+
+        try:
+            parse(args.regressions)
+        except ValueError as exc:
+            raise ToolUsageError(f"{exc}. Fix: give KIND:VALUE pairs with KIND one of {', '.join(KINDS)}, "
+                                 "e.g. --regressions weights:0.02,lora_b:1.1, or the bare flag for a default set.") \
+                from None
+    for value in args.suites:
+        if not Path(value).exists():
+            raise ToolUsageError(f"{value}: no such suite file or folder. Fix: name suite files or folders "
+                                 "(default: suites/).")
+    return out
 
 
 def _say(line: str) -> None:
@@ -172,9 +230,6 @@ def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     variants = parse_variants(args.variants, adapter_known=resolved.adapter is not None)
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
-    unknown = [c for c in conditions if c not in CONDITIONS]
-    if unknown:
-        raise ValueError(f"--conditions: unknown condition {unknown[0]!r}; choose from {','.join(CONDITIONS)}")
     if device.is_cuda and "repeat" not in conditions:
         conditions.append("repeat")
     requested = args.attn_implementation or resolved.entry.attn_implementation
@@ -232,6 +287,7 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
         _say(f"{variant.key}: {_summary(observed[-1][0])}")
     pool.release()
     rec = recommend([n for n, _ in observed], safety=safety)
+    refused = tolerance_problem(rec.as_tolerance())
     tolerances = _tolerances(rec, variant.key)
     regressed: list[tuple[Noise, list[Scored]]] = []
     for regression in ctx.regressions:
@@ -249,6 +305,7 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
         "regressions": [_noise_dict(n, _verdicts(names, reference, s, tolerances)) for n, s in regressed],
         "skipped": skipped,
         "recommendation": asdict(rec),
+        "refused": refused,  # why a suite would refuse the recommendation (it is then not recommended), or None
         "smallest_margins": {k: {"step": s, "margin": m} for k, (s, m) in margins.items()},
         "fragile": sorted(k for k, (_, m) in margins.items() if m < rec.tie_gap),
     }
@@ -444,7 +501,12 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines += ["", *_table("constructed regression", data["regressions"], n)]
         rec = data["recommendation"]
         observed = ", ".join(f"{k} {rec[k]} (observed {_fmt(rec['observed'][k])})" for k in rec["observed"])
-        lines += ["", f"Recommended (observed × {result['safety']}, floors {result['floors']}): {observed}."]
+        if data.get("refused"):
+            lines += ["", f"**No tolerance recommended**: observed × {result['safety']} gives {observed}, and "
+                      f"{data['refused']}. Noise this large is not numerical noise: check the conditions above "
+                      "(a kernel or setting that changes the answers), or lower --safety."]
+        else:
+            lines += ["", f"Recommended (observed × {result['safety']}, floors {result['floors']}): {observed}."]
         if data["fragile"]:
             lines.append("Fragile prompts (a top-2 margin below tie_gap on the reference path): " + ", ".join(
                 f"{k} (step {data['smallest_margins'][k]['step']}, margin {_fmt(data['smallest_margins'][k]['margin'])})"
@@ -474,6 +536,9 @@ def render_yaml(result: dict[str, Any]) -> str:
              "defaults:", "  tolerance:"]
     for key, data in result["variants"].items():
         if isinstance(data.get("skipped"), str):
+            continue
+        if data.get("refused"):
+            lines.append(f"    # {key}: no tolerance recommended: {data['refused']}")
             continue
         rec = Recommendation(**data["recommendation"]).as_tolerance()
         lines.append(f"    {key}: {{" + ", ".join(f"{k}: {v}" for k, v in rec.items()) + "}")

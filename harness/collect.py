@@ -72,9 +72,10 @@ class SuiteFile(pytest.File):
             )
             return
         wanted = check.spec.variants
-        selected = [v for v in variants if wanted is None or v.key in wanted]
+        judgeable = [v for v in variants if not type(check).unjudgeable(v.key)]
+        selected = [v for v in judgeable if wanted is None or v.key in wanted]
         if not selected:
-            self._note_unselected(entry, wanted or [], variants)
+            self._note_unselected(entry, wanted or [v.key for v in variants if v not in judgeable], variants)
         for variant in selected:
             item = HarnessItem.from_parent(
                 self, name=f"{check.spec.id}[{variant.key}]", callobj=_runner(suite, entry, variant),
@@ -86,10 +87,14 @@ class SuiteFile(pytest.File):
     def _note_unselected(self, entry: CheckEntry, wanted: list[str], variants: list[VariantSpec]) -> None:
         """A check that no variant of this session runs is said out loud, never dropped in silence."""
         session = ", ".join(v.key for v in variants)
+        check = entry.check
+        kind_limit = [f"{key}: {why}" for key in wanted if (why := type(check).unjudgeable(key))]
         harness_state(self.config).unselected.append(
-            f"{self.path.name}:{entry.line}: {entry.check.spec.id}: its variants ({', '.join(wanted)}) are none "
-            f"of this session's ({session}); choose them with --variants (a -lora variant needs an adapter), "
-            "or change the check's `variants:`"
+            f"{self.path.name}:{entry.line}: {check.spec.id}: its variants ({', '.join(wanted)}) are none "
+            f"of this session's ({session}) that a {check.kind} check can judge"
+            + (f" ({'; '.join(kind_limit)})" if kind_limit else "")
+            + "; choose them with --variants (a -lora variant needs an adapter), or change the `variants:` "
+            "of the check or its suite"
         )
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:

@@ -10,13 +10,15 @@ import pytest
 
 from harness.ci import in_ci
 from harness.errors import HarnessError
+from harness.outputs import LazyBenchmarkJson, output_in_golden_problem, output_options
 from harness.report import SessionRecord
 from harness.session import SESSION_KEY, HarnessSession, Options, harness_state
 
 _RECORD = pytest.StashKey[SessionRecord]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.register(LazyBenchmarkJson(parser), "harness-lazy-benchmark-json")
     group = parser.getgroup("harness", "behaviour tests of causal language models (harness)")
     group.addoption("--model", default=None, metavar="NAME|PATH",
                     help="registry name, local model folder, .gguf file or hub id (default: the registry's default)")
@@ -103,12 +105,19 @@ def _options(config: pytest.Config) -> Options:
     variants = _variants_option(config.getoption("variants"))
     registry = _registry_option(config.getoption("registry"), root / "models.yaml")
     _writable_file_option("--harness-report", config.getoption("harness_report"))
+    for flag, value, erases in output_options(config.option):
+        problem = output_in_golden_problem(flag, value, golden, erases=erases)
+        if problem:
+            raise pytest.UsageError(problem)
     adapter = config.getoption("adapter")
-    if adapter and not Path(adapter).expanduser().is_dir():
-        raise pytest.UsageError(
-            f"--adapter {adapter}: {'this is a file' if Path(adapter).expanduser().exists() else 'no such folder'}; "
-            "an adapter is a folder with adapter_config.json and adapter_model.safetensors. Fix: pass that folder."
-        )
+    if adapter:
+        from harness.pool import adapter_config
+
+        try:
+            adapter_config(Path(adapter).expanduser())
+        except HarnessError as exc:
+            raise pytest.UsageError(f"--adapter {adapter}: "
+                                    + str(exc).removeprefix(f"Adapter {Path(adapter).expanduser()}: ")) from None
     obtained = config.getoption("harness_obtained")
     if obtained and Path(obtained).exists() and not Path(obtained).is_dir():
         raise pytest.UsageError(f"--harness-obtained {obtained}: this is a file, not a folder. Fix: pass a folder.")
@@ -118,14 +127,18 @@ def _options(config: pytest.Config) -> Options:
         problem = overlap_problem(golden, Path(obtained))
         if problem:
             raise pytest.UsageError(problem)
-    attn = config.getoption("attn_implementation") or os.environ.get("HARNESS_ATTN_IMPLEMENTATION") or None
+    option_attn = config.getoption("attn_implementation")
+    attn = option_attn or os.environ.get("HARNESS_ATTN_IMPLEMENTATION") or None
     if attn:
         from harness.registry import check_attn_implementation
 
         try:
             check_attn_implementation(attn)
         except ValueError as exc:
-            raise pytest.UsageError(f"--attn-implementation: {exc}.") from None
+            where = "--attn-implementation" if option_attn else \
+                "the environment variable HARNESS_ATTN_IMPLEMENTATION (read when --attn-implementation is not given)"
+            fix = "" if option_attn else " Fix: correct or unset HARNESS_ATTN_IMPLEMENTATION."
+            raise pytest.UsageError(f"{where}: {exc}.{fix}") from None
     return Options(
         model=config.getoption("model"), registry=registry, variants=variants,
         adapter=adapter, device=config.getoption("device"),
@@ -368,9 +381,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     state = harness_state(session.config)
     if state.options.update and not hasattr(session.config, "workerinput"):
         # before any worker writes: a temporary file found now is an interrupted update's
-        from harness.golden import remove_leftover_temp_files
+        from harness.golden import remove_leftover_temp_files, remove_orphan_sidecars
 
         state.removed_temp_files = remove_leftover_temp_files(state.options.golden_dir)
+        state.removed_sidecars = remove_orphan_sidecars(state.options.golden_dir)
 
 
 def _warn_unpinned(config: pytest.Config) -> None:
@@ -439,6 +453,11 @@ def _golden_folder_summary(terminalreporter: Any, state: HarnessSession, record:
     if state.removed_temp_files:
         terminalreporter.write_line(f"removed {len(state.removed_temp_files)} leftover temporary files of "
                                     "an interrupted update from the golden folder")
+    if state.removed_sidecars:
+        terminalreporter.write_line(f"removed {len(state.removed_sidecars)} sidecars whose golden file does not "
+                                    "exist from the golden folder")
+        for sidecar in state.removed_sidecars:
+            terminalreporter.write_line(f"  {sidecar}")
     for line in tree_report(state.options.golden_dir):
         terminalreporter.write_line(line)
     try:

@@ -280,30 +280,100 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
 
-def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
-    """Apply a LoRA adapter, refusing ones that do not fit or that change nothing."""
-    from peft import PeftModel
+def adapter_config(adapter: Path) -> dict[str, Any]:
+    """The adapter's settings, after checking the folder without loading anything (no torch, no peft).
 
+    Everything the files alone can tell is said here, naming what is wrong in the adapter:
+    a missing or unreadable config, a missing peft_type or one that is not LoRA, pickle weights,
+    a rank ``r`` that its tensors do not have. What needs the base model (a tensor that does
+    not fit it) is ``load_adapter``'s to say.
+    """
+    if not adapter.is_dir():
+        raise AdapterError(
+            f"Adapter {adapter}: {'this is a file' if adapter.exists() else 'no such folder'}; an adapter is a "
+            "folder with adapter_config.json and adapter_model.safetensors. Fix: pass that folder."
+        )
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError(
             f"Adapter {adapter}: no adapter_config.json there, so it is not a peft adapter folder. "
             "Fix: point --adapter (or the registry's `adapter:`) at the folder save_pretrained wrote."
         )
-    if not (adapter / "adapter_model.safetensors").is_file():
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [p.name for p in adapter.glob("adapter_model.*")]
         raise AdapterError(
-            f"Adapter {adapter}: no adapter_model.safetensors (pickle .bin adapters are refused). "
-            "Fix: save the adapter with safe_serialization=True."
+            f"Adapter {adapter}: no adapter_model.safetensors"
+            + (f" (found {', '.join(pickled)}: pickle adapters are refused, they can run code when loaded)"
+               if pickled else "") + ". Fix: save the adapter with save_pretrained(safe_serialization=True)."
         )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"Adapter {adapter}: adapter_config.json is not valid JSON ({exc}).") from None
     if not isinstance(config, dict):
         raise AdapterError(
             f"Adapter {config_file}: adapter_config.json holds a {type(config).__name__}, not a mapping of "
             "settings (peft_type, r, target_modules, ...). Fix: restore the file save_pretrained wrote."
         )
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise AdapterError(
+            f"Adapter {config_file}: adapter_config.json has no peft_type, so peft cannot tell what kind of adapter "
+            f"this is (it holds {', '.join(sorted(config)) or 'no settings at all'}). Fix: restore the file "
+            "save_pretrained wrote (a LoRA adapter's has peft_type: LORA, r, lora_alpha, target_modules)."
+        )
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(
+            f"Adapter {adapter} is a {peft_type} adapter (peft_type in adapter_config.json); the harness applies "
+            "LoRA adapters only (the -lora variants, merge_and_unload). Fix: pass a LoRA adapter, or run the "
+            "variants without -lora."
+        )
+    _check_rank(adapter, weights, config)
+    return config
+
+
+def _check_rank(adapter: Path, weights: Path, config: dict[str, Any]) -> None:
+    """The rank the config declares is the rank of the tensors (read from the safetensors header)."""
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterError(f"Adapter {adapter}: adapter_config.json has r = {rank!r}; a LoRA rank is a whole "
+                           "number of at least 1. Fix: restore the file save_pretrained wrote.")
+    if config.get("rank_pattern"):
+        return  # per-module ranks: peft checks them against the tensors when it loads
+    header = _safetensors_header(weights)
+    for key, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if ".lora_A." in key and isinstance(shape, list) and shape and shape[0] != rank:
+            raise AdapterError(
+                f"Adapter {adapter}: adapter_config.json declares r = {rank}, but its tensors have rank {shape[0]} "
+                f"(first: {key}, shape {shape}): the config and the weights come from different trainings. This is "
+                "a fault of the adapter, whatever the base model. Fix: save the adapter again with save_pretrained "
+                "so that both files match."
+            )
+
+
+def _safetensors_header(weights: Path) -> dict[str, Any]:
+    """Tensor names, dtypes and shapes: the JSON header that starts a safetensors file."""
+    import struct
+
+    try:
+        with weights.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100_000_000:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"Adapter {weights.parent}: adapter_model.safetensors is not a safetensors file "
+                           f"({type(exc).__name__}: {exc}). Fix: save the adapter again with save_pretrained.") from None
+    return header if isinstance(header, dict) else {}
+
+
+def load_adapter(model: Any, adapter: Path, *, model_name: str) -> Any:
+    """Apply a LoRA adapter, refusing ones that do not fit or that change nothing."""
+    from peft import PeftModel
+
+    config = adapter_config(adapter)
     trained_for = config.get("base_model_name_or_path") or "unknown"
     try:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
@@ -352,13 +422,24 @@ def _assert_keys_match(model: Any, adapter: Path, *, model_name: str) -> None:
 
 def _assert_adapter_loaded(model: Any, adapter: Path, *, model_name: str, trained_for: str) -> None:
     """peft only warns on missing keys; a lora_B left at its zero init means they did not load."""
+    import torch
+
     zero: list[str] = []
+    nonfinite: list[str] = []
     total = 0
     for name, param in model.named_parameters():
+        if "lora_" in name and not bool(torch.isfinite(param.detach()).all()):
+            nonfinite.append(name)
         if "lora_B" in name:
             total += 1
             if not param.detach().float().abs().max().item() > 0:
                 zero.append(name)
+    if nonfinite:
+        raise AdapterError(
+            f"Adapter {adapter} holds NaN or infinite weights in {len(nonfinite)} LoRA tensors (first: {nonfinite[0]}), "
+            "so every output through them is NaN. The training diverged or the file was damaged. Fix: re-save the "
+            "adapter from a healthy checkpoint."
+        )
     if total == 0:
         raise AdapterError(
             f"Adapter {adapter} added no LoRA layers to {model_name!r} (trained for {trained_for!r}). "

@@ -39,7 +39,7 @@ def check_attn_implementation(value: str) -> str:
     match = difflib.get_close_matches(value, ATTN_IMPLEMENTATIONS, n=1)
     raise ValueError(
         f"unknown attention implementation {value!r}"
-        + (f"; did you mean {match[0]!r}?" if match else "")
+        + (f"; did you mean {match[0]!r}?" if match else ".")
         + f" Choose one of {', '.join(ATTN_IMPLEMENTATIONS)}, or a hub kernel (org/repo)"
     )
 

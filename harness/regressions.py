@@ -9,6 +9,7 @@ Unchanged files are linked, not copied.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -52,9 +53,13 @@ def parse(text: str) -> list[Regression]:
         if kind not in KINDS or not sep:
             raise ValueError(f"--regressions: {part!r} is not KIND:VALUE with KIND one of {', '.join(KINDS)}")
         try:
-            out.append(Regression(kind, float(value)))  # type: ignore[arg-type]
+            number = float(value)
         except ValueError:
             raise ValueError(f"--regressions: {part!r}: {value!r} is not a number") from None
+        if not math.isfinite(number) or (kind != "lora_b" and number <= 0):
+            raise ValueError(f"--regressions: {part!r}: {kind} takes a finite number"
+                             + ("" if kind == "lora_b" else " above 0") + " (a regression of a known size)")
+        out.append(Regression(kind, number))  # type: ignore[arg-type]
     return out
 
 

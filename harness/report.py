@@ -237,7 +237,23 @@ def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -
     if record.notes:
         lines += ["## Notes", "", *[f"- {note}" for note in record.notes], ""]
     lines += _failures(record)
+    if state.options.reference is None:  # reference mode reads nothing under the golden folder
+        lines += _golden_folder(state)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _golden_folder(state: HarnessSession) -> list[str]:
+    """What the terminal says about the golden folder (untrusted sidecars, leftovers), in the report too."""
+    from harness.golden import tree_report
+
+    try:
+        found = tree_report(state.options.golden_dir)
+    except OSError as exc:
+        found = [f"the golden folder cannot be read: {exc}"]
+    if not found:
+        return []
+    return ["## Golden folder", "", *(f"- {line.strip()}" if not line.startswith("  ") else f"  - `{line.strip()}`"
+                                     for line in found), ""]
 
 
 def _provenance_lines(state: HarnessSession, *, reference: bool = False) -> list[str]:

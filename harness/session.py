@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from harness.ci import in_ci
 from harness.errors import NotJudged
 from harness.golden import SuiteNames
 from harness.names import golden_folder_name
@@ -63,6 +64,7 @@ class HarnessSession:
         self.suite_errors = 0
         self.suite_names = SuiteNames()
         self.removed_temp_files: list[Path] = []
+        self.removed_sidecars: list[Path] = []  # sidecars without a golden, removed when an update starts
         self.progress_lines: list[str] = []
         self.unselected: list[str] = []  # checks whose `variants:` selects none of this session's
         self.suites_without_registry: list[Path] = []
@@ -172,6 +174,7 @@ class HarnessSession:
                 root=self.options.golden_dir, model=self.model_name, device_class=self.device.klass,
                 update=self.options.update, provenance=self.provenance(),
                 obtained_dir=self.options.obtained_dir, judge_device=self.options.golden_device,
+                rootdir=self.options.rootdir, gate=in_ci(),
             )
         return self._goldens
 
@@ -205,6 +208,9 @@ class HarnessSession:
 
         models = entry.check.spec.models
         if models is not None and self.model_name not in models:
+            unknown = self._unknown_models(models)
+            if unknown:
+                raise _not_judged(request, unknown)
             pytest.skip(f"{entry.check.spec.id} was written for {', '.join(models)} (its `models:` key), not for "
                         f"{self.model_name}: add this model there, or write its own check")
         if entry.check.needs_gpu and not self.device.is_cuda:
@@ -236,6 +242,26 @@ class HarnessSession:
                 request.node.user_properties.append(("harness_golden", str(golden)))
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))
+
+    def _unknown_models(self, models: list[str]) -> str | None:
+        """Why a check's ``models:`` looks like a typo (a name neither registered nor this session's), or None.
+
+        A check written for other registered models skips here as a matter of course; one whose
+        list names no model anyone has would skip everywhere, green, and judge nothing ever.
+        """
+        import difflib
+
+        known = set(self.registry.models) | {golden_folder_name(name) for name in self.registry.models}
+        known.add(self.model_name)
+        unknown = [name for name in models if name not in known]
+        if not unknown:
+            return None
+        match = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        return (f"its `models:` names {unknown[0]!r}, which is neither a model of the registry "
+                f"{self.options.registry.name} ({', '.join(sorted(self.registry.models))}) nor this session's model "
+                f"{self.model_name!r}, so it would never run anywhere"
+                + (f"; did you mean {match[0]!r}?" if match else "; a typo, or a model folder not registered?")
+                + " Fix: correct the name, or register that model")
 
     def _run_against_reference(self, suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None,
                                request: pytest.FixtureRequest) -> None:

@@ -85,23 +85,26 @@ def resolve(
     if name in registry.models:
         entry = registry.models[name]
         adapter_path = _adapter_path(adapter, entry.adapter, rootdir)
-        return _resolve_entry(name, entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
+        return _resolve_entry(name, entry, rootdir=rootdir, adapter=adapter_path, progress=progress, option=option)
     path = Path(name).expanduser()
     if not path.is_absolute():
         path = (Path.cwd() / path)
     adapter_path = _adapter_path(adapter, None, rootdir)
     if path.is_dir():
         entry = ModelEntry(path=str(path))
-        return _resolve_entry(safe_name(path.name), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
+        return _resolve_entry(safe_name(path.name), entry, rootdir=rootdir, adapter=adapter_path, progress=progress,
+                              option=option)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"{option} {name}: no such GGUF file ({path}).")
         entry = ModelEntry(gguf=str(path))
-        return _resolve_entry(safe_name(path.stem), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
+        return _resolve_entry(safe_name(path.stem), entry, rootdir=rootdir, adapter=adapter_path, progress=progress,
+                              option=option)
     # a hub id starts with a letter or digit: "./old-model" is a folder that is missing, not org "."
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) and not path.exists():
         entry = ModelEntry(hub=name)
-        return _resolve_entry(safe_name(name.split("/")[-1]), entry, rootdir=rootdir, adapter=adapter_path, progress=progress)
+        return _resolve_entry(safe_name(name.split("/")[-1]), entry, rootdir=rootdir, adapter=adapter_path,
+                              progress=progress, option=option)
     raise ModelNotFoundError(
         f"{option} {name}: not a model in the registry {registry.path} "
         f"(known: {', '.join(registry.models)}), not a model folder, not a .gguf file and "
@@ -118,7 +121,7 @@ def _adapter_path(option: str | None, entry_value: str | None, rootdir: Path) ->
 
 
 def _resolve_entry(
-    name: str, entry: ModelEntry, *, rootdir: Path, adapter: Path | None, progress: Progress
+    name: str, entry: ModelEntry, *, rootdir: Path, adapter: Path | None, progress: Progress, option: str = "--model",
 ) -> ResolvedModel:
     if entry.embedded:
         folder = ensure_embedded(entry.embedded, progress=progress)
@@ -133,20 +136,21 @@ def _resolve_entry(
         folder = folder if folder.is_absolute() else rootdir / folder
         if not folder.is_dir():
             raise ModelNotFoundError(f"Model {name!r}: the folder {folder} does not exist. Fix: correct `path:`.")
-        return ResolvedModel(name, _check_folder(folder, entry=entry, label=name), entry, f"local folder {folder}", adapter)
+        return ResolvedModel(name, _check_folder(folder, entry=entry, label=name, option=option), entry,
+                             f"local folder {folder}", adapter)
     assert entry.hub
-    return _resolve_hub(name, entry, rootdir=rootdir, adapter=adapter, progress=progress)
+    return _resolve_hub(name, entry, rootdir=rootdir, adapter=adapter, progress=progress, option=option)
 
 
 def _resolve_hub(
-    name: str, entry: ModelEntry, *, rootdir: Path, adapter: Path | None, progress: Progress
+    name: str, entry: ModelEntry, *, rootdir: Path, adapter: Path | None, progress: Progress, option: str = "--model",
 ) -> ResolvedModel:
     assert entry.hub
     looked: list[str] = []
     for candidate in [rootdir / "models" / name, *[rootdir / p for p in entry.local]]:
         looked.append(str(candidate))
         if (candidate / "config.json").is_file():
-            return ResolvedModel(name, _check_folder(candidate, entry=entry, label=name), entry,
+            return ResolvedModel(name, _check_folder(candidate, entry=entry, label=name, option=option), entry,
                                  f"local copy {candidate}", adapter)
     from huggingface_hub import snapshot_download
 
@@ -166,7 +170,7 @@ def _resolve_hub(
         except Exception as exc:  # noqa: BLE001 - any hub failure means "not here"
             errors.append(f"{'cache' if local_only else 'hub'}: {str(exc).splitlines()[0][:160]}")
             continue
-        return ResolvedModel(name, _check_folder(Path(folder), entry=entry, label=name), entry,
+        return ResolvedModel(name, _check_folder(Path(folder), entry=entry, label=name, option=option), entry,
                              f"hub {entry.hub}@{revision or 'main'}", adapter)
     looked.append(f"the hub ({errors[-1]})")
     rev = f" --revision {revision}" if revision else ""
@@ -175,16 +179,16 @@ def _resolve_hub(
         f"Looked in: {'; '.join(looked)}. "
         f"Fix: on a machine with hub access run `hf download {entry.hub}{rev} --local-dir models/{name}` "
         f"(or `huggingface-cli download ...`), then copy models/{name} into {rootdir}; "
-        f"or pass --model PATH to a local copy."
+        f"or pass {option} PATH to a local copy."
     )
 
 
-def _check_folder(folder: Path, *, entry: ModelEntry, label: str) -> Path:
+def _check_folder(folder: Path, *, entry: ModelEntry, label: str, option: str = "--model") -> Path:
     """Refuse folders without a config or with only pickle weights (unless allowed)."""
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(
             f"Model {label!r}: {folder} has no config.json, so it is not a Hugging Face model "
-            "folder. Fix: point --model at the folder that holds config.json and the weights."
+            f"folder. Fix: point {option} at the folder that holds config.json and the weights."
         )
     names = [p.name for p in folder.iterdir()]
     has_safe = any(n.endswith(".safetensors") for n in names)

@@ -145,6 +145,7 @@ def _check_entry(path: Path, index: int, raw: Any, line: int, defaults: YamlMap,
     except SuiteError as err:
         key = f"checks[{index}]" + (f".{err.key}" if err.key else "")
         raise dataclasses.replace(err, key=key, line=err.line or line) from None
+    _check_effective(path, index, raw, cls, spec)
     if "tolerance" in fields and suite_tolerance is not None:
         spec._suite_tolerance = suite_tolerance
         check_line = raw.lines.get("tolerance")
@@ -155,10 +156,30 @@ def _check_entry(path: Path, index: int, raw: Any, line: int, defaults: YamlMap,
     return CheckEntry(check=cls(spec), line=line)
 
 
+def _check_effective(path: Path, index: int, raw: YamlMap, cls: type[Check[Any]], spec: Any) -> None:
+    """What the check itself says must take effect: a key it sets that changes nothing, or a variant it
+    lists that its kind can never judge, is a suite error (a value from ``defaults:`` is not: defaults
+    serve every kind, and apply where they mean something)."""
+    for name, why in spec.ignored().items():
+        if name in raw:
+            raise SuiteError(path, f"has no effect: {why}", line=raw.lines.get(name), key=f"checks[{index}].{name}")
+    own = raw.get("variants")
+    for key in own if isinstance(own, list) else []:
+        why = cls.unjudgeable(key)
+        if why:
+            raise SuiteError(path, f"{spec.kind} can never judge variant {key!r}: {why}", line=raw.lines["variants"],
+                             key=f"checks[{index}].variants",
+                             hint="list only variants this kind judges, or remove `variants:` for its default")
+
+
 def _check_defaults_used(path: Path, defaults: YamlMap) -> None:
     every_field = {f for kind in known_kinds() for f in get_check(kind).Spec.model_fields}
     for key in defaults:
-        if key not in every_field or key in ("id", "kind"):
-            match = difflib.get_close_matches(key, sorted(every_field), n=1)
+        if key in ("id", "kind"):
+            raise SuiteError(path, f"`{key}` belongs to each check, not to defaults (every check needs its own)",
+                             line=defaults.lines[key], key=f"defaults.{key}",
+                             hint=f"remove it from defaults and give each check its `{key}:`")
+        if key not in every_field:
+            match = difflib.get_close_matches(key, sorted(every_field - {"id", "kind"}), n=1)
             raise SuiteError(path, "unknown key in defaults", line=defaults.lines[key], key=f"defaults.{key}",
                              hint=f"did you mean {match[0]!r}?" if match else "defaults set fields of check kinds")

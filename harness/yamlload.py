@@ -50,19 +50,30 @@ _Loader.add_implicit_resolver(
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> YamlMap:
+    """A mapping; a key written twice is an error, but a key written over one merged in by ``<<:`` is
+    the standard YAML override (``<<: *base`` then ``id: other``)."""
+    written = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
     loader.flatten_mapping(node)
+    merged = len(node.value) - written  # flatten_mapping puts the merged pairs first
     result = YamlMap()
     result.line = node.start_mark.line + 1
     result.lines = {}
     result.raw = {}
-    for key_node, value_node in node.value:
+    from_merge: set[str] = set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, (str, int, float, bool)) or key is None:
             raise yaml.constructor.ConstructorError(
                 None, None, f"unsupported mapping key {key!r}", key_node.start_mark
             )
         skey = str(key)
-        if skey in result.lines:
+        if index < merged:  # merged in: a later merged map overrides an earlier one
+            from_merge.add(skey)
+            result.raw.pop(skey, None)
+        elif skey in from_merge:  # written over a merged value: the standard override
+            from_merge.discard(skey)
+            result.raw.pop(skey, None)
+        elif skey in result.lines:
             raise yaml.constructor.ConstructorError(
                 None,
                 None,

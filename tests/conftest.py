@@ -159,3 +159,15 @@ def add_noise(name: str, scale: float, *, seed: int = 0) -> Callable[[dict[str, 
         tensors[name] = (weight.float() + noise * scale).to(weight.dtype)
 
     return edit
+
+
+def suite_error(folder: Path, text: str, *, name: str = "bad.yaml") -> str:
+    """The one-paragraph SuiteError that loading ``text`` as a suite gives, with ``folder`` cut from paths."""
+    from harness.errors import SuiteError
+    from harness.spec import load_suite
+
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SuiteError) as info:
+        load_suite(path)
+    return str(info.value).replace(str(folder) + "/", "")

@@ -17,7 +17,6 @@ checks:
       - contains: "Paris"
       - not_contains: "London"
       - regex: "^ Paris\\\\b"
-      - max_tokens: 6
   - id: pirate
     kind: expect
     variants: [fp16-lora]

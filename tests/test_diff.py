@@ -179,7 +179,8 @@ def test_added_token_rows_are_a_reshape_and_a_head_change(tmp_path: Path, embedd
     assert report["localization"]["first_change"]["module"] == "head"
     assert report["localization"]["verdict"] == "behaviour first changes after the last layer (head)"
     assert any("vocabulary sizes differ (OLD 49152, NEW 49154)" in n for n in report["notes"])
-    assert "| nan |" in (out / "diff.md").read_text()
+    assert "| not measured |" in (out / "diff.md").read_text() and "| nan |" not in (out / "diff.md").read_text()
+    assert report["behaviour"]["mean_kl"] is None  # not measured: strict JSON null, never NaN
 
 
 def test_reference_stand_ins_judge_new_against_the_live_record_of_old(tmp_path: Path) -> None:

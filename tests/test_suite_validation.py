@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.errors import SuiteError
+from conftest import suite_error
 from harness.spec import load_suite
 
 GOOD = """
@@ -139,11 +139,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_error_message(tmp_path, case):
     text, expected = CASES[case]
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(SuiteError) as info:
-        load_suite(path)
-    message = str(info.value).replace(str(tmp_path) + "/", "")
+    message = suite_error(tmp_path, text)
     assert message.startswith(expected), message
     assert not (tmp_path / "pwned").exists()
 

@@ -76,6 +76,14 @@ class CheckSpec(BaseModel):
                              f"remove the key (all {name}) or list {name}")
         return value
 
+    def ignored(self) -> dict[str, str]:
+        """Fields set to a value that cannot take effect with the rest of this spec: field -> why.
+
+        Set on the check itself they are a suite error (a tolerance that ``match: exact``
+        overrides is a reader's trap); set in ``defaults:`` they are fine.
+        """
+        return {}
+
     @field_validator("variants")
     @classmethod
     def _variants_known(cls, value: list[str] | None) -> list[str] | None:
@@ -164,7 +172,7 @@ class CheckContext:
         if self.variant is not None:
             extra["variant"] = self.variant.key
         self.goldens.assert_matches(self.golden_path(), actual, explain=explain, provenance_extra=extra,
-                                    judge=judge, sidecar=sidecar)
+                                    judge=judge, sidecar=sidecar, owner=self.suite_path)
 
 
 S = TypeVar("S", bound=CheckSpec)
@@ -181,6 +189,15 @@ class Check(ABC, Generic[S]):
 
     def __init__(self, spec: S) -> None:
         self.spec = spec
+
+    @classmethod
+    def unjudgeable(cls, variant_key: str) -> str | None:
+        """Why this kind can never judge ``variant_key`` (``lora_merge`` on a variant without an adapter), or None.
+
+        Such variants get no item (a check listing one is a suite error); an item that ran
+        anyway would be a skip, green in a gate run, for a check nobody judged.
+        """
+        return None
 
     @abstractmethod
     def run(self, ctx: CheckContext) -> None:

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from harness.checks.base import CheckSpec
-from harness.checks.prompts import Message, assert_fits_context, encode_prompt
+from harness.checks.prompts import ChatMessages, PromptText, assert_fits_context, encode_prompt
 from harness.compare import ToleranceSpec
 from harness.errors import CheckFailure
 
@@ -32,17 +32,10 @@ DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
 class ConsistencySpec(CheckSpec):
     """Prompts (raw text and/or chats) and the tolerance override every consistency kind takes."""
 
-    prompts: list[str] = Field(default_factory=list)
-    chats: list[list[Message]] = Field(default_factory=list)
+    prompts: list[PromptText] = Field(default_factory=list)
+    chats: list[ChatMessages] = Field(default_factory=list)
     max_new_tokens: int = Field(8, ge=1, le=1024)
     tolerance: ToleranceSpec | None = None
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompts_non_empty(cls, value: list[str]) -> list[str]:
-        if any(not p for p in value):
-            raise ValueError("prompts must not be empty strings")
-        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -20,9 +20,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import Message, assert_fits_context, encode_or_skip, greedy_generate
+from harness.checks.prompts import ChatMessages, PromptText, assert_fits_context, encode_or_skip, greedy_generate
 from harness.errors import CheckFailure
 
+MIN_TEMPERATURE = 1e-3
 ASSERTIONS = ("contains", "not_contains", "starts_with", "regex", "json", "max_tokens", "stops", "one_of")
 
 
@@ -41,7 +42,61 @@ class JsonExpectation(BaseModel):
                 jsonschema.validators.validator_for(value).check_schema(value)
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+            problem = unresolvable_ref(value)
+            if problem:
+                raise ValueError(problem)
         return value
+
+
+def unresolvable_ref(schema: dict[str, Any]) -> str | None:
+    """Why a ``$ref`` of ``schema`` cannot be resolved inside it, or None.
+
+    ``check_schema`` accepts a reference to a definition that does not exist; validating an
+    answer would then raise inside the check. Nothing is fetched: a reference outside the
+    schema (another file, a URL) is refused the same way.
+    """
+    import jsonschema
+    from referencing import Registry, Resource
+    from referencing.exceptions import Unresolvable
+
+    specification = jsonschema.validators.validator_for(schema).META_SCHEMA
+    resource = Resource.from_contents(schema, default_specification=_specification(specification))
+    root = resource.id() or "urn:harness:expect-schema"
+    registry = Registry().with_resource(root, resource).crawl()
+    for base, ref in _refs(schema, root):
+        try:
+            registry.resolver(base_uri=base).lookup(ref)
+        except Unresolvable as exc:
+            detail = str(exc) if len(str(exc)) <= 120 else str(exc)[:117] + "..."
+            return (f"the schema's $ref {ref!r} does not resolve ({type(exc).__name__}: {detail}); references must "
+                    "point inside the schema (e.g. '#/$defs/NAME' with that definition under $defs), since "
+                    "nothing is fetched")
+    return None
+
+
+def _specification(meta_schema: dict[str, Any]) -> Any:
+    from referencing.jsonschema import DRAFT202012, specification_with
+
+    return specification_with(str(meta_schema.get("$schema", "")), default=DRAFT202012)
+
+
+def _refs(node: Any, base: str) -> list[tuple[str, str]]:
+    """(base URI, reference) of every ``$ref`` and ``$dynamicRef`` below ``node``, following ``$id``."""
+    from urllib.parse import urljoin
+
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("$id"), str):
+            base = urljoin(base, node["$id"])
+        for key, value in node.items():
+            if key in ("$ref", "$dynamicRef") and isinstance(value, str):
+                found.append((base, value))
+            elif key not in ("enum", "const", "examples", "default"):  # data, not subschemas
+                found += _refs(value, base)
+    elif isinstance(node, list):
+        for value in node:
+            found += _refs(value, base)
+    return found
 
 
 class Assertion(BaseModel):
@@ -71,7 +126,25 @@ class Assertion(BaseModel):
                 raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
         if self.json_ is False or self.stops is False:
             raise ValueError("json and stops take `true` (or, for json, {schema: ...}); leave them out otherwise")
+        problem = self._cannot_fail_or_pass()
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def _cannot_fail_or_pass(self) -> str | None:
+        """An assertion whose verdict does not depend on the answer judges nothing."""
+        if self.contains == "" or self.starts_with == "":
+            return (f"{self.name} \"\" is true of every answer, so it can never fail; "
+                    "write the text the answer must have")
+        if self.not_contains == "":
+            return "not_contains \"\" is false of every answer (each contains the empty text), so it always fails"
+        if self.starts_with is not None and not self.starts_with.strip():
+            return ("starts_with is only whitespace, and answers are compared after their leading whitespace "
+                    "is stripped, so it can never pass; write the first visible text")
+        if self.regex is not None and all(re.search(self.regex, probe) for probe in _REGEX_PROBES):
+            return (f"regex {self.regex!r} matches the empty text and every sample answer, so it matches any "
+                    "answer and can never fail; anchor it or require at least one character")
+        return None
 
     @property
     def name(self) -> str:
@@ -84,6 +157,10 @@ class Assertion(BaseModel):
         return self.name if value is True else f"{self.name} {value!r}"
 
 
+# Texts a regex that "matches anything" matches: the empty text and unrelated answers.
+_REGEX_PROBES = ("", "\n", "0", "zq", "The capital of France is Paris.", '{"a": 1}', "  \t")
+
+
 def _attr(name: str) -> str:
     return "json_" if name == "json" else name
 
@@ -93,7 +170,9 @@ class Sampling(BaseModel):
 
     n: int = Field(8, ge=1, le=256)
     seed: int = 0
-    temperature: float = Field(0.7, gt=0)
+    # Below 0.001 sampling is greedy decoding in disguise, and near 1e-38 logits / temperature
+    # overflows float32 to inf, so generate() fails on NaN probabilities.
+    temperature: float = Field(0.7, ge=MIN_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     min_pass_rate: float = Field(0.75, gt=0, le=1)
@@ -101,8 +180,8 @@ class Sampling(BaseModel):
 
 class ExpectSpec(CheckSpec):
     kind: Literal["expect"]
-    prompt: str | None = None
-    messages: list[Message] | None = None
+    prompt: PromptText | None = None
+    messages: ChatMessages | None = None
     max_new_tokens: int = Field(32, ge=1, le=4096)
     expect: list[Assertion] = Field(min_length=1)
     ignore_case: bool = False
@@ -113,6 +192,11 @@ class ExpectSpec(CheckSpec):
     def _one_prompt(self) -> ExpectSpec:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' (raw text) or 'messages' (chat)")
+        for index, assertion in enumerate(self.expect):
+            if assertion.max_tokens is not None and assertion.max_tokens >= self.max_new_tokens:
+                raise ValueError(
+                    f"expect[{index}]: max_tokens {assertion.max_tokens} can never fail, since generation stops at "
+                    f"max_new_tokens {self.max_new_tokens}; lower max_tokens or raise max_new_tokens above it")
         return self
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.checks.base import Check, CheckContext, register_check
 from harness.checks.consistency import ConsistencySpec, Findings, encoded_prompts, greedy, rescorer, tolerance_for
-from harness.errors import CheckFailure
+from harness.errors import CheckFailure, NotJudged
 
 ADAPTER_KEYS = ["fp16-lora", "nf4-lora"]
 
@@ -45,18 +45,36 @@ class LoraMergeSpec(ConsistencySpec):
             data = {**data, "variants": list(ADAPTER_KEYS)}
         return data
 
+    def ignored(self) -> dict[str, str]:
+        """nf4_budget judges only nf4-lora; the tolerance only fp16-lora (NF4 merges are judged by the budget)."""
+        variants = set(self.variants or ADAPTER_KEYS)
+        out: dict[str, str] = {}
+        if "nf4-lora" not in variants and self.nf4_budget != MergeBudget():
+            out["nf4_budget"] = (f"nf4_budget judges only the nf4-lora variant, and this check runs on "
+                                 f"{', '.join(sorted(variants))}; add nf4-lora to `variants:` or remove nf4_budget")
+        if "fp16-lora" not in variants and self.tolerance is not None:
+            out["tolerance"] = (f"the tolerance judges only the fp16-lora merge (an NF4 merge is judged by "
+                                f"nf4_budget), and this check runs on {', '.join(sorted(variants))}; use nf4_budget")
+        return out
+
 
 @register_check("lora_merge")
 class LoraMergeCheck(Check[LoraMergeSpec]):
     Spec = LoraMergeSpec
 
+    @classmethod
+    def unjudgeable(cls, variant_key: str) -> str | None:
+        if variant_key in ADAPTER_KEYS:
+            return None
+        return f"lora_merge compares an adapter with its merge, and {variant_key} has no adapter " \
+               f"(use {' or '.join(ADAPTER_KEYS)})"
+
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        import pytest
-
         assert ctx.variant is not None
-        if not ctx.variant.lora:
-            pytest.skip(f"lora_merge compares an adapter with its merge; {ctx.variant.key} has no adapter")
+        why = self.unjudgeable(ctx.variant.key)
+        if why:  # collection gives such variants no item; never a green skip if one runs anyway
+            raise NotJudged(why)
         model, tokenizer = ctx.model, ctx.tokenizer
         prompts = encoded_prompts(ctx, self.spec)
         unmerged = [greedy(model, tokenizer, p, self.spec.max_new_tokens) for p in prompts]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.checks.prompts import PromptText
 from harness.checks.budgets import (
     Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
@@ -40,7 +41,7 @@ class Workload(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompts: list[str] = Field(min_length=1)
+    prompts: list[PromptText] = Field(min_length=1)
     max_new_tokens: int = Field(16, ge=1, le=4096)
     batch_size: int = Field(1, ge=1, le=4096)
 

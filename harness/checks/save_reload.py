@@ -32,6 +32,12 @@ class SaveReloadSpec(ConsistencySpec):
     kind: Literal["save_reload"]
     match: Literal["exact", "noise"] = "exact"
 
+    def ignored(self) -> dict[str, str]:
+        if self.match == "exact" and self.tolerance is not None:
+            return {"tolerance": "match: exact (the default) requires bit-identical runs, so no tolerance applies; "
+                                 "set `match: noise` to judge within this tolerance, or remove it"}
+        return {}
+
 
 @register_check("save_reload")
 class SaveReloadCheck(Check[SaveReloadSpec]):

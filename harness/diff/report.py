@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from harness.diff.activations import layer_index
 from harness.diff.localize import DTYPE_FLOOR, FACTOR
 from harness.diff.run import ModelDiff
+from harness.outputs import strict_json
 
 TOP_TENSORS = 15
 
@@ -35,8 +35,14 @@ def summary_lines(diff: ModelDiff) -> list[str]:
         lines.append("weights: " + ", ".join(parts) + top)
     if diff.prompts:
         t = diff.behaviour_totals()
-        lines.append(f"behaviour: mean KL {t['mean_kl']:.4g}, top-1 agreement {t['top1_agreement']:.3f}, "
-                     f"greedy output diverges on {t['greedy_diverged']} of {t['prompts']} prompts")
+        if t["measured_prompts"]:
+            unmeasured = t["prompts"] - t["measured_prompts"]
+            lines.append(f"behaviour: mean KL {t['mean_kl']:.4g}, top-1 agreement {t['top1_agreement']:.3f}, "
+                         f"greedy output diverges on {t['greedy_diverged']} of {t['measured_prompts']} prompts"
+                         + (f" ({unmeasured} not measured, see the notes)" if unmeasured else ""))
+        else:
+            lines.append(f"behaviour: not measured on any of {t['prompts']} prompts (next-token KL, top-1 agreement "
+                         "and greedy divergence need the same vocabulary; see the notes); activations are compared")
         if diff.tokenizer_changed_prompts:
             lines.append(f"tokenization: {len(diff.tokenizer_changed_prompts)} of {len(diff.prompts)} prompts "
                          "encode to different token ids")
@@ -121,17 +127,24 @@ def _weights_md(diff: ModelDiff) -> list[str]:
 
 def _behaviour_md(diff: ModelDiff) -> list[str]:
     t = diff.behaviour_totals()
-    out = [f"Teacher-forced on OLD's greedy continuation; KL(OLD ‖ NEW) per position. Over {t['prompts']} prompts: "
-           f"mean KL {t['mean_kl']:.4g}, top-1 agreement {t['top1_agreement']:.3f}.", "",
+    head = (f"Over {t['measured_prompts']} prompts: mean KL {t['mean_kl']:.4g}, top-1 agreement "
+            f"{t['top1_agreement']:.3f}." if t["measured_prompts"] else
+            "Not measured: the vocabularies differ, so next-token distributions cannot be compared.")
+    out = [f"Teacher-forced on OLD's greedy continuation; KL(OLD ‖ NEW) per position. {head}", "",
            "| prompt | same token ids | mean KL | max KL | top-1 | first greedy divergence | first changed module |",
            "|---|---|---|---|---|---|---|"]
     for p in diff.prompts:
         div = p.first_divergence
-        where = "none" if div is None else \
+        where = "not measured" if not p.measured else "none" if div is None else \
             f"new token {div['new_token']}: {div['expected_text']!r} → {div['got_text']!r}"
-        out.append(f"| `{p.id}` | {'yes' if p.tokens_same else '**no**'} | {p.mean_kl:.4g} | {p.max_kl:.4g} | "
-                   f"{p.top1_agreement:.3f} | {where} | {p.first_changed_module or '—'} |")
+        out.append(f"| `{p.id}` | {'yes' if p.tokens_same else '**no**'} | {_measure(p.mean_kl, '.4g')} | "
+                   f"{_measure(p.max_kl, '.4g')} | {_measure(p.top1_agreement, '.3f')} | {where} | "
+                   f"{p.first_changed_module or '—'} |")
     return out
+
+
+def _measure(value: float | None, spec: str) -> str:
+    return "not measured" if value is None else format(value, spec)
 
 
 def _localization_md(diff: ModelDiff, chart: str | None) -> list[str]:
@@ -214,7 +227,7 @@ def write_report(diff: ModelDiff, out: Path) -> list[Path]:
     md = out / "diff.md"
     md.write_text(to_markdown(diff, chart=chart.name if written else None), encoding="utf-8")
     js = out / "diff.json"
-    js.write_text(json.dumps(to_json(diff), indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    js.write_text(strict_json(to_json(diff), indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     return [md, js, *written]
 
 

@@ -45,11 +45,16 @@ class PromptResult:
     tokens_same: bool
     prompt_tokens: int
     new_tokens: int
-    mean_kl: float
-    max_kl: float
-    top1_agreement: float
+    mean_kl: float | None  # None: not measured (the vocabularies differ, so next-token KL is not defined)
+    max_kl: float | None
+    top1_agreement: float | None
     first_divergence: dict[str, Any] | None
     first_changed_module: str | None
+
+    @property
+    def measured(self) -> bool:
+        """Whether next-token distributions and the greedy path were compared (not with vocabularies apart)."""
+        return self.mean_kl is not None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,13 +99,18 @@ class ModelDiff:
         return next((m for m in self.modules if not m.relative == 0.0), None)
 
     def behaviour_totals(self) -> dict[str, Any]:
-        positions = [p.prompt_tokens + p.new_tokens - 1 for p in self.prompts]
+        """Totals over the prompts whose distributions were compared; None where none were (never a 0 that
+        reads as "no divergence")."""
+        measured = [p for p in self.prompts if p.measured]
+        positions = [p.prompt_tokens + p.new_tokens - 1 for p in measured]
         total = sum(positions) or 1
         return {
             "prompts": len(self.prompts),
-            "mean_kl": sum(p.mean_kl * n for p, n in zip(self.prompts, positions)) / total,
-            "top1_agreement": sum(p.top1_agreement * n for p, n in zip(self.prompts, positions)) / total,
-            "greedy_diverged": sum(1 for p in self.prompts if p.first_divergence is not None),
+            "measured_prompts": len(measured),
+            "mean_kl": sum(p.mean_kl * n for p, n in zip(measured, positions)) / total if measured else None,
+            "top1_agreement": (sum(p.top1_agreement * n for p, n in zip(measured, positions)) / total
+                               if measured else None),
+            "greedy_diverged": sum(1 for p in measured if p.first_divergence is not None) if measured else None,
         }
 
     @property
@@ -175,7 +185,7 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
         row = PromptResult(
             id=prompt.id, tokens_same=_encode_or_none(prompt, pool.tokenizer) == old_ids[index],
             prompt_tokens=reference.prompt_lengths[index], new_tokens=len(sequence) - reference.prompt_lengths[index],
-            mean_kl=math.nan, max_kl=math.nan, top1_agreement=math.nan, first_divergence=None,
+            mean_kl=None, max_kl=None, top1_agreement=None, first_divergence=None,
             first_changed_module=first.name if first else None,
         )
         if new_vocab == old_vocab:

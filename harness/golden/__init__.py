@@ -9,6 +9,7 @@ One concern per module:
   that say what to do, and the temporary files a killed write leaves;
 - ``sidecars``: the ``.meta.json`` provenance records (not compared, shown on failure), whether
   one still vouches for its golden, and the end-of-session report on the tree;
+- ``owners``: which suite file owns a suite name's golden folder, across runs;
 - ``mismatch``: what a failure says when the kind's own explanation cannot (a damaged layout);
 - ``store``: ``GoldenStore``, which reads, compares and (with ``--snapshot-update``) writes.
 
@@ -26,14 +27,18 @@ from harness.golden.layout import (
     TOKENIZER_SCOPE, SuiteNames, contained, golden_path, meta_path, nearest_class, overlap_problem,
 )
 from harness.golden.mismatch import Explain, describe_difference, explained, shape_problem
-from harness.golden.sidecars import SHA_KEY, provenance_lines, sidecar_problem, stale_sidecars, tree_report
+from harness.golden.owners import OWNER_KEY, SuiteOwners
+from harness.golden.sidecars import (
+    SHA_KEY, orphan_sidecars, provenance_lines, remove_orphan_sidecars, sidecar_problem, stale_sidecars, tree_report,
+    trust_problem,
+)
 from harness.golden.store import GoldenStore, Judge
 from harness.names import META_SUFFIX, SAFE_NAME, check_id_problem, name_problem
 
 __all__ = [
-    "META_SUFFIX", "SAFE_NAME", "SHA_KEY", "TOKENIZER_SCOPE", "Explain", "GoldenStore", "Judge", "SuiteNames",
+    "META_SUFFIX", "OWNER_KEY", "SAFE_NAME", "SHA_KEY", "SuiteOwners", "TOKENIZER_SCOPE", "Explain", "GoldenStore", "Judge", "SuiteNames",
     "atomic_write", "check_id_problem", "contained", "describe_difference", "dumps", "explained", "golden_path",
     "leftover_temp_files", "meta_path", "name_problem", "nearest_class", "normalize", "overlap_problem",
     "provenance_lines", "remove_leftover_temp_files", "sha256_text", "shape_problem", "sidecar_problem",
-    "stale_sidecars", "tree_report", "write_error",
+    "stale_sidecars", "tree_report", "write_error", "orphan_sidecars", "remove_orphan_sidecars", "trust_problem",
 ]

@@ -93,9 +93,12 @@ def leftover_temp_files(root: Path) -> list[Path]:
 
 def remove_leftover_temp_files(root: Path) -> list[Path]:
     """Called before an update writes anything (never while one runs: they would be its own)."""
-    removed = []
-    for file in leftover_temp_files(root):
+    return unlink_all(leftover_temp_files(root))
+
+
+def unlink_all(files: list[Path]) -> list[Path]:
+    """Remove ``files`` (those already gone included); returns them, for the summary."""
+    for file in files:
         file.unlink(missing_ok=True)
-        removed.append(file)
-    return removed
+    return files
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.golden.files import leftover_temp_files
+from harness.golden.files import leftover_temp_files, unlink_all
 from harness.golden.layout import meta_path
 from harness.names import META_SUFFIX
 from harness.provenance import describe_changes
@@ -50,6 +50,31 @@ def sidecar_problem(golden: Path, sidecar: Path) -> str | None:
     if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
         return "describes another version of its golden (an update was interrupted, or it was edited)"
     return None
+
+
+def orphan_sidecars(root: Path) -> list[Path]:
+    """Sidecars whose golden file does not exist: they describe nothing."""
+    if not root.is_dir():
+        return []
+    return [sidecar for sidecar in sorted(root.rglob(f"*{META_SUFFIX}"))
+            if not sidecar.with_name(sidecar.name.removesuffix(META_SUFFIX) + ".json").exists()]
+
+
+def remove_orphan_sidecars(root: Path) -> list[Path]:
+    """Called when an update starts (as for temporary files): what ``tree_report`` says the update fixes."""
+    return unlink_all(orphan_sidecars(root))
+
+
+def trust_problem(golden: Path) -> str | None:
+    """Why ``golden``'s content is not vouched for by its sidecar (missing, or naming another sha256), or None.
+
+    A sidecar written by an older harness, without a sha256, vouches for nothing and is not held against it.
+    """
+    sidecar = meta_path(golden)
+    if not sidecar.exists():
+        return f"it has no sidecar ({sidecar.name}), which --snapshot-update always writes with it"
+    problem = sidecar_problem(golden, sidecar)
+    return None if problem is None else f"its sidecar {sidecar.name} {problem}"
 
 
 def tree_report(root: Path) -> list[str]:

@@ -21,7 +21,8 @@ from harness.errors import CheckFailure, GoldenError
 from harness.golden.files import atomic_write, dumps, normalize, sha256_text, write_error
 from harness.golden.layout import TOKENIZER_SCOPE, contained, golden_path, meta_path, nearest_class, overlap_problem
 from harness.golden.mismatch import Explain, explained, shape_problem
-from harness.golden.sidecars import SHA_KEY, provenance_lines
+from harness.golden.owners import OWNER_KEY, SuiteOwners, owner_key
+from harness.golden.sidecars import SHA_KEY, provenance_lines, trust_problem
 
 # ``judge(expected, actual) -> bool``: the same behaviour up to noise (default: equal after JSON round trip)
 Judge = Callable[[Any, Any], bool]
@@ -41,6 +42,12 @@ class GoldenStore:
     updated: list[Path] = field(default_factory=list)
     used: set[Path] = field(default_factory=set)
     judge_device: str | None = None  # --golden-device: a class (or "auto") to judge against where this one has none
+    rootdir: Path | None = None  # suite files are recorded relative to it
+    gate: bool = False  # CI: a golden its sidecar does not vouch for fails instead of being judged
+    owners: SuiteOwners = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.owners = SuiteOwners(rootdir=self.rootdir)
 
     def judged_against(self) -> str | None:
         """The other device class whose goldens this run reads, or None (this class's own).
@@ -107,7 +114,7 @@ class GoldenStore:
 
     def assert_matches(
         self, path: Path, actual: Any, *, explain: Explain, provenance_extra: dict[str, Any] | None = None,
-        judge: Judge | None = None, sidecar: dict[str, Any] | None = None,
+        judge: Judge | None = None, sidecar: dict[str, Any] | None = None, owner: Path | None = None,
     ) -> None:
         """Compare ``actual`` with the golden at ``path``; fail with a reviewer's diff.
 
@@ -115,10 +122,15 @@ class GoldenStore:
         an update rewrites a golden only where the judge says the behaviour changed.
         ``sidecar``: data an update keeps next to the golden, not compared (an activation
         fingerprint); written with the golden, or into the sidecar of an unchanged one.
+        ``owner``: the suite file of the check, recorded in the sidecar (``owners``).
         """
         __tracebackhide__ = True
         contained(self.root, path)
         self.used.add(path)
+        if owner is not None:
+            key = owner_key(owner, self.rootdir)
+            provenance_extra = {**(provenance_extra or {}), OWNER_KEY: key}
+            self.owners.check(path, key, update=self.update)
         actual = normalize(actual)
         source = contained(self.root, self.reference(path))
         try:
@@ -127,6 +139,15 @@ class GoldenStore:
             if not self.update:
                 raise
             expected = None
+        if expected is not None and self.gate and not self.update:
+            untrusted = trust_problem(source)
+            if untrusted:
+                raise GoldenError(
+                    f"Golden file {source} is not vouched for, so this gate run does not judge against it: "
+                    f"{untrusted}. A golden copied in by hand (from --harness-obtained, another checkout, an "
+                    "editor) would make any output pass. Fix: record goldens with --snapshot-update, which writes "
+                    "each golden with its sidecar, review and commit both; or restore both from version control."
+                )
         if expected is not None and (judge(expected, actual) if judge is not None else expected == actual):
             if self.update:
                 self._refresh_meta(path, provenance_extra, sidecar)
