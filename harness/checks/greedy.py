@@ -58,6 +58,16 @@ class GreedySpec(CheckSpec):
             raise ValueError("give exactly one of 'prompt' (raw text) or 'messages' (chat)")
         return self
 
+    def ignored(self) -> dict[str, str]:
+        if self.match == "exact" and self.tolerance is not None and self._sets_tie_gap():
+            return {"tolerance": "match: exact accepts no flip at all, so a tie_gap cannot take effect; remove "
+                                 "tie_gap, or set `match: noise` to accept near-ties within it"}
+        return {}
+
+    def _sets_tie_gap(self) -> bool:
+        override = self.tolerance.as_override() if self.tolerance is not None else {}
+        return "tie_gap" in override or any(isinstance(v, dict) and "tie_gap" in v for v in override.values())
+
     def judging(self, variant_key: str | None, *, cross_device: bool) -> Tolerance:
         """This check's tolerance; ``match: exact`` accepts no near-tie (log-probs still within noise)."""
         tol = self.noise_model().tolerance(variant_key, cross_device=cross_device)
