@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 TOLERANCE_FIELDS = ("mean_abs_dlogp", "max_abs_dlogp", "tie_gap", "max_margin_shift")
 # More than any numerical noise could move a log-probability: a bound above this judges nothing.
@@ -135,15 +135,26 @@ def _places(before: Mapping[str, str], values: Mapping[str, Any], where: str) ->
     return " and ".join(sorted(places))
 
 
+def _at_most_max_nats(value: float | None) -> float | None:
+    if value is not None and value > MAX_NATS:
+        raise ValueError(f"at most {MAX_NATS:g} nats: no numerical noise moves a log-probability that far, so a "
+                         "larger tolerance would turn the check off; measure this model's noise with "
+                         "harness-calibrate, or remove the check on purpose")
+    return value
+
+
+Nats = Annotated[float | None, AfterValidator(_at_most_max_nats)]
+
+
 class ToleranceValues(BaseModel):
     """Bounds a suite may set (any subset); the rest keep the layer below. No noise exceeds MAX_NATS."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mean_abs_dlogp: float | None = Field(None, gt=0, le=MAX_NATS, allow_inf_nan=False)
-    max_abs_dlogp: float | None = Field(None, gt=0, le=MAX_NATS, allow_inf_nan=False)
-    tie_gap: float | None = Field(None, ge=0, le=MAX_NATS, allow_inf_nan=False)
-    max_margin_shift: float | None = Field(None, gt=0, le=MAX_NATS, allow_inf_nan=False)
+    mean_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False)
+    max_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False)
+    tie_gap: Nats = Field(None, ge=0, allow_inf_nan=False)
+    max_margin_shift: Nats = Field(None, gt=0, allow_inf_nan=False)
 
 
 class ToleranceSpec(ToleranceValues):

@@ -147,12 +147,14 @@ def test_match_exact_passes_a_bit_identical_rerun(project):
 
 
 def test_absurd_or_negative_tolerances_are_suite_errors_naming_the_line(project):
-    for value, words in (("1000", "less than or equal to 5"), ("-0.1", "greater than or equal to 0"),
-                         (".nan", "finite number")):
+    for value, where, words in (
+            ("1000", "checks[[]0[]].tolerance.tie_gap", "at most 5 nats: no numerical noise moves a log-probability"),
+            ("-0.1", "checks[[]0[]].tolerance.tie_gap", "greater than or equal to 0"),
+            (".nan", "", "'.nan' is not a number: a budget or tolerance of NaN passes every comparison")):
         project.suite("gen", GEN.format(n=4, extra=f"    tolerance: {{tie_gap: {value}}}\n"))
         result = project.run("--collect-only")
         assert result.ret != 0
-        result.stdout.fnmatch_lines([f"*gen.yaml:9*tolerance.tie_gap*{words}*"])
+        result.stdout.fnmatch_lines([f"*gen.yaml:8: {where}*{words}*"])
 
 
 def test_cross_device_goldens_under_ci_need_an_explicit_opt_in(project, monkeypatch):
