@@ -35,7 +35,7 @@ from harness.noise import (
 )
 from harness.outputs import strict_json
 
-CONDITIONS = ("kernels", "threads", "env", "batch", "cache", "repeat")
+CONDITIONS = ("kernels", "threads", "env", "batch", "cache", "dither", "repeat")
 # Above this factor even the floors (the smallest recommendation) exceed the bound suites enforce.
 MAX_SAFETY = MAX_TOLERANCE_NATS / max(FLOORS.values())
 
@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=None, metavar="NAME=VALUE",
                    help="an environment setting to measure in a fresh process (repeatable; default on an "
                         "AVX-512 CPU: ATEN_CPU_CAPABILITY=avx2)")
-    p.add_argument("--max-new-tokens", type=whole_number(minimum=1), default=16,
-                   help="cap on each prompt's new tokens (default 16)")
+    p.add_argument("--max-new-tokens", type=whole_number(minimum=1), default=None,
+                   help="cap on each prompt's new tokens (default: each check's own max_new_tokens, the goldens' "
+                        "full length: late steps are where noise has accumulated most)")
     p.add_argument("--max-prompts", type=whole_number(minimum=1), default=None, help="use at most this many prompts")
     p.add_argument("--safety", type=finite_number(minimum=1.0, maximum=MAX_SAFETY,
                                                   what="below 1 a recommendation fails the noise it was measured on; "
@@ -160,7 +161,7 @@ def _say(line: str) -> None:
 
 
 # -- what to run --------------------------------------------------------------------------------
-def suite_items(paths: list[str], tokenizer: Any, *, max_new_tokens: int, max_prompts: int | None) -> list[Item]:
+def suite_items(paths: list[str], tokenizer: Any, *, max_new_tokens: int | None, max_prompts: int | None) -> list[Item]:
     """The greedy checks of the suites, as prompts; chat prompts need a chat template."""
     from harness.checks.prompts import NoChatTemplate, encode_prompt
     from harness.spec import load_suite
@@ -183,7 +184,8 @@ def suite_items(paths: list[str], tokenizer: Any, *, max_new_tokens: int, max_pr
             except NoChatTemplate:
                 _say(f"{suite.name}::{spec.id}: skipped, the tokenizer has no chat template")
                 continue
-            items.append(Item(f"{suite.name}::{spec.id}", tuple(ids), min(spec.max_new_tokens, max_new_tokens)))
+            cap = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, max_new_tokens)
+            items.append(Item(f"{suite.name}::{spec.id}", tuple(ids), cap))
     if not items:
         raise ValueError(f"no greedy prompts found in {', '.join(paths)}: calibration needs a suite with "
                          "`kind: greedy` checks")
@@ -394,6 +396,9 @@ def _conditions(ctx: Context, pool: Any, variant: Any, paths: list[list[int]], c
         out.append(("padded batch", lambda: forced_batch(loaded(), pool.tokenizer, ctx.items, paths)))
     if "cache" in conditions:
         out.append(("no KV cache (one forward pass)", lambda: score_single_pass(loaded(), ctx.items, paths)))
+    if "dither" in conditions:
+        out.append(("rounding dither (another kernel's rounding)", lambda: _dithered(loaded(), pool.tokenizer,
+                                                                                    ctx.items, paths)))
     if "threads" in conditions and not ctx.device.is_cuda and torch.get_num_threads() > 1:
         # a fresh process: torch's and OpenMP's thread pools are sized once, at start
         out.append((f"threads=1 (default {torch.get_num_threads()})",
@@ -409,6 +414,14 @@ def _conditions(ctx: Context, pool: Any, variant: Any, paths: list[list[int]], c
         for setting in envs:
             out.append((f"env {setting}", lambda s=setting: _in_subprocess(ctx, variant, paths, s)))
     return out
+
+
+def _dithered(model: Any, tokenizer: Any, items: list[Item], paths: list[list[int]]) -> list[Scored]:
+    """The paths scored with every Linear output moved by up to half a unit in the last place (harness.path_noise)."""
+    from harness.path_noise import rounding_dither
+
+    with rounding_dither(model):
+        return forced(model, tokenizer, items, paths)
 
 
 def _summary(noise: Noise) -> str:

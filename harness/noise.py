@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.compare import Tolerance, Verdict, _margin_shift, compare
+from harness.compare import Tolerance, Verdict, compare, margin_shift
 from harness.observation import DEFAULT_TOP_K, Observation, Step, observe_greedy, step_from_scores, teacher_force
 
 Scored = tuple[Step, ...]
@@ -172,9 +172,8 @@ def measure(condition: str, names: Sequence[str], reference: Sequence[Scored], o
                 deltas.append(math.inf)
                 continue
             deltas.append(abs(g.logprob - r.logprob))
-            shifts: list[tuple[int, float]] = []
-            _margin_shift(index, r, g, shifts)  # the engine's own measure: reference token vs its runner-up
-            noise.max_gap_shift = max([noise.max_gap_shift] + [shift for _, shift in shifts])
+            shift = margin_shift(r, g)  # the engine's own measure: reference token vs its runner-up
+            noise.max_gap_shift = max(noise.max_gap_shift, shift or 0.0)
             best = g.best[0]
             if best != r.token_id:
                 flips += 1

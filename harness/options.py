@@ -53,7 +53,10 @@ def add_options(parser: pytest.Parser) -> None:
                     help="on a golden mismatch, write what was obtained under DIR (same layout as goldens)")
     group.addoption("--golden-device", default=None, metavar="CLASS|auto",
                     help="where this device class has no goldens, judge against another class's (e.g. cpu; "
-                         "auto: the nearest recorded) with cross-device tolerances; never writes there")
+                         "auto: the nearest recorded) with cross-device tolerances (x3, assumed: not measured "
+                         "yet); never writes there. Under CI it needs --allow-cross-device-in-ci")
+    group.addoption("--allow-cross-device-in-ci", action="store_true", default=False,
+                    help="allow --golden-device when the CI environment variable is set")
     group.addoption("--shard", default=None, metavar="K/N",
                     help="run shard K of N: whole load groups (a variant's items, the model-level items) dealt "
                          "deterministically, so N jobs run every item once and each loads a variant at most once; "
@@ -82,6 +85,14 @@ def options_from_config(config: pytest.Config) -> Options:
             "goldens would pass on any change. Fix: update goldens on your machine and commit the reviewed "
             "diff, or pass --allow-update-in-ci if this job really should write them (CI=false or CI=0 "
             "means not CI)."
+        )
+    if config.getoption("golden_device") and in_ci() and not config.getoption("allow_cross_device_in_ci"):
+        raise pytest.UsageError(
+            f"--golden-device {config.getoption('golden_device')} refused: the CI environment variable is set, and a "
+            "gate that judges one device class against another's goldens uses a cross-device tolerance that is "
+            "assumed (x3), not measured, so it forgives an unknown amount. Fix: record this device class's own "
+            "goldens with --snapshot-update and commit them, or pass --allow-cross-device-in-ci to accept the "
+            "assumed tolerance on purpose."
         )
     reference = config.getoption("reference")
     if reference is not None and update:

@@ -301,6 +301,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if in_ci() and record.unjudged() and not config.option.collectonly and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         record.gate_failed = True
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if record.flips.exceeded() and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED  # flips that together are not noise
     path = config.getoption("harness_report")
     if path and (record.outcomes or record.unjudged()):
         try:
@@ -317,13 +319,14 @@ def _empty_shard(state: HarnessSession, record: SessionRecord, session: pytest.S
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    from harness.report import terminal_summary, unjudged_section
+    from harness.report import budget_section, terminal_summary, unjudged_section
 
     state, record = harness_state(config), config.stash[_RECORD]
     terminal_summary(terminalreporter, state, record)
     if state.options.reference is None:  # reference mode reads nothing under the golden folder
         _golden_folder_summary(terminalreporter, state, record, config, exitstatus)
     unjudged_section(terminalreporter, record, ci=in_ci())
+    budget_section(terminalreporter, record)
     if state.options.shard is not None and record.plan is not None:
         mine = [name for name, group in record.plan["groups"].items() if group["shard"] == state.options.shard.index]
         terminalreporter.write_line(f"harness: shard {state.options.shard}: {len(record.plan['selected'])} of "

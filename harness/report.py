@@ -17,12 +17,14 @@ import pytest
 
 from harness.display import relative_paths, shown_path
 from harness.errors import NOT_JUDGED_PROPERTY
+from harness.flip_budget import FLIPS_PROPERTY, FlipLedger
 from harness.session import HarnessSession
 from harness.threads import summary_line
 from harness.variants import ALL_KEYS, RUN_ORDER
 
 _NODE = re.compile(r"^(?P<file>[^:]+)::(?P<check>[^\[@]+)(\[(?P<variant>[^\]]+)\])?")
-GOLDEN_PROPS = ("harness_golden", "harness_golden_written", NOT_JUDGED_PROPERTY, "harness_note")
+GOLDEN_PROPS = ("harness_golden", "harness_golden_written", NOT_JUDGED_PROPERTY, "harness_note", "harness_forgiven",
+                FLIPS_PROPERTY)
 
 
 @dataclass
@@ -45,7 +47,9 @@ class SessionRecord:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     goldens_used: set[str] = field(default_factory=set)
     goldens_written: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # accepted near-ties, fragile goldens: never silent
+    notes: list[str] = field(default_factory=list)  # fragile goldens, cross-device judgements: never silent
+    forgiven: list[str] = field(default_factory=list)  # accepted near-ties, widened tolerances: counted
+    flips: FlipLedger = field(default_factory=FlipLedger)
     worker_loads: dict[str, dict[str, Any]] = field(default_factory=dict)
     worker_threads: dict[str, dict[str, Any]] = field(default_factory=dict)  # xdist: each worker's CPU threads
     deselected: int = 0
@@ -79,6 +83,10 @@ class SessionRecord:
                     self.goldens_written.append(str(value))
                 elif name == "harness_note":
                     self.notes.append(str(value))
+                elif name == "harness_forgiven":
+                    self.forgiven.append(str(value))
+                elif name == FLIPS_PROPERTY:
+                    self.flips.add(report.nodeid, str(value))
         if report.when != "call" and report.passed:
             return
         match = _NODE.match(report.nodeid)
@@ -141,10 +149,39 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
         reporter.write_line(summary_line(worker, threads))
     for note in record.notes:
         reporter.write_line(note)
+    forgiven_section(reporter, record)
     if record.goldens_written:
         reporter.write_line(f"goldens written or updated: {len(record.goldens_written)}")
         for path in sorted(record.goldens_written):
             reporter.write_line(f"  {shown_path(path, state.options.rootdir)}")
+
+
+def forgiveness_counts(record: SessionRecord) -> str:
+    ties = sum(1 for line in record.forgiven if "accepted near-tie" in line)
+    widened = sum(1 for line in record.forgiven if line.startswith("widened tolerance"))
+    return f"{ties} near-tie(s) accepted, {widened} widened tolerance(s)"
+
+
+def forgiven_section(reporter: Any, record: SessionRecord) -> None:
+    """What passing checks forgave, counted: every accepted near-tie and widened tolerance, one line each."""
+    if not record.forgiven and not record.flips.groups:
+        return
+    reporter.write_line(f"forgiven: {forgiveness_counts(record)}")
+    for line in record.forgiven:
+        reporter.write_line(f"  {line}")
+
+
+def budget_section(reporter: Any, record: SessionRecord) -> None:
+    """Groups of goldens whose accepted near-ties together exceed what their recorded noise explains."""
+    lines = record.flips.exceeded()
+    if not lines:
+        return
+    reporter.write_sep("=", f"harness: near-tie budget exceeded in {len(lines)} group(s) - this run fails",
+                       red=True, bold=True)
+    reporter.write_line("Each near-tie was within its golden's noise; together they are more flips than that noise "
+                        "explains, as a decoding or numerics change that flips close calls would make.")
+    for line in lines:
+        reporter.write_line(f"  {line}")
 
 
 def unjudged_section(reporter: Any, record: SessionRecord, *, ci: bool) -> None:
@@ -259,8 +296,14 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     lines += _matrix(record)
     lines += _unjudged(record)
     lines += _figures(record)
+    if record.forgiven or record.flips.groups:
+        lines += [f"## Forgiven: {forgiveness_counts(record)}", "", *[f"- {line}" for line in record.forgiven], ""]
+    budget = record.flips.exceeded()
+    if budget:
+        lines += ["## Near-tie budget exceeded (this run failed because of it)", "", *[f"- {line}" for line in budget],
+                  ""]
     if record.notes:
-        lines += ["## Judged up to noise", "", *[f"- {note}" for note in record.notes], ""]
+        lines += ["## Notes", "", *[f"- {note}" for note in record.notes], ""]
     lines += _failures(record)
     lines += appendix or []
     return "\n".join(lines).rstrip() + "\n"

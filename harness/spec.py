@@ -15,6 +15,7 @@ from typing import Any
 from harness.checks import Check, get_check, known_kinds
 from harness.errors import SuiteError
 from harness.names import MAX_NAME_LENGTH, name_problem, safe_name
+from harness.tolerance import ToleranceSpec
 from harness.validation import validate
 from harness.variants import ALL_KEYS
 from harness.yamlload import YamlList, YamlMap, load_yaml
@@ -59,12 +60,13 @@ def load_suite(path: Path) -> SuiteSpec:
     if not isinstance(defaults, YamlMap):
         raise SuiteError(path, "'defaults' must be a mapping", line=data.lines.get("defaults"), key="defaults")
     _check_defaults_used(path, defaults)
+    suite_tolerance = _suite_tolerance(path, defaults)
     suite_variants = _suite_variants(path, data)
     entries: list[CheckEntry] = []
     seen: dict[str, tuple[str, int]] = {}
     for index, raw in enumerate(checks):
         line = checks.lines[index]
-        entry = _check_entry(path, index, raw, line, defaults, suite_variants)
+        entry = _check_entry(path, index, raw, line, defaults, suite_variants, suite_tolerance)
         check_id = entry.check.spec.id
         if check_id.casefold() in seen:  # macOS and Windows file systems ignore case: one golden file
             first, first_line = seen[check_id.casefold()]
@@ -107,8 +109,18 @@ def _suite_variants(path: Path, data: YamlMap) -> list[str] | None:
     return list(value)
 
 
-def _check_entry(path: Path, index: int, raw: Any, line: int,
-                 defaults: YamlMap, suite_variants: list[str] | None) -> CheckEntry:
+def _suite_tolerance(path: Path, defaults: YamlMap) -> ToleranceSpec | None:
+    """``defaults: tolerance:``, validated once: it layers under each check's own, field by field."""
+    if "tolerance" not in defaults:
+        return None
+    try:
+        return validate(ToleranceSpec, defaults["tolerance"], path=path, root=defaults, loc=("tolerance",))
+    except SuiteError as err:
+        raise dataclasses.replace(err, key=f"defaults.{err.key}" if err.key else "defaults.tolerance") from None
+
+
+def _check_entry(path: Path, index: int, raw: Any, line: int, defaults: YamlMap,
+                 suite_variants: list[str] | None, suite_tolerance: ToleranceSpec | None = None) -> CheckEntry:
     if not isinstance(raw, YamlMap):
         raise SuiteError(path, "each check is a mapping with at least 'id' and 'kind'", line=line,
                          key=f"checks[{index}]")
@@ -123,7 +135,7 @@ def _check_entry(path: Path, index: int, raw: Any, line: int,
         raise SuiteError(path, f"unknown check kind {kind!r}", line=raw.lines["kind"],
                          key=f"checks[{index}].kind", hint=str(exc.args[0])) from None
     fields = cls.Spec.model_fields
-    merged = YamlMap({k: v for k, v in defaults.items() if k in fields and k not in raw})
+    merged = YamlMap({k: v for k, v in defaults.items() if k in fields and k not in raw and k != "tolerance"})
     merged.update(raw)
     merged.line, merged.lines, merged.raw = raw.line, {**defaults.lines, **raw.lines}, {**defaults.raw, **raw.raw}
     if suite_variants is not None and "variants" not in raw:
@@ -134,6 +146,13 @@ def _check_entry(path: Path, index: int, raw: Any, line: int,
         key = f"checks[{index}]" + (f".{err.key}" if err.key else "")
         raise dataclasses.replace(err, key=key, line=err.line or line) from None
     _check_effective(path, index, raw, cls, spec)
+    if "tolerance" in fields and suite_tolerance is not None:
+        spec._suite_tolerance = suite_tolerance
+        check_line = raw.lines.get("tolerance")
+        spec._tolerance_places = (f"the suite's defaults ({path.name}:{defaults.lines.get('tolerance')})",
+                                  f"the check ({path.name}:{check_line})" if check_line else "the check")
+    elif "tolerance" in fields and raw.lines.get("tolerance"):
+        spec._tolerance_places = ("the suite's defaults", f"the check ({path.name}:{raw.lines['tolerance']})")
     return CheckEntry(check=cls(spec), line=line)
 
 

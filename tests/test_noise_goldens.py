@@ -43,13 +43,13 @@ def swap_top_two(path: Path, step: int) -> tuple[int, int, float]:
 
 
 def test_accepted_near_tie_is_reported_in_summary_and_report(project):
-    capital_suite(project, extra="    tolerance: {tie_gap: 0.5}\n")
+    capital_suite(project, extra="    tolerance: {tie_gap: 0.5, max_margin_shift: 0.5}\n")
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
     chosen, runner_up, gap = swap_top_two(project.golden / GOLDEN, 5)
     assert 0 < gap < 0.5
     result = project.run("--variants", "fp16", "--harness-report", "report.md")
     result.assert_outcomes(passed=1)
-    line = f"accepted near-tie at step 5 of capital?fp16?, gap {gap:.3g}*"
+    line = f"*accepted near-tie at step 5 of capital?fp16?, gap {gap:.3g}*"
     result.stdout.fnmatch_lines([line])
     report = (project.path / "report.md").read_text()
     assert f"- accepted near-tie at step 5 of capital[fp16], gap {gap:.3g}" in report
@@ -79,14 +79,14 @@ def test_near_tie_followed_by_the_golden_path_is_teacher_forced_and_passes(proje
     (project.golden / GOLDEN).parent.mkdir(parents=True)
     (project.golden / GOLDEN).write_text(json.dumps(record, indent=2))
 
-    capital_suite(project, n=10, extra="    tolerance: {tie_gap: 0.5}\n")
+    capital_suite(project, n=10, extra="    tolerance: {tie_gap: 0.5, max_margin_shift: 0.5}\n")
     result = project.run("--variants", "fp16")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["accepted near-tie at step 5 of capital?fp16?, gap *"])
+    result.stdout.fnmatch_lines(["*accepted near-tie at step 5 of capital?fp16?, gap *"])
 
 
 def test_near_tie_whose_remaining_golden_tokens_do_not_fit_fails_with_teacher_forced_evidence(project):
-    capital_suite(project, n=10, extra="    tolerance: {tie_gap: 0.5}\n")
+    capital_suite(project, n=10, extra="    tolerance: {tie_gap: 0.5, max_margin_shift: 0.5}\n")
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
     swap_top_two(project.golden / GOLDEN, 5)  # the tokens after step 5 were generated after the other token
     result = project.run("--variants", "fp16")
@@ -107,7 +107,7 @@ def test_non_tie_divergence_is_rejected_with_log_prob_evidence(project):
         "*greedy output diverges at new token 0: expected * (log p * in the golden), got ' Paris' (id 7042)*"
         "not a near-tie, a real change*",
         "*golden top-5 at new token 0: *",
-        "*tolerance: mean |Δ log p| *, tie gap * for fp16*",
+        "*tolerance: per step |Δ log p| *, margin * for recorded noise x4*",
     ])
 
 
@@ -122,21 +122,22 @@ def test_sub_token_drift_fails_with_identical_ids(project, embedded_model_dir: P
     scale_weight(model_dir, "model.layers.3.mlp.down_proj.weight", 1.2)
     result = project.run("--model", str(model_dir), "--variants", "fp16", "--harness-obtained", "obtained")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*mean |Δ log p| * over 6 steps > tolerance * for fp16: the chosen tokens' "
-                                 "probabilities moved beyond numerical noise*"])
+    result.stdout.fnmatch_lines(["*mean |Δ log p| * over 6 steps > tolerance * for recorded noise x4: the chosen "
+                                 "tokens' probabilities moved beyond numerical noise*"])
     assert "diverges" not in result.stdout.str()
     obtained = json.loads((project.path / "obtained/mymodel/cpu/fp16/gen/capital.json").read_text())
     assert obtained["new_token_ids"] == golden["new_token_ids"]
 
 
 def test_fragile_golden_is_reported_when_recorded(project):
-    capital_suite(project, extra="    tolerance: {tie_gap: 0.3}\n")
-    result = project.run("--variants", "fp16", "--snapshot-update", "--harness-report", "report.md")
+    project.suite("gen", CAPITAL.format(n=6, extra="").replace('"The capital of France is"',
+                                                                '"Three primary colours are red,"'))
+    result = project.run("--variants", "nf4", "--snapshot-update", "--harness-report", "report.md")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["fragile golden capital?fp16?: its recorded path has near-ties that noise can "
-                                 "flip at step 5 (gap 0.211); consider a shorter max_new_tokens or another prompt"])
-    assert "- fragile golden capital[fp16]: " in (project.path / "report.md").read_text()
-    plain = project.run("--variants", "fp16")  # only reported when recorded
+    result.stdout.fnmatch_lines(["fragile golden capital?nf4?: at * step(s) its margin is within its own recorded "
+                                 "noise, where a benign change can flip it (steps *"])
+    assert "- fragile golden capital[nf4]: " in (project.path / "report.md").read_text()
+    plain = project.run("--variants", "nf4")  # only reported when recorded
     assert "fragile golden" not in plain.stdout.str()
 
 
@@ -150,14 +151,16 @@ def test_cross_device_judgement_is_labelled_and_writes_nothing(project):
                                   "--golden-device cuda-sm90*"])
     judged = project.run("--variants", "fp16", "--golden-device", "auto", "--harness-report", "report.md")
     judged.assert_outcomes(passed=1)
-    judged.stdout.fnmatch_lines(["capital?fp16? judged against cuda-sm90 goldens, tolerance *cross-device x3*"])
+    judged.stdout.fnmatch_lines(["capital?fp16? judged against cuda-sm90 goldens, tolerance *cross-device x3 "
+                                 "(assumed, not measured)*"])
     assert "judged against cuda-sm90 goldens" in (project.path / "report.md").read_text()
     assert not (project.golden / "smollm2-135m/cpu").exists()
     # a failure says which goldens judged it
     swap_top_two(project.golden / "smollm2-135m/cuda-sm90/fp16/gen/capital.json", 0)
     failed = project.run("--variants", "fp16", "--golden-device", "cuda-sm90")
     failed.assert_outcomes(failed=1)
-    failed.stdout.fnmatch_lines(["*judged against cuda-sm90 goldens, with cross-device tolerance*",
+    failed.stdout.fnmatch_lines(["*judged against cuda-sm90 goldens, with the cross-device x3 (assumed, not "
+                                 "measured) tolerance*",
                                  "golden (judged against cuda-sm90 goldens): *cuda-sm90/fp16/gen/capital.json"])
     assert not (project.golden / "smollm2-135m/cpu").exists()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
 
 from harness.compare import GOLDEN_SIDES, Sides
 from harness.names import MAX_NAME_LENGTH, check_id_problem
@@ -22,6 +22,8 @@ from harness.variants import ALL_KEYS, VariantSpec
 
 if TYPE_CHECKING:
     import pytest
+
+    from harness.tolerance import NoiseModel
 
     from harness.devices import Device
     from harness.diff.reference import ReferencePair
@@ -45,6 +47,18 @@ class CheckSpec(BaseModel):
     # Registry names (or folder names) of the models this check was written for: an assertion on
     # what one model says ("contains Paris") is not a property of every correct model.
     models: list[str] | None = None
+    # A suite's ``defaults: tolerance:``, layered under the check's own ``tolerance:`` field by field
+    # (set by the suite loader; None where the suite sets none or the kind takes no tolerance).
+    _suite_tolerance: Any = PrivateAttr(default=None)
+    _tolerance_places: tuple[str, str] = PrivateAttr(default=("the suite's defaults", "the check"))
+
+    def noise_model(self) -> NoiseModel:
+        """The built-in tolerances, then the suite's defaults, then the check's own, field by field."""
+        from harness.tolerance import layered
+
+        suite_where, check_where = self._tolerance_places
+        return layered(self._suite_tolerance, getattr(self, "tolerance", None), suite_where=suite_where,
+                       check_where=check_where)
 
     @field_validator("id")
     @classmethod
@@ -128,6 +142,26 @@ class CheckContext:
         """A line for the terminal summary and the report that a passing check must not keep silent
         (an accepted near-tie, a fragile golden, a cross-device judgement)."""
         self.request.node.user_properties.append(("harness_note", self.note_prefix + text))
+
+    def forgive(self, text: str) -> None:
+        """A line for what a passing check forgave (an accepted near-tie, a widened tolerance): counted and
+        listed in the terminal summary and the report, never silent."""
+        self.request.node.user_properties.append(("harness_forgiven", text))
+
+    def forgive_widened(self, tol: Any) -> None:
+        """Each field of a flat tolerance that a suite or check set above the built-in default."""
+        from harness.allowance import widened_defaults
+
+        for line in widened_defaults(tol):
+            self.forgive(f"widened tolerance for {self.subject}: {line}")
+
+    def count_flips(self, flips: int, probabilities: list[float]) -> None:
+        """This golden's accepted flips and its steps' flip probabilities, for the session's near-tie budget
+        over all goldens of this suite and variant (``harness.flip_budget``)."""
+        from harness.flip_budget import flips_property
+
+        group = f"{self.suite}[{self.variant.key}]" if self.variant else self.suite
+        self.request.node.user_properties.append(flips_property(group, flips, probabilities))
 
     @property
     def subject(self) -> str:

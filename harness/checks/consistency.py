@@ -54,10 +54,7 @@ class ConsistencySpec(CheckSpec):
 
 def tolerance_for(ctx: CheckContext, spec: ConsistencySpec) -> Tolerance:
     """The engine's tolerance for this variant, with the check's override applied."""
-    from harness.compare import NoiseModel
-
-    override = spec.tolerance.as_override() if spec.tolerance is not None else None
-    return NoiseModel().overridden(override, where="check").tolerance(ctx.variant.key if ctx.variant else None)
+    return spec.noise_model().tolerance(ctx.variant.key if ctx.variant else None)
 
 
 EXACT_SOURCE = "exact: the two runs must be bit-identical"
@@ -140,7 +137,9 @@ class Findings:
         __tracebackhide__ = True
         ctx.record(worst_mean_abs_dlogp=round(self.worst_mean, 6), worst_max_abs_dlogp=round(self.worst_max, 6))
         for tie in self.ties:
-            ctx.note(f"{ctx.subject}: {tie}")
+            ctx.forgive(f"{ctx.subject}: {tie}")
+        if tol is not None:
+            ctx.forgive_widened(tol)
         if not self.problems:
             return
         judged = f" (tolerance{tol.describe()}: mean {tol.mean_abs_dlogp:g}, step {tol.max_abs_dlogp:g}, " \

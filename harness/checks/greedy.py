@@ -12,8 +12,10 @@ score within tolerance under the model.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -22,13 +24,17 @@ from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import (
     ChatMessages, PromptText, assert_fits_context, describe_token, encode_or_skip, greedy_generate,
 )
-from harness.compare import GOLDEN_SIDES, NoiseModel, Sides, Tolerance, ToleranceSpec, Verdict, compare, render_tokens
+from harness import path_noise
+from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
+from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
+from harness.path_noise import free_run_of, path_scores, processors_act
+from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, NoiseModel, Tolerance, ToleranceSpec
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import meta_path
 from harness.observation import (
-    DEFAULT_TOP_K, Observation, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
+    DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
     teacher_force, to_trace,
 )
 
@@ -52,8 +58,15 @@ class GreedySpec(CheckSpec):
             raise ValueError("give exactly one of 'prompt' (raw text) or 'messages' (chat)")
         return self
 
-    def noise_model(self) -> NoiseModel:
-        return NoiseModel().overridden(self.tolerance.as_override() if self.tolerance else None, where="check")
+    def ignored(self) -> dict[str, str]:
+        if self.match == "exact" and self.tolerance is not None and self._sets_tie_gap():
+            return {"tolerance": "match: exact accepts no flip at all, so a tie_gap cannot take effect; remove "
+                                 "tie_gap, or set `match: noise` to accept near-ties within it"}
+        return {}
+
+    def _sets_tie_gap(self) -> bool:
+        override = self.tolerance.as_override() if self.tolerance is not None else {}
+        return "tie_gap" in override or any(isinstance(v, dict) and "tie_gap" in v for v in override.values())
 
     def judging(self, variant_key: str | None, *, cross_device: bool) -> Tolerance:
         """This check's tolerance; ``match: exact`` accepts no near-tie (log-probs still within noise)."""
@@ -72,46 +85,227 @@ class GreedyCheck(Check[GreedySpec]):
                                     messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template)
         model, tokenizer = ctx.model, ctx.tokenizer
         assert_fits_context(model, len(prompt_ids), self.spec.max_new_tokens, what=self.spec.id)
-        observed = observe_greedy(model, tokenizer, prompt_ids, self.spec.max_new_tokens)
-        actual = golden_record(observed, tokenizer, settings=generation_settings(model),
-                               max_new_tokens=self.spec.max_new_tokens)
-        if ctx.goldens.update:
+        settings = generation_settings(model)
+        run = _Run(ctx=ctx, spec=self.spec, model=model, tokenizer=tokenizer, prompt_ids=list(prompt_ids),
+                   settings=settings, processors_act=processors_act(settings))
+        run.judge_and_record()
+
+
+@dataclass
+class _Run:
+    """One greedy item: score the golden's path (one forward) and decode freely only where needed."""
+
+    ctx: CheckContext
+    spec: GreedySpec
+    model: Any
+    tokenizer: Any
+    prompt_ids: list[int]
+    settings: dict[str, Any]
+    processors_act: bool
+    golden: Observation | None = None  # the golden as peeked before judging (None: missing, unreadable, live record)
+
+    @property
+    def other(self) -> str | None:
+        return self.ctx.goldens.judged_against()
+
+    def free_run(self) -> Observation:
+        return observe_greedy(self.model, self.tokenizer, self.prompt_ids, self.spec.max_new_tokens)
+
+    def record(self, observed: Observation) -> dict[str, Any]:
+        return golden_record(observed, self.tokenizer, settings=self.settings, max_new_tokens=self.spec.max_new_tokens)
+
+    def judge_and_record(self) -> None:
+        __tracebackhide__ = True
+        ctx, path = self.ctx, self.ctx.golden_path()
+        golden_data = ctx.goldens.peek(path)
+        golden = _parsed(golden_data)
+        update = ctx.goldens.update
+        noise, noise_note = (None, "")
+        if golden is not None and update:  # this machine's noise around the golden's own path
+            noise = self.measure(Observation(tuple(self.prompt_ids), teacher_force(
+                self.model, self.prompt_ids, golden.token_ids, tokenizer=self.tokenizer), golden.stop))
+        elif golden is not None:
+            noise, noise_note = recorded_path_noise(ctx.goldens.sidecar_of(path), len(golden.steps))
+        self.golden = golden
+        judgement, observed = None, None
+        scored = self.scored_path(golden)
+        if scored is not None:  # the golden's path in one pass: judged without decoding where it passes
+            observed = free_run_of(scored, golden, self.prompt_ids)  # type: ignore[arg-type]
+            judgement = self.judgement(noise, observed, rescore=lambda _ids: scored)
+        if judgement is None or not judgement.judge(golden_data, self.record(observed)):  # type: ignore[arg-type]
+            observed = self.free_run()  # decode step by step: the verdict and its evidence come from the real run
+            judgement = self.judgement(noise, observed)
+        actual = self.record(observed)
+        sidecar, recorded = None, None
+        if update:
             refuse_nonfinite(observed, ctx.subject)
-        other = ctx.goldens.judged_against()
-        key = ctx.variant.key if ctx.variant else None
-        rule = fingerprint_noise(ctx.variant.quant if ctx.variant else "fp16", dtype=compute_dtype(model),
-                                 cross_device=other is not None)
-        golden = ctx.goldens.reference(ctx.golden_path())
+            kept = golden_data is not None and judgement.judge(golden_data, actual)
+            recorded = golden if kept else observed
+            if not kept:
+                if golden_data is not None:
+                    ctx.note(f"{ctx.subject} re-recorded: " + _first_line(judgement.explain(golden_data, actual)))
+                noise = self.measure(observed, repeat=self.second_recording(observed))
+            sidecar = {**sidecar_fingerprint(meta_path(path), self.model, self.prompt_ids, rule=self.rule()),
+                       "path_noise": noise.to_json()}
+        ctx.assert_golden(actual, judgement.explain, judge=judgement.judge, sidecar=sidecar)
+        self.notes(judgement, noise_note, recorded=recorded, noise=noise)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def scored_path(self, golden: Observation | None) -> tuple[Step, ...] | None:
+        """The model's scores of the golden's whole path in one pass (None: nothing to score)."""
+        if golden is None or not golden.steps or len(golden.steps) > self.spec.max_new_tokens:
+            return None
+        steps = path_scores(self.model, self.tokenizer, self.prompt_ids, golden.token_ids,
+                            processors_act=self.processors_act)
+        return tuple(steps) if len(steps) == len(golden.steps) and all(s.finite for s in steps) else None
+
+    def judgement(self, noise: PathNoise | None, observed: Observation,
+                  rescore: Callable[[list[int]], tuple[Step, ...]] | None = None) -> GoldenJudgement:
+        ctx, model, tokenizer, prompt_ids = self.ctx, self.model, self.tokenizer, self.prompt_ids
         sidecar_file = ctx.goldens.sidecar_of(ctx.golden_path())  # None: a live reference, no recording
-        judgement = GoldenJudgement(
-            observed=observed, tokenizer=tokenizer, tol=self.spec.judging(key, cross_device=other is not None),
-            rescore=lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer), judged_against=other,
-            golden=golden, update=ctx.goldens.update, sides=ctx.sides,
+        other, rule = self.other, self.rule()
+        return GoldenJudgement(
+            observed=observed, tokenizer=tokenizer, tol=self.allowance(noise),
+            rescore=rescore or (lambda ids: teacher_force(model, prompt_ids, ids, tokenizer=tokenizer)),
+            judged_against=other,
+            golden=ctx.goldens.reference(ctx.golden_path()), update=ctx.goldens.update, sides=ctx.sides,
+            recorded_environment=noise.environment if noise is not None else None,
+            environment=path_noise.environment(model),
             localize=None if sidecar_file is None else
             lambda: sidecar_localization(sidecar_file, model, prompt_ids, rule=rule,
                                           caveat=f", recorded on {other}" if other else ""),
         )
-        sidecar = sidecar_fingerprint(meta_path(ctx.golden_path()), model, prompt_ids, rule=rule) \
-            if ctx.goldens.update else None
-        ctx.assert_golden(actual, judgement.explain, judge=judgement.judge, sidecar=sidecar)
+
+    def allowance(self, noise: PathNoise | None) -> Tolerance | Allowance:
+        """The golden's recorded noise where it has one; the flat tolerance otherwise."""
+        key = self.ctx.variant.key if self.ctx.variant else None
+        cross = self.other is not None
+        flat = self.spec.judging(key, cross_device=cross)
+        if noise is None:
+            return flat
+        chosen = [step.logprob for step in self.golden.steps] if self.golden is not None else None
+        return recorded_allowance(noise, chosen_logprobs=chosen, overrides=flat if flat.where else None,
+                                  exact=self.spec.match == "exact",
+                                  scale=CROSS_DEVICE_FACTOR if cross else 1.0,
+                                  scale_label=CROSS_DEVICE_LABEL if cross else "")
+
+    def rule(self) -> Any:
+        quant = self.ctx.variant.quant if self.ctx.variant else "fp16"
+        return fingerprint_noise(quant, dtype=compute_dtype(self.model), cross_device=self.other is not None)
+
+    def measure(self, recorded: Observation, *, repeat: Observation | None = None) -> PathNoise:
+        return path_noise.measure(
+            self.model, self.tokenizer, self.prompt_ids, recorded, processors_act=self.processors_act, repeat=repeat,
+            environment=path_noise.environment(self.model))
+
+    def second_recording(self, first: Observation) -> Observation:
+        """A new golden is recorded twice: a path this machine does not reproduce is never written."""
+        __tracebackhide__ = True
+        again = self.free_run()
+        if again.token_ids != first.token_ids:
+            at = next((i for i, (a, b) in enumerate(zip(first.token_ids, again.token_ids)) if a != b),
+                      min(len(first.token_ids), len(again.token_ids)))
+            raise CheckFailure(
+                f"{self.ctx.subject}: not recorded, the model is not reproducible on this machine: recorded twice, "
+                f"the greedy output differs from new token {at} on (nondeterministic kernels, or a model that "
+                "samples). A golden that its own machine cannot reproduce would fail at random. Fix: make decoding "
+                "deterministic (on CUDA: torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG), then record "
+                "again.")
+        return again
+
+    def notes(self, judgement: GoldenJudgement, noise_note: str, *, recorded: Observation | None,
+              noise: PathNoise | None) -> None:
+        """Never silent: what was forgiven, what is fragile, what was judged against what."""
+        ctx, other = self.ctx, self.other
         label = f" (judged against {other} goldens)" if other else ""
         if other:
             ctx.note(f"{ctx.subject} judged against {other} goldens, tolerance {describe(judgement.tol)}")
-        if judgement.verdict is not None:
+        if noise_note:
+            ctx.note(f"{ctx.subject}: {noise_note}")
+        steps = len(judgement.expected.steps) if judgement.expected is not None else self.spec.max_new_tokens
+        for line in as_allowance(judgement.tol, steps).widened:
+            ctx.forgive(f"widened tolerance for {ctx.subject}: {line}")
+        if judgement.passed and judgement.verdict is not None and judgement.expected is not None:
             for tie in judgement.verdict.accepted_ties:
-                ctx.note(render_tokens(tie.describe(ctx.subject, ctx.sides), tokenizer) + label)
-        if ctx.goldens.update:
-            recorded = judgement.expected if judgement.passed and judgement.expected else observed
-            fragile = near_ties(recorded, self.spec.noise_model().tolerance(key).tie_gap)
+                ctx.forgive(render_tokens(tie.describe(ctx.subject, ctx.sides), self.tokenizer) + label)
+            allowance = as_allowance(judgement.tol, len(judgement.expected.steps))
+            ctx.count_flips(len(judgement.verdict.accepted_ties),
+                            allowance.flip_probabilities([top2_margin(s) for s in judgement.expected.steps]))
+        if recorded is not None and noise is not None:  # an update: what the golden now carries
+            repeat = noise.flips.get("a second recording")
+            if "a second recording" in noise.conditions:
+                ctx.note(f"{ctx.subject}: recorded twice, the log-probabilities differed (kept in its noise record)"
+                         + (f"; the second recording preferred other tokens at steps {list(repeat)}" if repeat else ""))
+            fragile = fragile_steps(recorded, noise)
             if fragile:
-                where = ", ".join(f"step {s} (gap {g:.3g})" for s, g in fragile)
-                ctx.note(f"fragile golden {ctx.subject}: its recorded path has near-ties that noise can flip "
-                         f"at {where}; consider a shorter max_new_tokens or another prompt")
+                ctx.note(f"fragile golden {ctx.subject}: at {len(fragile)} step(s) its margin is within its own "
+                         f"recorded noise, where a benign change can flip it (steps {', '.join(map(str, fragile))}); "
+                         "flips there are accepted within a budget. A shorter max_new_tokens or another prompt "
+                         "judges more strictly")
 
 
-def describe(tol: Tolerance) -> str:
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "the golden differs")
+
+
+def fragile_steps(golden: Observation, noise: PathNoise) -> list[int]:
+    """Steps whose recorded margin is within the margin allowance its noise gives."""
+    allowance = recorded_allowance(noise, chosen_logprobs=[s.logprob for s in golden.steps[: len(noise)]])
+    return [i for i, step in enumerate(golden.steps[: len(noise)]) if top2_margin(step) < allowance.margin_bound(i)]
+
+
+def _parsed(data: Any) -> Observation | None:
+    """A golden's observation where this version reads it; None lets the store name what is wrong."""
+    if data is None:
+        return None
+    try:
+        return parse_golden(data)
+    except GoldenFormatError:
+        return None
+
+
+def recorded_path_noise(sidecar: Path | None, steps: int) -> tuple[PathNoise | None, str]:
+    """The noise record a golden's sidecar holds, or None with a note saying why it is judged with the defaults."""
+    if sidecar is None:
+        return None, ""  # a live reference: nothing was recorded
+    fallback = "judged with the built-in defaults"
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"no sidecar, so no recorded noise: {fallback}; re-record with --snapshot-update"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"its sidecar does not parse ({type(exc).__name__}), so no recorded noise: {fallback}"
+    record = meta.get("path_noise") if isinstance(meta, dict) else None
+    if record is None:
+        return None, (f"its sidecar has no noise record (recorded before goldens carried their noise): {fallback}; "
+                      "re-record with --snapshot-update to judge it against its own noise")
+    try:
+        noise = PathNoise.from_json(record)
+    except NoiseRecordError as exc:
+        return None, f"its noise record cannot be read ({exc}): {fallback}; re-record with --snapshot-update"
+    if len(noise) != steps:
+        return None, (f"its noise record has {len(noise)} steps and the golden {steps} (the golden was replaced "
+                      f"without its sidecar?): {fallback}; re-record with --snapshot-update")
+    return noise, ""
+
+
+def describe(tol: Tolerance | Allowance) -> str:
+    if isinstance(tol, Allowance):
+        steps, margins = tol.step, tol.margin
+        return (f"per step |Δ log p| {min(steps):.3g}-{max(steps):.3g}, margin {min(margins):.3g}-{max(margins):.3g}"
+                f"{tol.describe()}")
     return (f"mean |Δ log p| {tol.mean_abs_dlogp:g}, per step {tol.max_abs_dlogp:g}, tie gap {tol.tie_gap:g}"
             f"{tol.describe()}")
+
+
+def environment_changes(recorded: Any, current: Any) -> list[str]:
+    """Where the golden's noise was measured vs this run: the numerics' context, shown on failure."""
+    if not isinstance(recorded, dict) or not isinstance(current, dict):
+        return []
+    changed = [f"{k} {recorded.get(k)} -> {current.get(k)}" for k in sorted(set(recorded) | set(current))
+               if recorded.get(k) != current.get(k)]
+    return [f"  numerics: recorded with {', '.join(changed)} (within the recorded noise only where the change is benign)"] \
+        if changed else []
 
 
 def refuse_nonfinite(observed: Observation, subject: str) -> None:
@@ -193,33 +387,43 @@ def parse_golden(data: Any) -> Observation:
 
 @dataclass
 class GoldenJudgement:
-    """Judges a greedy golden once and explains the verdict (the teacher forcing runs once)."""
+    """Judges a greedy golden and explains the verdict (once per golden: the store asks again)."""
 
     observed: Observation
     tokenizer: Any
-    tol: Tolerance
+    tol: Tolerance | Allowance
     rescore: Any
     judged_against: str | None = None
     golden: Any = None  # the golden file read (named in a format error)
     update: bool = False
     sides: Sides = GOLDEN_SIDES  # how messages name the two runs (reference mode: OLD and NEW)
     localize: Callable[[], str] | None = None  # one line: where the model first changed (computed on failure only)
+    recorded_environment: Any = None  # where the golden's noise was measured (kernel, ISA, threads, dtypes)
+    environment: Any = None  # the same for this run
     expected: Observation | None = None
     verdict: Verdict | None = None
     problem: str | None = None
     passed: bool = False
     changes: list[str] = field(default_factory=list)
+    _judged: tuple[str, tuple[int, ...]] | None = None
 
     def judge(self, expected: Any, actual: dict[str, Any]) -> bool:
+        key = (json.dumps(expected, sort_keys=True, default=str), tuple(actual.get("new_token_ids", ())))
+        if self._judged == key:
+            return self.passed
+        self._judged = key
+        self.verdict, self.problem, self.changes = None, None, []
         try:
             self.expected = parse_golden(expected)
         except OtherFormat as exc:
             if self.golden is not None and not self.update:
                 raise GoldenError(f"Golden file {self.golden} cannot be judged: {exc}.") from None
             self.problem = str(exc)
+            self.passed = False
             return False
         except GoldenFormatError as exc:
             self.problem = str(exc)
+            self.passed = False
             return False
         self.changes = [f"{k}: {self.sides.expected_short} {expected.get(k)}, {self.sides.actual_short} {actual[k]}"
                         for k in ("prompt_tokens", "max_new_tokens") if expected.get(k) != actual[k]]
@@ -246,10 +450,11 @@ class GoldenJudgement:
                 lines.append("(the log-probabilities agree within noise)")
             else:
                 lines.append(f"tolerance: {describe(self.tol)}")
+                lines += environment_changes(self.recorded_environment, self.environment)
             if self.localize is not None:
                 lines.append(self.localize())
         if self.judged_against:
-            lines.append(f"judged against {self.judged_against} goldens, with cross-device tolerance")
+            lines.append(f"judged against {self.judged_against} goldens, with the {CROSS_DEVICE_LABEL} tolerance")
         lines += text_diff(str(expected.get("text", "")), actual["text"])
         return "\n".join(line for line in lines if line)
 

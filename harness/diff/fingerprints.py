@@ -95,7 +95,7 @@ class NoiseRule:
 
     def threshold(self, recorded: float | None) -> tuple[float, str]:
         """(threshold, why) for a module whose recorded noise is ``recorded`` (None: none recorded)."""
-        cross = f", x{CROSS_DEVICE_FACTOR:g} cross-device" if self.cross_device else ""
+        cross = f", x{CROSS_DEVICE_FACTOR:g} cross-device (assumed, not measured)" if self.cross_device else ""
         if recorded is None:
             return self.constant, f"the {self.quantization} constant, no noise recorded{cross}"
         scaled = self.factor * recorded * self.scale

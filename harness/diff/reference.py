@@ -55,6 +55,9 @@ class _LiveStore:
     def sidecar_of(self, path: Path) -> Path | None:
         return None  # a live record has no sidecar: nothing recorded to localize against
 
+    def peek(self, path: Path) -> Any | None:
+        return None
+
 
 @dataclass(kw_only=True)
 class Recorder(_LiveStore):
@@ -75,6 +78,10 @@ class LiveReference(_LiveStore):
     records: dict[Path, Any] = field(default_factory=dict)
     label: str = "NEW vs OLD"
     old: str = "OLD"
+
+    def peek(self, path: Path) -> Any | None:
+        """OLD's live record: NEW scores OLD's path in one pass where it prefers every token of it."""
+        return self.records.get(path)
 
     def assert_matches(self, path: Path, actual: Any, *, explain: Callable[[Any, Any], str],
                        judge: Callable[[Any, Any], bool] | None = None, **_: Any) -> None:

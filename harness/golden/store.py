@@ -75,6 +75,17 @@ class GoldenStore:
         """The sidecar a comparison of ``path`` reads recorded extras from (a fingerprint)."""
         return meta_path(self.reference(path))
 
+    def peek(self, path: Path) -> Any | None:
+        """The data a comparison of ``path`` will read, None where there is none or it cannot be read.
+
+        For a kind that can judge faster when it knows the golden first (greedy scores the
+        golden's own path); ``assert_matches`` still reads it again and names any problem.
+        """
+        try:
+            return self.read(contained(self.root, self.reference(path)))
+        except GoldenError:
+            return None
+
     def path(self, *, suite: str, check_id: str, variant: str | None) -> Path:
         return golden_path(self.root, model=self.model, device_class=self.device_class, variant=variant,
                            suite=suite, check_id=check_id)
