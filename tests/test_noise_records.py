@@ -44,7 +44,7 @@ def test_recording_measures_the_goldens_noise_and_judging_scores_its_path_withou
     project.suite("gen", GEN.format(n=8, extra=""))
     (project.path / "conftest.py").write_text(COUNT_DECODING)
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
-    assert (project.path / "decoded.log").read_text().count("decode") == 2  # recorded twice
+    assert (project.path / "decoded.log").read_text().count("decode") == 1  # CPU: deterministic, recorded once
     noise = sidecar(project)["path_noise"]
     assert len(noise["steps"]) == 8 and noise["version"] == 1
     assert any(c.startswith("attention kernel") for c in noise["conditions"])
@@ -98,6 +98,7 @@ def _flaky(*args, **kwargs):
 
 
 greedy.observe_greedy = _flaky
+greedy._Run.may_vary = lambda self: True  # as on CUDA, where two recordings can differ
 ''')
     result = project.run("--variants", "fp16", "--snapshot-update")
     result.assert_outcomes(failed=1)

@@ -144,7 +144,7 @@ class _Run:
             if not kept:
                 if golden_data is not None:
                     ctx.note(f"{ctx.subject} re-recorded: " + _first_line(judgement.explain(golden_data, actual)))
-                noise = self.measure(observed, repeat=self.second_recording(observed))
+                noise = self.measure(observed, repeat=self.second_recording(observed) if self.may_vary() else None)
             sidecar = {**sidecar_fingerprint(meta_path(path), self.model, self.prompt_ids, rule=self.rule()),
                        "path_noise": noise.to_json()}
         ctx.assert_golden(actual, judgement.explain, judge=judgement.judge, sidecar=sidecar)
@@ -197,6 +197,13 @@ class _Run:
         return path_noise.measure(
             self.model, self.tokenizer, self.prompt_ids, recorded, processors_act=self.processors_act, repeat=repeat,
             environment=path_noise.environment(self.model))
+
+    def may_vary(self) -> bool:
+        """Whether two recordings on this device can differ: CUDA kernels need not be deterministic (atomics,
+        split-K); CPU kernels are, for a fixed thread count, so a second CPU recording repeats the first bit for
+        bit and only costs a decode (another thread count is a benign change, judged against the recorded noise
+        like any other)."""
+        return any(p.device.type != "cpu" for p in self.model.parameters())
 
     def second_recording(self, first: Observation) -> Observation:
         """A new golden is recorded twice: a path this machine does not reproduce is never written."""
