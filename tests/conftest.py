@@ -81,6 +81,18 @@ checks:
 """
 
 
+@pytest.fixture(autouse=True)
+def _plain_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``pytest tests/ -n N`` the runs a test starts are a user's plain runs, not xdist workers.
+
+    xdist's worker variables would be inherited (pytest-benchmark and the harness read them), so they
+    are removed for the test; the worker's share of the cores (``OMP_NUM_THREADS``, which the harness
+    set before torch started) is kept, so the runs do not oversubscribe the CPU either.
+    """
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Project:
     """The repository's registry and fixtures, an empty suites/ and no goldens.
