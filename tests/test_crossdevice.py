@@ -78,7 +78,7 @@ def test_calibrate_refuses_its_own_class_and_a_missing_one(tmp_path: Path) -> No
         name = "m"
 
     cpu = Device("cpu", "cpu", "CPU")
-    args = argparse.Namespace(golden_device="cpu", golden_dir=str(tmp_path))
+    args = argparse.Namespace(golden_device="cpu", golden_dir=str(tmp_path), registry="models.yaml")
     with pytest.raises(ValueError, match="this device's own class"):
         _cross_device(args, Resolved(), cpu)
     args.golden_device = "cuda-sm90"
