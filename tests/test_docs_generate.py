@@ -92,15 +92,15 @@ def test_the_repository_docs_have_the_markers_the_script_fills():
         generate.replace_blocks(text, "failure-example", "x\n", source=doc)
 
 
-def test_a_real_failure_example_on_a_two_token_suite(tmp_path):
-    """The script's failure-example part, end to end on the real model (greedy checks cut to 2 tokens)."""
+def test_a_real_failure_example_on_a_six_token_suite(tmp_path):
+    """The script's failure-example part, end to end on the real model (greedy checks cut to 6 tokens: the regression first moves a step beyond its allowance at step 5)."""
     (tmp_path / "docs").mkdir()
     shutil.copy(REPO / "README.md", tmp_path / "README.md")
     shutil.copy(REPO / "docs" / "gate.md", tmp_path / "docs" / "gate.md")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "docs" / "generate.py"), "--only", "failure-example",
-         "--docs-root", str(tmp_path), "--max-new-tokens", "2"],
+         "--docs-root", str(tmp_path), "--max-new-tokens", "6"],
         capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "generate: failure-example: wrote README.md, docs/gate.md in " in proc.stdout
