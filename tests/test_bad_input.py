@@ -45,7 +45,7 @@ def test_corrupt_golden_names_the_file(recorded, damage):
     result = recorded.run("--variants", "fp16")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
-        f"*Golden file {path} is not valid JSON (line *, column *: *); it was truncated or edited by hand. "
+        f"*Golden file {path.relative_to(recorded.path)} is not valid JSON (line *, column *: *); it was truncated or edited by hand. "
         "Fix: restore it with `git checkout -- *joke.json`*",
     ])
     assert "Traceback" not in result.stdout.str()
@@ -91,10 +91,10 @@ def test_update_killed_mid_write_leaves_the_previous_golden_intact(recorded, kil
     result.stdout.fnmatch_lines([
         "leftover temporary files in the golden folder (1), from an interrupted update: the next "
         "--snapshot-update removes them, or delete them",
-        f"  {path.parent / leftovers[0]}",
+        f"  {(path.parent / leftovers[0]).relative_to(recorded.path)}",
     ])
     if killed_in == "sidecar":
-        result.stdout.fnmatch_lines([f"  {sidecar}: describes another version of its golden*"])
+        result.stdout.fnmatch_lines([f"  {sidecar.relative_to(recorded.path)}: describes another version of its golden*"])
     else:
         assert "cannot be trusted" not in result.stdout.str()
     result = recorded.run("--variants", "fp16", "--snapshot-update")

@@ -218,7 +218,7 @@ def test_example_an_orphan_sidecar_is_removed_by_the_update_its_message_promises
     orphan = project.golden / "smollm2-135m/tokenizer/words/gone.meta.json"
     orphan.write_text("{}")
     result = project.run()
-    result.stdout.fnmatch_lines([f"  {orphan}: its golden file does not exist"])
+    result.stdout.fnmatch_lines([f"  {orphan.relative_to(project.path)}: its golden file does not exist"])
     result = project.run("--snapshot-update")
     result.stdout.fnmatch_lines(["removed 1 sidecars whose golden file does not exist from the golden folder"])
     assert not orphan.exists()

@@ -372,8 +372,8 @@ def test_a_greedy_golden_with_fields_of_the_wrong_type_is_named_not_a_crash(reco
     result = recorded.run("--variants", "fp16")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
-        f"*Golden file {path} does not have the layout this check records: new_token_ids is a JSON str where "
+        f"*Golden file {path.relative_to(recorded.path)} does not have the layout this check records: new_token_ids is a JSON str where "
         "this check records a list. It was edited by hand*",
-        f"  {meta_path(path)}: holds a JSON list, not an object",
+        f"  {meta_path(path).relative_to(recorded.path)}: holds a JSON list, not an object",
     ])
     assert "INTERNALERROR" not in result.stdout.str()

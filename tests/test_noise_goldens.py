@@ -174,7 +174,7 @@ def test_old_format_golden_gives_a_clear_message_then_updates(project):
     path.write_text(json.dumps(old, indent=2, sort_keys=True))
     result = project.run("--variants", "fp16")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([f"*Golden file {path} cannot be judged: this golden was recorded in format 1 by an "
+    result.stdout.fnmatch_lines([f"*Golden file {path.relative_to(project.path)} cannot be judged: this golden was recorded in format 1 by an "
                                  "earlier harness*"
                                  "re-record it with --snapshot-update and review the diff*"])
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
