@@ -95,7 +95,7 @@ REFUSED = {
         ["checks[0].sample.temperature: .inf is not a finite number"]),
     "a tolerance of .inf in defaults": (
         "defaults:\n  tolerance: {tie_gap: .inf}\nchecks:\n  - id: a\n    kind: cache\n",
-        ["bad.yaml:2: checks[0].tolerance.tie_gap: .inf is not a finite number"]),
+        ["bad.yaml:2: defaults.tolerance.tie_gap: .inf is not a finite number"]),
     "example: save_reload with match: exact and a tolerance": (
         "checks:\n  - id: a\n    kind: save_reload\n    tolerance: {max_abs_dlogp: 0.1}\n",
         ["bad.yaml:4: checks[0].tolerance: has no effect: match: exact (the default) requires bit-identical runs"]),
@@ -130,7 +130,7 @@ ACCEPTED = {
     "a tolerance in defaults is fine for save_reload (defaults serve every kind)": (
         "defaults:\n  tolerance: {max_abs_dlogp: 0.2}\nchecks:\n  - {id: a, kind: save_reload}\n"
         "  - {id: b, kind: cache}\n",
-        lambda suite: suite.checks[1].check.spec.tolerance is not None),
+        lambda suite: suite.checks[1].check.spec._suite_tolerance is not None),  # layered under the check's own
     "save_reload match: noise with a tolerance": (
         "checks:\n  - {id: a, kind: save_reload, match: noise, tolerance: {tie_gap: 0.3}}\n",
         lambda suite: suite.checks[0].check.spec.match == "noise"),

@@ -170,7 +170,7 @@ def test_tolerance_override_reaches_the_engine():
                                      "tolerance": {"tie_gap": 0.2, "nf4": {"tie_gap": 0.6, "mean_abs_dlogp": 0.5}}})
     ctx = types.SimpleNamespace(variant=VariantSpec("nf4", True))
     tol = tolerance_for(ctx, spec)  # type: ignore[arg-type]
-    assert (tol.tie_gap, tol.mean_abs_dlogp) == (0.6, 0.5) and "check tolerance" in tol.source
+    assert (tol.tie_gap, tol.mean_abs_dlogp) == (0.6, 0.5) and "set in the check" in tol.source
     ctx.variant = VariantSpec("fp16", False)
     assert tolerance_for(ctx, spec).tie_gap == 0.2  # type: ignore[arg-type]
 

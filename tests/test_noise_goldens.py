@@ -43,7 +43,7 @@ def swap_top_two(path: Path, step: int) -> tuple[int, int, float]:
 
 
 def test_accepted_near_tie_is_reported_in_summary_and_report(project):
-    capital_suite(project, extra="    tolerance: {tie_gap: 0.5, max_margin_shift: 0.5}\n")
+    capital_suite(project, extra="    tolerance: {tie_gap: 0.5, max_margin_shift: 0.5, max_abs_dlogp: 0.5}\n")
     project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
     chosen, runner_up, gap = swap_top_two(project.golden / GOLDEN, 5)
     assert 0 < gap < 0.5
@@ -122,8 +122,8 @@ def test_sub_token_drift_fails_with_identical_ids(project, embedded_model_dir: P
     scale_weight(model_dir, "model.layers.3.mlp.down_proj.weight", 1.2)
     result = project.run("--model", str(model_dir), "--variants", "fp16", "--harness-obtained", "obtained")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*mean |Δ log p| * over 6 steps > tolerance * for recorded noise x4: the chosen "
-                                 "tokens' probabilities moved beyond numerical noise*"])
+    # caught by the log-probs' mean or by the margins under them (a confident token's log-prob hides a move)
+    result.stdout.fnmatch_lines(["*over 6 steps > * for recorded noise x4*"])
     assert "diverges" not in result.stdout.str()
     obtained = json.loads((project.path / "obtained/mymodel/cpu/fp16/gen/capital.json").read_text())
     assert obtained["new_token_ids"] == golden["new_token_ids"]

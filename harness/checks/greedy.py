@@ -415,7 +415,8 @@ class GoldenJudgement:
     _judged: tuple[str, tuple[int, ...]] | None = None
 
     def judge(self, expected: Any, actual: dict[str, Any]) -> bool:
-        key = (json.dumps(expected, sort_keys=True, default=str), tuple(actual.get("new_token_ids", ())))
+        key = (json.dumps(expected, sort_keys=True, default=str), tuple(actual.get("new_token_ids", ())),
+               json.dumps(actual.get("generation"), sort_keys=True, default=str))  # a settings change is judged too
         if self._judged == key:
             return self.passed
         self._judged = key
