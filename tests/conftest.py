@@ -64,6 +64,18 @@ class Project:
         )
 
 
+# Suite ``gen`` with one greedy check, ``capital`` (raw text); ``{n}`` new tokens, ``{extra}`` lines
+# appended to the check (a tolerance, ``match:``): the noise-record and near-tie tests' suite.
+CAPITAL_SUITE = """
+suite: gen
+checks:
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: {n}
+{extra}"""
+
+
 def gen_suite(*, joke: int, capital: int) -> str:
     """Suite ``gen``: ``joke`` (chat, the chicken prompt) and ``capital`` (raw text), greedy."""
     return f"""

@@ -12,16 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from conftest import scale_weight
+from conftest import CAPITAL_SUITE as CAPITAL, scale_weight
 
-CAPITAL = """
-suite: gen
-checks:
-  - id: capital
-    kind: greedy
-    prompt: "The capital of France is"
-    max_new_tokens: {n}
-{extra}"""
 GOLDEN = "smollm2-135m/cpu/fp16/gen/capital.json"
 
 

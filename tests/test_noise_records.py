@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO
+from conftest import CAPITAL_SUITE as GEN, REPO
 
-GEN = """
-suite: gen
-checks:
-  - id: capital
-    kind: greedy
-    prompt: "The capital of France is"
-    max_new_tokens: {n}
-{extra}"""
 GOLDEN = "smollm2-135m/cpu/{variant}/gen/capital.json"
 COUNT_DECODING = '''
 import harness.checks.greedy as greedy
