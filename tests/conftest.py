@@ -99,9 +99,11 @@ def _plain_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
 
     xdist's worker variables would be inherited (pytest-benchmark and the harness read them), so they
     are removed for the test; the worker's share of the cores (``OMP_NUM_THREADS``, which the harness
-    set before torch started) is kept, so the runs do not oversubscribe the CPU either.
+    set before torch started) is kept, so the runs do not oversubscribe the CPU either. CI's own
+    ``CI`` variable is removed too: a run that a test starts is a developer's run unless the test
+    sets ``CI`` itself (the gate's verdicts must not depend on where the harness's tests run).
     """
-    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID", "CI"):
         monkeypatch.delenv(name, raising=False)
 
 
