@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _pytest.pathlib import make_numbered_dir
+
+import forkrun
 
 # pytester restores sys.modules after each test; torch cannot be imported a second time in one
 # process, so the heavy libraries that tests use directly are imported once, up front.
@@ -48,12 +53,41 @@ class Project:
         path.write_text(text, encoding="utf-8")
         return path
 
-    def run(self, *args: str, **kwargs: Any) -> pytest.RunResult:
-        """Run pytest in a subprocess, as a user would, on suites/ unless paths are given."""
+    def run(self, *args: str, subprocess: bool = False, **kwargs: Any) -> pytest.RunResult:
+        """Run pytest in a process of its own, as a user would, on suites/ unless paths are given.
+
+        The process is a fork of a server that has imported torch already (``forkrun``), or a
+        ``python -m pytest`` subprocess where the fork would differ from one: ``subprocess=True``,
+        a ``conftest.py`` in the project (it may act before torch is imported), thread variables
+        other than the server's, or pytester's ``timeout``.
+        """
         paths = [a for prev, a in zip(("",) + args, args)
                  if not a.startswith("-") and not prev.startswith("-") and (self.path / a).exists()]
         argv = ([] if paths else ["suites"]) + ["-p", "no:cacheprovider", f"--rootdir={self.path}", *args]
-        return self.pytester.runpytest_subprocess(*argv, **kwargs)
+        if subprocess or kwargs or (self.path / "conftest.py").exists() or not forkrun.can_fork(dict(os.environ)):
+            return self.pytester.runpytest_subprocess(*argv, **kwargs)
+        return self._forked(argv)
+
+    def _forked(self, argv: list[str]) -> pytest.RunResult:
+        """``runpytest_subprocess`` in a fork: the same arguments, environment and result."""
+        base = make_numbered_dir(root=self.path, prefix="runpytest-", mode=0o700)
+        argv = [f"--basetemp={base}", *argv]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.path), env.get("PYTHONPATH", "")]))
+        out, err = base.parent / f"{base.name}.stdout", base.parent / f"{base.name}.stderr"
+        print("running (forked):", sys.executable, "-m pytest", *argv)
+        start = time.monotonic()
+        code = forkrun.run(argv, cwd=self.path, env=env, stdout=out, stderr=err)
+        duration = time.monotonic() - start
+        outlines = out.read_text(encoding="utf-8", errors="replace").splitlines()
+        errlines = err.read_text(encoding="utf-8", errors="replace").splitlines()
+        print("\n".join(outlines))
+        print("\n".join(errlines), file=sys.stderr)
+        try:
+            ret: int | pytest.ExitCode = pytest.ExitCode(code)
+        except ValueError:
+            ret = code
+        return pytest.RunResult(ret, outlines, errlines, duration)
 
     def goldens(self) -> list[str]:
         """Golden files on disk, relative to golden/, sidecars excluded."""
@@ -91,6 +125,12 @@ checks:
     prompt: "The capital of France is"
     max_new_tokens: {capital}
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _forkserver() -> None:
+    """Started before any test changes the environment (pytester points HOME elsewhere)."""
+    forkrun.start()
 
 
 @pytest.fixture(autouse=True)
