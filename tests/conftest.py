@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,9 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[1]
 # pytester points HOME at a temporary folder; keep the real cache so the model is fetched once.
 os.environ.setdefault("HARNESS_CACHE", str(Path.home() / ".cache" / "llm-behave-harness"))
+
+
+_RECORDED: dict[str, Path] = {}  # Project.record's golden folders, by what they were recorded from
 
 
 @dataclass
@@ -88,6 +93,25 @@ class Project:
         except ValueError:
             ret = code
         return pytest.RunResult(ret, outlines, errlines, duration)
+
+    def record(self, *args: str, passed: int) -> None:
+        """``--snapshot-update`` with ``args`` into an empty golden folder: the goldens a test starts from.
+
+        A precondition, not what the test checks (the recording tests call ``run``): the same
+        recording (suites, registry, conftest.py and arguments alike) runs once per worker and is
+        copied after that.
+        """
+        assert not self.golden.exists(), "record() starts from an empty golden folder"
+        inputs = [self.path / "models.yaml", self.path / "conftest.py", *sorted((self.path / "suites").rglob("*"))]
+        key = hashlib.sha256(repr((args, os.environ.get("CI"), [
+            (str(p.relative_to(self.path)), p.read_bytes()) for p in inputs if p.is_file()
+        ])).encode()).hexdigest()
+        if key not in _RECORDED:
+            self.run(*args, "--snapshot-update").assert_outcomes(passed=passed)
+            _RECORDED[key] = Path(tempfile.mkdtemp(prefix="harness-recorded-")) / "golden"
+            shutil.copytree(self.golden, _RECORDED[key])
+        else:
+            shutil.copytree(_RECORDED[key], self.golden)
 
     def goldens(self) -> list[str]:
         """Golden files on disk, relative to golden/, sidecars excluded."""

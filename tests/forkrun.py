@@ -22,8 +22,7 @@ import sys
 from multiprocessing.context import BaseContext
 from pathlib import Path
 
-PRELOAD = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors.torch", "yaml",
-           "pytest", "xdist", "pytest_benchmark.plugin", "syrupy"]
+PRELOAD = ["forkwarm"]  # what the runs import, then gc.freeze()
 # read by OpenMP/MKL when torch is imported: a fork keeps the server's values, whatever the env says
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -40,9 +39,30 @@ def start() -> None:
     context.set_forkserver_preload(PRELOAD)
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    # Python 3.11's server ignores the sys.path it is sent: PYTHONPATH finds forkwarm (here) and a
+    # failed preload, which the server swallows, is caught by the probe below
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), previous]))
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    probe = context.Process(target=_preloaded)
+    probe.start()
+    probe.join()
+    if probe.exitcode != 0:
+        raise RuntimeError(f"forkrun: the forkserver did not import {PRELOAD} (probe exit {probe.exitcode}); "
+                           "import tests/forkwarm.py by hand to see why")
     _server_threads.update({name: os.environ.get(name) for name in THREAD_VARIABLES})
     _context = context
+
+
+def _preloaded() -> None:
+    """In a fork: exit 0 when the server's preload is there."""
+    os._exit(0 if all(name in sys.modules for name in PRELOAD) else 3)
 
 
 def can_fork(env: dict[str, str]) -> bool:
@@ -75,7 +95,13 @@ def _child(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: 
     try:
         import pytest
 
-        code = int(pytest.main(argv))
+        if os.environ.get("FORKRUN_PROFILE"):
+            import cProfile
+            prof = cProfile.Profile()
+            code = int(prof.runcall(pytest.main, argv))
+            prof.dump_stats(os.environ["FORKRUN_PROFILE"])
+        else:
+            code = int(pytest.main(argv))
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:

@@ -22,7 +22,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture
 def recorded(project):
     project.gen_suite(joke=8, capital=4)
-    project.run("--variants", "fp16,nf4", "--snapshot-update").assert_outcomes(passed=4)
+    project.record("--variants", "fp16,fp16-lora", passed=4)
     return project
 
 
@@ -145,12 +145,12 @@ def test_out_of_memory_in_one_variant_does_not_stop_the_others(recorded):
         "import torch, harness.pool\n"
         "_real = harness.pool.ModelPool._from_pretrained\n"
         "def _load(self, variant):\n"
-        "    if variant.quant == 'fp16':\n"
+        "    if variant.key == 'fp16':\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 MiB')\n"
         "    return _real(self, variant)\n"
         "harness.pool.ModelPool._from_pretrained = _load\n"
     )
-    result = recorded.run("--variants", "fp16,nf4", "-p", "no:randomly")
+    result = recorded.run("--variants", "fp16,fp16-lora", "-p", "no:randomly")
     result.assert_outcomes(passed=2, failed=2)
     result.stdout.fnmatch_lines([
         "*Out of memory while loading 'smollm2-135m' as fp16 on CPU: CUDA out of memory. Tried to allocate 20.00 MiB. "

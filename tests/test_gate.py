@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 def test_green_then_red_report(project):
     project.gen_suite(joke=10, capital=5)
-    project.run("--variants", "fp16,fp16-lora", "--snapshot-update").assert_outcomes(passed=4)
+    project.record("--variants", "fp16,fp16-lora", passed=4)
     green = project.run("--variants", "fp16,fp16-lora", "--harness-report", "report.md",
                         "--junitxml", "junit.xml")
     green.assert_outcomes(passed=4)
@@ -42,7 +42,7 @@ def test_green_then_red_report(project):
 
 def test_unused_goldens_are_reported_on_full_runs_only(project):
     project.gen_suite(joke=10, capital=5)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--variants", "fp16", passed=2)
     stale = project.golden / "smollm2-135m/cpu/fp16/gen/removed-check.json"
     stale.write_text("{}")
     full = project.run("--variants", "fp16")
@@ -61,7 +61,7 @@ def test_adapter_change_is_named_in_the_failure(project, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(project.path / "fixtures/adapters/smollm2-135m-pirate", adapter)
     project.gen_suite(joke=10, capital=5)
-    project.run("--adapter", str(adapter), "--variants", "fp16-lora", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--adapter", str(adapter), "--variants", "fp16-lora", passed=2)
     weights = load_file(adapter / "adapter_model.safetensors")
     save_file({k: (v * 0.3 if "lora_B" in k else v) for k, v in weights.items()}, adapter / "adapter_model.safetensors")
     result = project.run("--adapter", str(adapter), "--variants", "fp16-lora")

@@ -318,7 +318,7 @@ def test_a_damaged_sidecar_is_named_and_the_comparison_still_reported(tmp_path, 
 @pytest.fixture
 def recorded(project):
     project.gen_suite(joke=4, capital=3)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--variants", "fp16", passed=2)
     return project
 
 

@@ -25,7 +25,7 @@ def test_missing_golden_fails_and_writes_nothing(project):
 
 def test_update_then_rerun_passes(project):
     project.gen_suite(joke=12, capital=6)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--variants", "fp16", passed=2)
     assert project.goldens() == [
         "smollm2-135m/cpu/fp16/gen/capital.json",
         "smollm2-135m/cpu/fp16/gen/joke.json",
@@ -48,7 +48,7 @@ def test_update_then_rerun_passes(project):
 
 def test_changed_golden_fails_with_first_divergence_and_diff(project):
     project.gen_suite(joke=12, capital=6)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--variants", "fp16", passed=2)
     path = project.golden / "smollm2-135m/cpu/fp16/gen/capital.json"
     golden = json.loads(path.read_text())
     golden["new_token_ids"][1] = 28  # the token ",", with the log-probs of the recorded "." and ","

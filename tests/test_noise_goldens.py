@@ -36,7 +36,7 @@ def swap_top_two(path: Path, step: int) -> tuple[int, int, float]:
 
 def test_accepted_near_tie_is_reported_in_summary_and_report(project):
     capital_suite(project, extra="    tolerance: {tie_gap: 0.5, max_margin_shift: 0.5, max_abs_dlogp: 0.5}\n")
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     chosen, runner_up, gap = swap_top_two(project.golden / GOLDEN, 5)
     assert 0 < gap < 0.5
     result = project.run("--variants", "fp16", "--harness-report", "report.md")
@@ -79,7 +79,7 @@ def test_near_tie_followed_by_the_golden_path_is_teacher_forced_and_passes(proje
 
 def test_near_tie_whose_remaining_golden_tokens_do_not_fit_fails_with_teacher_forced_evidence(project):
     capital_suite(project, n=10, extra="    tolerance: {tie_gap: 0.5, max_margin_shift: 0.5}\n")
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     swap_top_two(project.golden / GOLDEN, 5)  # the tokens after step 5 were generated after the other token
     result = project.run("--variants", "fp16")
     result.assert_outcomes(failed=1)
@@ -90,7 +90,7 @@ def test_near_tie_whose_remaining_golden_tokens_do_not_fit_fails_with_teacher_fo
 
 def test_non_tie_divergence_is_rejected_with_log_prob_evidence(project):
     capital_suite(project)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     _, _, gap = swap_top_two(project.golden / GOLDEN, 0)
     assert gap > 1.0
     result = project.run("--variants", "fp16")
@@ -135,7 +135,7 @@ def test_fragile_golden_is_reported_when_recorded(project):
 
 def test_cross_device_judgement_is_labelled_and_writes_nothing(project):
     capital_suite(project)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     (project.golden / "smollm2-135m/cpu").rename(project.golden / "smollm2-135m/cuda-sm90")
     missing = project.run("--variants", "fp16")
     missing.assert_outcomes(failed=1)
@@ -169,7 +169,7 @@ def test_old_format_golden_gives_a_clear_message_then_updates(project):
     result.stdout.fnmatch_lines([f"*Golden file {path.relative_to(project.path)} cannot be judged: this golden was recorded in format 1 by an "
                                  "earlier harness*"
                                  "re-record it with --snapshot-update and review the diff*"])
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     new = json.loads(path.read_text())
     assert new["format"] == 2 and new["new_token_ids"] == old["new_token_ids"] and len(new["trace"]) == 6
     project.run("--variants", "fp16").assert_outcomes(passed=1)

@@ -35,7 +35,7 @@ def sidecar(project, variant: str = "fp16") -> dict:
 def test_recording_measures_the_goldens_noise_and_judging_scores_its_path_without_decoding(project):
     project.suite("gen", GEN.format(n=8, extra=""))
     (project.path / "conftest.py").write_text(COUNT_DECODING)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     assert (project.path / "decoded.log").read_text().count("decode") == 1  # CPU: deterministic, recorded once
     noise = sidecar(project)["path_noise"]
     assert len(noise["steps"]) == 8 and noise["version"] == 1
@@ -58,7 +58,7 @@ def test_recording_measures_the_goldens_noise_and_judging_scores_its_path_withou
 
 def test_a_golden_without_a_noise_record_is_judged_with_the_defaults_and_says_so(project):
     project.suite("gen", GEN.format(n=4, extra=""))
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     meta_file = (project.golden / GOLDEN.format(variant="fp16")).with_suffix("").with_suffix(".meta.json")
     meta = json.loads(meta_file.read_text())
     del meta["path_noise"]
@@ -102,7 +102,7 @@ greedy._Run.may_vary = lambda self: True  # as on CUDA, where two recordings can
 def test_benign_changes_pass_against_the_recorded_noise(project, monkeypatch):
     """The other attention kernel and one thread at judge time: the recorded noise covers them."""
     project.suite("gen", GEN.format(n=12, extra=""))
-    project.run("--variants", "fp16,nf4", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--variants", "fp16,nf4", passed=2)
     project.run("--variants", "fp16,nf4", "--attn-implementation", "eager").assert_outcomes(passed=2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the run below is a subprocess: it inherits the environment
     project.run("--variants", "fp16,nf4").assert_outcomes(passed=2)
@@ -120,7 +120,7 @@ checks:
     max_new_tokens: 4
     tolerance: {max_abs_dlogp: 1.0}
 """)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     result = project.run("--variants", "fp16", "--harness-report", "report.md")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
@@ -135,7 +135,7 @@ checks:
 
 def test_match_exact_passes_a_bit_identical_rerun(project):
     project.suite("gen", GEN.format(n=10, extra="    match: exact\n"))
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     project.run("--variants", "fp16").assert_outcomes(passed=1)
 
 
@@ -166,7 +166,7 @@ def test_the_decoding_fault_that_flips_close_calls_fails_and_a_tiny_one_passes(p
     prompt: "Three primary colours are red,"
     max_new_tokens: 12
 """))
-    project.run("--variants", "nf4", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--variants", "nf4", passed=2)
     monkeypatch.setenv("HARNESS_FAULT", "swap-top2:0.6")
     broken = project.run("--variants", "nf4", "-p", "harness.faults")
     assert broken.ret == 1, broken.stdout.str()

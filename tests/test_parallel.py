@@ -6,13 +6,6 @@ import hashlib
 import json
 import re
 
-LIST_CHECK = """
-  - id: list
-    kind: greedy
-    prompt: "Three primary colours are red,"
-    max_new_tokens: 4
-"""
-
 
 def _contents(root):
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -20,22 +13,22 @@ def _contents(root):
 
 
 def test_parallel_update_writes_what_a_serial_update_writes_and_loads_once_per_worker(project, tmp_path):
-    project.gen_suite(joke=6, capital=4, extra=LIST_CHECK)
-    serial = project.run("--variants", "fp16,fp16-lora,nf4", "--snapshot-update",
+    project.gen_suite(joke=6, capital=4)
+    serial = project.run("--variants", "fp16,fp16-lora", "--snapshot-update",
                          "--golden-dir", str(tmp_path / "serial"))
-    serial.assert_outcomes(passed=9)
-    parallel = project.run("--variants", "fp16,fp16-lora,nf4", "--snapshot-update", "-n", "2",
+    serial.assert_outcomes(passed=4)
+    parallel = project.run("--variants", "fp16,fp16-lora", "--snapshot-update", "-n", "2",
                            "--dist", "loadgroup", "--golden-dir", str(tmp_path / "parallel"))
-    parallel.assert_outcomes(passed=9)
+    parallel.assert_outcomes(passed=4)
     assert _contents(tmp_path / "parallel") == _contents(tmp_path / "serial")
-    assert len(_contents(tmp_path / "serial")) == 9
+    assert len(_contents(tmp_path / "serial")) == 4
     loads = re.findall(r"^(gw\d): loaded (\S+): (\d+)x", parallel.stdout.str(), re.MULTILINE)
-    assert sorted(key for _, key, _ in loads) == ["fp16", "fp16-lora", "nf4"]
+    assert sorted(key for _, key, _ in loads) == ["fp16", "fp16-lora"]
     assert all(count == "1" for _, _, count in loads)
-    parallel.stdout.fnmatch_lines(["goldens written or updated: 9"])
-    rerun = project.run("--variants", "fp16,fp16-lora,nf4", "-n", "2", "--dist", "loadgroup",
+    parallel.stdout.fnmatch_lines(["goldens written or updated: 4"])
+    rerun = project.run("--variants", "fp16,fp16-lora", "-n", "2", "--dist", "loadgroup",
                         "--golden-dir", str(tmp_path / "parallel"))
-    rerun.assert_outcomes(passed=9)
+    rerun.assert_outcomes(passed=4)
     meta = json.loads(next((tmp_path / "parallel").rglob("*.meta.json")).read_text())
     assert meta["device"] == "cpu"
 

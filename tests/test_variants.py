@@ -15,12 +15,12 @@ checks:
     kind: greedy
     messages:
       - {role: user, content: "Create a funny joke about chickens."}
-    max_new_tokens: 16
+    max_new_tokens: 6
   - id: capital
     kind: greedy
     messages:
       - {role: user, content: "What is the capital of France?"}
-    max_new_tokens: 8
+    max_new_tokens: 4
 """
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +28,9 @@ ADAPTER = REPO / "fixtures" / "adapters" / "smollm2-135m-pirate"
 
 
 def test_each_variant_loads_once_and_the_adapter_changes_the_answers(project):
-    project.suite("gen", SUITE)
+    project.suite("gen", SUITE.split("  - id: capital")[0])  # the joke: where the adapter shows
     result = project.run("--snapshot-update", "-v")
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines([
         "*joke?fp16? PASSED*", "*joke?fp16-lora? PASSED*", "*joke?nf4? PASSED*", "*joke?nf4-lora? PASSED*",
     ])

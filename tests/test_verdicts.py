@@ -112,7 +112,7 @@ checks:
 
 def test_a_variant_with_goldens_that_cannot_load_fails_a_gate_run(project, monkeypatch):
     project.suite("gen", CAPITAL)
-    project.run("--variants", "fp16,nf4", "--snapshot-update").assert_outcomes(passed=2)
+    project.record("--variants", "fp16,nf4", passed=2)
     (project.path / "conftest.py").write_text(NOT_JUDGED)
 
     local = project.run("--variants", "fp16,nf4")
@@ -137,7 +137,7 @@ def test_a_variant_with_goldens_that_cannot_load_fails_a_gate_run(project, monke
 
 def test_a_platform_skip_without_goldens_keeps_a_gate_run_green(project, monkeypatch):
     project.suite("gen", CAPITAL)
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     (project.path / "conftest.py").write_text(NOT_JUDGED)
     monkeypatch.setenv("CI", "1")
     result = project.run("--variants", "fp16,nf4")
@@ -170,7 +170,7 @@ def test_a_check_raising_not_judged_fails_only_a_gate_run(project, monkeypatch, 
 
 def test_a_check_whose_variants_are_not_in_the_session_fails_a_gate_run(project, monkeypatch):
     project.suite("tok", TOKENS.replace("  - id: boom\n    kind: tokenization\n    texts: [\"boom\"]\n", ""))
-    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
+    project.record("--variants", "fp16", passed=1)
     monkeypatch.setenv("CI", "true")
     result = project.run("--variants", "fp16")
     result.assert_outcomes(passed=1)
