@@ -85,7 +85,7 @@ def test_update_adds_fingerprints_to_old_sidecars_without_changing_goldens_and_p
     goldens = {p: p.read_bytes() for p in project.golden.rglob("*.json") if not p.name.endswith(".meta.json")}
     for check in ("capital", "joke"):
         strip_fingerprint(sidecar(project, "smollm2-135m", check))
-    project.record("--variants", "fp16", passed=2)
+    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
     assert {p: p.read_bytes() for p in goldens} == goldens
     assert json.loads(capital.read_text())["fingerprint"] == recorded  # same model: same numbers
 

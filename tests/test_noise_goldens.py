@@ -169,7 +169,7 @@ def test_old_format_golden_gives_a_clear_message_then_updates(project):
     result.stdout.fnmatch_lines([f"*Golden file {path.relative_to(project.path)} cannot be judged: this golden was recorded in format 1 by an "
                                  "earlier harness*"
                                  "re-record it with --snapshot-update and review the diff*"])
-    project.record("--variants", "fp16", passed=1)
+    project.run("--variants", "fp16", "--snapshot-update").assert_outcomes(passed=1)
     new = json.loads(path.read_text())
     assert new["format"] == 2 and new["new_token_ids"] == old["new_token_ids"] and len(new["trace"]) == 6
     project.run("--variants", "fp16").assert_outcomes(passed=1)
