@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.out.write_text(json.dumps({
-            "suite": args.suite, "variants": args.variants, "pairs": pairs, "median_ratio": median,
+            "suite": args.suite, "variants": args.variants, "pairs": pairs, "median_ratio": round(median, 3),
             "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                         "avx512": _has_avx512(),
                         "torch": torch.__version__, "python": platform.python_version()},

@@ -1,0 +1,24 @@
+"""bench/bare_greedy.py reads the greedy checks of a suite as the harness does (defaults filled in)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bare():
+    spec = importlib.util.spec_from_file_location("bare_greedy", REPO / "bench" / "bare_greedy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bare_script_generates_what_the_greedy_checks_of_the_suite_declare():
+    checks = _bare().greedy_checks(REPO / "suites" / "generation.yaml")
+    by_id = {c["id"]: c for c in checks}
+    assert "generation-settings" not in by_id  # a generation_config check decodes nothing
+    assert by_id["chicken-joke"]["max_new_tokens"] == 40
+    assert by_id["system-and-user"]["max_new_tokens"] == 32  # the suite's default
+    assert "messages" in by_id["multi-turn"] and "prompt" in by_id["capital-raw"]
