@@ -10,7 +10,8 @@ with it), without the import.
 The server only imports; it never runs an operator, so a fork starts with a fresh OpenMP pool.
 A run whose thread variables differ from the server's, that installs a ``conftest.py`` (it may
 need to run before torch is imported), or that the test asks for explicitly, takes a real
-subprocess instead (``Project.run(..., subprocess=True)``).
+subprocess instead (``Project.run(..., subprocess=True)``). ``FORKRUN_PROFILE=FILE`` in a run's
+environment writes its cProfile statistics there (where a forked run's time goes).
 """
 
 from __future__ import annotations
