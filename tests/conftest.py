@@ -6,7 +6,6 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HARNESS_CACHE", str(Path.home() / ".cache" / "llm-behave-harness"))
 
 
-_RECORDED: dict[str, Path] = {}  # Project.record's golden folders, by what they were recorded from
-
-
 @dataclass
 class Project:
     """A throwaway project laid out like this repository: registry, suites/, golden/."""
 
     pytester: pytest.Pytester
+    recordings: Path  # Project.record's golden folders, one per worker session, named by their inputs
 
     @property
     def path(self) -> Path:
@@ -69,7 +66,7 @@ class Project:
         paths = [a for prev, a in zip(("",) + args, args)
                  if not a.startswith("-") and not prev.startswith("-") and (self.path / a).exists()]
         argv = ([] if paths else ["suites"]) + ["-p", "no:cacheprovider", f"--rootdir={self.path}", *args]
-        if subprocess or kwargs or (self.path / "conftest.py").exists() or not forkrun.can_fork(dict(os.environ)):
+        if subprocess or kwargs or (self.path / "conftest.py").exists() or not forkrun.can_fork(os.environ):
             return self.pytester.runpytest_subprocess(*argv, **kwargs)
         return self._forked(argv)
 
@@ -106,12 +103,12 @@ class Project:
         key = hashlib.sha256(repr((args, os.environ.get("CI"), [
             (str(p.relative_to(self.path)), p.read_bytes()) for p in inputs if p.is_file()
         ])).encode()).hexdigest()
-        if key not in _RECORDED:
-            self.run(*args, "--snapshot-update").assert_outcomes(passed=passed)
-            _RECORDED[key] = Path(tempfile.mkdtemp(prefix="harness-recorded-")) / "golden"
-            shutil.copytree(self.golden, _RECORDED[key])
+        cached = self.recordings / key
+        if cached.is_dir():
+            shutil.copytree(cached, self.golden)
         else:
-            shutil.copytree(_RECORDED[key], self.golden)
+            self.run(*args, "--snapshot-update").assert_outcomes(passed=passed)
+            shutil.copytree(self.golden, cached)
 
     def goldens(self) -> list[str]:
         """Golden files on disk, relative to golden/, sidecars excluded."""
@@ -151,12 +148,6 @@ checks:
 """
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _forkserver() -> None:
-    """Started before any test changes the environment (pytester points HOME elsewhere)."""
-    forkrun.start()
-
-
 @pytest.fixture(autouse=True)
 def _plain_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under ``pytest tests/ -n N`` the runs a test starts are a user's plain runs, not xdist workers.
@@ -171,8 +162,13 @@ def _plain_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(scope="session")
+def _recordings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("recordings")
+
+
 @pytest.fixture
-def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Project:
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, _recordings: Path) -> Project:
     """The repository's registry and fixtures, an empty suites/ and no goldens.
 
     The runs inside stand for a developer's machine: CI's own ``CI`` variable (which makes
@@ -183,7 +179,7 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Proje
     (pytester.path / "fixtures").symlink_to(REPO / "fixtures")
     (pytester.path / "pytest.ini").write_text("[pytest]\n")
     (pytester.path / "suites").mkdir()
-    return Project(pytester)
+    return Project(pytester, _recordings)
 
 
 @pytest.fixture(scope="session")

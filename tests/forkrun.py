@@ -10,8 +10,7 @@ with it), without the import.
 The server only imports; it never runs an operator, so a fork starts with a fresh OpenMP pool.
 A run whose thread variables differ from the server's, that installs a ``conftest.py`` (it may
 need to run before torch is imported), or that the test asks for explicitly, takes a real
-subprocess instead (``Project.run(..., subprocess=True)``). ``FORKRUN_PROFILE=FILE`` in a run's
-environment writes its cProfile statistics there (where a forked run's time goes).
+subprocess instead (``Project.run(..., subprocess=True)``).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import atexit
 import multiprocessing
 import os
 import sys
+from collections.abc import Mapping
 from multiprocessing.context import BaseContext
 from pathlib import Path
 
@@ -28,37 +28,46 @@ PRELOAD = ["forkwarm"]  # what the runs import, then gc.freeze()
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _context: BaseContext | None = None
-_server_threads: dict[str, str | None] = {}
+# the environment the server starts with: this process's at import, before any test changed it
+# (pytester points HOME elsewhere; monkeypatch sets CI or thread variables)
+_SERVER_ENV = dict(os.environ)
 
 
-def start() -> None:
-    """Start this process's forkserver now (its imports run while the first tests do)."""
+def can_fork(env: Mapping[str, str]) -> bool:
+    """True where a fork of the server behaves as a fresh ``python -m pytest`` with ``env`` would."""
+    return all(env.get(name) == _SERVER_ENV.get(name) for name in THREAD_VARIABLES)
+
+
+def _start() -> BaseContext:
+    """This process's forkserver, started at its first run (a session of unit tests never pays)."""
     global _context
     if _context is not None:
-        return
+        return _context
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     from multiprocessing import forkserver
 
-    # Python 3.11's server ignores the sys.path it is sent: PYTHONPATH finds forkwarm (here) and a
-    # failed preload, which the server swallows, is caught by the probe below
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), previous]))
+    # the server inherits os.environ: _SERVER_ENV for the spawn, plus PYTHONPATH to find forkwarm
+    # (Python 3.11's server ignores the sys.path it is sent, and swallows a failed preload: the
+    # probe below catches that)
+    current = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_SERVER_ENV)
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, _SERVER_ENV.get("PYTHONPATH")]))
     try:
         forkserver.ensure_running()
     finally:
-        if previous is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = previous
+        os.environ.clear()
+        os.environ.update(current)
     probe = context.Process(target=_preloaded)
     probe.start()
     probe.join()
     if probe.exitcode != 0:
         raise RuntimeError(f"forkrun: the forkserver did not import {PRELOAD} (probe exit {probe.exitcode}); "
                            "import tests/forkwarm.py by hand to see why")
-    _server_threads.update({name: os.environ.get(name) for name in THREAD_VARIABLES})
     _context = context
+    return context
 
 
 def _preloaded() -> None:
@@ -66,15 +75,9 @@ def _preloaded() -> None:
     os._exit(0 if all(name in sys.modules for name in PRELOAD) else 3)
 
 
-def can_fork(env: dict[str, str]) -> bool:
-    """True where a fork of the server behaves as a fresh ``python -m pytest`` with ``env`` would."""
-    return _context is not None and all(env.get(name) == _server_threads[name] for name in THREAD_VARIABLES)
-
-
 def run(argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> int:
     """``python -m pytest *argv`` in ``cwd`` with ``env``; its output goes to the two files."""
-    assert _context is not None, "forkrun.start() was not called"
-    process = _context.Process(target=_child, args=(argv, str(cwd), env, str(stdout), str(stderr)))
+    process = _start().Process(target=_child, args=(argv, str(cwd), env, str(stdout), str(stderr)))
     process.start()
     process.join()
     return process.exitcode if process.exitcode is not None else 1
@@ -96,13 +99,7 @@ def _child(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: 
     try:
         import pytest
 
-        if os.environ.get("FORKRUN_PROFILE"):
-            import cProfile
-            prof = cProfile.Profile()
-            code = int(prof.runcall(pytest.main, argv))
-            prof.dump_stats(os.environ["FORKRUN_PROFILE"])
-        else:
-            code = int(pytest.main(argv))
+        code = int(pytest.main(argv))
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
