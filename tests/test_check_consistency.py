@@ -190,3 +190,42 @@ def test_a_mixed_batch_pads_the_prompt_row_at_every_size(length, count):
     rows = others(list(range(100, 130)), length, count, "mixed")
     assert max(len(r) for r in rows) > length
     assert len({len(r) for r in rows}) == count or length < 4  # distinct where lengths allow
+
+
+def _tiny_llama(seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_judge_run_decodes_only_where_the_one_pass_verdict_fails(monkeypatch):
+    """A model that agrees is judged from one forward pass over the reference's path (no decode);
+    another model fails, and its verdict comes from a real decode (random weights: no trained
+    behaviour is under test, only which runs the judgement makes)."""
+    import harness.checks.consistency as consistency
+    from harness.checks.consistency import Prompt, greedy, judge_run
+    from harness.compare import Tolerance, sides
+
+    import types
+
+    model, other = _tiny_llama(0), _tiny_llama(1)
+    tokenizer = types.SimpleNamespace(pad_token_id=2, eos_token_id=2)
+    prompt = Prompt("tiny", [5, 9, 11, 3])
+    reference = greedy(model, tokenizer, prompt, 6)
+    decodes: list[int] = []
+
+    def counting(*args, **kwargs):
+        decodes.append(1)
+        return greedy(*args, **kwargs)
+
+    monkeypatch.setattr(consistency, "greedy", counting)
+    tol = Tolerance(mean_abs_dlogp=0.01, max_abs_dlogp=0.05, tie_gap=0.05, max_margin_shift=0.1)
+    named = sides("first", "second")
+    assert judge_run(reference, model, tokenizer, prompt, 6, tol, sides=named).ok and decodes == []
+    verdict = judge_run(reference, other, tokenizer, prompt, 6, tol, sides=named)
+    assert not verdict.ok and decodes == [1]

@@ -1,7 +1,8 @@
 """``cache``: greedy decoding with the KV cache must behave like recomputing everything each step.
 
 The reference is ``generate(use_cache=False)``: every step runs the whole
-sequence again, so no cache can be wrong. The same prompts are then decoded
+sequence again, so no cache can be wrong (taken from one forward pass over a
+cached run's path where that pass picks the same tokens: ``no_cache_run``). The same prompts are then decoded
 with the default dynamic cache and, where listed, a static (pre-allocated)
 cache; each is judged against the reference by the comparison engine under the
 variant's noise tolerance. A cache that is ignored, stale, mis-positioned (rope
@@ -65,14 +66,17 @@ class CacheCheck(Check[CacheSpec]):
         errors: list[str] = []
         arbiter = Float32Arbiter(model)
         for prompt in encoded_prompts(ctx, self.spec):
-            reference = greedy(model, tokenizer, prompt, self.spec.max_new_tokens, use_cache=False)
+            runs: dict[CacheMode, Observation] = {}
             for cache in self.spec.caches:
                 try:
-                    actual = greedy(model, tokenizer, prompt, self.spec.max_new_tokens, **cache_kwargs(cache))
+                    runs[cache] = greedy(model, tokenizer, prompt, self.spec.max_new_tokens, **cache_kwargs(cache))
                 except Exception as exc:  # noqa: BLE001 - the real error is the verdict's reason
                     errors.append(f"prompt {prompt.label}, {cache} cache: {type(exc).__name__}: "
                                   f"{(str(exc).splitlines() or [''])[0][:300]}")
-                    continue
+            if not runs:
+                continue
+            reference = no_cache_run(model, tokenizer, prompt, self.spec.max_new_tokens, next(iter(runs.values())))
+            for cache, actual in runs.items():
                 named = sides("no-cache", f"{cache}-cache")
                 with cache_default(model, cache):
                     verdict = compare(reference, actual, tol, rescore=rescorer(model, tokenizer, prompt), sides=named)
@@ -96,6 +100,26 @@ class CacheCheck(Check[CacheSpec]):
                 "model does not support is left out with `caches: [dynamic]`; otherwise this is a bug in the "
                 "model's cache handling (or the harness's)"
             )
+
+
+def no_cache_run(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int, cached: Observation) -> Observation:
+    """What ``generate(use_cache=False)`` decodes, from one forward pass where it can be had so.
+
+    A no-cache decoding step is a forward pass over the whole sequence so far, and its scores are
+    the ones a single forward pass over prompt + path gives at that position (another matrix
+    shape, the same sums). So where that pass, along a cached run's path, prefers the same token
+    at every step, recomputing step by step would reproduce the path with these scores; where it
+    prefers another token anywhere (or a logits processor acts), the recompute is decoded for real.
+    """
+    from harness.observation import generation_settings
+    from harness.path_noise import forward_scores, free_run_of, processors_act
+
+    if cached.steps and not processors_act(generation_settings(model)):
+        scored = forward_scores(model, prompt.ids, cached.token_ids).steps
+        run = free_run_of(scored, cached, prompt.ids)
+        if run.token_ids == cached.token_ids and all(step.finite for step in scored):
+            return run
+    return greedy(model, tokenizer, prompt, max_new_tokens, use_cache=False)
 
 
 def cache_kwargs(cache: CacheMode) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, register_check
-from harness.checks.consistency import ConsistencySpec, Findings, encoded_prompts, greedy, rescorer, tolerance_for
+from harness.checks.consistency import ConsistencySpec, Findings, encoded_prompts, greedy, judge_run, tolerance_for
 from harness.errors import CheckFailure
 
 FLASH = "flash_attention_2"
@@ -82,17 +82,18 @@ class KernelsCheck(Check[KernelsSpec]):
                 if reason:
                     skipped[name] = reason
                     continue
-                observed = [greedy(model, tokenizer, p, self.spec.max_new_tokens) for p in prompts]
-                if runs:
-                    reference_name, reference = next(iter(runs.items()))
-                    for prompt, ref, actual in zip(prompts, reference, observed):
-                        from harness.compare import compare, sides
+                if not runs:  # the first implementation decodes; the others are judged against it
+                    runs[name] = [greedy(model, tokenizer, p, self.spec.max_new_tokens) for p in prompts]
+                    continue
+                from harness.compare import sides
 
-                        named = sides(reference_name, name)
-                        findings.add(f"prompt {prompt.label}, {name} vs {reference_name}",
-                                     compare(ref, actual, tol, rescore=rescorer(model, tokenizer, prompt),
-                                             sides=named), named)
-                runs[name] = observed
+                reference_name, reference = next(iter(runs.items()))
+                named = sides(reference_name, name)
+                for prompt, ref in zip(prompts, reference):
+                    findings.add(f"prompt {prompt.label}, {name} vs {reference_name}",
+                                 judge_run(ref, model, tokenizer, prompt, self.spec.max_new_tokens, tol, sides=named),
+                                 named)
+                runs[name] = reference
         finally:
             base.set_attn_implementation(original)
         ctx.record(kernels_compared=list(runs), kernels_unavailable=skipped)

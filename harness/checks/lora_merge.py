@@ -25,8 +25,8 @@ its base with the adapter switched off) each path loses.
 Judged: every path must give finite log-probabilities; the 16-bit path must
 stay within the variant's noise (it is the same function up to rounding, and
 the path to ship); the re-quantizing paths are held to ``nf4_budget`` (mean and
-max |Δ log p| of the unmerged greedy tokens teacher-forced through the merged
-model, and ``max_adapter_lost``, the fraction of the adapter's effect the merge
+max |Δ log p| of the unmerged greedy tokens scored through the merged model, against
+the same tokens scored through the unmerged one, each in one forward pass, and ``max_adapter_lost``, the fraction of the adapter's effect the merge
 may lose). The pool's loaded model is never touched.
 """
 
@@ -40,7 +40,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.checks.base import Check, CheckContext, register_check
-from harness.checks.consistency import ConsistencySpec, Findings, Prompt, encoded_prompts, greedy, rescorer, tolerance_for
+from harness.checks.consistency import (
+    ConsistencySpec, Findings, Prompt, encoded_prompts, greedy, judge_run, tolerance_for,
+)
 from harness.errors import CheckFailure, NotJudged
 from harness.quantized import MERGE_PATH_NAMES, MERGE_PATHS, MergePath, merged
 
@@ -86,7 +88,7 @@ class PathResult:
     """One merge path against the unmerged adapter."""
 
     path: MergePath
-    mean: float  # mean |Δ log p| of the unmerged greedy tokens, teacher-forced through the merged model
+    mean: float  # mean |Δ log p| of the unmerged greedy tokens through the merged model vs the unmerged one
     worst: float
     steps: int
     within_noise: bool  # the engine's verdict on the merged model's own greedy output
@@ -134,17 +136,16 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
 
     def _same_behaviour(self, ctx: CheckContext, merged_model: Any, prompts: list[Prompt], unmerged: list[Any]) -> None:
         __tracebackhide__ = True
-        from harness.compare import compare, sides
+        from harness.compare import sides
 
         named = sides("unmerged", "merged")
         tokenizer = ctx.tokenizer
         tol = tolerance_for(ctx, self.spec)
         findings = Findings(self.spec.id, tokenizer)
         for prompt, reference in zip(prompts, unmerged):
-            actual = greedy(merged_model, tokenizer, prompt, self.spec.max_new_tokens)
             findings.add(f"prompt {prompt.label}, merged vs unmerged adapter",
-                         compare(reference, actual, tol, rescore=rescorer(merged_model, tokenizer, prompt),
-                                 sides=named), named)
+                         judge_run(reference, merged_model, tokenizer, prompt, self.spec.max_new_tokens, tol,
+                                   sides=named), named)
         findings.finish(
             ctx, headline="the merged adapter (merge_and_unload) does not behave like the unmerged one", tol=tol,
             fix="On a 16-bit base a merge only rounds. A larger change means a LoRA delta was lost or "
@@ -156,10 +157,11 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
         """The three merges into an NF4 base, each against the unmerged adapter and the adapter's own effect."""
         __tracebackhide__ = True
         model = ctx.model
-        effect = adapter_effect(model, ctx.tokenizer, prompts, unmerged)
+        base = unmerged_scores(model, ctx.tokenizer, prompts, unmerged)
+        effect = adapter_effect(model, ctx.tokenizer, prompts, unmerged, base=base)
         tol = tolerance_for(ctx, self.spec)
         results = [judge_path(model, ctx.tokenizer, path, prompts, unmerged, tol=tol,
-                              max_new_tokens=self.spec.max_new_tokens) for path in MERGE_PATHS]
+                              max_new_tokens=self.spec.max_new_tokens, base=base) for path in MERGE_PATHS]
         ctx.record(adapter_effect_mean_abs_dlogp=round(effect, 6))
         for r in results:
             ctx.record(**{f"merge_{r.path}_mean_abs_dlogp": round(r.mean, 6),
@@ -211,43 +213,56 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
         return problems
 
 
-def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt], unmerged: list[Any], *,
-               tol: Any, max_new_tokens: int) -> PathResult:
-    """Merge a copy of ``model`` along ``path``; score the unmerged greedy tokens through it and judge its own
-    greedy output against the unmerged one (the engine, the variant's tolerance)."""
-    from harness.compare import compare, sides, teacher_force
+def unmerged_scores(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: list[Any]) -> list[tuple[Any, ...]]:
+    """The unmerged adapter's scores of its own greedy tokens, one forward pass per prompt.
 
+    The merged copies are scored the same way, so a |Δ log p| compares one computation with
+    another and holds no KV-cache rounding of one side only.
+    """
+    from harness.observation import generation_settings
+    from harness.path_noise import path_scores, processors_act
+
+    acts = processors_act(generation_settings(model))
+    return [tuple(path_scores(model, tokenizer, prompt.ids, list(reference.token_ids), processors_act=acts))
+            for prompt, reference in zip(prompts, unmerged)]
+
+
+def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt], unmerged: list[Any], *,
+               tol: Any, max_new_tokens: int, base: list[tuple[Any, ...]] | None = None) -> PathResult:
+    """Merge a copy of ``model`` along ``path``; score the unmerged greedy tokens through it (one forward pass
+    per prompt) against the unmerged scores ``base``, and judge its own greedy run against the unmerged one
+    (the engine, the variant's tolerance; decoded step by step only where the one-pass verdict fails)."""
+    from harness.compare import sides
+
+    base = base if base is not None else unmerged_scores(model, tokenizer, prompts, unmerged)
     merged_model = merged(model, path)
     deltas: list[float] = []
     changes: list[str] = []
     within = True
-    for prompt, reference in zip(prompts, unmerged):
-        forced = teacher_force(merged_model, prompt.ids, list(reference.token_ids), tokenizer=tokenizer)
-        deltas += [abs(r.logprob - f.logprob) for r, f in zip(reference.steps, forced)]
-        if len(forced) < len(reference.steps):
-            changes.append(f"prompt {prompt.label}: the merged model stops after {len(forced)} of "
-                           f"{len(reference.steps)} tokens")
+    for prompt, reference, before, forced in zip(prompts, unmerged, base,
+                                                 unmerged_scores(merged_model, tokenizer, prompts, unmerged)):
+        deltas += [abs(r.logprob - f.logprob) for r, f in zip(before, forced)]
         change = next((i for i, (r, f) in enumerate(zip(reference.steps, forced)) if f.best[0] != r.token_id), None)
         if change is not None:
             got = forced[change].best[0]
             changes.append(f"prompt {prompt.label}: at step {change} the merged model prefers "
                            f"{tokenizer.decode([got])!r} over {tokenizer.decode([reference.token_ids[change]])!r}")
-        actual = greedy(merged_model, tokenizer, prompt, max_new_tokens)
-        within = within and compare(reference, actual, tol, rescore=rescorer(merged_model, tokenizer, prompt),
-                                    sides=sides("unmerged", path)).ok
+        finite = forced if len(forced) == len(reference.steps) and all(f.finite for f in forced) else None
+        within = within and judge_run(reference, merged_model, tokenizer, prompt, max_new_tokens, tol,
+                                      sides=sides("unmerged", path), scored=finite).ok
     del merged_model
     mean = sum(deltas) / len(deltas) if deltas else 0.0
     return PathResult(path=path, mean=mean, worst=max(deltas, default=0.0), steps=len(deltas),
                       within_noise=within, changes=tuple(changes))
 
 
-def adapter_effect(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: list[Any]) -> float:
+def adapter_effect(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: list[Any], *,
+                   base: list[tuple[Any, ...]] | None = None) -> float:
     """Mean |Δ log p| of the unmerged greedy tokens with the adapter switched off: what the adapter does."""
-    from harness.compare import teacher_force
-
+    base = base if base is not None else unmerged_scores(model, tokenizer, prompts, unmerged)
     deltas: list[float] = []
     with model.disable_adapter():
-        for prompt, reference in zip(prompts, unmerged):
-            forced = teacher_force(model, prompt.ids, list(reference.token_ids), tokenizer=tokenizer)
-            deltas += [abs(r.logprob - f.logprob) for r, f in zip(reference.steps, forced)]
+        off = unmerged_scores(model, tokenizer, prompts, unmerged)
+    for before, after in zip(base, off):
+        deltas += [abs(r.logprob - f.logprob) for r, f in zip(before, after)]
     return sum(deltas) / len(deltas) if deltas else 0.0
