@@ -228,6 +228,26 @@ def environment(model: Any) -> dict[str, Any]:
                            "logits_dtype": logits_dtype(model), "attn_implementation": kernel}
     if device.type == "cpu":
         env.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+        kernel_4bit = nf4_cpu_kernel(model)
+        if kernel_4bit:
+            env.update(nf4_cpu_kernel=kernel_4bit)
     else:
         env.update(gpu=torch.cuda.get_device_name(device))
     return env
+
+
+def nf4_cpu_kernel(model: Any) -> str | None:
+    """Which kernel bitsandbytes runs a 4-bit layer with on this CPU (None: the model has no 4-bit layer).
+
+    bitsandbytes 0.50 decides per machine: where the CPU has AVX512-BF16, a 4-bit layer repacks
+    its weights at its first inference forward and every matmul goes through a fused 4-bit
+    kernel; elsewhere each forward dequantizes the weights to bfloat16 and calls torch's matmul.
+    Two kernels, two roundings of the same sums: an NF4 golden recorded on one kind of CPU and
+    judged on the other moves more than the CPU's ISA level alone explains.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and hasattr(module, "weight"):
+            if module.support_avx512bf16_for_cpu:
+                return "fused 4-bit kernel on repacked weights (AVX512-BF16)"
+            return "dequantize to bfloat16 + torch matmul"
+    return None

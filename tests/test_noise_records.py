@@ -184,3 +184,26 @@ def test_the_committed_goldens_carry_their_noise():
         meta = json.loads(meta_file.read_text())
         assert "path_noise" in meta, meta_file
         assert len(meta["path_noise"]["steps"]) == len(data["trace"]), meta_file
+
+
+def test_the_environment_names_the_4bit_kernel_bitsandbytes_picks_on_this_cpu():
+    """bitsandbytes runs NF4 through a fused kernel on AVX512-BF16 CPUs and dequantize + matmul
+    elsewhere: the sidecar says which, and a changed kernel is named when a golden fails."""
+    import torch
+
+    from harness.checks import greedy
+    from harness.path_noise import nf4_cpu_kernel
+
+    class Layer4bit(torch.nn.Linear):
+        def __init__(self, fused: bool) -> None:
+            super().__init__(4, 4)
+            self.support_avx512bf16_for_cpu = fused
+
+    assert nf4_cpu_kernel(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
+    assert "fused" in nf4_cpu_kernel(torch.nn.Sequential(Layer4bit(True)))
+    assert "dequantize" in nf4_cpu_kernel(torch.nn.Sequential(Layer4bit(False)))
+    recorded = {"cpu_capability": "AVX512", "nf4_cpu_kernel": nf4_cpu_kernel(torch.nn.Sequential(Layer4bit(True)))}
+    line = greedy.environment_changes(recorded, {"cpu_capability": "AVX512",
+                                                 "nf4_cpu_kernel": nf4_cpu_kernel(torch.nn.Sequential(Layer4bit(False)))})
+    assert line and "nf4_cpu_kernel fused" in line[0] and "-> dequantize" in line[0]
+    assert "(not recorded)" in greedy.environment_changes({}, {"nf4_cpu_kernel": "x"})[0]

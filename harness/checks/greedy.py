@@ -309,8 +309,8 @@ def environment_changes(recorded: Any, current: Any) -> list[str]:
     """Where the golden's noise was measured vs this run: the numerics' context, shown on failure."""
     if not isinstance(recorded, dict) or not isinstance(current, dict):
         return []
-    changed = [f"{k} {recorded.get(k)} -> {current.get(k)}" for k in sorted(set(recorded) | set(current))
-               if recorded.get(k) != current.get(k)]
+    changed = [f"{k} {recorded.get(k, '(not recorded)')} -> {current.get(k, '(not recorded)')}"
+               for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
     return [f"  numerics: recorded with {', '.join(changed)} (within the recorded noise only where the change is benign)"] \
         if changed else []
 
