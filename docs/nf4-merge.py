@@ -3,7 +3,7 @@
     python docs/nf4-merge.py [--model NAME] [--out docs/nf4-merge.md]
 
 For each adapter variant (fp16-lora, nf4-lora) of the model: the unmerged adapter's greedy
-tokens on a few prompts are teacher-forced through each merged copy (``lora_merge``'s own
+tokens on a few prompts are scored through each merged copy (``lora_merge``'s own
 ``judge_path``) and through the base with the adapter switched off (what the whole adapter
 does). Then, on the NF4 base, why re-quantizing loses the adapter: how many NF4 codes the
 LoRA deltas change, how large a delta is next to an NF4 level gap, and how much of each delta
@@ -86,7 +86,8 @@ def report(model_name: str | None) -> str:
         + ", ".join(f"{k} {v}" for k, v in library_versions().items()) + ").",
         "",
         f"Mean |Δ log p| of the unmerged adapter's greedy tokens ({len(prompts)} prompts x {NEW_TOKENS} tokens), "
-        "teacher-forced through each merged copy, against the unmerged adapter on the same base; \"within "
+        "scored through each merged copy against the same tokens scored through the unmerged adapter, one "
+        "forward pass each; \"within "
         "noise\" is the comparison engine's verdict on the merged copy's own greedy output, under the "
         "variant's tolerance.",
         "",
