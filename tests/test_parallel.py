@@ -93,11 +93,18 @@ def test_thread_shares():
 
 
 def test_apply_keeps_what_the_user_set():
+    import torch
+
     from harness.threads import ThreadShare, apply
 
-    env = {"MKL_NUM_THREADS": "7"}
-    apply(ThreadShare(2, 2, 4), env)
-    assert env == {"MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": "2"}
-    env = {"OMP_NUM_THREADS": "3"}
-    apply(ThreadShare(3, 2, 4, user_set=True), env)
-    assert env == {"OMP_NUM_THREADS": "3"}
+    threads = torch.get_num_threads()  # apply() sets this process's torch threads: the worker's share is restored
+    try:
+        env = {"MKL_NUM_THREADS": "7"}
+        apply(ThreadShare(2, 2, 4), env)
+        assert env == {"MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": "2"}
+        assert torch.get_num_threads() == 2
+        env = {"OMP_NUM_THREADS": "3"}
+        apply(ThreadShare(3, 2, 4, user_set=True), env)
+        assert env == {"OMP_NUM_THREADS": "3"}
+    finally:
+        torch.set_num_threads(threads)
