@@ -1,15 +1,16 @@
 """``cache``: greedy decoding with the KV cache must behave like recomputing everything each step.
 
 The reference is ``generate(use_cache=False)``: every step runs the whole
-sequence again, so no cache can be wrong (taken from one forward pass over a
-cached run's path where that pass picks the same tokens: ``no_cache_run``). The same prompts are then decoded
-with the default dynamic cache and, where listed, a static (pre-allocated)
-cache; each is judged against the reference by the comparison engine under the
-variant's noise tolerance. A cache that is ignored, stale, mis-positioned (rope
-offsets) or mis-masked shows up as a divergence with the log-prob evidence;
-kernels that merely order sums differently stay within noise. After an
-accepted near-tie, the reference's remaining tokens are scored (teacher
-forcing) with the same cache that diverged, dynamic or static.
+sequence again, so no cache can be wrong (its run is read from one forward
+pass along a cached run's path where that pass picks the same tokens:
+``no_cache_run``). The same prompts are decoded with the default dynamic cache
+and, where listed, a static (pre-allocated) cache; each is judged against the
+reference by the comparison engine under the variant's noise tolerance. A
+cache that is ignored, stale, mis-positioned (rope offsets) or mis-masked shows
+up as a divergence with the log-prob evidence; kernels that merely order sums
+differently stay within noise. After an accepted near-tie, the reference's
+remaining tokens are scored (teacher forcing) with the same cache that
+diverged, dynamic or static.
 
 Neither side is assumed right: the no-cache path has been the broken one in
 transformers before. Where a cache and the recompute disagree beyond noise, a

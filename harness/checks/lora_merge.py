@@ -25,8 +25,9 @@ its base with the adapter switched off) each path loses.
 Judged: every path must give finite log-probabilities; the 16-bit path must
 stay within the variant's noise (it is the same function up to rounding, and
 the path to ship); the re-quantizing paths are held to ``nf4_budget`` (mean and
-max |Δ log p| of the unmerged greedy tokens scored through the merged model, against
-the same tokens scored through the unmerged one, each in one forward pass, and ``max_adapter_lost``, the fraction of the adapter's effect the merge
+max |Δ log p| of the unmerged greedy tokens scored through the merged model,
+against the same tokens scored through the unmerged one, each in one forward
+pass, and ``max_adapter_lost``, the fraction of the adapter's effect the merge
 may lose). The pool's loaded model is never touched.
 """
 
@@ -157,7 +158,7 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
         """The three merges into an NF4 base, each against the unmerged adapter and the adapter's own effect."""
         __tracebackhide__ = True
         model = ctx.model
-        base = unmerged_scores(model, ctx.tokenizer, prompts, unmerged)
+        base = scores_along(model, ctx.tokenizer, prompts, unmerged)
         effect = adapter_effect(model, ctx.tokenizer, prompts, unmerged, base=base)
         tol = tolerance_for(ctx, self.spec)
         results = [judge_path(model, ctx.tokenizer, path, prompts, unmerged, tol=tol,
@@ -213,11 +214,11 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
         return problems
 
 
-def unmerged_scores(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: list[Any]) -> list[tuple[Any, ...]]:
-    """The unmerged adapter's scores of its own greedy tokens, one forward pass per prompt.
+def scores_along(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: list[Any]) -> list[tuple[Any, ...]]:
+    """``model``'s scores of the unmerged adapter's greedy tokens, one forward pass per prompt.
 
-    The merged copies are scored the same way, so a |Δ log p| compares one computation with
-    another and holds no KV-cache rounding of one side only.
+    The unmerged adapter, its merged copies and the base without it are all scored this way, so
+    a |Δ log p| compares one computation with another and holds no KV-cache rounding of one side.
     """
     from harness.observation import generation_settings
     from harness.path_noise import path_scores, processors_act
@@ -234,13 +235,13 @@ def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt
     (the engine, the variant's tolerance; decoded step by step only where the one-pass verdict fails)."""
     from harness.compare import sides
 
-    base = base if base is not None else unmerged_scores(model, tokenizer, prompts, unmerged)
+    base = base if base is not None else scores_along(model, tokenizer, prompts, unmerged)
     merged_model = merged(model, path)
     deltas: list[float] = []
     changes: list[str] = []
     within = True
     for prompt, reference, before, forced in zip(prompts, unmerged, base,
-                                                 unmerged_scores(merged_model, tokenizer, prompts, unmerged)):
+                                                 scores_along(merged_model, tokenizer, prompts, unmerged)):
         deltas += [abs(r.logprob - f.logprob) for r, f in zip(before, forced)]
         change = next((i for i, (r, f) in enumerate(zip(reference.steps, forced)) if f.best[0] != r.token_id), None)
         if change is not None:
@@ -259,10 +260,10 @@ def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt
 def adapter_effect(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: list[Any], *,
                    base: list[tuple[Any, ...]] | None = None) -> float:
     """Mean |Δ log p| of the unmerged greedy tokens with the adapter switched off: what the adapter does."""
-    base = base if base is not None else unmerged_scores(model, tokenizer, prompts, unmerged)
+    base = base if base is not None else scores_along(model, tokenizer, prompts, unmerged)
     deltas: list[float] = []
     with model.disable_adapter():
-        off = unmerged_scores(model, tokenizer, prompts, unmerged)
+        off = scores_along(model, tokenizer, prompts, unmerged)
     for before, after in zip(base, off):
         deltas += [abs(r.logprob - f.logprob) for r, f in zip(before, after)]
     return sum(deltas) / len(deltas) if deltas else 0.0
