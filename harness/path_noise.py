@@ -34,7 +34,9 @@ from typing import Any
 
 from harness.allowance import MANTISSA_BITS, PathNoise
 from harness.compare import margin_shift
-from harness.observation import DEFAULT_TOP_K, Observation, Step, step_from_scores, teacher_force
+from harness.observation import (
+    DEFAULT_TOP_K, Observation, Step, generation_settings, step_from_scores, teacher_force,
+)
 
 DITHER_SEED = 1234
 
@@ -77,13 +79,24 @@ def forward_scores(model: Any, prompt_ids: Sequence[int], path: Sequence[int], *
 
 
 def path_scores(model: Any, tokenizer: Any, prompt_ids: Sequence[int], path: Sequence[int], *,
-                processors_act: bool) -> tuple[Step, ...]:
-    """The model's scores of ``path`` as greedy decoding would see them (see the module docstring)."""
+                processors_act: bool | None = None) -> tuple[Step, ...]:
+    """The model's scores of ``path`` as greedy decoding would see them (see the module docstring).
+
+    ``processors_act``: whether a logits processor shapes them; None reads the model's own settings.
+    """
     if not path:
         return ()
+    if processors_act is None:
+        processors_act = processors_act_in(model)
     if processors_act:
         return teacher_force(model, prompt_ids, path, tokenizer=tokenizer)
     return forward_scores(model, prompt_ids, path).steps
+
+
+def standing_for(scored: Sequence[Step], steps: int) -> tuple[Step, ...] | None:
+    """Scores that can stand for a path of ``steps`` steps (one per step, all finite); None: decode instead."""
+    scored = tuple(scored)
+    return scored if len(scored) == steps and all(s.finite for s in scored) else None
 
 
 def free_run_of(scored: tuple[Step, ...], golden: Observation, prompt_ids: Sequence[int]) -> Observation:
@@ -105,6 +118,11 @@ def free_run_of(scored: tuple[Step, ...], golden: Observation, prompt_ids: Seque
 def processors_act(settings: dict[str, Any]) -> bool:
     """Whether a logits processor shapes greedy decoding's scores (anything besides the eos id is set)."""
     return any(name != "eos_token_id" for name in settings)
+
+
+def processors_act_in(model: Any) -> bool:
+    """``processors_act`` for ``model``'s own generation settings."""
+    return processors_act(generation_settings(model))
 
 
 # -- the rounding dither ------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The libraries (torch, transformers with the Llama modules the embedded model needs, peft with its
 bitsandbytes layers) and the harness itself are imported here (not the pytest plugins that load by
-entry point: pytest wants to rewrite their asserts, and warns where they were imported before it), then ``gc.freeze()`` moves them out of the collector's sight: a fork's
+entry point: pytest wants to rewrite their asserts, and warns where they were imported before it),
+then ``gc.freeze()`` moves them out of the collector's sight: a fork's
 ``gc.collect()`` (the pool calls it whenever it frees a variant) then walks its own objects, not
 the millions of imported ones, and does not touch, and so copy, the server's pages.
 Importing runs no operator, so OpenMP's pool is started in each fork, not here.

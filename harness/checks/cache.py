@@ -112,13 +112,12 @@ def no_cache_run(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int
     at every step, recomputing step by step would reproduce the path with these scores; where it
     prefers another token anywhere (or a logits processor acts), the recompute is decoded for real.
     """
-    from harness.observation import generation_settings
-    from harness.path_noise import forward_scores, free_run_of, processors_act
+    from harness.path_noise import forward_scores, free_run_of, processors_act_in, standing_for
 
-    if cached.steps and not processors_act(generation_settings(model)):
-        scored = forward_scores(model, prompt.ids, cached.token_ids).steps
-        run = free_run_of(scored, cached, prompt.ids)
-        if run.token_ids == cached.token_ids and all(step.finite for step in scored):
+    if cached.steps and not processors_act_in(model):
+        scored = standing_for(forward_scores(model, prompt.ids, cached.token_ids).steps, len(cached.steps))
+        run = free_run_of(scored, cached, prompt.ids) if scored is not None else None
+        if run is not None and run.token_ids == cached.token_ids:
             return run
     return greedy(model, tokenizer, prompt, max_new_tokens, use_cache=False)
 

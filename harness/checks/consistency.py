@@ -11,7 +11,7 @@ evidence, which prompt and which pair of runs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -105,18 +105,8 @@ def rescorer(model: Any, tokenizer: Any, prompt: Prompt) -> Callable[[list[int]]
     return lambda ids: teacher_force(model, prompt.ids, ids, tokenizer=tokenizer)
 
 
-def scored_path(model: Any, tokenizer: Any, prompt: Prompt, reference: Observation) -> tuple[Step, ...] | None:
-    """``model``'s scores of ``reference``'s whole path in one pass (None where they cannot stand for it)."""
-    from harness.observation import generation_settings
-    from harness.path_noise import path_scores, processors_act
-
-    scored = tuple(path_scores(model, tokenizer, prompt.ids, reference.token_ids,
-                               processors_act=processors_act(generation_settings(model))))
-    return scored if len(scored) == len(reference.steps) and all(s.finite for s in scored) else None
-
-
 def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int,
-              tol: Tolerance, *, sides: Sides, scored: tuple[Step, ...] | None = None) -> Verdict:
+              tol: Tolerance, *, sides: Sides, scored: Sequence[Step] | None = None, one_pass: bool = True) -> Verdict:
     """``model``'s greedy run judged against ``reference``, decoding only where the one-pass verdict fails.
 
     The reference's path scored in one pass (``scored``, or scored here) gives what free greedy
@@ -125,19 +115,21 @@ def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt
     greedy golden is judged. Agreement of cached decoding with one pass is the ``cache`` kind's
     question. A failing verdict is decided by a real decode, whose evidence the failure shows.
     Each decoded step of an NF4 model dequantizes every layer again, so on CPU this is most of
-    such a check's time.
+    such a check's time. ``one_pass=False`` decodes at once (a bit-for-bit comparison needs the
+    same computation on both sides).
     """
     from harness.compare import compare
-    from harness.path_noise import free_run_of
+    from harness.path_noise import free_run_of, path_scores, standing_for
 
-    if scored is None:
-        scored = scored_path(model, tokenizer, prompt, reference)
-    if scored is not None:
-        one_pass = scored
-        verdict = compare(reference, free_run_of(one_pass, reference, prompt.ids), tol,
-                          rescore=lambda _ids: one_pass, sides=sides)
-        if verdict.ok:
-            return verdict
+    if one_pass:
+        if scored is None:
+            scored = path_scores(model, tokenizer, prompt.ids, reference.token_ids)
+        standing = standing_for(scored, len(reference.steps))
+        if standing is not None:
+            verdict = compare(reference, free_run_of(standing, reference, prompt.ids), tol,
+                              rescore=lambda _ids: standing, sides=sides)
+            if verdict.ok:
+                return verdict
     actual = greedy(model, tokenizer, prompt, max_new_tokens)
     return compare(reference, actual, tol, rescore=rescorer(model, tokenizer, prompt), sides=sides)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -27,14 +27,14 @@ from harness.checks.prompts import (
 from harness import path_noise
 from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
 from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
-from harness.path_noise import free_run_of, path_scores, processors_act
-from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, NoiseModel, Tolerance, ToleranceSpec
+from harness.path_noise import free_run_of, path_scores, processors_act, standing_for
+from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, Tolerance, ToleranceSpec
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import meta_path
 from harness.observation import (
-    DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, near_ties, observe_greedy,
+    DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, observe_greedy,
     teacher_force, to_trace,
 )
 
@@ -155,9 +155,8 @@ class _Run:
         """The model's scores of the golden's whole path in one pass (None: nothing to score)."""
         if golden is None or not golden.steps or len(golden.steps) > self.spec.max_new_tokens:
             return None
-        steps = path_scores(self.model, self.tokenizer, self.prompt_ids, golden.token_ids,
-                            processors_act=self.processors_act)
-        return tuple(steps) if len(steps) == len(golden.steps) and all(s.finite for s in steps) else None
+        return standing_for(path_scores(self.model, self.tokenizer, self.prompt_ids, golden.token_ids,
+                                        processors_act=self.processors_act), len(golden.steps))
 
     def judgement(self, noise: PathNoise | None, observed: Observation,
                   rescore: Callable[[list[int]], tuple[Step, ...]] | None = None) -> GoldenJudgement:

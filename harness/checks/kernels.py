@@ -75,34 +75,34 @@ class KernelsCheck(Check[KernelsSpec]):
         findings = Findings(self.spec.id, tokenizer)
         prompts = encoded_prompts(ctx, self.spec)
         skipped: dict[str, str] = {}
-        runs: dict[str, list[Any]] = {}
+        compared: list[str] = []  # the first one ran decodes; each later one is judged against it
+        reference: list[Any] = []
         try:
             for name in self.spec.implementations:
                 reason = unavailable_reason(name, ctx) or self._switch(base, name)
                 if reason:
                     skipped[name] = reason
                     continue
-                if not runs:  # the first implementation decodes; the others are judged against it
-                    runs[name] = [greedy(model, tokenizer, p, self.spec.max_new_tokens) for p in prompts]
-                    continue
-                from harness.compare import sides
+                if not compared:
+                    reference = [greedy(model, tokenizer, p, self.spec.max_new_tokens) for p in prompts]
+                else:
+                    from harness.compare import sides
 
-                reference_name, reference = next(iter(runs.items()))
-                named = sides(reference_name, name)
-                for prompt, ref in zip(prompts, reference):
-                    findings.add(f"prompt {prompt.label}, {name} vs {reference_name}",
-                                 judge_run(ref, model, tokenizer, prompt, self.spec.max_new_tokens, tol, sides=named),
-                                 named)
-                runs[name] = reference
+                    named = sides(compared[0], name)
+                    for prompt, ref in zip(prompts, reference):
+                        findings.add(f"prompt {prompt.label}, {name} vs {compared[0]}",
+                                     judge_run(ref, model, tokenizer, prompt, self.spec.max_new_tokens, tol,
+                                               sides=named), named)
+                compared.append(name)
         finally:
             base.set_attn_implementation(original)
-        ctx.record(kernels_compared=list(runs), kernels_unavailable=skipped)
+        ctx.record(kernels_compared=compared, kernels_unavailable=skipped)
         required = {n: r for n, r in skipped.items() if n in self.spec.require}
-        if required or len(runs) < 2:
+        if required or len(compared) < 2:
             raise CheckFailure(
                 f"{self.spec.id}: " + (
                     "required attention implementation(s) unavailable: " if required else
-                    f"only {list(runs) or 'no'} implementation(s) could run, so nothing was compared: ")
+                    f"only {compared or 'no'} implementation(s) could run, so nothing was compared: ")
                 + "; ".join(f"{n}: {r}" for n, r in (required or skipped).items())
                 + ". Fix: install the kernel, or list implementations this model and device support."
             )

@@ -220,11 +220,9 @@ def scores_along(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: li
     The unmerged adapter, its merged copies and the base without it are all scored this way, so
     a |Δ log p| compares one computation with another and holds no KV-cache rounding of one side.
     """
-    from harness.observation import generation_settings
-    from harness.path_noise import path_scores, processors_act
+    from harness.path_noise import path_scores
 
-    acts = processors_act(generation_settings(model))
-    return [tuple(path_scores(model, tokenizer, prompt.ids, list(reference.token_ids), processors_act=acts))
+    return [path_scores(model, tokenizer, prompt.ids, list(reference.token_ids))
             for prompt, reference in zip(prompts, unmerged)]
 
 
@@ -248,9 +246,8 @@ def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt
             got = forced[change].best[0]
             changes.append(f"prompt {prompt.label}: at step {change} the merged model prefers "
                            f"{tokenizer.decode([got])!r} over {tokenizer.decode([reference.token_ids[change]])!r}")
-        finite = forced if len(forced) == len(reference.steps) and all(f.finite for f in forced) else None
         within = within and judge_run(reference, merged_model, tokenizer, prompt, max_new_tokens, tol,
-                                      sides=sides("unmerged", path), scored=finite).ok
+                                      sides=sides("unmerged", path), scored=forced).ok
     del merged_model
     mean = sum(deltas) / len(deltas) if deltas else 0.0
     return PathResult(path=path, mean=mean, worst=max(deltas, default=0.0), steps=len(deltas),

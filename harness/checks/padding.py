@@ -43,8 +43,8 @@ from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
 from harness.compare import Sides, Tolerance, ToleranceSpec, Verdict, compare, compare_distributions, render_tokens
 from harness.errors import CheckFailure
-from harness.observation import Observation, Step, generation_settings, observe_greedy_batch
-from harness.path_noise import free_run_of, processors_act
+from harness.observation import Observation, Step, observe_greedy_batch
+from harness.path_noise import free_run_of, processors_act_in
 
 Side = Literal["left", "right"]
 
@@ -113,7 +113,7 @@ class PaddingCheck(Check[PaddingSpec]):
         if tokenizer.pad_token_id is None:
             raise CheckFailure(f"{self.spec.id}: the tokenizer has no pad token, so batches cannot be padded.")
         tol = self.spec.tolerance_for(ctx.variant.key if ctx.variant else None)
-        processors = processors_act(generation_settings(model))
+        processors = processors_act_in(model)
         problems: list[str] = []
         figures: dict[str, float] = {}
         for side in self.spec.sides:

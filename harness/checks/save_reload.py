@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from harness.checks.base import Check, CheckContext, register_check
 from harness.checks.consistency import (
-    ConsistencySpec, Findings, encoded_prompts, exact_tolerance, greedy, judge_run, rescorer, tolerance_for,
+    ConsistencySpec, Findings, encoded_prompts, exact_tolerance, greedy, judge_run, tolerance_for,
 )
 from harness.errors import AdapterError, CheckFailure, NotJudged
 
@@ -46,7 +46,7 @@ class SaveReloadCheck(Check[SaveReloadSpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        from harness.compare import compare, sides
+        from harness.compare import sides
 
         named = sides("original", "reloaded")
 
@@ -61,14 +61,9 @@ class SaveReloadCheck(Check[SaveReloadSpec]):
             tol = exact_tolerance() if self.spec.match == "exact" else tolerance_for(ctx, self.spec)
             findings = Findings(self.spec.id, tokenizer)
             for prompt, reference in zip(prompts, before):
-                if self.spec.match == "exact":  # bit for bit: both decoded the same way, nothing else compares
-                    actual = greedy(reloaded, tokenizer, prompt, self.spec.max_new_tokens)
-                    verdict = compare(reference, actual, tol, rescore=rescorer(reloaded, tokenizer, prompt),
-                                      sides=named)
-                else:
-                    verdict = judge_run(reference, reloaded, tokenizer, prompt, self.spec.max_new_tokens, tol,
-                                        sides=named)
-                findings.add(f"prompt {prompt.label}, reloaded {what} vs the one saved", verdict, named)
+                findings.add(f"prompt {prompt.label}, reloaded {what} vs the one saved",
+                             judge_run(reference, reloaded, tokenizer, prompt, self.spec.max_new_tokens, tol,
+                                       sides=named, one_pass=self.spec.match != "exact"), named)
             del reloaded
         findings.finish(
             ctx, headline=f"the {what} reloaded from save_pretrained does not behave like the one saved", tol=tol,
