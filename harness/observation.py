@@ -84,6 +84,16 @@ def eos_ids(model: Any) -> frozenset[int]:
     return frozenset([value] if isinstance(value, int) else [int(v) for v in value])
 
 
+def cache_kwargs(out: Any) -> dict[str, Any]:
+    """A forward pass's KV cache as the keyword to pass it back to ``forward`` or ``generate``:
+    ``cache`` from transformers 5 on (``past_key_values`` is deprecated there), else
+    ``past_key_values``; empty when the output holds none."""
+    for name in ("cache", "past_key_values"):
+        if name in out and out[name] is not None:
+            return {name: out[name]}
+    return {}
+
+
 def generation_settings(model: Any) -> dict[str, Any]:
     """The model's generation settings that act under forced greedy decoding (``greedy_settings``)."""
     from transformers import GenerationConfig

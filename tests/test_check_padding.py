@@ -149,6 +149,28 @@ def test_passes_when_the_mask_is_honoured_and_restores_padding_side(tokenizer, t
     assert ctx.figures["padding_max_abs_dlogp_right"] < 1e-4
 
 
+def test_each_forward_is_made_once(tokenizer, tiny_model):
+    """The right side's per-position distributions come from its decoding's prefill (bit for bit the
+    uncached pass), and a prompt alone scores a path once for both sides: 3 prompts, 2 sides, 4 new
+    tokens is 2 passes (left: distributions, prefill) + 3 decode steps, 1 + 3 on the right, 3 alone."""
+    import torch
+
+    from harness.checks.padding import decode_after_prefill, pad_batch, padded_logprobs
+
+    ids = [list(tokenizer(p)["input_ids"]) for p in ("Hi", "The capital of France is", "One two three four five")]
+    batch, mask = pad_batch(tokenizer, ids, "right")
+    prefill: list[Any] = []
+    decode_after_prefill(tiny_model, batch, mask, 2, prefill=prefill)
+    assert torch.equal(prefill[0], padded_logprobs(tiny_model, batch, mask))
+
+    calls = []
+    forward = tiny_model.forward
+    tiny_model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    check(max_new_tokens=4, prompts=["Hi", "The capital of France is", "One two three four five"],
+          tolerance={"mean_abs_dlogp": 1e-4, "max_abs_dlogp": 1e-4, "tie_gap": 1e-4}).run(make_ctx(tokenizer, tiny_model))
+    assert len(calls) == (2 + 3) + (1 + 3) + 3
+
+
 def test_fails_when_the_mask_is_ignored(tokenizer, tiny_model):
     ignore_mask(tiny_model)
     tokenizer.padding_side = "right"

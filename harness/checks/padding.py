@@ -116,8 +116,10 @@ class PaddingCheck(Check[PaddingSpec]):
         processors = processors_act_in(model)
         problems: list[str] = []
         figures: dict[str, float] = {}
+        alone = AloneScores(model, tokenizer)
         for side in self.spec.sides:
-            verdicts = self._judge_side(model, tokenizer, prompt_ids, side, tol, processors_act=processors)
+            verdicts = self._judge_side(model, tokenizer, prompt_ids, side, tol, alone,
+                                        processors_act=processors)
             figures[f"padding_max_abs_dlogp_{side}"] = max(v.stats.get("max_abs_dlogp", 0.0) for v in verdicts)
             for verdict in verdicts:
                 shown = [render_tokens(r, tokenizer) for r in verdict.reasons[:MAX_REASONS_PER_ROW]]
@@ -142,21 +144,23 @@ class PaddingCheck(Check[PaddingSpec]):
                 "and device, measure it and set `tolerance:` in the suite."
             )
 
-    def _judge_side(self, model: Any, tokenizer: Any, prompt_ids: list[list[int]], side: Side, tol: Tolerance, *,
-                    processors_act: bool) -> list[Verdict]:
+    def _judge_side(self, model: Any, tokenizer: Any, prompt_ids: list[list[int]], side: Side, tol: Tolerance,
+                    alone_scores: AloneScores, *, processors_act: bool) -> list[Verdict]:
         """Every real position's distribution, then each row's continuation, against the prompt alone."""
         input_ids, mask = pad_batch(tokenizer, prompt_ids, side)
-        rows = padded_logprobs(model, input_ids, mask)
         if side == "left":
+            rows = padded_logprobs(model, input_ids, mask)
             batch = observe_greedy_batch(model, tokenizer, input_ids, mask, self.spec.max_new_tokens)
         else:
-            batch = decode_after_prefill(model, input_ids, mask, self.spec.max_new_tokens)
+            prefill: list[Any] = []
+            batch = decode_after_prefill(model, input_ids, mask, self.spec.max_new_tokens, prefill=prefill)
+            rows = prefill[0]
         named = Sides(expected="the padded batch", actual="the prompt alone", expected_short="padded",
                       actual_short="alone")
         verdicts: list[Verdict] = []
         for index, (ids, row) in enumerate(zip(prompt_ids, batch)):
             path = list(row.token_ids)
-            alone, scored = unpadded(model, tokenizer, ids, path, processors_act=processors_act and side == "left")
+            alone, scored = alone_scores(ids, path, processors_act=processors_act and side == "left")
             labels = [f"{self._label(index)}, {side} padding, position {p} of {len(ids)}" for p in range(len(ids))]
             verdicts.append(compare_distributions(alone, rows[index][mask[index].bool()], tol, labels=labels))
             verdict = compare(row, free_run_of(scored, row, ids), tol, rescore=lambda _ids, s=scored: s, sides=named)
@@ -170,6 +174,21 @@ class PaddingCheck(Check[PaddingSpec]):
     def _label(self, index: int) -> str:
         text = self.spec.prompts[index]
         return f"prompt {index} " + repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+class AloneScores:
+    """``unpadded`` memoized for one item: both sides usually continue a prompt along the same path,
+    and the prompt alone scores that path the same whichever side's batch produced it."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self._seen: dict[tuple[tuple[int, ...], tuple[int, ...], bool], tuple[Any, tuple[Step, ...]]] = {}
+
+    def __call__(self, ids: list[int], path: list[int], *, processors_act: bool) -> tuple[Any, tuple[Step, ...]]:
+        key = (tuple(ids), tuple(path), processors_act)
+        if key not in self._seen:
+            self._seen[key] = unpadded(self.model, self.tokenizer, ids, path, processors_act=processors_act)
+        return self._seen[key]
 
 
 def unpadded(model: Any, tokenizer: Any, ids: list[int], path: list[int], *,
@@ -217,7 +236,7 @@ def padded_logprobs(model: Any, input_ids: Any, mask: Any) -> Any:
 
 
 def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: int, *,
-                         paths: list[list[int]] | None = None) -> list[Observation]:
+                         paths: list[list[int]] | None = None, prefill: list[Any] | None = None) -> list[Observation]:
     """Greedy decoding by hand after a (right-)padded prefill, one observation per row.
 
     ``generate`` would continue every row from the last column, a pad for the
@@ -226,11 +245,14 @@ def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: 
     exactly what a model that ignores the mask or mishandles positions gets
     wrong. Scores are the raw logits (no logits processors), for the padded batch
     and for its unpadded reference alike. With ``paths``, each row is forced
-    along its path instead (teacher forcing after an accepted near-tie).
+    along its path instead (teacher forcing after an accepted near-tie). With
+    ``prefill`` (a list), the prefill's next-token log-probabilities at every
+    position are appended to it: ``padded_logprobs`` of the same batch, bit for bit
+    (the cache changes what is kept, not what is computed), without a second pass.
     """
     import torch
 
-    from harness.observation import eos_ids, step_from_scores
+    from harness.observation import cache_kwargs, eos_ids, step_from_scores
 
     device = _device(model)
     input_ids, mask = input_ids.to(device), mask.to(device).long()
@@ -243,6 +265,8 @@ def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: 
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True)
+        if prefill is not None:
+            prefill.append(torch.log_softmax(out.logits.float(), dim=-1).cpu())
         scores = out.logits[torch.arange(batch, device=device), lengths - 1]
         for i in range(n):
             chosen = []
@@ -258,7 +282,7 @@ def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: 
                 break
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
             out = model(input_ids=torch.tensor(chosen, device=device)[:, None], attention_mask=mask,
-                        position_ids=(lengths + i)[:, None], use_cache=True, **_cache_of(out))
+                        position_ids=(lengths + i)[:, None], use_cache=True, **cache_kwargs(out))
             scores = out.logits[:, -1]
     observations = []
     for r in range(batch):
@@ -266,10 +290,3 @@ def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: 
         ended = bool(steps[r]) and steps[r][-1].token_id in stops
         observations.append(Observation(prompt_ids=prompt, steps=tuple(steps[r]), stop="eos" if ended else "length"))
     return observations
-
-
-def _cache_of(out: Any) -> dict[str, Any]:
-    """The KV cache to pass back: ``cache`` in transformers 5, ``past_key_values`` before."""
-    if getattr(out, "cache", None) is not None:
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}

@@ -75,12 +75,14 @@ def measured_kv_cache_bytes(model: Any, input_ids: Any) -> int | None:
     """
     import torch
 
+    from harness.observation import cache_kwargs
+
     with torch.inference_mode():
         try:
             out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
         except TypeError:  # a model without logits_to_keep
             out = model(input_ids=input_ids, use_cache=True)
-    cache = out["cache"] if "cache" in out else out["past_key_values"] if "past_key_values" in out else None
+    cache = next(iter(cache_kwargs(out).values()), None)
     layers = getattr(cache, "layers", None)
     if not layers:
         return None
