@@ -156,3 +156,34 @@ def test_answers_stop_where_generate_stops(eos, stopped, tokens):
                                       "max_new_tokens": 4})
     answer = generate_answers(_Model([7, 5, 8, 6], eos), _Tokenizer(), [1, 2], spec)[0]
     assert (answer.stopped, answer.new_tokens) == (stopped, tokens)
+
+
+def test_samples_share_the_prompt_and_draw_what_generate_draws():
+    """n samples from one prefill whose cache is repeated are generate(num_return_sequences=n)'s samples:
+    the same seeded stream over the same distributions (a random tiny model, where any mismatch of
+    cache, positions or stream would change the draws)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.checks.expect import Sampling, sample_rows
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                         bos_token_id=None, eos_token_id=None)).eval()
+    tokenizer = type("T", (), {"pad_token_id": 0})()
+    prompt = torch.tensor([[5, 9, 17, 3, 40, 22]])
+    s = Sampling(n=6, seed=3, temperature=1.0)
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(k.get("input_ids", a[0] if a else None).shape) or forward(*a, **k)
+    shared = sample_rows(model, tokenizer, prompt, s, 5)
+    assert calls[0] == (1, 5) and all(shape[1] == 1 for shape in calls[1:])  # the prompt once, then one token a step
+    model.forward = forward
+    torch.manual_seed(s.seed)
+    with torch.inference_mode():
+        plain = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                               do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=6,
+                               pad_token_id=0)
+    assert torch.equal(shared, plain)
+    assert len({tuple(row) for row in shared[:, 6:].tolist()}) > 1  # the samples differ: a real stream was drawn
