@@ -89,7 +89,8 @@ def report(model_name: str | None) -> str:
         "scored through each merged copy against the same tokens scored through the unmerged adapter, one "
         "forward pass each; \"within "
         "noise\" is the comparison engine's verdict on the merged copy's own greedy output, under the "
-        "variant's tolerance.",
+        "variant's tolerance (for the re-quantizing merges, which `nf4_budget` judges, the verdict of the "
+        "one-pass scores: what greedy decoding would do until its first differing token).",
         "",
         "| merge path | fp16 base (fp16-lora) | NF4 base (nf4-lora) |",
         "|---|---|---|",

@@ -229,3 +229,5 @@ def test_judge_run_decodes_only_where_the_one_pass_verdict_fails(monkeypatch):
     assert judge_run(reference, model, tokenizer, prompt, 6, tol, sides=named).ok and decodes == []
     verdict = judge_run(reference, other, tokenizer, prompt, 6, tol, sides=named)
     assert not verdict.ok and decodes == [1]
+    unconfirmed = judge_run(reference, other, tokenizer, prompt, 6, tol, sides=named, confirm=False)
+    assert not unconfirmed.ok and decodes == [1]  # a figure's verdict: the one pass stands, nothing decoded

@@ -106,7 +106,8 @@ def rescorer(model: Any, tokenizer: Any, prompt: Prompt) -> Callable[[list[int]]
 
 
 def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int,
-              tol: Tolerance, *, sides: Sides, scored: Sequence[Step] | None = None, one_pass: bool = True) -> Verdict:
+              tol: Tolerance, *, sides: Sides, scored: Sequence[Step] | None = None, one_pass: bool = True,
+              confirm: bool = True) -> Verdict:
     """``model``'s greedy run judged against ``reference``, decoding only where the one-pass verdict fails.
 
     The reference's path scored in one pass (``scored``, or scored here) gives what free greedy
@@ -116,7 +117,9 @@ def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt
     question. A failing verdict is decided by a real decode, whose evidence the failure shows.
     Each decoded step of an NF4 model dequantizes every layer again, so on CPU this is most of
     such a check's time. ``one_pass=False`` decodes at once (a bit-for-bit comparison needs the
-    same computation on both sides).
+    same computation on both sides). ``confirm=False`` lets a failing one-pass verdict stand
+    undecoded: for a verdict that is only a figure (no item fails on it), where the decode
+    would cost time and show evidence nobody is asked to read.
     """
     from harness.compare import compare
     from harness.path_noise import free_run_of, path_scores, standing_for
@@ -128,7 +131,7 @@ def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt
         if standing is not None:
             verdict = compare(reference, free_run_of(standing, reference, prompt.ids), tol,
                               rescore=lambda _ids: standing, sides=sides)
-            if verdict.ok:
+            if verdict.ok or not confirm:
                 return verdict
     actual = greedy(model, tokenizer, prompt, max_new_tokens)
     return compare(reference, actual, tol, rescore=rescorer(model, tokenizer, prompt), sides=sides)

@@ -230,7 +230,9 @@ def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt
                tol: Any, max_new_tokens: int, base: list[tuple[Any, ...]] | None = None) -> PathResult:
     """Merge a copy of ``model`` along ``path``; score the unmerged greedy tokens through it (one forward pass
     per prompt) against the unmerged scores ``base``, and judge its own greedy run against the unmerged one
-    (the engine, the variant's tolerance; decoded step by step only where the one-pass verdict fails)."""
+    (the engine, the variant's tolerance; decoded step by step only where the one-pass verdict fails on the
+    16-bit merge, which is judged: a re-quantizing merge's "within noise" is a figure, its verdict is
+    ``nf4_budget``'s, so its one-pass verdict stands)."""
     from harness.compare import sides
 
     base = base if base is not None else scores_along(model, tokenizer, prompts, unmerged)
@@ -247,7 +249,8 @@ def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt
             changes.append(f"prompt {prompt.label}: at step {change} the merged model prefers "
                            f"{tokenizer.decode([got])!r} over {tokenizer.decode([reference.token_ids[change]])!r}")
         within = within and judge_run(reference, merged_model, tokenizer, prompt, max_new_tokens, tol,
-                                      sides=sides("unmerged", path), scored=forced).ok
+                                      sides=sides("unmerged", path), scored=forced,
+                                      confirm=path not in REQUANTIZING).ok
     del merged_model
     mean = sum(deltas) / len(deltas) if deltas else 0.0
     return PathResult(path=path, mean=mean, worst=max(deltas, default=0.0), steps=len(deltas),
