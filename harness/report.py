@@ -169,6 +169,8 @@ def forgiven_section(reporter: Any, record: SessionRecord) -> None:
     reporter.write_line(f"forgiven: {forgiveness_counts(record)}")
     for line in record.forgiven:
         reporter.write_line(f"  {line}")
+    for line in record.flips.standing():
+        reporter.write_line(f"  budget {line}")
 
 
 def budget_section(reporter: Any, record: SessionRecord) -> None:
@@ -298,6 +300,7 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     lines += _figures(record)
     if record.forgiven or record.flips.groups:
         lines += [f"## Forgiven: {forgiveness_counts(record)}", "", *[f"- {line}" for line in record.forgiven], ""]
+        lines += [*[f"- budget {line}" for line in record.flips.standing()], ""] if record.flips.groups else []
     budget = record.flips.exceeded()
     if budget:
         lines += ["## Near-tie budget exceeded (this run failed because of it)", "", *[f"- {line}" for line in budget],

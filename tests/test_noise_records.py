@@ -130,7 +130,12 @@ checks:
         "*widened tolerance for capital?fp16?: mean_abs_dlogp 0.5 (set in the suite's defaults (gen.yaml:4)) is "
         "wider than the golden's recorded allowance*",
     ])
-    assert "## Forgiven: 0 near-tie(s) accepted, 2 widened tolerance(s)" in (project.path / "report.md").read_text()
+    report = (project.path / "report.md").read_text()
+    assert "## Forgiven: 0 near-tie(s) accepted, 2 widened tolerance(s)" in report
+    # how much room the near-tie budget left, per suite and variant, in the terminal and the report
+    result.stdout.fnmatch_lines(["  budget gen[[]fp16]: 0 of at most * near-ties accepted over 1 goldens (their "
+                                 "recorded noise explains * on average; at most * at 1 in 100)"])
+    assert "- budget gen[fp16]: 0 of at most" in report
 
 
 def test_match_exact_passes_a_bit_identical_rerun(project):
