@@ -56,6 +56,6 @@ class FlipLedger:
     def standing(self) -> list[str]:
         """One line per group: how many near-ties it accepted against how many its noise allows, so a green
         run says how much it forgave and how close it came to failing on that count."""
-        return [f"{group}: {flips} of at most {budget} near-ties accepted over {goldens} goldens (their recorded "
-                f"noise explains {mean:.2g} on average; at most {budget} at 1 in {round(1 / FLIP_ALPHA)})"
+        return [f"{group}: {flips} near-ties accepted over {goldens} goldens, budget {budget} (the 1-in-"
+                f"{round(1 / FLIP_ALPHA)} tail of the {mean:.2g} their recorded noise explains on average)"
                 for group, flips, goldens, mean, budget, _ in self._totals()]

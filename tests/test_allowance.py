@@ -142,8 +142,8 @@ def test_the_flip_ledger_fails_a_group_whose_flips_together_exceed_its_noise():
     calm = FlipLedger()
     calm.add("suites/g.yaml::p[nf4]", flips_property("g[nf4]", 1, [0.2] * 5)[1])
     assert calm.exceeded() == []
-    assert calm.standing() == ["g[nf4]: 1 of at most 3 near-ties accepted over 1 goldens (their recorded noise "
-                               "explains 1 on average; at most 3 at 1 in 100)"]
+    assert calm.standing() == ["g[nf4]: 1 near-ties accepted over 1 goldens, budget 3 (the 1-in-100 tail of the "
+                               "1 their recorded noise explains on average)"]
 
 
 # -- exact and overrides ------------------------------------------------------------------------
