@@ -54,8 +54,9 @@ class FlipLedger:
                 for group, flips, goldens, mean, budget, where in self._totals() if flips > budget]
 
     def standing(self) -> list[str]:
-        """One line per group: how many near-ties it accepted against how many its noise allows, so a green
-        run says how much it forgave and how close it came to failing on that count."""
-        return [f"{group}: {flips} near-ties accepted over {goldens} goldens, budget {budget} (the 1-in-"
+        """One line per group: how many near-ties its passing goldens accepted against how many their noise
+        allows, so a green run says how much it forgave and how close it came to failing on that count (a
+        failing golden's flips are in its own failure, not here)."""
+        return [f"{group}: {flips} near-ties accepted over {goldens} passing goldens, budget {budget} (the 1-in-"
                 f"{round(1 / FLIP_ALPHA)} tail of the {mean:.2g} their recorded noise explains on average)"
                 for group, flips, goldens, mean, budget, _ in self._totals()]

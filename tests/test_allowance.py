@@ -142,7 +142,7 @@ def test_the_flip_ledger_fails_a_group_whose_flips_together_exceed_its_noise():
     calm = FlipLedger()
     calm.add("suites/g.yaml::p[nf4]", flips_property("g[nf4]", 1, [0.2] * 5)[1])
     assert calm.exceeded() == []
-    assert calm.standing() == ["g[nf4]: 1 near-ties accepted over 1 goldens, budget 3 (the 1-in-100 tail of the "
+    assert calm.standing() == ["g[nf4]: 1 near-ties accepted over 1 passing goldens, budget 3 (the 1-in-100 tail of the "
                                "1 their recorded noise explains on average)"]
 
 

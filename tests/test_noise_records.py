@@ -136,9 +136,9 @@ checks:
     report = (project.path / "report.md").read_text()
     assert "## Forgiven: 0 near-tie(s) accepted, 2 widened tolerance(s)" in report
     # how much room the near-tie budget left, per suite and variant, in the terminal and the report
-    result.stdout.fnmatch_lines(["  budget gen[[]fp16]: 0 near-ties accepted over 1 goldens, budget * (the 1-in-100 "
+    result.stdout.fnmatch_lines(["  budget gen[[]fp16]: 0 near-ties accepted over 1 passing goldens, budget * (the 1-in-100 "
                                  "tail of the * their recorded noise explains on average)"])
-    assert "- budget gen[fp16]: 0 near-ties accepted over 1 goldens, budget" in report
+    assert "- budget gen[fp16]: 0 near-ties accepted over 1 passing goldens, budget" in report
 
 
 def test_match_exact_passes_a_bit_identical_rerun(project):
