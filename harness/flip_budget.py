@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from harness.allowance import FLIP_ALPHA, flip_budget
 
@@ -22,6 +23,17 @@ def flips_property(group: str, flips: int, probabilities: list[float]) -> tuple[
     """The user property an item reports: its group, its accepted flips, its steps' flip probabilities."""
     return FLIPS_PROPERTY, json.dumps({"group": group, "flips": flips,
                                        "p": [round(p, 5) for p in probabilities if p >= 1e-5]})
+
+
+class GroupTotal(NamedTuple):
+    """One group's flips: accepted, over how many goldens, explained on average, the budget, which items."""
+
+    group: str
+    flips: int
+    goldens: int
+    explained: float
+    budget: int
+    where: str
 
 
 @dataclass
@@ -36,27 +48,27 @@ class FlipLedger:
             return
         self.groups.setdefault(group, {})[nodeid] = (flips, probabilities)
 
-    def _totals(self) -> list[tuple[str, int, int, float, int, str]]:
-        """Per group: name, accepted flips, goldens, flips its noise explains on average, budget, where."""
+    def totals(self) -> list[GroupTotal]:
+        """Each group's accepted flips against what its goldens' recorded noise explains."""
         out = []
         for group, items in sorted(self.groups.items()):
-            flips = sum(f for f, _ in items.values())
             probabilities = [p for _, ps in items.values() for p in ps]
             worst = sorted(((f, node) for node, (f, _) in items.items() if f), reverse=True)
-            where = ", ".join(f"{node.split('::')[-1]} {f}" for f, node in worst)
-            out.append((group, flips, len(items), sum(probabilities), flip_budget(probabilities), where))
+            out.append(GroupTotal(group=group, flips=sum(f for f, _ in items.values()), goldens=len(items),
+                                  explained=sum(probabilities), budget=flip_budget(probabilities),
+                                  where=", ".join(f"{node.split('::')[-1]} {f}" for f, node in worst)))
         return out
 
     def exceeded(self) -> list[str]:
         """One line per group whose flips exceed the 1-in-1/alpha tail of what its goldens' noise explains."""
-        return [f"{group}: {flips} near-ties accepted over {goldens} goldens ({where}); their recorded noise "
-                f"explains {mean:.2g} on average and at most {budget} at 1 in {round(1 / FLIP_ALPHA)}"
-                for group, flips, goldens, mean, budget, where in self._totals() if flips > budget]
+        return [f"{t.group}: {t.flips} near-ties accepted over {t.goldens} goldens ({t.where}); their recorded noise "
+                f"explains {t.explained:.2g} on average and at most {t.budget} at 1 in {round(1 / FLIP_ALPHA)}"
+                for t in self.totals() if t.flips > t.budget]
 
     def standing(self) -> list[str]:
         """One line per group: how many near-ties its passing goldens accepted against how many their noise
         allows, so a green run says how much it forgave and how close it came to failing on that count (a
         failing golden's flips are in its own failure, not here)."""
-        return [f"{group}: {flips} near-ties accepted over {goldens} passing goldens, budget {budget} (the 1-in-"
-                f"{round(1 / FLIP_ALPHA)} tail of the {mean:.2g} their recorded noise explains on average)"
-                for group, flips, goldens, mean, budget, _ in self._totals()]
+        return [f"{t.group}: {t.flips} near-ties accepted over {t.goldens} passing goldens, budget {t.budget} (the "
+                f"1-in-{round(1 / FLIP_ALPHA)} tail of the {t.explained:.2g} their recorded noise explains on average)"
+                for t in self.totals()]

@@ -299,8 +299,9 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     lines += _unjudged(record)
     lines += _figures(record)
     if record.forgiven or record.flips.groups:
+        standing = [f"- budget {line}" for line in record.flips.standing()]
         lines += [f"## Forgiven: {forgiveness_counts(record)}", "", *[f"- {line}" for line in record.forgiven], ""]
-        lines += [*[f"- budget {line}" for line in record.flips.standing()], ""] if record.flips.groups else []
+        lines += [*standing, ""] if standing else []
     budget = record.flips.exceeded()
     if budget:
         lines += ["## Near-tie budget exceeded (this run failed because of it)", "", *[f"- {line}" for line in budget],

@@ -159,9 +159,8 @@ def test_each_forward_is_made_once(tokenizer, tiny_model):
 
     ids = [list(tokenizer(p)["input_ids"]) for p in ("Hi", "The capital of France is", "One two three four five")]
     batch, mask = pad_batch(tokenizer, ids, "right")
-    prefill: list[Any] = []
-    decode_after_prefill(tiny_model, batch, mask, 2, prefill=prefill)
-    assert torch.equal(prefill[0], padded_logprobs(tiny_model, batch, mask))
+    _, prefill = decode_after_prefill(tiny_model, batch, mask, 2)
+    assert torch.equal(prefill, padded_logprobs(tiny_model, batch, mask))
 
     calls = []
     forward = tiny_model.forward

@@ -154,9 +154,7 @@ class _Run:
     def scored_path(self, golden: Observation | None) -> tuple[Step, ...] | None:
         """The model's scores of the golden's whole path in one pass (None: nothing to score, or
         ``--decode-goldens``: the verdict comes from a real decode)."""
-        if golden is None or not golden.steps or len(golden.steps) > self.spec.max_new_tokens:
-            return None
-        if self.ctx.decode_goldens:
+        if self.ctx.decode_goldens or golden is None or not 0 < len(golden.steps) <= self.spec.max_new_tokens:
             return None
         return standing_for(path_scores(self.model, self.tokenizer, self.prompt_ids, golden.token_ids,
                                         processors_act=self.processors_act), len(golden.steps))

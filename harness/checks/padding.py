@@ -152,9 +152,7 @@ class PaddingCheck(Check[PaddingSpec]):
             rows = padded_logprobs(model, input_ids, mask)
             batch = observe_greedy_batch(model, tokenizer, input_ids, mask, self.spec.max_new_tokens)
         else:
-            prefill: list[Any] = []
-            batch = decode_after_prefill(model, input_ids, mask, self.spec.max_new_tokens, prefill=prefill)
-            rows = prefill[0]
+            batch, rows = decode_after_prefill(model, input_ids, mask, self.spec.max_new_tokens)
         named = Sides(expected="the padded batch", actual="the prompt alone", expected_short="padded",
                       actual_short="alone")
         verdicts: list[Verdict] = []
@@ -235,20 +233,18 @@ def padded_logprobs(model: Any, input_ids: Any, mask: Any) -> Any:
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: int, *,
-                         paths: list[list[int]] | None = None, prefill: list[Any] | None = None) -> list[Observation]:
-    """Greedy decoding by hand after a (right-)padded prefill, one observation per row.
+def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: int) -> tuple[list[Observation], Any]:
+    """Greedy decoding by hand after a (right-)padded prefill: one observation per row, and the
+    prefill's next-token log-probabilities at every position.
 
     ``generate`` would continue every row from the last column, a pad for the
     shorter rows; here each row continues from its own last real token, its new
     tokens take its own next positions, and its pads stay masked in the cache:
     exactly what a model that ignores the mask or mishandles positions gets
     wrong. Scores are the raw logits (no logits processors), for the padded batch
-    and for its unpadded reference alike. With ``paths``, each row is forced
-    along its path instead (teacher forcing after an accepted near-tie). With
-    ``prefill`` (a list), the prefill's next-token log-probabilities at every
-    position are appended to it: ``padded_logprobs`` of the same batch, bit for bit
-    (the cache changes what is kept, not what is computed), without a second pass.
+    and for its unpadded reference alike. The prefill's log-probabilities are
+    ``padded_logprobs`` of the same batch, bit for bit (the cache changes what is
+    kept, not what is computed), without a second pass.
     """
     import torch
 
@@ -259,26 +255,20 @@ def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: 
     batch = input_ids.shape[0]
     lengths = mask.sum(-1)
     stops = eos_ids(model)
-    n = max_new_tokens if paths is None else max((len(p) for p in paths), default=0)
     steps: list[list[Step]] = [[] for _ in range(batch)]
-    done = [paths is not None and not paths[r] for r in range(batch)]
+    done = [False] * batch
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True)
-        if prefill is not None:
-            prefill.append(torch.log_softmax(out.logits.float(), dim=-1).cpu())
+        prefill = torch.log_softmax(out.logits.float(), dim=-1).cpu()
         scores = out.logits[torch.arange(batch, device=device), lengths - 1]
-        for i in range(n):
-            chosen = []
-            for r in range(batch):
-                token = int(scores[r].argmax())
-                if paths is not None and i < len(paths[r]):
-                    token = paths[r][i]
+        for i in range(max_new_tokens):
+            chosen = [int(scores[r].argmax()) for r in range(batch)]
+            for r, token in enumerate(chosen):
                 if not done[r]:
                     steps[r].append(step_from_scores(scores[r], token))
-                    done[r] = (token in stops) if paths is None else i + 1 >= len(paths[r])
-                chosen.append(token)
-            if all(done) or i + 1 == n:
+                    done[r] = token in stops
+            if all(done) or i + 1 == max_new_tokens:
                 break
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
             out = model(input_ids=torch.tensor(chosen, device=device)[:, None], attention_mask=mask,
@@ -289,4 +279,4 @@ def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: 
         prompt = tuple(int(t) for t, m in zip(input_ids[r].tolist(), mask[r].tolist()) if m)
         ended = bool(steps[r]) and steps[r][-1].token_id in stops
         observations.append(Observation(prompt_ids=prompt, steps=tuple(steps[r]), stop="eos" if ended else "length"))
-    return observations
+    return observations, prefill
