@@ -163,7 +163,7 @@ def _say(line: str) -> None:
 # -- what to run --------------------------------------------------------------------------------
 def suite_items(paths: list[str], tokenizer: Any, *, max_new_tokens: int | None, max_prompts: int | None) -> list[Item]:
     """The greedy checks of the suites, as prompts; chat prompts need a chat template."""
-    from harness.checks.prompts import NoChatTemplate, encode_prompt
+    from harness.checks.prompts import NoChatTemplate, TemplateRefusal, encode_prompt
     from harness.spec import load_suite
 
     files: list[Path] = []
@@ -183,6 +183,9 @@ def suite_items(paths: list[str], tokenizer: Any, *, max_new_tokens: int | None,
                 ids = encode_prompt(tokenizer, prompt=spec.prompt, messages=spec.messages)
             except NoChatTemplate:
                 _say(f"{suite.name}::{spec.id}: skipped, the tokenizer has no chat template")
+                continue
+            except TemplateRefusal as exc:
+                _say(f"{suite.name}::{spec.id}: skipped, the chat template refuses its messages ({exc.reason})")
                 continue
             cap = spec.max_new_tokens if max_new_tokens is None else min(spec.max_new_tokens, max_new_tokens)
             items.append(Item(f"{suite.name}::{spec.id}", tuple(ids), cap))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -201,3 +202,82 @@ def test_tokenize_true_path_that_differs_fails(project):
         "'<|im_start|>' (id 1) twice",
     ])
     assert project.goldens() == []
+
+
+REFUSAL_SUITE = """
+suite: chat
+checks:
+  - id: builtin
+    kind: chat_template
+  - id: with-system
+    kind: greedy
+    max_new_tokens: 3
+    messages:
+      - {role: system, content: "You are terse."}
+      - {role: user, content: "Hi"}
+  - id: user-only
+    kind: greedy
+    max_new_tokens: 3
+    messages:
+      - {role: user, content: "Hi"}
+  - id: cached
+    kind: cache
+    max_new_tokens: 2
+    caches: [dynamic]
+    prompts: ["Hi"]
+    chats:
+      - [{role: system, content: "You are terse."}, {role: user, content: "Hi"}]
+"""
+
+REFUSE_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}")
+
+
+def test_template_that_refuses_a_system_role(project, editable_model, tmp_path):
+    """Gemma's and early Mistral's templates refuse a system message on purpose: a correct model the
+    default suites must pass once recorded (the refusal is recorded and judged); a template that starts
+    refusing what its goldens were recorded with fails; one that refuses everything fails."""
+    model = editable_model("nosystem")
+    template = model / "chat_template.jinja"
+    original = template.read_text(encoding="utf-8")
+    project.suite("chat", REFUSAL_SUITE)
+    args = (f"--model={model}", "--variants", "fp16")
+    project.run(*args, "--snapshot-update").assert_outcomes(passed=4)
+    before = {p: (project.golden / p).read_bytes() for p in project.goldens()}
+
+    template.write_text(REFUSE_SYSTEM + original, encoding="utf-8")
+    result = project.run(*args)
+    result.assert_outcomes(failed=2, passed=2)
+    result.stdout.fnmatch_lines([
+        "*conversation 'system-user' (add_generation_prompt=false): the template rendered it and now refuses it "
+        "('System role not supported')",
+        "*the chat template of 'nosystem' now refuses these messages ('System role not supported', its own "
+        "raise_exception), but its golden with-system.json was recorded with them rendered*",
+    ])
+    assert {p: (project.golden / p).read_bytes() for p in project.goldens()} == before
+
+    shutil.rmtree(project.golden)
+    update = project.run(*args, "--snapshot-update", "-rs")
+    update.assert_outcomes(passed=3, skipped=1)
+    update.stdout.fnmatch_lines([
+        "*builtin: the chat template refuses 2 of 8 renderings on purpose*'System role not supported'*",
+        "*cached?fp16?: 1 chat(s) left out, the chat template refuses them (chat 0 ('Hi'): 'System role not "
+        "supported'); judged on the other 1 prompt(s)",
+        "SKIPPED*chat.yaml:6: the chat template of 'nosystem' refuses these messages ('System role not supported'*"
+        "does not apply to this model*",
+    ])
+    golden = json.loads((project.golden / "nosystem/tokenizer/chat/builtin.json").read_text(encoding="utf-8"))
+    assert golden["conversations"]["system-user"]["add_generation_prompt=true"] == {
+        "refused": "System role not supported"}
+    assert "nosystem/cpu/fp16/chat/with-system.json" not in project.goldens()
+    project.run(*args).assert_outcomes(passed=3, skipped=1)
+
+    template.write_text(original, encoding="utf-8")  # accepting the system role again is a change too
+    project.run(*args, "-k", "builtin").stdout.fnmatch_lines([
+        "*conversation 'system-user' (add_generation_prompt=false): the template refused it "
+        "('System role not supported') and now renders it*"])
+
+    template.write_text("{{ raise_exception('no chat here') }}", encoding="utf-8")
+    result = project.run(*args, "-k", "builtin", "--snapshot-update")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*builtin: the chat template refuses every conversation of this check:*"])

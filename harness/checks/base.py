@@ -139,6 +139,14 @@ class CheckContext:
             suite=self.suite, check_id=self.check_id, variant=self.variant.key if self.variant else None
         )
 
+    def recorded_against(self) -> str | None:
+        """What this item was recorded against, if anything: its golden file (readable or not), or in
+        reference mode OLD's run; None where nothing was (a new item, or a kind without goldens)."""
+        path = self.golden_path()
+        if self.goldens.peek(path) is None and not (self.sides is GOLDEN_SIDES and self.goldens.reference(path).is_file()):
+            return None
+        return f"its golden {path.name}" if self.sides is GOLDEN_SIDES else f"{self.sides.expected_short}'s run"
+
     def note(self, text: str) -> None:
         """A line for the terminal summary and the report that a passing check must not keep silent
         (an accepted near-tie, a fragile golden, a cross-device judgement)."""

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import Message, NoChatTemplate, render_chat
+from harness.checks.prompts import Message, NoChatTemplate, TemplateRefusal, render_chat
 from harness.errors import CheckFailure
 
 DEFAULT_CONVERSATIONS: dict[str, list[Message]] = {
@@ -106,6 +107,7 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
         bos_problems: list[str] = []
         double_on_encode: list[str] = []
         tokenize_path: list[str] = []
+        refusals: list[str] = []
         for name, messages in self.conversations.items():
             rendered[name] = {}
             for flag in self.spec.add_generation_prompt:
@@ -121,6 +123,10 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
                         f"{self.spec.id}: {message}. Fix: add a chat template to the tokenizer, or set "
                         "if_no_chat_template: skip for a base model."
                     ) from None
+                except TemplateRefusal as exc:  # the template's own contract: recorded, and judged as a golden
+                    rendered[name][mode_key(flag)] = {"refused": exc.reason}
+                    refusals.append(f"{label}: {exc.reason!r}")
+                    continue
                 except Exception as exc:  # noqa: BLE001 - a template error is the finding
                     errors.append(f"{label}: the template raised {type(exc).__name__}: {exc}")
                     continue
@@ -141,6 +147,7 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
                 + "\nFix: correct the template, or give `conversations:` that this model supports "
                 "(some templates refuse a system message or require alternating roles)."
             )
+        _judge_refusals(self.spec.id, refusals, total=sum(len(modes) for modes in rendered.values()), note=ctx.note)
         bos = f"{tokenizer.bos_token!r} (id {tokenizer.bos_token_id})"
         if bos_problems:
             raise CheckFailure(
@@ -174,6 +181,33 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
         ctx.record(chat_template_renders=sum(len(v) for v in rendered.values()))
         ctx.assert_golden({"conversations": rendered},
                           lambda exp, act: explain_chat_template(exp, act, tokenizer))
+
+
+def _judge_refusals(check_id: str, refusals: list[str], *, total: int, note: Callable[[str], None]) -> None:
+    """Renderings the template refused on purpose are part of the golden and said in a note; a template
+    that refuses every one renders no chat at all, which no chat model's does."""
+    __tracebackhide__ = True
+    if not refusals:
+        return
+    if len(refusals) == total:
+        raise CheckFailure(
+            f"{check_id}: the chat template refuses every conversation of this check:\n"
+            + "\n".join(f"  - {r}" for r in refusals)
+            + "\nA chat model's template renders at least a plain user message, so this one cannot serve chat. "
+            "Fix: correct the template (its raise_exception conditions), or add a conversation it takes."
+        )
+    note(f"{check_id}: the chat template refuses {len(refusals)} of {total} renderings on purpose (its own "
+         f"raise_exception), recorded in the golden: {'; '.join(refusals)}")
+
+
+def _refusal_change(expected: dict[str, Any], actual: dict[str, Any]) -> str:
+    """How a rendering changed where the template refused it on one side."""
+    if "refused" in expected and "refused" in actual:
+        return f"the template refused it with {expected['refused']!r}, now with {actual['refused']!r}"
+    if "refused" in expected:
+        return (f"the template refused it ({expected['refused']!r}) and now renders it: "
+                f"{' '.join(_visible_lines(actual.get('text', ''))[:3])}")
+    return f"the template rendered it and now refuses it ({actual['refused']!r})"
 
 
 def _bos_problem(tokenizer: Any, text: str, ids: list[int]) -> str | None:
@@ -236,6 +270,9 @@ def explain_chat_template(expected: dict[str, Any], actual: dict[str, Any], toke
             if exp is None or act is None:
                 lines.append(f"conversation {name!r} ({mode}): "
                              + ("not in the golden" if exp is None else "no longer rendered"))
+                continue
+            if "refused" in exp or "refused" in act:
+                lines.append(f"conversation {name!r} ({mode}): {_refusal_change(exp, act)}")
                 continue
             lines.append(f"conversation {name!r} ({mode}) changed:")
             if exp["text"] != act["text"]:

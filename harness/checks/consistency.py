@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 
 from harness.checks.base import CheckSpec
-from harness.checks.prompts import ChatMessages, PromptText, assert_fits_context, encode_prompt
+from harness.checks.prompts import (
+    ChatMessages, PromptText, TemplateRefusal, assert_fits_context, encode_prompt, leave_out_refused,
+)
 from harness.compare import ToleranceSpec
 from harness.errors import CheckFailure
 
@@ -79,9 +81,14 @@ def encoded_prompts(ctx: CheckContext, spec: ConsistencySpec) -> list[Prompt]:
     out: list[Prompt] = []
     for text in spec.prompts:
         out.append(Prompt(_short(text), encode_prompt(ctx.tokenizer, prompt=text, messages=None)))
+    refused: list[str] = []
     for index, messages in enumerate(spec.chats):
-        out.append(Prompt(f"chat {index} ({_short(messages[-1].content)})",
-                          encode_prompt(ctx.tokenizer, prompt=None, messages=messages)))
+        label = f"chat {index} ({_short(messages[-1].content)})"
+        try:
+            out.append(Prompt(label, encode_prompt(ctx.tokenizer, prompt=None, messages=messages)))
+        except TemplateRefusal as exc:
+            refused.append(f"{label}: {exc.reason!r}")
+    leave_out_refused(refused, kept=len(out), subject=ctx.subject, note=ctx.note)
     model = ctx.model
     for prompt in out:
         assert_fits_context(model, len(prompt.ids), spec.max_new_tokens, what=f"{spec.id} {prompt.label}")

@@ -37,7 +37,9 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
-from harness.checks.prompts import ChatMessages, NoChatTemplate, PromptText, assert_fits_context, encode_prompt
+from harness.checks.prompts import (
+    ChatMessages, NoChatTemplate, PromptText, TemplateRefusal, assert_fits_context, encode_prompt, leave_out_refused,
+)
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
     Budget, NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
@@ -227,13 +229,18 @@ class DriftCheck(Check[DriftSpec]):
     def _prompt_ids(self, ctx: CheckContext) -> list[list[int]]:
         tokenizer = ctx.tokenizer
         out = [encode_prompt(tokenizer, prompt=p, messages=None) for p in self.spec.prompts]
-        try:
-            out += [encode_prompt(tokenizer, prompt=None, messages=chat) for chat in self.spec.chats]
-        except NoChatTemplate:
-            raise CheckFailure(
-                f"{ctx.pool.resolved.name!r} has no chat template, and this drift check has `chats`. "
-                "Fix: use `prompts:` (raw text) for a base model."
-            ) from None
+        refused: list[str] = []
+        for index, chat in enumerate(self.spec.chats):
+            try:
+                out.append(encode_prompt(tokenizer, prompt=None, messages=chat))
+            except NoChatTemplate:
+                raise CheckFailure(
+                    f"{ctx.pool.resolved.name!r} has no chat template, and this drift check has `chats`. "
+                    "Fix: use `prompts:` (raw text) for a base model."
+                ) from None
+            except TemplateRefusal as exc:
+                refused.append(f"chat {index}: {exc.reason!r}")
+        leave_out_refused(refused, kept=len(out), subject=ctx.subject, note=ctx.note)
         return out
 
     def _reference(self, ctx: CheckContext, variant: VariantSpec, prompts: list[list[int]]) -> DriftReference:

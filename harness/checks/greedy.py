@@ -82,7 +82,8 @@ class GreedyCheck(Check[GreedySpec]):
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
         prompt_ids = encode_or_skip(ctx.tokenizer, model_name=ctx.pool.resolved.name, prompt=self.spec.prompt,
-                                    messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template)
+                                    messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template,
+                                    recorded=ctx.recorded_against)
         model, tokenizer = ctx.model, ctx.tokenizer
         assert_fits_context(model, len(prompt_ids), self.spec.max_new_tokens, what=self.spec.id)
         settings = generation_settings(model)

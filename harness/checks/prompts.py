@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -43,6 +44,20 @@ class ChatTemplateError(CheckFailure):
     """The model's chat template does not parse, or raised while rendering these messages."""
 
 
+class TemplateRefusal(ChatTemplateError):
+    """The template's own ``raise_exception(...)`` refused these messages.
+
+    Many templates refuse on purpose what their model was not trained on (Gemma's and early
+    Mistral's: no system role; roles that do not alternate). That is a property of the model,
+    which the ``chat_template`` kind records, not a defect: a check whose messages the model
+    refuses does not apply to it (unless its golden says the template once rendered them).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -59,6 +74,12 @@ def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_promp
             [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except TemplateError as exc:
+        if type(exc) is TemplateError:  # what transformers' raise_exception() raises: the template's own refusal
+            raise TemplateRefusal(
+                f"the model's chat template refuses these messages: {exc} (its own raise_exception). Fix: "
+                "messages this model takes (many templates refuse a system message or roles that do not "
+                "alternate); the chat_template check records what the template refuses", reason=str(exc)
+            ) from None
         where = f" (template line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         raise ChatTemplateError(
             f"the model's chat template cannot render these messages{where}: {type(exc).__name__}: {exc}. "
@@ -87,19 +108,53 @@ def encode_prompt(tokenizer: Any, *, prompt: str | None, messages: list[Message]
 
 
 def encode_or_skip(tokenizer: Any, *, model_name: str, prompt: str | None, messages: list[Message] | None,
-                   if_no_chat_template: str) -> list[int]:
-    """``encode_prompt`` for a check: a model without a chat template skips or fails, as the suite says."""
+                   if_no_chat_template: str, recorded: Callable[[], str | None] | None = None) -> list[int]:
+    """``encode_prompt`` for a check: a model without a chat template skips or fails, as the suite says.
+
+    Messages the template refuses on purpose (``TemplateRefusal``) skip: the check does not apply
+    to this model. Unless ``recorded`` names what this item was recorded against (its golden, or
+    in reference mode OLD's run): then the template rendered these messages once and refuses
+    them now, which is a change of the model, and fails (asked only on a refusal).
+    """
     __tracebackhide__ = True
     import pytest
 
     try:
         return encode_prompt(tokenizer, prompt=prompt, messages=messages)
+    except TemplateRefusal as exc:
+        against = recorded() if recorded is not None else None
+        if against is not None:
+            raise CheckFailure(
+                f"the chat template of {model_name!r} now refuses these messages ({exc.reason!r}, its own "
+                f"raise_exception), but {against} was recorded with them rendered: the chat template changed. "
+                "Fix: restore the template; if refusing them is intended, delete that golden and write messages "
+                "the model takes"
+            ) from None
+        pytest.skip(f"the chat template of {model_name!r} refuses these messages ({exc.reason!r}, its own "
+                    "raise_exception), so this check does not apply to this model; the chat_template check "
+                    "records the refusal. To judge it here, write messages the model takes")
     except NoChatTemplate:
         message = f"{model_name!r} has no chat template, and this check renders chat messages"
         if if_no_chat_template == "skip":
             pytest.skip(message)
         raise CheckFailure(message + ". Fix: use `prompt:` for a base model, or set "
                            "if_no_chat_template: skip.") from None
+
+
+def leave_out_refused(refused: list[str], *, kept: int, subject: str, note: Callable[[str], None]) -> None:
+    """Chats of a many-prompt check that the template refuses are left out, said in a note; with none
+    left the check does not apply to this model and skips (``refused``: "label: reason" lines)."""
+    __tracebackhide__ = True
+    import pytest
+
+    if not refused:
+        return
+    what = "; ".join(refused)
+    if not kept:
+        pytest.skip(f"{subject}: the chat template refuses every prompt of this check ({what}; its own "
+                    "raise_exception), so it does not apply to this model")
+    note(f"{subject}: {len(refused)} chat(s) left out, the chat template refuses them ({what}); judged on the "
+         f"other {kept} prompt(s)")
 
 
 def context_limit(model: Any) -> int | None:

@@ -210,7 +210,8 @@ def _encodable(prompts: list[SuitePrompt], tokenizer: Any,
     for prompt in prompts:
         encoded = _encode_or_none(prompt, tokenizer)
         if encoded is None:
-            progress(f"skipping {prompt.id}: OLD's tokenizer has no chat template for its messages")
+            progress(f"skipping {prompt.id}: OLD's tokenizer has no chat template for its messages, or its template "
+                     "refuses them")
             continue
         kept.append(prompt)
         ids.append(encoded)
@@ -218,11 +219,11 @@ def _encodable(prompts: list[SuitePrompt], tokenizer: Any,
 
 
 def _encode_or_none(prompt: SuitePrompt, tokenizer: Any) -> list[int] | None:
-    from harness.checks.prompts import NoChatTemplate
+    from harness.checks.prompts import NoChatTemplate, TemplateRefusal
 
     try:
         return prompt.encode(tokenizer)
-    except NoChatTemplate:
+    except (NoChatTemplate, TemplateRefusal):
         return None
 
 
