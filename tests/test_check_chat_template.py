@@ -27,10 +27,10 @@ suite: chat
 checks:
   - id: strict
     kind: chat_template
+    double_bos: fail
     conversations: {hello: [{role: user, content: "Hello!"}]}
   - id: lenient
     kind: chat_template
-    double_bos: warn
     conversations: {hello: [{role: user, content: "Hello!"}]}
 """
 
@@ -63,7 +63,8 @@ class FakeTokenizer:
 
 def test_spec_defaults_and_validation():
     spec = ChatTemplateSpec.model_validate({"id": "c", "kind": "chat_template"})
-    assert spec.if_no_chat_template == "fail" and spec.double_bos == "fail"  # fail-closed by default
+    assert spec.if_no_chat_template == "fail"  # fail-closed by default
+    assert spec.double_bos == "warn"  # Llama 3, Gemma and Mistral ship a BOS-emitting template on a BOS-adding tokenizer
     for bad in ({"conversations": {"x": []}}, {"add_generation_prompt": [True, True]},
                 {"conversations": {"x": [{"role": "tool", "content": "hi"}]}}, {"double_bos": "ignore"}):
         with pytest.raises(ValueError):
@@ -136,6 +137,7 @@ def test_bos_added_on_top_of_the_template_fails_or_warns(project, editable_model
         "*strict: the chat template already emits BOS '<|im_start|>' (id 1), and the tokenizer adds BOS "
         "again by default, so `tokenizer(rendered_text)` (add_special_tokens=True) starts with two BOS*",
         "*ChatTemplateWarning*",
+        "*lenient: the template emits BOS and the tokenizer adds another by default*double_bos: fail would fail it",
     ])
     assert "encodes chat text with add_special_tokens=False" in result.stdout.str()
     # the failing check wrote nothing; the lenient one recorded its golden
