@@ -50,3 +50,48 @@ def test_default_suites_on_a_new_model_record_then_pass(project, embedded_model_
     # self-consistency holds for any model; what one model answers does not
     rerun.stdout.fnmatch_lines(["*consistency.yaml::batch-rows?fp16? PASSED*", "*consistency.yaml::kv-cache?nf4? PASSED*"])
     rerun.stdout.fnmatch_lines(["*capital-paris was written for smollm2-135m*not for tiny-qwen2*"])
+
+
+def _tiny_gemma2(folder: Path, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+KERNELS_SUITE = """
+suite: kernels
+checks:
+  - id: default-kernels
+    kind: kernels
+    prompts: ["Hello"]
+    max_new_tokens: 2
+  - id: needs-sdpa
+    kind: kernels
+    prompts: ["Hello"]
+    max_new_tokens: 2
+    require: [sdpa]
+"""
+
+
+def test_kernels_on_an_architecture_with_one_attention_implementation(project, embedded_model_dir, tmp_path):
+    """Gemma 2 declares no sdpa: with eager only on a CPU there is nothing to compare, which is the
+    model's design (a skip saying so), unless the suite requires sdpa (a failure naming why)."""
+    model = _tiny_gemma2(tmp_path / "tiny-gemma2", embedded_model_dir)
+    project.suite("kernels", KERNELS_SUITE)
+    result = project.run(f"--model={model}", "--variants", "fp16", "-rs")
+    result.assert_outcomes(skipped=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*needs-sdpa: required attention implementation(s) unavailable: sdpa: Gemma2ForCausalLM does not support it*",
+        "SKIPPED*default-kernels: only ?'eager'? attention implementation(s) exist for this model here*"
+        "sdpa: Gemma2ForCausalLM does not support it (_supports_sdpa is False in transformers)*",
+    ])
