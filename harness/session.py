@@ -240,13 +240,13 @@ class HarnessSession:
             unknown = self._unknown_models(models)
             if unknown:
                 raise _not_judged(request, unknown)
-            pytest.skip(f"{entry.check.spec.id} was written for {', '.join(models)} (its `models:` key), not for "
-                        f"{' or '.join(names)}: add this model there, or write its own check")
+            raise _skip_here(f"{entry.check.spec.id} was written for {', '.join(models)} (its `models:` key), not "
+                             f"for {' or '.join(names)}: add this model there, or write its own check")
         if entry.check.needs_gpu and not self.device.is_cuda:
             reason = f"{entry.check.kind} needs a CUDA device; running on {self.device.description}"
             if reference:
                 raise _not_judged(request, reason)
-            pytest.skip(reason)
+            raise _skip_here(reason)
         if reference:
             self._run_against_reference(suite, entry, variant, request)
             return
