@@ -126,17 +126,27 @@ def test_tokenizer_without_pad_and_template_and_a_short_context(project, embedde
     messages: [{role: user, content: "Hi"}]
     if_no_chat_template: skip
 """)
-    result = project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update", "-rs")
+    # declared a chat model in the registry: a missing template is a defect
+    with (project.path / "models.yaml").open("a", encoding="utf-8") as registry:
+        registry.write(f"\n  nopad:\n    path: {model}\n    chat: true\n")
+    result = project.run("--model=nopad", "--variants", "fp16", "--snapshot-update", "-rs")
     result.assert_outcomes(passed=1, failed=2, skipped=1)
     result.stdout.fnmatch_lines([
         "note: tokenizer has no pad token: using eos '<|im_end|>' (id 2) for padding",
-        "SKIPPED [[]1[]] suites/gen.yaml:18: 'nopad' has no chat template, and this check renders chat messages",
+        "SKIPPED [[]1[]] suites/gen.yaml:18: 'nopad' has no chat template, and this check renders chat messages "
+        "(the check says if_no_chat_template: skip)*",
     ])
     out = result.stdout.str()
-    assert "'nopad' has no chat template, and this check renders chat messages. Fix: use `prompt:`" in out
+    assert ("'nopad' has no chat template, and this check renders chat messages, and its registry entry declares "
+            "it a chat model (chat: true). Fix: restore its chat template; for a base model set chat: false") in out
     assert ("long: the prompt is 13 tokens and max_new_tokens is 8, which exceeds the model's context of "
             "16 tokens. Fix: shorten the prompt or lower max_new_tokens in the suite.") in out
     assert project.goldens() == ["nopad/cpu/fp16/gen/capital.json"]
+    # the same folder given as a path declares nothing: a base model, whose chat checks do not apply
+    result = project.run(f"--model={model}", "--variants", "fp16", "-rs", "-k", "joke")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*'nopad' has no chat template, and this check renders chat messages (a base "
+                                 "model: no registry entry declares it a chat model), so it does not apply*"])
 
 
 def test_out_of_memory_in_one_variant_does_not_stop_the_others(recorded):

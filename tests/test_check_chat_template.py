@@ -160,14 +160,32 @@ def test_template_that_renders_bos_twice_always_fails(project, editable_model, t
 
 
 def test_model_without_a_template_fails_or_skips(project, editable_model, tmp_path):
+    """No chat template: a change where goldens were recorded with one; a base model's chat checks do not
+    apply where nothing declares it a chat model; a registry entry with chat: true makes it a defect."""
     model = editable_model("base")
-    (model / "chat_template.jinja").unlink()
     project.suite("chat", NO_TEMPLATE_SUITE)
+    project.run(f"--model={model}", "--variants", "fp16", "--snapshot-update").assert_outcomes(passed=2)
+    (model / "chat_template.jinja").unlink()
+    result = project.run(f"--model={model}", "--variants", "fp16")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*'base' has no chat template, and must-have renders chat prompts, but its golden "
+                                 "must-have.json was recorded with one: the chat template is gone*"])
+
+    shutil.rmtree(project.golden)
     result = project.run(f"--model={model}", "--variants", "fp16", "-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["SKIPPED*'base' has no chat template, and must-have renders chat prompts (a base "
+                                 "model: no registry entry declares it a chat model), so it does not apply*"])
+
+    with (project.path / "models.yaml").open("a", encoding="utf-8") as registry:
+        registry.write(f"\n  base:\n    path: {model}\n    chat: true\n")
+    result = project.run("--model=base", "--variants", "fp16", "-rs")
     result.assert_outcomes(failed=1, skipped=1)
     result.stdout.fnmatch_lines([
-        "*must-have: 'base' has no chat template*set if_no_chat_template: skip for a base model.",
-        "SKIPPED*'base' has no chat template*",
+        "*'base' has no chat template, and must-have renders chat prompts, and its registry entry declares it a "
+        "chat model (chat: true)*",
+        "SKIPPED*'base' has no chat template, and optional renders chat prompts (the check says "
+        "if_no_chat_template: skip)*",
     ])
 
 
@@ -263,8 +281,8 @@ def test_template_that_refuses_a_system_role(project, editable_model, tmp_path):
     update.assert_outcomes(passed=3, skipped=1)
     update.stdout.fnmatch_lines([
         "*builtin: the chat template refuses 2 of 8 renderings on purpose*'System role not supported'*",
-        "*cached?fp16?: 1 chat(s) left out, the chat template refuses them (chat 0 ('Hi'): 'System role not "
-        "supported'); judged on the other 1 prompt(s)",
+        "*cached?fp16?: 1 chat(s) left out, the model does not take them (chat 0 ('Hi'): its chat template "
+        "refuses it, 'System role not supported'); judged on the other 1 prompt(s)",
         "SKIPPED*chat.yaml:6: the chat template of 'nosystem' refuses these messages ('System role not supported'*"
         "does not apply to this model*",
     ])

@@ -39,7 +39,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import Message, NoChatTemplate, TemplateRefusal, render_chat
+from harness.checks.prompts import (
+    Message, NoChatTemplate, TemplateRefusal, base_model_reason, missing_template, render_chat,
+)
 from harness.errors import CheckFailure
 
 DEFAULT_CONVERSATIONS: dict[str, list[Message]] = {
@@ -118,14 +120,10 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
                 try:
                     text = render_chat(tokenizer, messages, add_generation_prompt=flag)
                 except NoChatTemplate:
-                    message = (f"{ctx.pool.resolved.name!r} has no chat template (tokenizer.chat_template "
-                               "is empty), so chat prompts cannot be rendered")
-                    if self.spec.if_no_chat_template == "skip":
-                        pytest.skip(message)
-                    raise CheckFailure(
-                        f"{self.spec.id}: {message}. Fix: add a chat template to the tokenizer, or set "
-                        "if_no_chat_template: skip for a base model."
-                    ) from None
+                    raise missing_template(
+                        ctx.pool.resolved.name, what=f"{self.spec.id} renders chat prompts",
+                        skip=self.spec.if_no_chat_template == "skip", base=base_model_reason(ctx.pool.resolved.entry),
+                        against=ctx.recorded_against()) from None
                 except TemplateRefusal as exc:  # the template's own contract: recorded, and judged as a golden
                     rendered[name][mode_key(flag)] = {"refused": exc.reason}
                     refusals.append(f"{label}: {exc.reason!r}")

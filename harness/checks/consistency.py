@@ -19,7 +19,8 @@ from pydantic import Field, model_validator
 
 from harness.checks.base import CheckSpec
 from harness.checks.prompts import (
-    ChatMessages, PromptText, TemplateRefusal, assert_fits_context, encode_prompt, leave_out_refused,
+    ChatMessages, NoChatTemplate, PromptText, TemplateRefusal, assert_fits_context, base_model_reason, encode_prompt,
+    leave_out_refused, missing_template,
 )
 from harness.compare import ToleranceSpec
 from harness.errors import CheckFailure
@@ -87,7 +88,13 @@ def encoded_prompts(ctx: CheckContext, spec: ConsistencySpec) -> list[Prompt]:
         try:
             out.append(Prompt(label, encode_prompt(ctx.tokenizer, prompt=None, messages=messages)))
         except TemplateRefusal as exc:
-            refused.append(f"{label}: {exc.reason!r}")
+            refused.append(f"{label}: its chat template refuses it, {exc.reason!r}")
+        except NoChatTemplate:
+            base = base_model_reason(ctx.pool.resolved.entry)
+            if base is None:
+                raise missing_template(ctx.pool.resolved.name, what=f"{spec.id} has `chats`", skip=False, base=None,
+                                       against=None) from None
+            refused.append(f"{label}: no chat template ({base})")
     leave_out_refused(refused, kept=len(out), subject=ctx.subject, note=ctx.note)
     model = ctx.model
     for prompt in out:

@@ -38,7 +38,8 @@ from pydantic import Field, field_validator, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
 from harness.checks.prompts import (
-    ChatMessages, NoChatTemplate, PromptText, TemplateRefusal, assert_fits_context, encode_prompt, leave_out_refused,
+    ChatMessages, NoChatTemplate, PromptText, TemplateRefusal, assert_fits_context, base_model_reason, encode_prompt,
+    leave_out_refused, missing_template,
 )
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
@@ -234,12 +235,13 @@ class DriftCheck(Check[DriftSpec]):
             try:
                 out.append(encode_prompt(tokenizer, prompt=None, messages=chat))
             except NoChatTemplate:
-                raise CheckFailure(
-                    f"{ctx.pool.resolved.name!r} has no chat template, and this drift check has `chats`. "
-                    "Fix: use `prompts:` (raw text) for a base model."
-                ) from None
+                base = base_model_reason(ctx.pool.resolved.entry)
+                if base is None:
+                    raise missing_template(ctx.pool.resolved.name, what="this drift check has `chats`", skip=False,
+                                           base=None, against=None) from None
+                refused.append(f"chat {index}: no chat template ({base})")
             except TemplateRefusal as exc:
-                refused.append(f"chat {index}: {exc.reason!r}")
+                refused.append(f"chat {index}: its chat template refuses it, {exc.reason!r}")
         leave_out_refused(refused, kept=len(out), subject=ctx.subject, note=ctx.note)
         return out
 

@@ -108,13 +108,16 @@ def encode_prompt(tokenizer: Any, *, prompt: str | None, messages: list[Message]
 
 
 def encode_or_skip(tokenizer: Any, *, model_name: str, prompt: str | None, messages: list[Message] | None,
-                   if_no_chat_template: str, recorded: Callable[[], str | None] | None = None) -> list[int]:
-    """``encode_prompt`` for a check: a model without a chat template skips or fails, as the suite says.
+                   if_no_chat_template: str, recorded: Callable[[], str | None] | None = None,
+                   base: str | None = None) -> list[int]:
+    """``encode_prompt`` for a check: what a model whose template cannot render these messages does.
 
     Messages the template refuses on purpose (``TemplateRefusal``) skip: the check does not apply
-    to this model. Unless ``recorded`` names what this item was recorded against (its golden, or
-    in reference mode OLD's run): then the template rendered these messages once and refuses
-    them now, which is a change of the model, and fails (asked only on a refusal).
+    to this model. A model with no chat template skips where it may be a base model (``base``
+    says why: ``base_model_reason``) or the suite says ``if_no_chat_template: skip``, and fails
+    where it is declared a chat model. Either way, where ``recorded`` names what this item was
+    recorded against (its golden, or in reference mode OLD's run), the template rendered these
+    messages once and does not now, which is a change of the model, and fails (asked only then).
     """
     __tracebackhide__ = True
     import pytest
@@ -134,16 +137,41 @@ def encode_or_skip(tokenizer: Any, *, model_name: str, prompt: str | None, messa
                     "raise_exception), so this check does not apply to this model; the chat_template check "
                     "records the refusal. To judge it here, write messages the model takes")
     except NoChatTemplate:
-        message = f"{model_name!r} has no chat template, and this check renders chat messages"
-        if if_no_chat_template == "skip":
-            pytest.skip(message)
-        raise CheckFailure(message + ". Fix: use `prompt:` for a base model, or set "
-                           "if_no_chat_template: skip.") from None
+        raise missing_template(model_name, what="this check renders chat messages", skip=if_no_chat_template == "skip",
+                               base=base, against=recorded() if recorded is not None else None) from None
+
+
+def base_model_reason(entry: Any) -> str | None:
+    """Why a model with no chat template may be a base model, or None where its registry entry says
+    ``chat: true`` (then a missing template is a defect). A folder, GGUF or hub name given on the
+    command line declares nothing: whether it has a template is all there is to go on."""
+    if "chat" not in entry.model_fields_set:
+        return "no registry entry declares it a chat model"
+    return None if entry.chat else "its registry entry says chat: false"
+
+
+def missing_template(model_name: str, *, what: str, skip: bool, base: str | None,
+                     against: str | None) -> BaseException:
+    """The skip or failure of a check that renders chat messages on a model with no chat template."""
+    import pytest
+
+    message = f"{model_name!r} has no chat template, and {what}"
+    if against is not None:
+        return CheckFailure(f"{message}, but {against} was recorded with one: the chat template is gone. Fix: restore "
+                            "chat_template in the tokenizer files (tokenizer_config.json or chat_template.jinja)")
+    if skip or base is not None:
+        reason = "the check says if_no_chat_template: skip" if skip else f"a base model: {base}"
+        return pytest.skip.Exception(f"{message} ({reason}), so it does not apply; `chat: true` on the model's "
+                                     "registry entry makes a missing template fail", _use_item_location=True)
+    return CheckFailure(f"{message}, and its registry entry declares it a chat model (chat: true). Fix: restore its "
+                        "chat template; for a base model set chat: false (or use `prompt:`, or "
+                        "if_no_chat_template: skip on the check)")
 
 
 def leave_out_refused(refused: list[str], *, kept: int, subject: str, note: Callable[[str], None]) -> None:
-    """Chats of a many-prompt check that the template refuses are left out, said in a note; with none
-    left the check does not apply to this model and skips (``refused``: "label: reason" lines)."""
+    """Chats of a many-prompt check that the model does not take (its template refuses them, or a base
+    model has none) are left out, said in a note; with none left the check does not apply to this
+    model and skips (``refused``: "label: why" lines)."""
     __tracebackhide__ = True
     import pytest
 
@@ -151,9 +179,9 @@ def leave_out_refused(refused: list[str], *, kept: int, subject: str, note: Call
         return
     what = "; ".join(refused)
     if not kept:
-        pytest.skip(f"{subject}: the chat template refuses every prompt of this check ({what}; its own "
-                    "raise_exception), so it does not apply to this model")
-    note(f"{subject}: {len(refused)} chat(s) left out, the chat template refuses them ({what}); judged on the "
+        pytest.skip(f"{subject}: the model takes none of this check's prompts ({what}), so the check does not "
+                    "apply to this model")
+    note(f"{subject}: {len(refused)} chat(s) left out, the model does not take them ({what}); judged on the "
          f"other {kept} prompt(s)")
 
 
