@@ -159,10 +159,11 @@ def missing_template(model_name: str, *, what: str, skip: bool, base: str | None
     if against is not None:
         return CheckFailure(f"{message}, but {against} was recorded with one: the chat template is gone. Fix: restore "
                             "chat_template in the tokenizer files (tokenizer_config.json or chat_template.jinja)")
-    if skip or base is not None:
-        reason = "the check says if_no_chat_template: skip" if skip else f"a base model: {base}"
-        return pytest.skip.Exception(f"{message} ({reason}), so it does not apply; `chat: true` on the model's "
-                                     "registry entry makes a missing template fail", _use_item_location=True)
+    if skip:
+        return pytest.skip.Exception(f"{message} (the check says if_no_chat_template: skip)", _use_item_location=True)
+    if base is not None:
+        return pytest.skip.Exception(f"{message} (a base model: {base}), so it does not apply; `chat: true` on the "
+                                     "model's registry entry makes a missing template fail", _use_item_location=True)
     return CheckFailure(f"{message}, and its registry entry declares it a chat model (chat: true). Fix: restore its "
                         "chat template; for a base model set chat: false (or use `prompt:`, or "
                         "if_no_chat_template: skip on the check)")
