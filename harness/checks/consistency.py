@@ -19,8 +19,7 @@ from pydantic import Field, model_validator
 
 from harness.checks.base import CheckSpec
 from harness.checks.prompts import (
-    ChatMessages, NoChatTemplate, PromptText, TemplateRefusal, assert_fits_context, base_model_reason, encode_prompt,
-    leave_out_refused, missing_template,
+    ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
 from harness.compare import ToleranceSpec
 from harness.errors import CheckFailure
@@ -85,16 +84,12 @@ def encoded_prompts(ctx: CheckContext, spec: ConsistencySpec) -> list[Prompt]:
     refused: list[str] = []
     for index, messages in enumerate(spec.chats):
         label = f"chat {index} ({_short(messages[-1].content)})"
-        try:
-            out.append(Prompt(label, encode_prompt(ctx.tokenizer, prompt=None, messages=messages)))
-        except TemplateRefusal as exc:
-            refused.append(f"{label}: its chat template refuses it, {exc.reason!r}")
-        except NoChatTemplate:
-            base = base_model_reason(ctx.pool.resolved.entry)
-            if base is None:
-                raise missing_template(ctx.pool.resolved.name, what=f"{spec.id} has `chats`", skip=False, base=None,
-                                       against=None) from None
-            refused.append(f"{label}: no chat template ({base})")
+        ids, why = encode_chat_or_why(ctx.tokenizer, messages, entry=ctx.pool.resolved.entry,
+                                      model_name=ctx.pool.resolved.name, what=f"{spec.id} has `chats`")
+        if ids is None:
+            refused.append(f"{label}: {why}")
+        else:
+            out.append(Prompt(label, ids))
     leave_out_refused(refused, kept=len(out), subject=ctx.subject, note=ctx.note)
     model = ctx.model
     for prompt in out:

@@ -38,8 +38,7 @@ from pydantic import Field, field_validator, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
 from harness.checks.prompts import (
-    ChatMessages, NoChatTemplate, PromptText, TemplateRefusal, assert_fits_context, base_model_reason, encode_prompt,
-    leave_out_refused, missing_template,
+    ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
@@ -232,16 +231,12 @@ class DriftCheck(Check[DriftSpec]):
         out = [encode_prompt(tokenizer, prompt=p, messages=None) for p in self.spec.prompts]
         refused: list[str] = []
         for index, chat in enumerate(self.spec.chats):
-            try:
-                out.append(encode_prompt(tokenizer, prompt=None, messages=chat))
-            except NoChatTemplate:
-                base = base_model_reason(ctx.pool.resolved.entry)
-                if base is None:
-                    raise missing_template(ctx.pool.resolved.name, what="this drift check has `chats`", skip=False,
-                                           base=None, against=None) from None
-                refused.append(f"chat {index}: no chat template ({base})")
-            except TemplateRefusal as exc:
-                refused.append(f"chat {index}: its chat template refuses it, {exc.reason!r}")
+            ids, why = encode_chat_or_why(tokenizer, chat, entry=ctx.pool.resolved.entry,
+                                          model_name=ctx.pool.resolved.name, what="this drift check has `chats`")
+            if ids is None:
+                refused.append(f"chat {index}: {why}")
+            else:
+                out.append(ids)
         leave_out_refused(refused, kept=len(out), subject=ctx.subject, note=ctx.note)
         return out
 

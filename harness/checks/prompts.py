@@ -169,6 +169,23 @@ def missing_template(model_name: str, *, what: str, skip: bool, base: str | None
                         "if_no_chat_template: skip on the check)")
 
 
+def encode_chat_or_why(tokenizer: Any, messages: list[Message], *, entry: Any, model_name: str,
+                       what: str) -> tuple[list[int] | None, str | None]:
+    """One chat of a many-prompt check: its ids, or why this model does not take it (its template
+    refuses it, or a base model has no template) for ``leave_out_refused``. A model declared a
+    chat model (``chat: true``) with no template fails instead."""
+    __tracebackhide__ = True
+    try:
+        return encode_prompt(tokenizer, prompt=None, messages=messages), None
+    except TemplateRefusal as exc:
+        return None, f"its chat template refuses it, {exc.reason!r}"
+    except NoChatTemplate:
+        base = base_model_reason(entry)
+        if base is None:
+            raise missing_template(model_name, what=what, skip=False, base=None, against=None) from None
+        return None, f"no chat template ({base})"
+
+
 def leave_out_refused(refused: list[str], *, kept: int, subject: str, note: Callable[[str], None]) -> None:
     """Chats of a many-prompt check that the model does not take (its template refuses them, or a base
     model has none) are left out, said in a note; with none left the check does not apply to this
