@@ -50,17 +50,17 @@ def run_logged(suites: list[str], log: Path) -> float:
 
 
 def load_kind(kind: str, model_dir: Path, adapter: Path | None) -> Any:
-    """The bare model for a logged kind: its dtype or NF4 (double quantization, bf16 compute), +lora."""
+    """The bare model for a logged kind: its dtype or NF4 (the harness's recipe), +lora; no harness around it."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
+
+    from harness.pool import nf4_config
 
     logging.disable_progress_bar()
     base, _, lora = kind.partition("+")
     if base == "nf4":
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(), device_map="cpu")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, base))
     if lora:
