@@ -89,8 +89,8 @@ def fit(model: Any, lengths: tuple[int, ...] = (1, 16, 64), repeats: int = 3) ->
             points.append((n, statistics.median(times)))
     mean_n = statistics.fmean(n for n, _ in points)
     mean_t = statistics.fmean(t for _, t in points)
-    slope = (sum((n - mean_n) * (t - mean_t) for n, t in points)
-             / sum((n - mean_n) ** 2 for n, _ in points))
+    slope = max(0.0, sum((n - mean_n) * (t - mean_t) for n, t in points)
+                / sum((n - mean_n) ** 2 for n, _ in points))  # a tiny model's slope can be noise below 0
     return max(0.0, mean_t - slope * mean_n), slope
 
 

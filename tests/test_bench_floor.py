@@ -71,7 +71,19 @@ def test_the_log_counts_a_wrapped_model_once_with_its_shape_and_kind(tiny, tmp_p
     assert summary["nf4"] == {"forwards": 1, "tokens": 1, "seconds": 0.5}
 
 
-def test_the_fit_gives_a_per_forward_and_a_per_token_cost(tiny):
+def test_the_fit_recovers_a_per_forward_and_a_per_token_cost():
+    import time
+
+    class Timed:  # a "model" whose forward costs 20 ms + 1 ms per token
+        def __call__(self, input_ids, attention_mask):
+            time.sleep(0.020 + 0.001 * input_ids.shape[1])
+
+    per_forward, per_token = _module("forward_floor").fit(Timed(), lengths=(1, 8, 32), repeats=1)
+    assert per_forward == pytest.approx(0.020, abs=0.006)
+    assert per_token == pytest.approx(0.001, abs=0.0003)
+
+
+def test_the_fit_never_gives_a_negative_cost(tiny):
     per_forward, per_token = _module("forward_floor").fit(tiny, lengths=(1, 8, 32), repeats=1)
     assert per_forward >= 0 and per_token >= 0
     assert per_forward + 32 * per_token < 1.0  # a 2-layer model of width 16
