@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import (
-    Message, NoChatTemplate, TemplateRefusal, base_model_reason, missing_template, render_chat,
+    Message, NoChatTemplate, TemplateRefusal, missing_template, render_chat,
 )
 from harness.errors import CheckFailure
 
@@ -104,8 +104,6 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        import pytest
-
         tokenizer = ctx.tokenizer
         rendered: dict[str, dict[str, Any]] = {}
         errors: list[str] = []
@@ -121,9 +119,8 @@ class ChatTemplateCheck(Check[ChatTemplateSpec]):
                     text = render_chat(tokenizer, messages, add_generation_prompt=flag)
                 except NoChatTemplate:
                     raise missing_template(
-                        ctx.pool.resolved.name, what=f"{self.spec.id} renders chat prompts",
-                        skip=self.spec.if_no_chat_template == "skip", base=base_model_reason(ctx.pool.resolved.entry),
-                        against=ctx.recorded_against()) from None
+                        ctx.pool.resolved, what=f"{self.spec.id} renders chat prompts",
+                        skip=self.spec.if_no_chat_template == "skip", against=ctx.recorded_against()) from None
                 except TemplateRefusal as exc:  # the template's own contract: recorded, and judged as a golden
                     rendered[name][mode_key(flag)] = {"refused": exc.reason}
                     refusals.append(f"{label}: {exc.reason!r}")

@@ -84,8 +84,7 @@ def encoded_prompts(ctx: CheckContext, spec: ConsistencySpec) -> list[Prompt]:
     refused: list[str] = []
     for index, messages in enumerate(spec.chats):
         label = f"chat {index} ({_short(messages[-1].content)})"
-        ids, why = encode_chat_or_why(ctx.tokenizer, messages, entry=ctx.pool.resolved.entry,
-                                      model_name=ctx.pool.resolved.name, what=f"{spec.id} has `chats`")
+        ids, why = encode_chat_or_why(ctx.tokenizer, messages, model=ctx.pool.resolved, what=f"{spec.id} has `chats`")
         if ids is None:
             refused.append(f"{label}: {why}")
         else:

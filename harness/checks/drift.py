@@ -231,8 +231,7 @@ class DriftCheck(Check[DriftSpec]):
         out = [encode_prompt(tokenizer, prompt=p, messages=None) for p in self.spec.prompts]
         refused: list[str] = []
         for index, chat in enumerate(self.spec.chats):
-            ids, why = encode_chat_or_why(tokenizer, chat, entry=ctx.pool.resolved.entry,
-                                          model_name=ctx.pool.resolved.name, what="this drift check has `chats`")
+            ids, why = encode_chat_or_why(tokenizer, chat, model=ctx.pool.resolved, what="this drift check has `chats`")
             if ids is None:
                 refused.append(f"chat {index}: {why}")
             else:

@@ -28,9 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import (
-    ChatMessages, PromptText, assert_fits_context, base_model_reason, encode_or_skip, greedy_generate,
-)
+from harness.checks.prompts import ChatMessages, PromptText, assert_fits_context, encode_or_skip, greedy_generate
 from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
@@ -229,9 +227,8 @@ class ExpectCheck(Check[ExpectSpec]):
     def answers(self, ctx: CheckContext) -> list[Answer]:
         """The greedy answer, or the seeded samples, of ``ctx``'s model."""
         __tracebackhide__ = True
-        prompt_ids = encode_or_skip(ctx.tokenizer, model_name=ctx.pool.resolved.name, prompt=self.spec.prompt,
-                                    messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template,
-                                    base=base_model_reason(ctx.pool.resolved.entry))
+        prompt_ids = encode_or_skip(ctx.tokenizer, model=ctx.pool.resolved, prompt=self.spec.prompt,
+                                    messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template)
         model = ctx.model
         assert_fits_context(model, len(prompt_ids), self.spec.max_new_tokens, what=self.spec.id)
         return generate_answers(model, ctx.tokenizer, prompt_ids, self.spec)

@@ -22,8 +22,7 @@ from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import (
-    ChatMessages, PromptText, assert_fits_context, base_model_reason, describe_token, encode_or_skip,
-    greedy_generate,
+    ChatMessages, PromptText, assert_fits_context, describe_token, encode_or_skip, greedy_generate,
 )
 from harness import path_noise
 from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
@@ -82,9 +81,9 @@ class GreedyCheck(Check[GreedySpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        prompt_ids = encode_or_skip(ctx.tokenizer, model_name=ctx.pool.resolved.name, prompt=self.spec.prompt,
+        prompt_ids = encode_or_skip(ctx.tokenizer, model=ctx.pool.resolved, prompt=self.spec.prompt,
                                     messages=self.spec.messages, if_no_chat_template=self.spec.if_no_chat_template,
-                                    recorded=ctx.recorded_against, base=base_model_reason(ctx.pool.resolved.entry))
+                                    recorded=ctx.recorded_against)
         model, tokenizer = ctx.model, ctx.tokenizer
         assert_fits_context(model, len(prompt_ids), self.spec.max_new_tokens, what=self.spec.id)
         settings = generation_settings(model)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from harness.errors import CheckFailure
+
+if TYPE_CHECKING:
+    from harness.sources import ResolvedModel
 
 
 def _some_text(value: str) -> str:
@@ -107,14 +110,13 @@ def encode_prompt(tokenizer: Any, *, prompt: str | None, messages: list[Message]
     return ids
 
 
-def encode_or_skip(tokenizer: Any, *, model_name: str, prompt: str | None, messages: list[Message] | None,
-                   if_no_chat_template: str, recorded: Callable[[], str | None] | None = None,
-                   base: str | None = None) -> list[int]:
+def encode_or_skip(tokenizer: Any, *, model: ResolvedModel, prompt: str | None, messages: list[Message] | None,
+                   if_no_chat_template: str, recorded: Callable[[], str | None] | None = None) -> list[int]:
     """``encode_prompt`` for a check: what a model whose template cannot render these messages does.
 
     Messages the template refuses on purpose (``TemplateRefusal``) skip: the check does not apply
-    to this model. A model with no chat template skips where it may be a base model (``base``
-    says why: ``base_model_reason``) or the suite says ``if_no_chat_template: skip``, and fails
+    to this model. A model with no chat template skips where it may be a base model
+    (``base_model_reason`` of its registry entry) or the suite says ``if_no_chat_template: skip``, and fails
     where it is declared a chat model. Either way, where ``recorded`` names what this item was
     recorded against (its golden, or in reference mode OLD's run), the template rendered these
     messages once and does not now, which is a change of the model, and fails (asked only then).
@@ -122,6 +124,7 @@ def encode_or_skip(tokenizer: Any, *, model_name: str, prompt: str | None, messa
     __tracebackhide__ = True
     import pytest
 
+    model_name = model.name
     try:
         return encode_prompt(tokenizer, prompt=prompt, messages=messages)
     except TemplateRefusal as exc:
@@ -137,8 +140,8 @@ def encode_or_skip(tokenizer: Any, *, model_name: str, prompt: str | None, messa
                     "raise_exception), so this check does not apply to this model; the chat_template check "
                     "records the refusal. To judge it here, write messages the model takes")
     except NoChatTemplate:
-        raise missing_template(model_name, what="this check renders chat messages", skip=if_no_chat_template == "skip",
-                               base=base, against=recorded() if recorded is not None else None) from None
+        raise missing_template(model, what="this check renders chat messages", skip=if_no_chat_template == "skip",
+                               against=recorded() if recorded is not None else None) from None
 
 
 def base_model_reason(entry: Any) -> str | None:
@@ -150,12 +153,12 @@ def base_model_reason(entry: Any) -> str | None:
     return None if entry.chat else "its registry entry says chat: false"
 
 
-def missing_template(model_name: str, *, what: str, skip: bool, base: str | None,
-                     against: str | None) -> BaseException:
+def missing_template(model: ResolvedModel, *, what: str, skip: bool, against: str | None) -> BaseException:
     """The skip or failure of a check that renders chat messages on a model with no chat template."""
     import pytest
 
-    message = f"{model_name!r} has no chat template, and {what}"
+    base = base_model_reason(model.entry)
+    message = f"{model.name!r} has no chat template, and {what}"
     if against is not None:
         return CheckFailure(f"{message}, but {against} was recorded with one: the chat template is gone. Fix: restore "
                             "chat_template in the tokenizer files (tokenizer_config.json or chat_template.jinja)")
@@ -169,7 +172,7 @@ def missing_template(model_name: str, *, what: str, skip: bool, base: str | None
                         "if_no_chat_template: skip on the check)")
 
 
-def encode_chat_or_why(tokenizer: Any, messages: list[Message], *, entry: Any, model_name: str,
+def encode_chat_or_why(tokenizer: Any, messages: list[Message], *, model: ResolvedModel,
                        what: str) -> tuple[list[int] | None, str | None]:
     """One chat of a many-prompt check: its ids, or why this model does not take it (its template
     refuses it, or a base model has no template) for ``leave_out_refused``. A model declared a
@@ -180,9 +183,9 @@ def encode_chat_or_why(tokenizer: Any, messages: list[Message], *, entry: Any, m
     except TemplateRefusal as exc:
         return None, f"its chat template refuses it, {exc.reason!r}"
     except NoChatTemplate:
-        base = base_model_reason(entry)
+        base = base_model_reason(model.entry)
         if base is None:
-            raise missing_template(model_name, what=what, skip=False, base=None, against=None) from None
+            raise missing_template(model, what=what, skip=False, against=None) from None
         return None, f"no chat template ({base})"
 
 
