@@ -224,9 +224,9 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
                      f"the plain layout's ({what})")
             return
         message = (
-            f"{ctx.subject}: platform finding, not a verdict on the model or adapter: this machine's bitsandbytes "
-            f"holds the NF4 weights in its {LAYOUT_NAMES['cpu-packed']} (repacked at the first forward on a CPU "
-            f"with AVX512-BF16), and peft's merge_and_unload() reads them as the plain layout: {what}, against "
+            f"{ctx.subject}: platform finding, not a verdict on the model or adapter: the NF4 weights are in "
+            f"{LAYOUT_NAMES['cpu-packed']} (bitsandbytes repacks them at the first forward on a CPU with "
+            f"AVX512-BF16), and peft's merge_and_unload() reads them as the plain layout: {what}, against "
             f"mean |Δ log p| {plain.mean:.3g} merging the same model from the plain layout (judged above). A model "
             "merged this way after it has run on such a CPU is damaged. Instead: merge before any forward pass "
             "(a fresh load), merge on a GPU or into the 16-bit checkpoint, or ship the unmerged adapter. "
