@@ -232,6 +232,7 @@ def _markdown(merged: Merged) -> str:
     with_provenance = [h for h in headers if (h.get("model") or {}).get("provenance")]
     chosen = (with_provenance or headers or [None])[0]
     header = Header.from_dict(chosen) if chosen else Header(model=Side(name="-", error="no shard recorded one"))
+    header.recorded = [group for h in headers for group in (h.get("recorded") or [])]  # every shard's goldens
     seconds = max((float(s.data.get("seconds") or 0) for s in merged.shards), default=0.0)
     preface = []
     if merged.problems:
