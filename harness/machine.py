@@ -25,6 +25,7 @@ from typing import Any
 NUMERICS_KEY = "numerics"
 NOT_RECORDED = "not recorded"
 CAPABILITY_VARIABLE = "ATEN_CPU_CAPABILITY"  # torch's override of the kernels it dispatches to
+CPUINFO = Path("/proc/cpuinfo")
 
 # (key in the numerics dict, label for people); the CPU's name is shown, never compared: cloud runners
 # of one kind carry several names for CPUs with the same features.
@@ -78,7 +79,7 @@ def _fixed_numerics(device_type: str) -> dict[str, Any]:
     }
 
 
-def cpu_features() -> dict[str, bool | None]:
+def cpu_features(*, cpuinfo: Path = CPUINFO) -> dict[str, bool | None]:
     """The instruction sets that select other kernels, as torch's cpuinfo sees them (any OS), else as
     Linux's /proc/cpuinfo lists them; None where neither says."""
     try:
@@ -92,7 +93,7 @@ def cpu_features() -> dict[str, bool | None]:
         }
     except (ImportError, AttributeError, RuntimeError):  # an older torch, or another architecture's build
         pass
-    flags = _proc_cpuinfo_flags(Path("/proc/cpuinfo"))
+    flags = _proc_cpuinfo_flags(cpuinfo)
     if flags is None:
         return {"avx512f": None, "avx512_bf16": None, "amx": None}
     return {"avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
@@ -113,7 +114,7 @@ def _proc_cpuinfo_flags(path: Path) -> set[str] | None:
 def cpu_name() -> str:
     """The CPU's marketing name where the OS says it (Linux: /proc/cpuinfo), else the platform's word."""
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and value.strip():
                 return value.strip()
@@ -301,3 +302,36 @@ def markdown_lines(current: dict[str, Any], recorded: list[dict[str, Any]]) -> l
         lines.append(f"| {label} | {row.current} | {row.recorded} |".replace("\n", " "))
     return lines + ["", "Rows in bold differ: a golden that fails names them; a version or kernel change can move "
                     "outputs without any change to the model.", ""]
+
+
+def shard_note(headers: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """A merged report's note when its shards (index, result header) ran on machines with other numerics
+    (threads aside: each runner has its cores), since a verdict may then differ by CPU, not by check."""
+    seen: dict[str, list[int]] = {}
+    for index, header in headers:
+        values = ((header.get("model") or {}).get("provenance") or {}).get(NUMERICS_KEY)
+        if isinstance(values, dict):
+            key = ", ".join(f"{label} {_shown(k, values)}" for k, label in FIELDS
+                            if k not in SHOWN_ONLY and k != "threads")
+            seen.setdefault(key, []).append(index)
+    if len(seen) < 2:
+        return []
+    listing = "; ".join(f"shard {', '.join(map(str, shards))}: {key}" for key, shards in seen.items())
+    return [f"Note: the shards ran on machines with different numerics ({listing}).", ""]
+
+
+def main() -> None:
+    """``python -m harness.machine``: this machine's numerics and libraries, as Markdown (a CI step summary)."""
+    from harness.provenance import library_versions
+
+    values = numerics("cpu")
+    print("### Where this ran")
+    print("")
+    for key, label in FIELDS:
+        note = " (this process; a pytest -n N worker runs its share)" if key == "threads" else ""
+        print(f"- {label}: {_shown(key, values)}{note}")
+    print("- libraries: " + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -226,6 +226,7 @@ def _exitstatus(merged: Merged) -> int:
 
 
 def _markdown(merged: Merged) -> str:
+    from harness.machine import shard_note
     from harness.report import Header, Side, render_markdown
 
     headers = [s.data.get("header") for s in merged.shards if s.data.get("header")]
@@ -239,6 +240,7 @@ def _markdown(merged: Merged) -> str:
         preface += ["## The shards do not make one whole run (red)", "",
                     *(f"- {problem}" for problem in merged.problems), ""]
     preface += _version_notes(with_provenance)
+    preface += shard_note([(s.shard.index, s.data["header"]) for s in merged.shards if s.data.get("header")])
     golden_folder = next((s.data["golden_folder"] for s in merged.shards if s.data.get("golden_folder")), [])
     return render_markdown(header, merged.record, exitstatus=merged.exitstatus, seconds=seconds,
                            preface=preface, appendix=_shard_table(merged.shards) + golden_folder)
