@@ -57,6 +57,21 @@ class Row:
     differs: bool
 
 
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """The libraries whose releases move a model's numbers (and ``python``), as installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    # kernels: where it loads, bitsandbytes takes its fused CPU 4-bit matmul from it
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "tokenizers", "accelerate", "kernels"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
 def numerics(device_type: str = "cpu") -> dict[str, Any]:
     """This process's numerics on ``device_type`` (``cpu``, ``cuda``): JSON-ready, for sidecars and reports.
 
@@ -322,8 +337,6 @@ def shard_note(headers: list[tuple[int, dict[str, Any]]]) -> list[str]:
 
 def main() -> None:
     """``python -m harness.machine``: this machine's numerics and libraries, as Markdown (a CI step summary)."""
-    from harness.provenance import library_versions
-
     values = numerics("cpu")
     print("### Where this ran")
     print("")

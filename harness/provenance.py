@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from harness.machine import NUMERICS_KEY, numerics_changes
+from harness.machine import library_versions as library_versions  # its home is machine; callers import it here
 from harness.sources import cache_dir
 
 TOKENIZER_FILES = (
@@ -66,20 +67,6 @@ def adapter_fingerprint(folder: Path | None) -> str | None:
     return _sha_files([folder / "adapter_model.safetensors", folder / "adapter_config.json"])
 
 
-@lru_cache(maxsize=1)
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    # kernels: where it loads, bitsandbytes takes its fused CPU 4-bit matmul from it
-    for dist in ("torch", "transformers", "peft", "bitsandbytes", "tokenizers", "accelerate", "kernels"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "absent"
-    return out
-
-
 @lru_cache(maxsize=None)
 def attn_implementation(requested: str | None, folder: Path) -> str:
     """The attention kernel a load uses: the one asked for, else the one transformers picks.
@@ -105,8 +92,6 @@ def describe_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[
     a library, device, kernel or machine difference is named beside them, never as the model's fault.
     A library the sidecar does not list was not recorded (an older harness), which is not a change.
     """
-    from harness.machine import NUMERICS_KEY, numerics_changes
-
     lines: list[str] = []
     labels = {
         "model_fingerprint": "the model's weights", "tokenizer_fingerprint": "the tokenizer files",
