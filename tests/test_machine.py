@@ -261,8 +261,11 @@ def test_a_run_records_its_numerics_and_reports_them_beside_the_goldens(project)
     assert meta[NUMERICS_KEY]["bnb_4bit_kernel"] == machine.bnb_4bit_kernel("cpu")
     assert "kernels" in meta["versions"]
 
-    green = project.run("--variants", "fp16", "--harness-report", "report.md")
+    green = project.run("--variants", "fp16", "--harness-report", "report.md", "--harness-result", "result.json")
     green.assert_outcomes(passed=1)
+    header = json.loads((project.path / "result.json").read_text(encoding="utf-8"))["header"]
+    assert header["model"]["provenance"][NUMERICS_KEY] == meta[NUMERICS_KEY]
+    assert [group["count"] for group in header["recorded"]] == [1]  # what harness-report merge shows
     green.stdout.fnmatch_lines([
         "numerics: CPU: *; AVX-512: *; AVX512-BF16: *; torch CPU capability: *; torch threads: *; "
         "bitsandbytes 4-bit kernel: *",
