@@ -45,6 +45,8 @@ FUSED_KERNELS = "fused AVX512-BF16 matmul in bfloat16 on repacked weights (kerne
 FUSED_NATIVE = "fused AVX512-BF16 matmul in bfloat16 on repacked weights (bitsandbytes' native gemv_4bit)"
 DEQUANT_NATIVE = "dequantize (bitsandbytes' native CPU library), then matmul"
 DEQUANT_TORCH = "dequantize in torch ops, then matmul (no native bitsandbytes library)"
+REFERENCE_PACKED = ("torch reference kernel in bfloat16 on repacked weights, standing in for the fused one "
+                    "(HARNESS_4BIT_LAYOUT=cpu-packed on a CPU without AVX512-BF16)")
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ def bnb_4bit_kernel(device_type: str) -> str:
 
     bitsandbytes registers its fused CPU kernel only where its native library finds AVX512-BF16, and
     then takes the kernel from the ``kernels`` package when it can (else its own); elsewhere it
-    dequantizes each weight and multiplies in the compute dtype.
+    dequantizes each weight and multiplies in the compute dtype. A session on the packed layout
+    (``harness.cpu_packed``) on another CPU runs a torch stand-in for the fused kernel, said as such.
     """
     try:
         import importlib
@@ -168,6 +171,9 @@ def bnb_4bit_kernel(device_type: str) -> str:
         return f"bitsandbytes unavailable ({type(exc).__name__})"
     if device_type != "cpu":
         return f"bitsandbytes {getattr(bitsandbytes, '__version__', '')} {device_type} kernels".replace("  ", " ")
+    packed_run = sys.modules.get("harness.cpu_packed")  # loaded as a plugin only: never imported from here
+    if packed_run is not None and getattr(packed_run, "_library", None) is not None:
+        return REFERENCE_PACKED
     try:
         from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 

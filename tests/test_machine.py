@@ -13,7 +13,7 @@ import torch
 from harness import machine
 from harness.golden.sidecars import provenance_lines, recorded_provenance
 from harness.machine import (
-    DEQUANT_NATIVE, DEQUANT_TORCH, FIELDS, FUSED_KERNELS, FUSED_NATIVE, NOT_RECORDED, NUMERICS_KEY,
+    DEQUANT_NATIVE, DEQUANT_TORCH, FIELDS, FUSED_KERNELS, FUSED_NATIVE, NOT_RECORDED, NUMERICS_KEY, REFERENCE_PACKED,
 )
 from harness.provenance import describe_changes, library_versions
 from harness.report import Header, Side
@@ -46,7 +46,7 @@ def test_this_machine_is_described_as_torch_and_bitsandbytes_see_it():
     assert values["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert values["avx512f"] == torch.cpu._is_avx512_supported()
     assert values["avx512_bf16"] == torch.cpu._is_avx512_bf16_supported()
-    assert values["bnb_4bit_kernel"] in (FUSED_KERNELS, FUSED_NATIVE, DEQUANT_NATIVE, DEQUANT_TORCH)
+    assert values["bnb_4bit_kernel"] in (FUSED_KERNELS, FUSED_NATIVE, DEQUANT_NATIVE, DEQUANT_TORCH, REFERENCE_PACKED)
     json.dumps(values)  # recorded in sidecars and result files as it is
 
 
@@ -83,6 +83,19 @@ def test_on_avx512_bf16_the_fused_kernel_is_named():
 @pytest.mark.skipif(bnb_has_avx512bf16(), reason="this CPU has AVX512-BF16: bitsandbytes runs its fused 4-bit kernel "
                     "here (tested instead)")
 def test_without_avx512_bf16_the_dequantize_path_is_named():
+    assert machine.bnb_4bit_kernel("cpu") == DEQUANT_NATIVE
+
+
+@pytest.mark.skipif(bnb_has_avx512bf16(), reason="this CPU has AVX512-BF16: a cpu-packed session runs the fused "
+                    "kernel here, not the torch stand-in")
+def test_a_session_on_the_packed_layout_names_the_stand_in_kernel():
+    from harness import cpu_packed
+
+    assert cpu_packed.register_reference_kernel()
+    try:
+        assert machine.bnb_4bit_kernel("cpu") == REFERENCE_PACKED
+    finally:
+        cpu_packed.unregister_reference_kernel()
     assert machine.bnb_4bit_kernel("cpu") == DEQUANT_NATIVE
 
 
