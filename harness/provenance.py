@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from harness.machine import NUMERICS_KEY, numerics_changes
+from harness.machine import library_versions as library_versions  # its home is machine; callers import it here
 from harness.sources import cache_dir
 
 TOKENIZER_FILES = (
@@ -66,19 +67,6 @@ def adapter_fingerprint(folder: Path | None) -> str | None:
     return _sha_files([folder / "adapter_model.safetensors", folder / "adapter_config.json"])
 
 
-@lru_cache(maxsize=1)
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "peft", "bitsandbytes", "tokenizers", "accelerate"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "absent"
-    return out
-
-
 @lru_cache(maxsize=None)
 def attn_implementation(requested: str | None, folder: Path) -> str:
     """The attention kernel a load uses: the one asked for, else the one transformers picks.
@@ -98,7 +86,12 @@ def attn_implementation(requested: str | None, folder: Path) -> str:
 
 
 def describe_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human lines for the provenance fields that differ (model, adapter, tokenizer, versions)."""
+    """Human lines for the provenance fields that differ (model, adapter, tokenizer, versions, machine).
+
+    Only the lines on the model, tokenizer or adapter say "changed since": the caller blames those;
+    a library, device, kernel or machine difference is named beside them, never as the model's fault.
+    A library the sidecar does not list was not recorded (an older harness), which is not a change.
+    """
     lines: list[str] = []
     labels = {
         "model_fingerprint": "the model's weights", "tokenizer_fingerprint": "the tokenizer files",
@@ -109,10 +102,13 @@ def describe_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[
             lines.append(f"{label} changed since this golden was recorded "
                          f"({recorded.get(key)} -> {current.get(key)})")
     old_v, new_v = recorded.get("versions", {}), current.get("versions", {})
-    for dist in sorted(set(old_v) | set(new_v)):
-        if old_v.get(dist) != new_v.get(dist):
-            lines.append(f"{dist} {old_v.get(dist)} -> {new_v.get(dist)}")
+    moved = [f"{dist} {old_v[dist]} -> {new_v.get(dist, 'absent')}"
+             for dist in sorted(old_v) if old_v[dist] != new_v.get(dist, "absent")]
+    if moved:
+        lines.append("library versions differ from the golden's (a new release can move outputs: to tell, run "
+                     "with the golden's versions; re-record only after reviewing the diff): " + ", ".join(moved))
     for key in ("device", "attn_implementation"):
         if key in recorded and recorded.get(key) != current.get(key):
             lines.append(f"{key} {recorded.get(key)} -> {current.get(key)}")
+    lines += numerics_changes(recorded.get(NUMERICS_KEY), current.get(NUMERICS_KEY))
     return lines

@@ -76,6 +76,7 @@ class HarnessSession:
         self.progress_lines: list[str] = []
         self.unselected: list[str] = []  # checks whose `variants:` selects none of this session's
         self.suites_without_registry: list[Path] = []
+        self.worker_numerics: dict[str, Any] | None = None  # xdist controller: a worker's, where the model ran
 
     # -- cheap, at collection ---------------------------------------------------
     @property
@@ -207,6 +208,7 @@ class HarnessSession:
 
     def provenance(self, *, reference: bool = False) -> dict[str, Any]:
         """Where the model (or, with ``reference``, OLD in reference mode) comes from, for sidecars and reports."""
+        from harness.machine import NUMERICS_KEY
         from harness.provenance import (
             adapter_fingerprint, attn_implementation, library_versions, model_fingerprint, tokenizer_fingerprint,
         )
@@ -224,7 +226,15 @@ class HarnessSession:
             "device": self.device.klass,
             "attn_implementation": attn_implementation(pool.requested_attn, resolved.path),
             "versions": library_versions(),
+            NUMERICS_KEY: self.numerics(),
         }
+
+    def numerics(self) -> dict[str, Any]:
+        """This machine's numerics as the model sees them: an xdist controller, which loads no model, takes a
+        worker's (the CPU is the same, the threads are the worker's) rather than importing bitsandbytes."""
+        from harness.machine import numerics
+
+        return self.worker_numerics if self.worker_numerics is not None else numerics(self.device.klass.split("-")[0])
 
     # -- running ----------------------------------------------------------------
     def run_check(self, suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None,
