@@ -145,16 +145,33 @@ def _at_most_max_nats(value: float | None) -> float | None:
 
 Nats = Annotated[float | None, AfterValidator(_at_most_max_nats)]
 
+def _defaults(name: str) -> str:
+    """A field's built-in defaults, for the suite reference: ``fp16 default 0.017, nf4 0.12``."""
+    return ", ".join(f"{key} default {getattr(tol, name):g}" for key, tol in DEFAULT_TOLERANCES.items())
+
+
+# The suite reference's words for ``tolerance:``, the same on every kind that takes one.
+TOLERANCE_HELP = (f"How far a run may differ from what it is judged against, in nats of log-probability (at most "
+                  f"{MAX_NATS:g}): any subset of the fields, flat or per variant; unset fields keep the suite's "
+                  "`defaults: tolerance:`, then the built-in defaults. A golden that records its own noise is "
+                  "judged against that record; fields set here override it.")
+
 
 class ToleranceValues(BaseModel):
-    """Bounds a suite may set (any subset); the rest keep the layer below. No noise exceeds MAX_NATS."""
+    """Bounds a suite may set, in nats (any subset); those not set keep the layer below: the suite's defaults,
+    then the built-in ones."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mean_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False)
-    max_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False)
-    tie_gap: Nats = Field(None, ge=0, allow_inf_nan=False)
-    max_margin_shift: Nats = Field(None, gt=0, allow_inf_nan=False)
+    mean_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False, description=(
+        f"Mean |Δ log p| of the chosen tokens over a run, in nats ({_defaults('mean_abs_dlogp')})."))
+    max_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False, description=(
+        f"|Δ log p| of a chosen token at any one step, in nats ({_defaults('max_abs_dlogp')})."))
+    tie_gap: Nats = Field(None, ge=0, allow_inf_nan=False, description=(
+        "A different token is accepted as a near-tie where the recorded top-2 gap was at most this "
+        f"({_defaults('tie_gap')}); 0 accepts no flip."))
+    max_margin_shift: Nats = Field(None, gt=0, allow_inf_nan=False, description=(
+        "How far the gap between the chosen token and its runner-up may move at a step (default: tie_gap)."))
 
 
 class ToleranceSpec(ToleranceValues):
@@ -166,10 +183,10 @@ class ToleranceSpec(ToleranceValues):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    fp16: ToleranceValues | None = None
-    nf4: ToleranceValues | None = None
-    fp16_lora: ToleranceValues | None = Field(None, alias="fp16-lora")
-    nf4_lora: ToleranceValues | None = Field(None, alias="nf4-lora")
+    fp16: ToleranceValues | None = Field(None, description="Values for the fp16 and fp16-lora variants.")
+    nf4: ToleranceValues | None = Field(None, description="Values for the nf4 and nf4-lora variants.")
+    fp16_lora: ToleranceValues | None = Field(None, alias="fp16-lora", description="Values for fp16-lora only.")
+    nf4_lora: ToleranceValues | None = Field(None, alias="nf4-lora", description="Values for nf4-lora only.")
 
     def as_override(self) -> dict[str, Any]:
         override: dict[str, Any] = {k: getattr(self, k) for k in TOLERANCE_FIELDS if getattr(self, k) is not None}

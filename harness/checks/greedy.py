@@ -22,13 +22,14 @@ from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import (
-    ChatMessages, PromptText, assert_fits_context, describe_token, encode_or_skip, greedy_generate,
+    IF_NO_CHAT_TEMPLATE_HELP, MESSAGES_HELP, PROMPT_HELP, ChatMessages, PromptText, assert_fits_context,
+    describe_token, encode_or_skip, greedy_generate,
 )
 from harness import path_noise
 from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
 from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
 from harness.path_noise import free_run_of, path_scores, processors_act, standing_for
-from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, Tolerance, ToleranceSpec
+from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, TOLERANCE_HELP, Tolerance, ToleranceSpec
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
@@ -44,13 +45,18 @@ GOLDEN_KEYS = frozenset({"format", "text", "new_token_ids", "prompt_tokens", "ma
 
 
 class GreedySpec(CheckSpec):
+    """A greedy generation is a golden per variant and device class: text, token ids and each step's
+    log-probabilities, judged up to numerical noise. A changed token fails with the first divergence."""
+
     kind: Literal["greedy"]
-    prompt: PromptText | None = None
-    messages: ChatMessages | None = None
-    max_new_tokens: int = Field(32, ge=1, le=4096)
-    if_no_chat_template: Literal["fail", "skip"] = "fail"
-    tolerance: ToleranceSpec | None = None
-    match: Literal["noise", "exact"] = "noise"
+    prompt: PromptText | None = Field(None, description=PROMPT_HELP)
+    messages: ChatMessages | None = Field(None, description=MESSAGES_HELP)
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens to generate (fewer where the model stops).")
+    if_no_chat_template: Literal["fail", "skip"] = Field("fail", description=IF_NO_CHAT_TEMPLATE_HELP)
+    tolerance: ToleranceSpec | None = Field(None, description=TOLERANCE_HELP)
+    match: Literal["noise", "exact"] = Field("noise", description=(
+        "`noise`: a different token passes as a reported near-tie within `tie_gap`; `exact`: every token must "
+        "match (log-probabilities still within noise)."))
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GreedySpec:

@@ -68,16 +68,22 @@ class MergeBudget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_mean_abs_dlogp: float | None = Field(None, ge=0)
-    max_abs_dlogp: float | None = Field(None, ge=0)
+    max_mean_abs_dlogp: float | None = Field(None, ge=0, description=(
+        "Mean |Δ log p| of the unmerged adapter's greedy tokens, merged vs unmerged, in nats."))
+    max_abs_dlogp: float | None = Field(None, ge=0, description="The same at any one token, in nats.")
     max_adapter_lost: float | None = Field(
-        None, ge=0, description="the merge's mean |Δ log p| over the adapter's own (adapter on vs off): 0 keeps "
-                                "the adapter, 1 is as if it was never applied")
+        None, ge=0, description="The merge's mean |Δ log p| over the adapter's own (adapter on vs off): 0 keeps "
+                                "the adapter, 1 is as if it was never applied.")
 
 
 class LoraMergeSpec(ConsistencySpec):
+    """An adapter merged into its base must behave like the adapter applied on the fly: on a 16-bit base within
+    noise; on an NF4 base each merge path is measured, the re-quantizing ones against `nf4_budget`."""
+
     kind: Literal["lora_merge"]
-    nf4_budget: MergeBudget = Field(default_factory=MergeBudget)
+    nf4_budget: MergeBudget = Field(default_factory=MergeBudget, description=(
+        "Bounds for the merges that re-quantize into NF4 (nf4-lora only; unset: measured and reported, not "
+        "judged). The 16-bit merge is always judged within noise."))
 
     @model_validator(mode="before")
     @classmethod

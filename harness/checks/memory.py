@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import PromptText
 from harness.checks.budgets import (
-    Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
+    BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )
 from harness.errors import CheckFailure
@@ -45,15 +45,17 @@ class Workload(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompts: list[PromptText] = Field(min_length=1)
-    max_new_tokens: int = Field(16, ge=1, le=4096)
-    batch_size: int = Field(1, ge=1, le=4096)
+    prompts: list[PromptText] = Field(min_length=1, description="Raw prompts, run in batches.")
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="Tokens generated per batch.")
+    batch_size: int = Field(1, ge=1, le=4096, description="Prompts per batch.")
 
 
 class MemoryBudget(Budget):
+    """Memory ceilings for one variant, in MiB; set at least one."""
 
-    max_weights_mb: float | None = Field(None, gt=0)
-    max_peak_mb: float | None = Field(None, gt=0)
+    max_weights_mb: float | None = Field(None, gt=0, description="Parameters and buffers (`get_memory_footprint()`).")
+    max_peak_mb: float | None = Field(None, gt=0, description=(
+        "Peak during the workload: GPU peak allocated on CUDA, process RSS on CPU."))
 
 
 class Savings(VariantComparison):
@@ -66,10 +68,13 @@ class Savings(VariantComparison):
     another; the expectation is right for each.
     """
 
-    metric: Literal["weights", "peak"] = "weights"
-    ratio: float | None = Field(None, gt=0)
-    of_expected: float | None = Field(None, gt=0, le=1)
-    max_of_expected: float | None = Field(None, ge=1)
+    metric: Literal["weights", "peak"] = Field("weights", description="Which figure is compared.")
+    ratio: float | None = Field(None, gt=0, description="The least saving: `reference`'s figure over `variant`'s.")
+    of_expected: float | None = Field(None, gt=0, le=1, description=(
+        "Weights of an nf4 variant against its 16-bit twin: at least this fraction of the saving the model's own "
+        "layer shapes predict. Give `ratio` or `of_expected`."))
+    max_of_expected: float | None = Field(None, ge=1, description="With `of_expected`: at most this many times the "
+                                                                  "predicted saving.")
 
     @model_validator(mode="after")
     def _one_criterion(self) -> Savings:
@@ -92,17 +97,23 @@ class VersusReference(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_weights_ratio: float = Field(1.02, gt=0)
-    max_peak_ratio: float = Field(1.25, gt=0)
+    max_weights_ratio: float = Field(1.02, gt=0, description="NEW's weights over OLD's, at most.")
+    max_peak_ratio: float = Field(1.25, gt=0, description="NEW's peak over OLD's, at most.")
 
 
 class MemorySpec(CheckSpec):
+    """Weights and peak memory per variant around a declared workload, against per-model budgets and savings
+    between variants."""
+
     kind: Literal["memory"]
-    workload: Workload
-    budgets: dict[str, dict[str, dict[str, MemoryBudget]]] = Field(default_factory=dict)
-    min_savings: list[Savings] = Field(default_factory=list)
-    vs_reference: VersusReference = Field(default_factory=VersusReference)
-    devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
+    workload: Workload = Field(description="What runs while the peak is measured (see the table below).")
+    budgets: dict[str, dict[str, dict[str, MemoryBudget]]] = Field(default_factory=dict, description=(
+        f"{BUDGETS_HELP} Budgets belong to the model they were measured on."))
+    min_savings: list[Savings] = Field(default_factory=list, description=(
+        "Savings of one variant over another, measured in the same session."))
+    vs_reference: VersusReference = Field(default_factory=VersusReference, description=(
+        "With `--reference OLD`: NEW's figures as a ratio to OLD's same variant."))
+    devices: list[str] | None = Field(None, description=DEVICES_HELP)
 
     @field_validator("devices")
     @classmethod

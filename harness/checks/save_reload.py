@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from harness.checks.base import Check, CheckContext, register_check
 from harness.checks.consistency import (
     ConsistencySpec, Findings, encoded_prompts, exact_tolerance, greedy, judge_run, tolerance_for,
@@ -30,8 +32,12 @@ from harness.errors import AdapterError, CheckFailure, NotJudged
 
 
 class SaveReloadSpec(ConsistencySpec):
+    """`save_pretrained` then reload must give the same outputs: missing, unexpected or mismatched keys fail by
+    name, then greedy outputs are compared (adapter variants: the adapter is saved and reloaded)."""
+
     kind: Literal["save_reload"]
-    match: Literal["exact", "noise"] = "exact"
+    match: Literal["exact", "noise"] = Field("exact", description=(
+        "`exact`: bit-identical outputs (same weights, kernels and machine); `noise`: within `tolerance`."))
 
     def ignored(self) -> dict[str, str]:
         if self.match == "exact" and self.tolerance is not None:
