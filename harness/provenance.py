@@ -22,6 +22,24 @@ TOKENIZER_FILES = (
 )
 
 
+# written into config.json by whichever transformers saved it (the embedded model's conversion
+# included): a library fact, not the model's, and it must not make a library update read as a model change
+WRITER_KEYS = ("transformers_version",)
+
+
+def _content(f: Path) -> bytes:
+    """A file's bytes as fingerprinted: a config.json without the keys that name its writer."""
+    if f.name != "config.json":
+        return f.read_bytes()
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f.read_bytes()
+    if not isinstance(config, dict):
+        return f.read_bytes()
+    return json.dumps({k: v for k, v in config.items() if k not in WRITER_KEYS}, sort_keys=True).encode()
+
+
 def _sha_files(files: list[Path]) -> str | None:
     """A digest over names and contents, memoized on disk by (path, size, mtime)."""
     files = sorted(f for f in files if f.is_file())
@@ -32,12 +50,15 @@ def _sha_files(files: list[Path]) -> str | None:
         memo: dict[str, str] = json.loads(memo_file.read_text())
     except (OSError, json.JSONDecodeError):
         memo = {}
-    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    stamp = "v2|" + "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     if stamp in memo:
         return memo[stamp]
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
+        if f.name == "config.json":
+            digest.update(_content(f))
+            continue
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
