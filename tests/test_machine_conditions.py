@@ -48,4 +48,6 @@ def test_the_greedy_goldens_hold_under(condition: str):
     assert " passed" in proc.stdout and "failed" not in proc.stdout.splitlines()[-1]
     if condition == "cpu-packed-4bit":
         assert "4-bit weights repacked into the CPU-packed layout" in proc.stdout
+    if condition == "no-vector-kernels":  # the summary says where the run ran
+        assert "ATEN_CPU_CAPABILITY=default" in proc.stdout
     assert _goldens() == before
