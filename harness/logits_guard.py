@@ -5,8 +5,9 @@ activation that leaves the range becomes inf, the next norm turns it into NaN, a
 after it is NaN. Checks would then compare NaN with NaN, or record it. So the pool puts this
 guard on every variant it loads: a forward hook on the output head, which every forward pass
 and every decoding step goes through (with or without a LoRA adapter), whichever check runs it.
-Where the logits of an unpadded row are not finite the forward raises ``NonFiniteLogits``,
-whose message names the dtype the model ran in, the dtype it ships in, and the fix.
+Where the logits of an unpadded row hold NaN or +inf (or -inf for every token: no distribution
+left) the forward raises ``NonFiniteLogits``, whose message names the dtype the model ran in,
+the dtype it ships in, and the fix.
 
 Two things are left to the checks that own them:
 
@@ -103,7 +104,7 @@ class LogitsGuard:
 
     def check(self, logits: Any, full_rows: Any = None) -> None:
         """Raise ``NonFiniteLogits`` where a row without padding (``full_rows``: a mask over the batch, None: all
-        rows) has a NaN or infinite logit."""
+        rows) has a NaN or +inf logit, or -inf for every token at a position."""
         import torch
 
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
@@ -112,12 +113,19 @@ class LogitsGuard:
             if not bool(full_rows.any()):
                 return
             logits = logits[full_rows.to(logits.device)]
-        finite = torch.isfinite(logits)
-        if bool(finite.all()):
+        if bool(torch.isfinite(logits).all()):
             return
-        what = "NaN" if bool(torch.isnan(logits).any()) else "infinite"
-        count = int((~finite).sum())
-        error = NonFiniteLogits(message(self.precision, what=f"{what} ({count} of {finite.numel()} values)"))
+        # -inf alone is a token ruled out (probability 0), which some models write on purpose; NaN, +inf or a
+        # row with no possible token is no distribution at all
+        nan, pos = torch.isnan(logits), torch.isposinf(logits)
+        bad = int((nan | pos).sum())
+        dead = int(torch.isneginf(logits).all(dim=-1).sum()) if logits.dim() else 0
+        if not bad and not dead:
+            return
+        what = (f"NaN ({bad} of {logits.numel()} values)" if bool(nan.any()) else
+                f"infinite ({bad} of {logits.numel()} values)" if bad else
+                f"-inf for every token ({dead} position{'s' if dead > 1 else ''})")
+        error = NonFiniteLogits(message(self.precision, what=what))
         self.alarms.append(error)
         raise error
 

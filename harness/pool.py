@@ -177,8 +177,8 @@ class ModelPool:
         """Put the non-finite-logits guard on the model as loaded (before any adapter); what it runs in, in words."""
         half = self.resolved.half
         ran = running_dtype(model)
-        precision = Precision(model=self.resolved.name, variant=variant.key, dtype=ran, why=half.why if ran ==
-                              half.dtype else "as the loader built it", shipped=half.shipped,
+        why = half.why if ran == half.dtype else "as the loader built it"
+        precision = Precision(model=self.resolved.name, variant=variant.key, dtype=ran, why=why, shipped=half.shipped,
                               quantized=variant.quant == "nf4")
         if not LogitsGuard(precision, alarms=self.logit_alarms).attach(model):
             self.notes.append(f"{variant.key}: the model has no output head to guard, so NaN or infinite logits "

@@ -174,6 +174,12 @@ class HarnessSession:
             self._reference_pool = ModelPool(resolved=resolved, device=self.device,
                                              attn_implementation=self.options.attn_implementation,
                                              placement=self.placement(resolved.entry))
+            new = self.pool.resolved.half
+            if resolved.half.dtype != new.dtype:
+                self._reference_pool.notes.append(
+                    f"runs in {resolved.half.describe()}, NEW in {new.describe()}: every 16-bit comparison judges "
+                    "the change of half precision together with the model's; set dtype: on a registry entry to "
+                    "compare like with like")
         return self._reference_pool
 
     def placement(self, entry: ModelEntry) -> Placement | None:

@@ -34,8 +34,9 @@ checks:
 """
 
 
-def overflow_llama(folder: Path, *, dtype: str = "bfloat16") -> Path:
-    """A tiny Llama saved in ``dtype`` whose MLP products overflow float16 (about 1e7), with a random adapter."""
+def overflow_llama(folder: Path, *, dtype: str = "bfloat16", overflow: bool = True) -> Path:
+    """A tiny Llama saved in ``dtype`` whose MLP products overflow float16 (about 1e7; ``overflow=False``: an
+    ordinary one), with a random adapter beside it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -49,7 +50,7 @@ def overflow_llama(folder: Path, *, dtype: str = "bfloat16") -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in model.model.layers if overflow else ():
             layer.post_attention_layernorm.weight.fill_(200.0)  # the MLP's input: about 200 per element
             layer.mlp.gate_proj.weight.normal_(0, 1.0)  # gate and up: about 1600 each, their product 1e6-1e7
             layer.mlp.up_proj.weight.normal_(0, 1.0)
@@ -204,7 +205,12 @@ def test_padded_rows_are_left_to_the_padding_checks(bf16_model):
     logits = torch.zeros(2, 3, 5)
     logits[1, 2, 0] = float("inf")
     guard.check(logits, torch.tensor([True, False]))
-    with pytest.raises(NonFiniteLogits, match="infinite"):
+    with pytest.raises(NonFiniteLogits, match=r"logits are infinite \(1 of 30 values\)"):
+        guard.check(logits, None)
+    logits[1, 2, 0] = float("-inf")  # a token ruled out: still a distribution
+    guard.check(logits, None)
+    logits[0, 1] = float("-inf")  # no token possible at one position: none
+    with pytest.raises(NonFiniteLogits, match=r"logits are -inf for every token \(1 position\)"):
         guard.check(logits, None)
 
 
@@ -221,7 +227,9 @@ def test_a_bfloat16_model_runs_in_bfloat16_and_forced_to_float16_fails_naming_th
                                  "loaded nf4: 1x, * NF4 (bfloat16 compute, bfloat16 elsewhere) weights * MiB"])
     golden = project.golden / "overflow-llama" / "cpu" / "fp16" / "half" / "capital.json"
     assert "nan" not in golden.read_text().lower()
-    project.run(*args).assert_outcomes(passed=6)
+    project.run(*args, "--harness-report", "report.md").assert_outcomes(passed=6)
+    report = (project.path / "report.md").read_text()
+    assert "- 16-bit variants in bfloat16 (config.json says bfloat16); NF4 computes in bfloat16" in report
 
     registry = project.path / "models.yaml"
     registry.write_text(registry.read_text() + f"\n  forced:\n    path: {bf16_model}\n    dtype: float16\n")
@@ -263,3 +271,18 @@ greedy.GreedyCheck.run = swallowing
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["forced [[]fp16]: the model's logits are NaN * in float16*"])
     assert "swallowed" not in result.stdout.str()
+
+
+def test_reference_mode_says_when_old_and_new_run_in_different_half_precisions(project, tmp_path):
+    """The same weights, NEW in its own bfloat16 and OLD forced to float16: the summary says the dtypes differ."""
+    folder = overflow_llama(tmp_path / "plain-llama", overflow=False)
+    project.suite("half", SUITE.split("  - id: padded")[0])
+    registry = project.path / "models.yaml"
+    registry.write_text(registry.read_text() + f"\n  plain16:\n    path: {folder}\n    dtype: float16\n")
+    result = project.run(f"--model={folder}", "--reference=plain16", "--variants", "fp16")
+    result.stdout.fnmatch_lines([
+        "NEW loaded fp16: 1x, * bfloat16 weights *",
+        "OLD note: runs in float16 (dtype: float16 in the registry entry), NEW in bfloat16 (config.json says "
+        "bfloat16): every 16-bit comparison judges the change of half precision together with the model's*",
+        "OLD loaded fp16: 1x, * float16 weights *",
+    ])
