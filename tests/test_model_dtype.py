@@ -170,7 +170,7 @@ def test_float16_overflow_raises_in_the_forward_with_the_dtype_and_fix(bf16_mode
     assert guard.attach(model)
     with pytest.raises(NonFiniteLogits) as info:
         model(input_ids=ids)
-    assert "logits are NaN (1285 of 1285 values) in float16" in str(info.value)
+    assert "logits are NaN (1285 of 1285 values in 1 row(s)) in float16" in str(info.value)
     assert "Fix: set dtype: bfloat16" in str(info.value) and guard.alarms == [info.value]
     with pytest.raises(NonFiniteLogits):  # decoding goes through the same head, step by step
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
@@ -205,7 +205,7 @@ def test_padded_rows_are_left_to_the_padding_checks(bf16_model):
     logits = torch.zeros(2, 3, 5)
     logits[1, 2, 0] = float("inf")
     guard.check(logits, torch.tensor([True, False]))
-    with pytest.raises(NonFiniteLogits, match=r"logits are infinite \(1 of 30 values\)"):
+    with pytest.raises(NonFiniteLogits, match=r"logits are infinite \(1 of 15 values in 1 row\(s\)\)"):
         guard.check(logits, None)
     logits[1, 2, 0] = float("-inf")  # a token ruled out: still a distribution
     guard.check(logits, None)
@@ -236,7 +236,7 @@ def test_a_bfloat16_model_runs_in_bfloat16_and_forced_to_float16_fails_naming_th
     forced = project.run("--model=forced", *args[1:], "--snapshot-update")
     forced.assert_outcomes(failed=6)
     forced.stdout.fnmatch_lines([
-        "forced [[]fp16]: the model's logits are NaN (* values) in float16 (dtype: float16 in the registry entry), "
+        "forced [[]fp16]: the model's logits are NaN (*) in float16 (dtype: float16 in the registry entry), "
         "on an unpadded input, so nothing this variant scores can be judged or recorded. This model ships in "
         "bfloat16 (its config.json), and its activations overflow float16's range (65504). Fix: set dtype: "
         "bfloat16 in its registry entry*",
