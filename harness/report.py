@@ -221,7 +221,7 @@ def unjudged_section(reporter: Any, record: SessionRecord, *, ci: bool) -> None:
 def _pool_loads(pool: Any) -> dict[str, Any]:
     return {
         key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0),
-              "placement": pool.placements.get(key)}
+              "placement": pool.placements.get(key), "dtype": pool.dtypes.get(key)}
         for key, count in pool.load_counts.items()
     }
 
@@ -230,7 +230,8 @@ def load_lines(loads: dict[str, Any]) -> list[str]:
     from harness.placement import describe_bytes
 
     return [
-        f"loaded {key}: {info['count']}x, {info['seconds']:.1f} s, weights {info['bytes'] / 2**20:.1f} MiB"
+        f"loaded {key}: {info['count']}x, {info['seconds']:.1f} s, "
+        + (f"{info['dtype']} " if info.get("dtype") else "") + f"weights {info['bytes'] / 2**20:.1f} MiB"
         + (f" (held on {describe_bytes(info['placement'])})" if info.get("placement") else "")
         for key, info in sorted(loads.items(), key=lambda kv: RUN_ORDER.index(kv[0]))
     ]
@@ -248,6 +249,7 @@ class Side:
     error: str | None = None  # why the provenance is unavailable
     adapter: str | None = None
     device: str = ""  # the device's description
+    precision: str = ""  # the 16-bit dtype the fp16 variants ran in, and why
 
 
 @dataclass
@@ -281,7 +283,7 @@ def session_header(state: HarnessSession, record: SessionRecord | None = None) -
         resolved = state._reference_resolved if reference else state._resolved
         adapter = resolved.adapter if resolved else None
         return Side(name=str(name), provenance=prov, adapter=str(adapter) if adapter else None,
-                    device=state.device.description)
+                    device=state.device.description, precision=resolved.half.describe() if resolved else "")
 
     reference = side(reference=True) if state.options.reference is not None else None
     return Header(model=side(reference=False), reference=reference,
@@ -376,6 +378,7 @@ def _provenance_lines(side: Side) -> list[str]:
         f"weights fingerprint `{prov['model_fingerprint']}`, tokenizer `{prov['tokenizer_fingerprint']}`",
         f"- adapter: `{side.adapter or '-'}` fingerprint `{prov['adapter_fingerprint'] or '-'}`",
         f"- device: {side.device} (class `{prov['device']}`)",
+        *([f"- 16-bit variants in {side.precision}; NF4 computes in bfloat16"] if side.precision else []),
         f"- libraries: {versions}",
         f"- numerics: {describe(prov.get(NUMERICS_KEY))}",
     ]

@@ -175,6 +175,12 @@ class HarnessSession:
             self._reference_pool = ModelPool(resolved=resolved, device=self.device,
                                              attn_implementation=self.options.attn_implementation,
                                              placement=self.placement(resolved.entry))
+            new = self.pool.resolved.half
+            if resolved.half.dtype != new.dtype:
+                self._reference_pool.notes.append(
+                    f"runs in {resolved.half.describe()}, NEW in {new.describe()}: every 16-bit comparison judges "
+                    "the change of half precision together with the model's; set dtype: on a registry entry to "
+                    "compare like with like")
         return self._reference_pool
 
     def placement(self, entry: ModelEntry) -> Placement | None:
@@ -266,10 +272,11 @@ class HarnessSession:
             decode_goldens=self.options.decode_goldens,
         )
         golden = ctx.golden_path()
+        heard = len(self.pool.logit_alarms)
         try:
             entry.check.run(ctx)
         except NotJudged as exc:
-            raise _not_judged(request, str(exc)) from None
+            raise self._logits_alarm(heard) or _not_judged(request, str(exc)) from None
         except VariantUnavailable as exc:
             expected = self._variant_has_goldens(variant)
             if expected is not None:
@@ -277,7 +284,11 @@ class HarnessSession:
                                            f"({expected}), so this machine should run it") from None
             raise _skip_here(str(exc)) from None
         except pytest.skip.Exception as exc:
-            raise _skip_here(exc.msg) from None
+            raise self._logits_alarm(heard) or _skip_here(exc.msg) from None
+        else:
+            alarm = self._logits_alarm(heard)
+            if alarm is not None:
+                raise alarm
         finally:
             # user_properties travel to the xdist controller and into JUnit XML
             goldens = self.goldens
@@ -285,6 +296,12 @@ class HarnessSession:
                 request.node.user_properties.append(("harness_golden", str(golden)))
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))
+
+    def _logits_alarm(self, heard: int) -> BaseException | None:
+        """The first non-finite-logits error raised since the pool had ``heard`` of them: it fails the item
+        even where the check caught it (as a decoding error, a skip), so NaN never ends as a pass or a skip."""
+        alarms = self.pool.logit_alarms
+        return alarms[heard] if len(alarms) > heard else None
 
     def _unknown_models(self, models: list[str]) -> str | None:
         """Why a check's ``models:`` looks like a typo (a name neither registered nor this session's), or None.

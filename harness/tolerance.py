@@ -76,6 +76,30 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "nf4": Tolerance(mean_abs_dlogp=0.12, max_abs_dlogp=0.35, tie_gap=0.75, max_margin_shift=0.75,
                      source="nf4 defaults"),
 }
+# An fp16 variant of a model that runs in bfloat16 rounds every Linear output and its residual stream to
+# bfloat16: 8 bits of mantissa, as NF4's bfloat16 compute, against float16's 11. Its defaults are NF4's,
+# whose consistency noise is that rounding (NF4 with float32 compute is as quiet as fp16,
+# docs/calibration.md). ASSUMED from NF4's calibration, not measured on a trained bfloat16 model yet.
+BFLOAT16_TOLERANCE = Tolerance(mean_abs_dlogp=0.12, max_abs_dlogp=0.35, tie_gap=0.75, max_margin_shift=0.75,
+                               source="fp16 in bfloat16 defaults")
+IN_BFLOAT16 = " in bfloat16"
+
+
+def builtin_tolerances(half: str = "float16") -> dict[str, Tolerance]:
+    """The built-in defaults for a model whose fp16 variants run in ``half`` (``HalfPrecision.dtype``)."""
+    return {**DEFAULT_TOLERANCES, "fp16": BFLOAT16_TOLERANCE} if half == "bfloat16" else dict(DEFAULT_TOLERANCES)
+
+
+def builtin_of(tol: Tolerance) -> tuple[str, Tolerance]:
+    """The built-in default a tolerance was layered on, with its name (``fp16``, ``fp16 in bfloat16``, ``nf4``)."""
+    head = tol.source.split(" (")[0]
+    if head.startswith("nf4"):
+        return "nf4", DEFAULT_TOLERANCES["nf4"]
+    if IN_BFLOAT16 in head:
+        return "fp16" + IN_BFLOAT16, BFLOAT16_TOLERANCE
+    return "fp16", DEFAULT_TOLERANCES["fp16"]
+
+
 # Goldens of another device class (GPU vs CPU kernels, other accumulation orders) are judged
 # with every bound scaled by this. ASSUMED, not measured: no GPU run has measured it yet, and
 # every message that uses it says so.
@@ -125,8 +149,9 @@ class NoiseModel:
                 table[key] = base
                 continue
             named = sorted(set(base.where) | set(values))
+            label = key + (IN_BFLOAT16 if IN_BFLOAT16 in base.source.split(" (")[0] else "")
             table[key] = replace(base, **values, where={**base.where, **{k: where for k in values}},
-                                 source=f"{key} ({', '.join(named)} set in {_places(base.where, values, where)})")
+                                 source=f"{label} ({', '.join(named)} set in {_places(base.where, values, where)})")
         return NoiseModel(tolerances=table, cross_device_factor=self.cross_device_factor)
 
 
@@ -198,9 +223,10 @@ class ToleranceSpec(ToleranceValues):
 
 
 def layered(suite: ToleranceSpec | None, check: ToleranceSpec | None, *, suite_where: str = "the suite's defaults",
-            check_where: str = "the check") -> NoiseModel:
-    """The defaults, then a suite's ``defaults: tolerance:``, then a check's ``tolerance:``, field by field."""
-    model = NoiseModel()
+            check_where: str = "the check", half: str = "float16") -> NoiseModel:
+    """The defaults for a model running in ``half``, then a suite's ``defaults: tolerance:``, then a check's
+    ``tolerance:``, field by field."""
+    model = NoiseModel(tolerances=builtin_tolerances(half))
     if suite is not None:
         model = model.overridden(suite.as_override(), where=suite_where)
     if check is not None:

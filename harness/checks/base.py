@@ -57,13 +57,14 @@ class CheckSpec(BaseModel):
     _suite_tolerance: Any = PrivateAttr(default=None)
     _tolerance_places: tuple[str, str] = PrivateAttr(default=("the suite's defaults", "the check"))
 
-    def noise_model(self) -> NoiseModel:
-        """The built-in tolerances, then the suite's defaults, then the check's own, field by field."""
+    def noise_model(self, *, half: str = "float16") -> NoiseModel:
+        """The built-in tolerances of a model running in ``half``, then the suite's defaults, then the check's
+        own, field by field."""
         from harness.tolerance import layered
 
         suite_where, check_where = self._tolerance_places
         return layered(self._suite_tolerance, getattr(self, "tolerance", None), suite_where=suite_where,
-                       check_where=check_where)
+                       check_where=check_where, half=half)
 
     @field_validator("id")
     @classmethod
@@ -138,6 +139,11 @@ class CheckContext:
     @property
     def model(self) -> Any:
         return self.loaded().model
+
+    @property
+    def half(self) -> str:
+        """The half precision this model's fp16 variants run in: the built-in tolerances follow it."""
+        return self.pool.resolved.half.dtype
 
     def golden_path(self) -> Path:
         return self.goldens.path(

@@ -57,7 +57,7 @@ class ConsistencySpec(CheckSpec):
 
 def tolerance_for(ctx: CheckContext, spec: ConsistencySpec) -> Tolerance:
     """The engine's tolerance for this variant, with the check's override applied."""
-    return spec.noise_model().tolerance(ctx.variant.key if ctx.variant else None)
+    return spec.noise_model(half=ctx.half).tolerance(ctx.variant.key if ctx.variant else None)
 
 
 EXACT_SOURCE = "exact: the two runs must be bit-identical"

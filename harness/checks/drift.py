@@ -364,15 +364,15 @@ class DriftCheck(Check[DriftSpec]):
             pass  # NEW has no budget of its own: NEW against OLD below is the verdict
         except CheckFailure as exc:
             problems.append(str(exc))
-        problems += versus_old(ctx, old, tolerance=self._tolerance(variant))
+        problems += versus_old(ctx, old, tolerance=self._tolerance(variant, half=ctx.half))
         if problems:
             raise CheckFailure(f"{pair.label}: " + "\n".join(problems))
 
     @staticmethod
-    def _tolerance(variant: VariantSpec) -> Any:
-        from harness.compare import NoiseModel
+    def _tolerance(variant: VariantSpec, *, half: str) -> Any:
+        from harness.tolerance import NoiseModel, builtin_tolerances
 
-        return NoiseModel().tolerance(variant.key)
+        return NoiseModel(tolerances=builtin_tolerances(half)).tolerance(variant.key)
 
 
 def versus_old(ctx: CheckContext, old: DriftReference, *, tolerance: Any) -> list[str]:

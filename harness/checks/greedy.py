@@ -74,9 +74,9 @@ class GreedySpec(CheckSpec):
         override = self.tolerance.as_override() if self.tolerance is not None else {}
         return "tie_gap" in override or any(isinstance(v, dict) and "tie_gap" in v for v in override.values())
 
-    def judging(self, variant_key: str | None, *, cross_device: bool) -> Tolerance:
+    def judging(self, variant_key: str | None, *, cross_device: bool, half: str = "float16") -> Tolerance:
         """This check's tolerance; ``match: exact`` accepts no near-tie (log-probs still within noise)."""
-        tol = self.noise_model().tolerance(variant_key, cross_device=cross_device)
+        tol = self.noise_model(half=half).tolerance(variant_key, cross_device=cross_device)
         return replace(tol, tie_gap=0.0, source=f"{tol.source}, match: exact") if self.match == "exact" else tol
 
 
@@ -187,7 +187,7 @@ class _Run:
         """The golden's recorded noise where it has one; the flat tolerance otherwise."""
         key = self.ctx.variant.key if self.ctx.variant else None
         cross = self.other is not None
-        flat = self.spec.judging(key, cross_device=cross)
+        flat = self.spec.judging(key, cross_device=cross, half=self.ctx.half)
         if noise is None:
             return flat
         chosen = [step.logprob for step in self.golden.steps] if self.golden is not None else None

@@ -98,8 +98,8 @@ class PaddingSpec(CheckSpec):
             )
         return value
 
-    def tolerance_for(self, variant_key: str | None) -> Tolerance:
-        return self.noise_model().tolerance(variant_key)
+    def tolerance_for(self, variant_key: str | None, *, half: str = "float16") -> Tolerance:
+        return self.noise_model(half=half).tolerance(variant_key)
 
 
 @register_check("padding")
@@ -119,7 +119,7 @@ class PaddingCheck(Check[PaddingSpec]):
         assert_fits_context(model, max(lengths), self.spec.max_new_tokens, what=self.spec.id)
         if tokenizer.pad_token_id is None:
             raise CheckFailure(f"{self.spec.id}: the tokenizer has no pad token, so batches cannot be padded.")
-        tol = self.spec.tolerance_for(ctx.variant.key if ctx.variant else None)
+        tol = self.spec.tolerance_for(ctx.variant.key if ctx.variant else None, half=ctx.half)
         processors = processors_act_in(model)
         problems: list[str] = []
         figures: dict[str, float] = {}

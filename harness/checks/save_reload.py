@@ -96,7 +96,7 @@ def reload_model(ctx: CheckContext, model: Any, folder: Path) -> Any:
         raise
     entry = ctx.pool.resolved.entry
     reloaded, info = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=getattr(torch, entry.dtype), device_map=ctx.device.name,
+        str(folder), dtype=getattr(torch, ctx.pool.resolved.half.dtype), device_map=ctx.device.name,
         trust_remote_code=entry.trust_remote_code, output_loading_info=True,
         # the same kernel as the model saved: a kernel swap is noise, not a serialization fault
         attn_implementation=getattr(model.config, "_attn_implementation", None),
