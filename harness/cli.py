@@ -113,9 +113,9 @@ def some_text(text: str) -> str:
     return text
 
 
-def golden_dir_argument(parser: argparse.ArgumentParser) -> None:
+def golden_dir_argument(parser: argparse.ArgumentParser, *, default: str = "golden/ next to --registry") -> None:
     parser.add_argument("--golden-dir", default=None, metavar="DIR",
-                        help="the golden folder that outputs are kept out of (default: golden/ next to --registry)")
+                        help=f"the golden folder that outputs are kept out of (default: {default})")
 
 
 def check_out_folder(flag: str, value: str | Path, *, golden_dirs: Sequence[Path], writes: Sequence[str]) -> Path:
