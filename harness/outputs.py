@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,13 @@ PYTEST_PREFIX_OUTPUTS = {"--benchmark-histogram": "benchmark_histogram", "--benc
 PYTEST_ERASED_OUTPUTS = {"--basetemp": "basetemp"}
 
 
+def _path_of(value: Any) -> str:
+    """The path an option's value names: a path, a string, or a file object (pytest-benchmark < 5.3)."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    return str(getattr(value, "name", value))  # a file object's name is its path (a Path's is its last part)
+
+
 def output_options(option: Any) -> list[tuple[str, str, bool]]:
     """Every path a pytest session may write that is not a golden: (flag, path, whether pytest empties it).
 
@@ -155,7 +163,7 @@ def output_options(option: Any) -> list[tuple[str, str, bool]]:
     for flag, dest in PYTEST_OUTPUTS.items():
         value = get(dest)
         if value:
-            found.append((flag, str(getattr(value, "name", value)), False))  # a file object names its path
+            found.append((flag, _path_of(value), False))
     for flag, dest in PYTEST_PREFIX_OUTPUTS.items():
         value = get(dest)
         found += [(flag, str(prefix), False) for prefix in (value if isinstance(value, (list, tuple)) else
