@@ -429,6 +429,8 @@ def _json_problem(expected: Any, text: str) -> str | None:
         value = json.loads(text.strip())
     except json.JSONDecodeError as exc:
         return f"is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except RecursionError:
+        return "is JSON nested deeper than Python reads (thousands of levels)"
     if isinstance(expected, JsonExpectation) and expected.schema_ is not None:
         import jsonschema
 
