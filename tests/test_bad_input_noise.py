@@ -232,3 +232,18 @@ def test_outside_a_gate_an_edited_record_is_judged_with_the_defaults_and_said(re
     assert "Traceback" not in result.stdout.str()
     result.stdout.fnmatch_lines(["*its noise record is not the one its sidecar's path_noise_sha256 vouches for "
                                  "(edited by hand?): judged with the built-in defaults*"])
+
+
+def test_an_edited_record_is_listed_with_the_golden_folders_untrusted_sidecars(tmp_path):
+    from harness.golden import stale_sidecars, tree_report
+
+    store = GoldenStore(root=tmp_path / "golden", model="m", device_class="cpu", update=True,
+                        provenance={"model": "m"}, rootdir=tmp_path)
+    path = store.path(suite="gen", check_id="c", variant="fp16")
+    store.assert_matches(path, {"text": "x"}, explain=lambda e, a: "", sidecar={"path_noise": RECORD})
+    assert stale_sidecars(tmp_path / "golden") == []
+    _edit_meta(path, lambda m: _thousand_nats(m, rehash=False))
+    assert "holds another path_noise record than the one its path_noise_sha256 names" in trust_problem(path)
+    assert any("holds another path_noise record" in line for line in tree_report(tmp_path / "golden"))
+    _edit_meta(path, lambda m: m.pop("path_noise_sha256"))  # an older harness's sidecar: not an edit
+    assert trust_problem(path) is None

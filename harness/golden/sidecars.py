@@ -57,11 +57,7 @@ def judged_record(sidecar: Path, name: str, *, label: str = "", missing: str = "
     if recorded is None:
         return meta[name], (f"its sidecar names no {record_sha_key(name)}, so nothing vouches for its {label} "
                             "(recorded by an older harness, or the field was removed)")
-    try:
-        actual = record_sha256(meta[name])
-    except ValueError:
-        actual = None
-    if recorded != actual:
+    if recorded != _sha_or_none(meta[name]):
         return meta[name], (f"its {label} is not the one its sidecar's {record_sha_key(name)} vouches for "
                             "(edited by hand?)")
     return meta[name], None
@@ -97,7 +93,18 @@ def sidecar_problem(golden: Path, sidecar: Path) -> str | None:
     recorded = meta.get(SHA_KEY)
     if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
         return "describes another version of its golden (an update was interrupted, or it was edited)"
+    for name in JUDGED_RECORDS:  # a record whose sha256 is absent is an older harness's, not an edit
+        vouched = meta.get(record_sha_key(name))
+        if vouched is not None and (name not in meta or _sha_or_none(meta[name]) != vouched):
+            return f"holds another {name} record than the one its {record_sha_key(name)} names (it was edited)"
     return None
+
+
+def _sha_or_none(record: Any) -> str | None:
+    try:
+        return record_sha256(record)
+    except ValueError:  # a non-finite number: not what an update writes
+        return None
 
 
 def orphan_sidecars(root: Path) -> list[Path]:
