@@ -1,4 +1,5 @@
-"""Regenerate the examples in docs/ and README.md from real runs of the current code.
+"""Regenerate the examples in docs/ and README.md from real runs of the current code, and the suite
+reference (docs/suites.md, harness/suite.schema.json) from its spec classes.
 
     python docs/generate.py                          # every part (several minutes on a CPU)
     python docs/generate.py --only failure-example   # one part; repeat --only for more
@@ -278,7 +279,21 @@ def model_diff(ctx: Context) -> list[Path]:
     return written
 
 
+def suite_reference(ctx: Context) -> list[Path]:
+    """docs/suites.md and harness/suite.schema.json, from the spec classes (no model, no run)."""
+    from harness.suite_reference import SCHEMA_PATH, reference_markdown, schema_text
+
+    targets = {ctx.docs_root / "docs" / "suites.md": reference_markdown(),
+               ctx.docs_root / SCHEMA_PATH.relative_to(REPO): schema_text()}
+    for target, text in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    return list(targets)
+
+
 PARTS: dict[str, tuple[Callable[[Context], list[Path]], str]] = {
+    "suite-reference": (suite_reference, "docs/suites.md and harness/suite.schema.json: every kind and key, "
+                                         "from the spec classes (seconds; no model)"),
     "failure-example": (failure_example, "README.md and docs/gate.md blocks: a greedy golden failing on a "
                                          f"constructed regression ({REGRESSION}, {FAILURE_CHECK}[{FAILURE_VARIANT}])"),
     "model-diff": (model_diff, "docs/example-diff/: harness-diff on a constructed update"),

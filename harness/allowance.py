@@ -250,10 +250,9 @@ def as_allowance(tol: Tolerance | Allowance, steps: int) -> Allowance:
 
 def widened_defaults(tol: Tolerance) -> tuple[str, ...]:
     """The fields a suite or check set above the built-in default of their quantization."""
-    from harness.tolerance import DEFAULT_TOLERANCES
+    from harness.tolerance import builtin_of
 
-    quant = "nf4" if tol.source.startswith("nf4") else "fp16"
-    default = DEFAULT_TOLERANCES[quant]
+    quant, default = builtin_of(tol)
     lines = []
     for name, where in sorted(tol.where.items()):
         value, built_in = _field(tol, name), _field(default, name)

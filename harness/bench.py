@@ -239,6 +239,7 @@ def _run(args: argparse.Namespace, *, synthetic: dict[str, Any] | None) -> dict[
             "quant_state_after_workload_bytes": mem.quant_state_after_bytes,
             "expected_nf4_bytes": mem.expected_nf4_bytes, "generated_tokens": mem.generated_tokens,
             "peak": {**asdict(mem.peak), "label": mem.peak.label},
+            "layout_at_load": mem.layout_at_load, "layout": mem.layout,
         }
         if variant.quant == "nf4":
             row["nf4_estimate"] = nf4_estimate(loaded.model).figures()
@@ -464,14 +465,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"Measured: `get_memory_footprint()` = **{mib(mem['weights_bytes']):.2f} MiB** (packed 4-bit "
             f"weights + 16-bit rest; it does not count bitsandbytes' block constants), "
-            f"{mib(mem['quant_state_bytes']):.2f} MiB of quant-state constants, {with_state:.2f} MiB together.",
+            f"{mib(mem['quant_state_bytes']):.2f} MiB of quant-state constants, {with_state:.2f} MiB together"
+            + (f", in the {mem['layout_at_load']}." if mem.get("layout_at_load") else "."),
         ]
         after = mem.get("quant_state_after_workload_bytes") or 0
         if after and after != mem["quant_state_bytes"]:
             lines += [
                 "",
-                f"After the first forward the constants take {mib(after):.2f} MiB: this bitsandbytes "
-                "backend un-nests the double quantization on first use (absmax kept at 16 bits).",
+                f"After the first forward the constants take {mib(after):.2f} MiB"
+                + (f" ({mem['layout']})" if mem.get("layout") else "")
+                + ": on this CPU bitsandbytes repacks the weights for its fused kernel at the first forward "
+                "and undoes the double quantization (a bfloat16 absmax per block of 64).",
             ]
     lora = [r for r in report["variants"] if r.get("drift", {}).get("base")]
     if lora:

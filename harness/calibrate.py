@@ -313,7 +313,7 @@ def calibrate_variant(ctx: Context, pool: Any, variant: Any, conditions: list[st
     pool.release()
     rec = recommend([n for n, _ in observed], safety=safety)
     refused = tolerance_problem(rec.as_tolerance())
-    tolerances = _tolerances(rec, variant.key)
+    tolerances = _tolerances(rec, variant.key, half=pool.resolved.half.dtype)
     regressed: list[tuple[Noise, list[Scored]]] = []
     for regression in ctx.regressions:
         if regression.needs_adapter and not variant.lora:
@@ -363,6 +363,7 @@ def _measure_cross_device(ctx: Context, pool: Any, variant: Any, same: list[Nois
     """The other class's goldens scored by this variant here, and the factors against ``same``."""
     from harness.compare import NoiseModel
     from harness.crossdevice import factors, golden_paths, score_goldens, verdicts
+    from harness.tolerance import builtin_tolerances
 
     assert ctx.cross is not None
     paths, skipped = golden_paths(ctx.items, root=ctx.cross.root, model=ctx.cross.model,
@@ -373,7 +374,7 @@ def _measure_cross_device(ctx: Context, pool: Any, variant: Any, same: list[Nois
     _say(f"{variant.key}: {label}, {len(paths)} goldens")
     noise, scores = score_goldens(pool.get(variant).model, pool.tokenizer, paths, label=label)
     _say(f"{variant.key}: {_summary(noise)}")
-    model = NoiseModel()
+    model = NoiseModel(tolerances=builtin_tolerances(pool.resolved.half.dtype))
     builtin = model.tolerance(variant.key)
     return {
         "golden_class": ctx.cross.golden_class, "prompts": len(paths), "steps": noise.steps, "skipped": skipped,
@@ -435,12 +436,14 @@ def _summary(noise: Noise) -> str:
             + (f", {noise.nonfinite} NaN/inf steps" if noise.nonfinite else ""))
 
 
-def _tolerances(rec: Recommendation, variant_key: str) -> dict[str, Any]:
-    """The recommended tolerance and the engine's built-in default, to judge conditions against."""
+def _tolerances(rec: Recommendation, variant_key: str, *, half: str) -> dict[str, Any]:
+    """The recommended tolerance and the engine's built-in default (for a model running in ``half``), to judge
+    conditions against."""
     from harness.compare import NoiseModel, Tolerance
+    from harness.tolerance import builtin_tolerances
 
     return {"recommended": Tolerance(**rec.as_tolerance(), source="recommended"),
-            "default": NoiseModel().tolerance(variant_key)}
+            "default": NoiseModel(tolerances=builtin_tolerances(half)).tolerance(variant_key)}
 
 
 def _verdicts(names: list[str], reference: list[Any], scores: list[Scored],

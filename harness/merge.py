@@ -264,18 +264,21 @@ def gate_rule(shards: list[ShardResult]) -> bool:
 
 
 def _markdown(merged: Merged) -> str:
+    from harness.machine import shard_note
     from harness.report import Header, Side, render_markdown
 
     headers = [s.data.get("header") for s in merged.shards if s.data.get("header")]
     with_provenance = [h for h in headers if (h.get("model") or {}).get("provenance")]
     chosen = (with_provenance or headers or [None])[0]
     header = Header.from_dict(chosen) if chosen else Header(model=Side(name="-", error="no shard recorded one"))
+    header.recorded = [group for h in headers for group in (h.get("recorded") or [])]  # every shard's goldens
     seconds = max((float(s.data.get("seconds") or 0) for s in merged.shards), default=0.0)
     preface = []
     if merged.problems:
         preface += ["## The shards do not make one whole run (red)", "",
                     *(f"- {problem}" for problem in merged.problems), ""]
     preface += _version_notes(with_provenance)
+    preface += shard_note([(s.shard.index, s.data["header"]) for s in merged.shards if s.data.get("header")])
     golden_folder = next((s.data["golden_folder"] for s in merged.shards if s.data.get("golden_folder")), [])
     return render_markdown(header, merged.record, exitstatus=merged.exitstatus, seconds=seconds,
                            preface=preface, appendix=_shard_table(merged.shards) + golden_folder)

@@ -44,7 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
     config.stash[SESSION_KEY] = HarnessSession(options_from_config(config))
     config.stash[_RECORD] = SessionRecord()
-    config.pluginmanager.register(_Recorder(config.stash[_RECORD]), "harness-recorder")
+    config.pluginmanager.register(_Recorder(config.stash[_RECORD], config.stash[SESSION_KEY]), "harness-recorder")
     options = harness_state(config).options
     if options.result is not None and not hasattr(config, "workerinput"):  # the controller writes it, once
         from harness.result import ResultWriter
@@ -225,8 +225,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 class _Recorder:
     """Hooks that need the config but whose signature lacks it (registered per config)."""
 
-    def __init__(self, record: SessionRecord) -> None:
-        self.record = record
+    def __init__(self, record: SessionRecord, state: HarnessSession) -> None:
+        self.record, self.state = record, state
 
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
         self.record.deselected += len(items)
@@ -243,6 +243,8 @@ class _Recorder:
             self.record.worker_loads[node.gateway.id] = loads
         if output.get("harness_threads"):
             self.record.worker_threads[node.gateway.id] = output["harness_threads"]
+        if output.get("harness_numerics") and self.state.worker_numerics is None:
+            self.state.worker_numerics = output["harness_numerics"]
         self.record.add_unselected(output.get("harness_unselected", ()))
         if self.record.plan is None:  # every worker collects the same items, so the same plan
             self.record.plan = output.get("harness_plan")
@@ -294,6 +296,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             config.workeroutput["harness_threads"] = {"share": share.as_dict(), "torch": torch_threads()}
         config.workeroutput["harness_unselected"] = list(state.unselected)
         config.workeroutput["harness_plan"] = record.plan
+        if state._pool is not None:  # where the model ran: the controller reports these numerics
+            config.workeroutput["harness_numerics"] = state.numerics()
         return
     record.add_unselected(state.unselected)
     if _empty_shard(state, record, session):

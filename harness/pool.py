@@ -19,6 +19,7 @@ from typing import Any
 
 from harness.devices import Device
 from harness.errors import AdapterError, HarnessError, ModelLoadError
+from harness.logits_guard import LogitsGuard, NonFiniteLogits, Precision
 from harness.placement import Placement, describe_bytes, offloaded_input_problem, placement_bytes
 from harness.sources import ResolvedModel
 from harness.variants import VariantSpec
@@ -55,6 +56,8 @@ class ModelPool:
     attn_implementation: str | None = None  # overrides the registry's (--attn-implementation, calibration)
     placement: Placement | None = None  # device_map over GPUs, CPU and disk; None: all on ``device``
     placements: dict[str, dict[str, int]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # what each loaded variant ran in, for the summary
+    logit_alarms: list[NonFiniteLogits] = field(default_factory=list)  # every non-finite-logits error raised
 
     @property
     def requested_attn(self) -> str | None:
@@ -147,6 +150,7 @@ class ModelPool:
                 f"Loading {self.resolved.name!r} ({self.resolved.path}) as {variant.key} failed: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from None
+        self.dtypes[variant.key] = self._guard(model, variant)
         if variant.lora:
             model = self._apply_adapter(model)
         model.eval()
@@ -169,6 +173,18 @@ class ModelPool:
             self.placements[variant.key] = held
         return Loaded(variant, model, seconds, footprint, held)
 
+    def _guard(self, model: Any, variant: VariantSpec) -> str:
+        """Put the non-finite-logits guard on the model as loaded (before any adapter); what it runs in, in words."""
+        half = self.resolved.half
+        ran = running_dtype(model)
+        why = half.why if ran == half.dtype else "as the loader built it"
+        precision = Precision(model=self.resolved.name, variant=variant.key, dtype=ran, why=why, shipped=half.shipped,
+                              quantized=variant.quant == "nf4")
+        if not LogitsGuard(precision, alarms=self.logit_alarms).attach(model):
+            self.notes.append(f"{variant.key}: the model has no output head to guard, so NaN or infinite logits "
+                              "are left to each check to find")
+        return f"NF4 (bfloat16 compute, {ran} elsewhere)" if variant.quant == "nf4" else ran
+
     def _nf4_offload_error(self, variant: VariantSpec, what: str) -> ModelLoadError:
         assert self.placement is not None
         return ModelLoadError(
@@ -186,7 +202,7 @@ class ModelPool:
 
         entry = self.resolved.entry
         kwargs: dict[str, Any] = {
-            "dtype": getattr(torch, entry.dtype),
+            "dtype": getattr(torch, self.resolved.half.dtype),
             "device_map": self.device.name,
             "trust_remote_code": entry.trust_remote_code,
             "use_safetensors": not entry.allow_pickle or None,
@@ -212,6 +228,14 @@ class ModelPool:
         # a dispatched base is dispatched again with the adapter: peft needs the same limits and folder
         dispatch = self.placement.from_pretrained_kwargs(self.device.name) if self.placement is not None else None
         return load_adapter(model, adapter, model_name=self.resolved.name, dispatch=dispatch)
+
+
+def running_dtype(model: Any) -> str:
+    """The half precision a loaded model's unquantized layers hold (its input embeddings' dtype)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    dtype = weight.dtype if weight is not None else getattr(model, "dtype", "unknown")
+    return str(dtype).removeprefix("torch.")
 
 
 def has_room(device: Device, nbytes: int) -> bool:

@@ -13,6 +13,16 @@ merged into an NF4 base (``merged``):
 - ``dequantize``: dequantize, add the delta, and keep the merged layer in 16-bit.
 
 A copy is always made: the pool's loaded model is never touched.
+
+Two memory layouts of a 4-bit layer exist on a CPU, and which one a model is in
+depends on the machine. Where the CPU has AVX512-BF16, bitsandbytes repacks every
+4-bit weight at the first inference forward for its fused kernel
+(``_convert_weight_packed_for_cpu``: nibbles reordered in blocks of 32 rows, double
+quantization undone into a bfloat16 absmax, ``quant_state.dtype`` set to bfloat16);
+elsewhere the layer keeps the plain layout that ``dequantize_4bit`` reads. Everything
+here that reads a 4-bit layer's state goes through :func:`plain_state`, which returns
+the plain layout whichever the layer is in, and a 16-bit layer the harness builds takes
+the model's own 16-bit dtype (:func:`activation_dtype`), never the quantization state's.
 """
 
 from __future__ import annotations
@@ -23,6 +33,12 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 MergePath = Literal["merge_and_unload", "requantize", "dequantize"]
+Layout = Literal["plain", "cpu-packed"]
+LAYOUT_NAMES: dict[Layout, str] = {
+    "plain": "plain 4-bit layout (dequantize + matmul; double-quantized absmax)",
+    "cpu-packed": "bitsandbytes' CPU-packed 4-bit layout (fused AVX512-BF16 kernel; bfloat16 absmax, double "
+                  "quantization undone)",
+}
 MERGE_PATHS: tuple[MergePath, ...] = ("merge_and_unload", "requantize", "dequantize")
 MERGE_PATH_NAMES: dict[MergePath, str] = {
     "merge_and_unload": "merge_and_unload() into the NF4 base (peft re-quantizes)",
@@ -44,22 +60,101 @@ def has_4bit_layers(model: Any) -> bool:
     return any(is_4bit(m) for m in model.modules())
 
 
-def dequantized_weight(layer: Any) -> Any:
-    """A 4-bit layer's weight as its forward uses it, in float32."""
-    import bitsandbytes.functional as bnbf
-    import torch
+def layout(layer: Any) -> Layout:
+    """Which layout a 4-bit layer's weight is in now (it can change at the first forward)."""
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return "cpu-packed" if getattr(state, "packing_format_for_cpu", False) else "plain"
 
+
+def layouts(model: Any) -> dict[Layout, int]:
+    """How many 4-bit layers of ``model`` are in each layout (empty: no 4-bit layer)."""
+    counts: dict[Layout, int] = {}
+    for module in model.modules():
+        if is_4bit(module):
+            counts[layout(module)] = counts.get(layout(module), 0) + 1
+    return counts
+
+
+def describe_layouts(model: Any) -> str | None:
+    """One phrase naming the 4-bit layout(s) ``model`` holds, or None without 4-bit layers."""
+    counts = layouts(model)
+    if not counts:
+        return None
+    return "; ".join(f"{LAYOUT_NAMES[name]} ({n} layers)" if len(counts) > 1 else LAYOUT_NAMES[name]
+                     for name, n in sorted(counts.items()))
+
+
+def plain_state(layer: Any) -> tuple[Any, Any]:
+    """A 4-bit layer's packed data and quantization state in the plain layout, whichever it holds.
+
+    The layer is never changed: a CPU-packed layer is converted back on copies.
+    """
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
     fix_4bit_weight_quant_state_from_module(layer)
     weight = layer.weight
     state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' AVX512 layout: undo it on a copy
+    if layout(layer) == "cpu-packed":
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        data, state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
-        return bnbf.dequantize_4bit(data, state).to(torch.float32)
-    return bnbf.dequantize_4bit(weight.data, state).to(torch.float32)
+        return _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(state))
+    return weight.data, state
+
+
+def dequantized_weight(layer: Any) -> Any:
+    """A 4-bit layer's weight as its forward uses it, in float32."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    data, state = plain_state(layer)
+    return bnbf.dequantize_4bit(data, state).to(torch.float32)
+
+
+def activation_dtype(model: Any) -> Any:
+    """The dtype the model's 16-bit parts hold and its activations flow in (its input embedding's).
+
+    A 4-bit layer casts its input to the compute dtype and its output back, so a plain layer
+    put in its place must be in this dtype, not the compute dtype nor the quantization state's
+    (which bitsandbytes' CPU repack sets to bfloat16).
+    """
+    return model.get_input_embeddings().weight.dtype
+
+
+def to_plain_layout(model: Any) -> int:
+    """Return every CPU-packed 4-bit layer of ``model`` (a copy) to the plain layout; how many were packed.
+
+    bitsandbytes does the same before it saves a layer or moves it to a GPU.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    count = 0
+    for module in model.modules():
+        if is_4bit(module) and layout(module) == "cpu-packed":
+            weight = module.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+            count += 1
+    return count
+
+
+def repack_for_cpu(model: Any) -> int:
+    """Put every plain 4-bit layer of ``model`` on the CPU into bitsandbytes' CPU-packed layout, as its
+    first inference forward does on a CPU with AVX512-BF16; how many were repacked.
+
+    This lets every machine run the paths that read 4-bit weights on the layout another machine has.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    count = 0
+    for module in model.modules():
+        if is_4bit(module) and layout(module) == "plain" and module.weight.device.type == "cpu":
+            fix_4bit_weight_quant_state_from_module(module)
+            weight = module.weight
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+            count += 1
+    return count
 
 
 def plain_linear(layer: Any, weight: Any, dtype: Any) -> Any:
@@ -75,14 +170,15 @@ def plain_linear(layer: Any, weight: Any, dtype: Any) -> Any:
     return out
 
 
-def requantize_in_place(layer: Any, weight: Any) -> Any:
-    """``layer`` (4-bit, on a copy) now holds ``weight``, quantized afresh with the layer's own settings."""
+def requantize_in_place(layer: Any, weight: Any, dtype: Any) -> Any:
+    """``layer`` (4-bit, on a copy) now holds ``weight`` cast to ``dtype``, quantized afresh with the layer's
+    own settings, in the plain layout (as a fresh 4-bit load is)."""
     import bitsandbytes as bnb
 
     old = layer.weight
     layer.quant_state = None
     layer.weight = bnb.nn.Params4bit(
-        weight.to(old.quant_state.dtype).cpu(), requires_grad=False, blocksize=old.blocksize,
+        weight.to(dtype).cpu(), requires_grad=False, blocksize=old.blocksize,
         compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
         module=layer,
     ).to(old.device)
@@ -119,19 +215,26 @@ def _lora_layers(model: Any) -> list[tuple[Any, str, Any]]:
     return [(p, n, c) for p, n, c in _children(model) if isinstance(c, LoraLayer)]
 
 
-def merged(model: Any, path: MergePath) -> Any:
-    """A merged copy of a peft model along ``path``; the model itself is left as it was."""
+def merged(model: Any, path: MergePath, *, plain_first: bool = True) -> Any:
+    """A merged copy of a peft model along ``path``; the model itself is left as it was.
+
+    ``plain_first``: the copy's 4-bit layers are returned to the plain layout before merging,
+    so the merge sees what it would on any machine. ``False`` merges the layout as loaded,
+    as a user's script would after the model has run a forward pass.
+    """
     clone = copy.deepcopy(model)
+    if plain_first:
+        to_plain_layout(clone)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Merge lora module to 4-bit linear.*")
         if path != "merge_and_unload":
-            _merge_4bit_by_hand(clone, keep_16bit=path == "dequantize")
+            _merge_4bit_by_hand(clone, keep_16bit=path == "dequantize", dtype=activation_dtype(clone))
         out = clone.merge_and_unload()  # what is left: LoRA layers on 16-bit bases, merged by peft
     out.eval()
     return out
 
 
-def _merge_4bit_by_hand(model: Any, *, keep_16bit: bool) -> None:
+def _merge_4bit_by_hand(model: Any, *, keep_16bit: bool, dtype: Any) -> None:
     """Each LoRA layer on a 4-bit base becomes one merged layer: 16-bit, or quantized again."""
     for parent, name, layer in _lora_layers(model):
         base = layer.get_base_layer()
@@ -147,5 +250,5 @@ def _merge_4bit_by_hand(model: Any, *, keep_16bit: bool) -> None:
                 bias = bias + layer.lora_B[adapter].bias.detach().float()
         if bias is not None:
             base.bias.data = bias.to(base.bias.dtype)
-        dtype = base.weight.quant_state.dtype
-        setattr(parent, name, plain_linear(base, weight, dtype) if keep_16bit else requantize_in_place(base, weight))
+        setattr(parent, name,
+                plain_linear(base, weight, dtype) if keep_16bit else requantize_in_place(base, weight, dtype))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -29,6 +29,11 @@ ATTN_IMPLEMENTATIONS = (
 )
 HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w.]+)?$")
 
+# The 16-bit dtypes the ``fp16`` variants run in (the variant key names half precision, not float16).
+HALF_DTYPES = ("float16", "bfloat16")
+_DTYPE_SPELLINGS = {"fp16": "float16", "half": "float16", "torch.float16": "float16", "bf16": "bfloat16",
+                    "torch.bfloat16": "bfloat16"}
+
 
 def check_attn_implementation(value: str) -> str:
     """``value`` if transformers can be asked for it; otherwise a ValueError naming the choices."""
@@ -44,6 +49,19 @@ def check_attn_implementation(value: str) -> str:
     )
 
 
+def check_half_dtype(value: Any) -> str:
+    """``value`` if it names one of ``HALF_DTYPES``; otherwise a ValueError that says what the key does."""
+    if value in HALF_DTYPES:
+        return str(value)
+    meant = _DTYPE_SPELLINGS.get(str(value).strip().lower())
+    raise ValueError(
+        "not a 16-bit dtype the harness runs a model in" + (f"; did you mean {meant!r}?" if meant else ".")
+        + " dtype sets the half precision of the fp16 variants (and of the layers NF4 leaves unquantized): "
+        "float16 or bfloat16. Leave it out to follow the model's config.json (bfloat16 where it says so, "
+        "float16 otherwise); set bfloat16 for a model trained in bfloat16 whose activations overflow float16"
+    )
+
+
 class ModelEntry(BaseModel):
     """One registry entry: exactly one source (``hub``, ``gguf``, ``embedded`` or a local ``path``)."""
 
@@ -55,7 +73,7 @@ class ModelEntry(BaseModel):
     embedded: str | None = None
     path: str | None = None
     local: list[str] = []
-    dtype: Literal["float16", "bfloat16"] = "float16"
+    dtype: str | None = None  # None: the model's config.json decides (sources.half_precision)
     chat: bool = True
     adapter: str | None = None
     trust_remote_code: bool = False
@@ -65,6 +83,11 @@ class ModelEntry(BaseModel):
     max_memory: dict[str | int, str | int] | None = None
     offload_folder: str | None = None
     description: str = ""
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _half_dtype(cls, value: Any) -> Any:
+        return None if value is None else check_half_dtype(value)
 
     @field_validator("device_map")
     @classmethod

@@ -18,6 +18,7 @@ import pytest
 from harness.display import relative_paths, shown_path
 from harness.errors import NOT_JUDGED_PROPERTY
 from harness.flip_budget import FLIPS_PROPERTY, FlipLedger
+from harness.machine import NUMERICS_KEY, describe, expand_groups, markdown_lines, summary_lines
 from harness.session import HarnessSession
 from harness.threads import summary_line
 from harness.variants import ALL_KEYS, RUN_ORDER
@@ -135,6 +136,8 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
         reporter.write_line(f"{side}model {state.model_name}: {state._resolved.source}; device {state.device.description}")
     if state._reference_resolved is not None:
         reporter.write_line(f"OLD model {state.reference_name}: {state._reference_resolved.source}")
+    for line in machine_lines(state, record):
+        reporter.write_line(line)
     for prefix, side_pool in ((side, pool), ("OLD ", state._reference_pool)):
         if side_pool is None:
             continue
@@ -154,6 +157,17 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
         reporter.write_line(f"goldens written or updated: {len(record.goldens_written)}")
         for path in sorted(record.goldens_written):
             reporter.write_line(f"  {shown_path(path, state.options.rootdir)}")
+
+
+def machine_lines(state: HarnessSession, record: SessionRecord) -> list[str]:
+    """Where the run ran (numerics, libraries) and how the compared goldens' sidecars differ from it."""
+    if not record.outcomes:
+        return []
+    try:
+        current = state.provenance()
+    except Exception as exc:  # noqa: BLE001 - the summary must still be written
+        return [f"numerics: unavailable ({type(exc).__name__}: {exc})"]
+    return summary_lines(current, expand_groups(goldens_recorded(state, record)))
 
 
 def forgiveness_counts(record: SessionRecord) -> str:
@@ -207,7 +221,7 @@ def unjudged_section(reporter: Any, record: SessionRecord, *, ci: bool) -> None:
 def _pool_loads(pool: Any) -> dict[str, Any]:
     return {
         key: {"count": count, "seconds": pool.load_seconds.get(key, 0.0), "bytes": pool.weights_bytes.get(key, 0),
-              "placement": pool.placements.get(key)}
+              "placement": pool.placements.get(key), "dtype": pool.dtypes.get(key)}
         for key, count in pool.load_counts.items()
     }
 
@@ -216,7 +230,8 @@ def load_lines(loads: dict[str, Any]) -> list[str]:
     from harness.placement import describe_bytes
 
     return [
-        f"loaded {key}: {info['count']}x, {info['seconds']:.1f} s, weights {info['bytes'] / 2**20:.1f} MiB"
+        f"loaded {key}: {info['count']}x, {info['seconds']:.1f} s, "
+        + (f"{info['dtype']} " if info.get("dtype") else "") + f"weights {info['bytes'] / 2**20:.1f} MiB"
         + (f" (held on {describe_bytes(info['placement'])})" if info.get("placement") else "")
         for key, info in sorted(loads.items(), key=lambda kv: RUN_ORDER.index(kv[0]))
     ]
@@ -234,22 +249,29 @@ class Side:
     error: str | None = None  # why the provenance is unavailable
     adapter: str | None = None
     device: str = ""  # the device's description
+    precision: str = ""  # the 16-bit dtype the fp16 variants ran in, and why
 
 
 @dataclass
 class Header:
-    """Who was tested where; ``reference`` is OLD in reference mode (the report then reads NEW vs OLD)."""
+    """Who was tested where; ``reference`` is OLD in reference mode (the report then reads NEW vs OLD).
+
+    ``recorded``: what the sidecars of the goldens the run compared with recorded (device, attention
+    kernel, versions, numerics), grouped with a count each (``harness.machine.recorded_groups``).
+    """
 
     model: Side
     reference: Side | None = None
+    recorded: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Header:
         return cls(model=Side(**data["model"]),
-                   reference=Side(**data["reference"]) if data.get("reference") else None)
+                   reference=Side(**data["reference"]) if data.get("reference") else None,
+                   recorded=list(data.get("recorded") or []))
 
 
-def session_header(state: HarnessSession) -> Header:
+def session_header(state: HarnessSession, record: SessionRecord | None = None) -> Header:
     """The header of a live session; a provenance that cannot be had is said, never raised."""
 
     def side(*, reference: bool) -> Side:
@@ -261,16 +283,27 @@ def session_header(state: HarnessSession) -> Header:
         resolved = state._reference_resolved if reference else state._resolved
         adapter = resolved.adapter if resolved else None
         return Side(name=str(name), provenance=prov, adapter=str(adapter) if adapter else None,
-                    device=state.device.description)
+                    device=state.device.description, precision=resolved.half.describe() if resolved else "")
 
     reference = side(reference=True) if state.options.reference is not None else None
-    return Header(model=side(reference=False), reference=reference)
+    return Header(model=side(reference=False), reference=reference,
+                  recorded=goldens_recorded(state, record) if record is not None else [])
+
+
+def goldens_recorded(state: HarnessSession, record: SessionRecord) -> list[dict[str, Any]]:
+    """What the sidecars of the goldens this session compared with recorded; none in reference mode."""
+    if state.options.reference is not None or not record.goldens_used:
+        return []
+    from harness.golden.sidecars import recorded_provenance
+    from harness.machine import recorded_groups
+
+    return recorded_groups(recorded_provenance(Path(p) for p in record.goldens_used))
 
 
 def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -> str:
     """A short Markdown report of a live session, pasteable as a pull-request comment: no path of this
     machine in it (paths under the rootdir are shown relative to it)."""
-    text = render_markdown(session_header(state), record, exitstatus=exitstatus,
+    text = render_markdown(session_header(state, record), record, exitstatus=exitstatus,
                            seconds=time.time() - record.started, appendix=golden_folder_lines(state))
     return relative_paths(text, state.options.rootdir)
 
@@ -283,6 +316,7 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     problems and its per-shard table.
     """
     counts = Counter(o.outcome for o in record.outcomes.values())
+    recorded = expand_groups(header.recorded)
     if header.reference is not None:
         lines = [f"# Behaviour report: NEW {header.model.name} vs OLD {header.reference.name}", "",
                  "Reference mode: every check was judged against a live run of OLD in this session (same variant "
@@ -291,6 +325,8 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     else:
         lines = [f"# Behaviour report: {header.model.name}", ""]
         lines += _provenance_lines(header.model)
+        if header.model.provenance is not None and recorded:
+            lines += [f"- {line}" for line in summary_lines(header.model.provenance, recorded)[2:]]
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no harness items"
     verdict = "green" if exitstatus == 0 else "red"
     lines += [f"- **result: {verdict}** ({summary}) in {seconds:.0f} s", ""]
@@ -298,6 +334,8 @@ def render_markdown(header: Header, record: SessionRecord, *, exitstatus: int, s
     lines += _matrix(record)
     lines += _unjudged(record)
     lines += _figures(record)
+    if header.model.provenance is not None:
+        lines += markdown_lines(header.model.provenance, recorded)
     if record.forgiven or record.flips.groups:
         standing = [f"- budget {line}" for line in record.flips.standing()]
         lines += [f"## Forgiven: {forgiveness_counts(record)}", "", *[f"- {line}" for line in record.forgiven], ""]
@@ -340,7 +378,9 @@ def _provenance_lines(side: Side) -> list[str]:
         f"weights fingerprint `{prov['model_fingerprint']}`, tokenizer `{prov['tokenizer_fingerprint']}`",
         f"- adapter: `{side.adapter or '-'}` fingerprint `{prov['adapter_fingerprint'] or '-'}`",
         f"- device: {side.device} (class `{prov['device']}`)",
+        *([f"- 16-bit variants in {side.precision}; NF4 computes in bfloat16"] if side.precision else []),
         f"- libraries: {versions}",
+        f"- numerics: {describe(prov.get(NUMERICS_KEY))}",
     ]
 
 

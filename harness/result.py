@@ -91,7 +91,7 @@ class ResultWriter:
 
         record, state = self.record, self.state
         if record.outcomes:
-            header = session_header(state)
+            header = session_header(state, record)
         else:
             header = Header(model=Side(name=_model_name(state), error="no harness item ran in this session"))
         loads = dict(record.worker_loads)

@@ -76,6 +76,7 @@ class HarnessSession:
         self.progress_lines: list[str] = []
         self.unselected: list[str] = []  # checks whose `variants:` selects none of this session's
         self.suites_without_registry: list[Path] = []
+        self.worker_numerics: dict[str, Any] | None = None  # xdist controller: a worker's, where the model ran
 
     # -- cheap, at collection ---------------------------------------------------
     @property
@@ -174,6 +175,12 @@ class HarnessSession:
             self._reference_pool = ModelPool(resolved=resolved, device=self.device,
                                              attn_implementation=self.options.attn_implementation,
                                              placement=self.placement(resolved.entry))
+            new = self.pool.resolved.half
+            if resolved.half.dtype != new.dtype:
+                self._reference_pool.notes.append(
+                    f"runs in {resolved.half.describe()}, NEW in {new.describe()}: every 16-bit comparison judges "
+                    "the change of half precision together with the model's; set dtype: on a registry entry to "
+                    "compare like with like")
         return self._reference_pool
 
     def placement(self, entry: ModelEntry) -> Placement | None:
@@ -207,6 +214,7 @@ class HarnessSession:
 
     def provenance(self, *, reference: bool = False) -> dict[str, Any]:
         """Where the model (or, with ``reference``, OLD in reference mode) comes from, for sidecars and reports."""
+        from harness.machine import NUMERICS_KEY
         from harness.provenance import (
             adapter_fingerprint, attn_implementation, library_versions, model_fingerprint, tokenizer_fingerprint,
         )
@@ -224,7 +232,15 @@ class HarnessSession:
             "device": self.device.klass,
             "attn_implementation": attn_implementation(pool.requested_attn, resolved.path),
             "versions": library_versions(),
+            NUMERICS_KEY: self.numerics(),
         }
+
+    def numerics(self) -> dict[str, Any]:
+        """This machine's numerics as the model sees them: an xdist controller, which loads no model, takes a
+        worker's (the CPU is the same, the threads are the worker's) rather than importing bitsandbytes."""
+        from harness.machine import numerics
+
+        return self.worker_numerics if self.worker_numerics is not None else numerics(self.device.klass.split("-")[0])
 
     # -- running ----------------------------------------------------------------
     def run_check(self, suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None,
@@ -256,10 +272,11 @@ class HarnessSession:
             decode_goldens=self.options.decode_goldens,
         )
         golden = ctx.golden_path()
+        heard = len(self.pool.logit_alarms)
         try:
             entry.check.run(ctx)
         except NotJudged as exc:
-            raise _not_judged(request, str(exc)) from None
+            raise self._logits_alarm(heard) or _not_judged(request, str(exc)) from None
         except VariantUnavailable as exc:
             expected = self._variant_has_goldens(variant)
             if expected is not None:
@@ -267,7 +284,11 @@ class HarnessSession:
                                            f"({expected}), so this machine should run it") from None
             raise _skip_here(str(exc)) from None
         except pytest.skip.Exception as exc:
-            raise _skip_here(exc.msg) from None
+            raise self._logits_alarm(heard) or _skip_here(exc.msg) from None
+        else:
+            alarm = self._logits_alarm(heard)
+            if alarm is not None:
+                raise alarm
         finally:
             # user_properties travel to the xdist controller and into JUnit XML
             goldens = self.goldens
@@ -275,6 +296,12 @@ class HarnessSession:
                 request.node.user_properties.append(("harness_golden", str(golden)))
             if golden in goldens.written or golden in goldens.updated:
                 request.node.user_properties.append(("harness_golden_written", str(golden)))
+
+    def _logits_alarm(self, heard: int) -> BaseException | None:
+        """The first non-finite-logits error raised since the pool had ``heard`` of them: it fails the item
+        even where the check caught it (as a decoding error, a skip), so NaN never ends as a pass or a skip."""
+        alarms = self.pool.logit_alarms
+        return alarms[heard] if len(alarms) > heard else None
 
     def _unknown_models(self, models: list[str]) -> str | None:
         """Why a check's ``models:`` looks like a typo (a name neither registered nor this session's), or None.

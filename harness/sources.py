@@ -19,11 +19,13 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from harness.errors import ModelNotFoundError, ModelLoadError
 from harness.names import safe_name
-from harness.registry import FULL_SHA, ModelEntry, Registry
+from harness.registry import FULL_SHA, HALF_DTYPES, ModelEntry, Registry
 
 Progress = Callable[[str], None]
 
@@ -63,6 +65,55 @@ class ResolvedModel:
     @property
     def revision(self) -> str | None:
         return self.entry.revision
+
+    @cached_property
+    def half(self) -> HalfPrecision:
+        """The 16-bit dtype this model's fp16 variants (and NF4's unquantized layers) run in, and why."""
+        return half_precision(self.path, self.entry)
+
+
+@dataclass(frozen=True)
+class HalfPrecision:
+    """The half precision a model runs in: ``dtype`` (float16 or bfloat16), where that came from (``why``)
+    and what the model's config.json says it ships in (``shipped``; None where it says nothing)."""
+
+    dtype: str
+    why: str
+    shipped: str | None
+
+    def describe(self) -> str:
+        return f"{self.dtype} ({self.why})"
+
+
+def half_precision(folder: Path, entry: ModelEntry) -> HalfPrecision:
+    """The registry entry's ``dtype`` where it has one, else bfloat16 where config.json says the model ships in
+    bfloat16, else float16.
+
+    Most current models ship in bfloat16 and some overflow float16's range (65504), so a bfloat16 model is
+    run in bfloat16. Anything else stays float16, as before: a float32 config says nothing about which half
+    precision the model tolerates, and a GGUF file converted by the harness is saved in float32 (the
+    embedded default model's goldens are float16 ones, and its registry entry says so too).
+    """
+    shipped = config_dtype(folder)
+    if entry.dtype is not None:
+        return HalfPrecision(entry.dtype, f"dtype: {entry.dtype} in the registry entry", shipped)
+    if shipped in HALF_DTYPES:
+        return HalfPrecision(shipped, f"config.json says {shipped}", shipped)
+    said = f"config.json says {shipped}" if shipped else "config.json names no dtype"
+    return HalfPrecision("float16", f"{said}; float16 unless the registry entry sets dtype", shipped)
+
+
+def config_dtype(folder: Path) -> str | None:
+    """The dtype a model folder's config.json says its weights are in (``dtype``, or ``torch_dtype`` as
+    transformers 4 wrote it); None where it says nothing or cannot be read (loading says why)."""
+    try:
+        config: Any = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value).removeprefix("torch.") if isinstance(value, str) else None
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,17 @@ from harness.validation import validate
 from harness.variants import ALL_KEYS
 from harness.yamlload import YamlList, YamlMap, load_yaml
 
-SUITE_KEYS = {"suite", "description", "defaults", "variants", "checks"}
+# The top-level keys of a suite file, with what each means (the suite reference and schema print these).
+SUITE_KEYS: dict[str, str] = {
+    "suite": "The suite's name (default: the file's name without .yaml). It names the suite's golden folder, so "
+             "ASCII letters, digits, '-', '_' and '.' only, unique among the suites of a run.",
+    "description": "What the suite is for, in words.",
+    "defaults": "Values for keys of the checks below, where a check does not set them itself; each applies to "
+                "the kinds that have that key. `tolerance` here layers under each check's own, field by field. "
+                "Not `id` or `kind`.",
+    "variants": "Run every check of the suite only in these variants (a check's own `variants:` wins).",
+    "checks": "The checks, a non-empty list; each is a mapping with at least `id` and `kind`.",
+}
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,30 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "nf4": Tolerance(mean_abs_dlogp=0.12, max_abs_dlogp=0.35, tie_gap=0.75, max_margin_shift=0.75,
                      source="nf4 defaults"),
 }
+# An fp16 variant of a model that runs in bfloat16 rounds every Linear output and its residual stream to
+# bfloat16: 8 bits of mantissa, as NF4's bfloat16 compute, against float16's 11. Its defaults are NF4's,
+# whose consistency noise is that rounding (NF4 with float32 compute is as quiet as fp16,
+# docs/calibration.md). ASSUMED from NF4's calibration, not measured on a trained bfloat16 model yet.
+BFLOAT16_TOLERANCE = Tolerance(mean_abs_dlogp=0.12, max_abs_dlogp=0.35, tie_gap=0.75, max_margin_shift=0.75,
+                               source="fp16 in bfloat16 defaults")
+IN_BFLOAT16 = " in bfloat16"
+
+
+def builtin_tolerances(half: str = "float16") -> dict[str, Tolerance]:
+    """The built-in defaults for a model whose fp16 variants run in ``half`` (``HalfPrecision.dtype``)."""
+    return {**DEFAULT_TOLERANCES, "fp16": BFLOAT16_TOLERANCE} if half == "bfloat16" else dict(DEFAULT_TOLERANCES)
+
+
+def builtin_of(tol: Tolerance) -> tuple[str, Tolerance]:
+    """The built-in default a tolerance was layered on, with its name (``fp16``, ``fp16 in bfloat16``, ``nf4``)."""
+    head = tol.source.split(" (")[0]
+    if head.startswith("nf4"):
+        return "nf4", DEFAULT_TOLERANCES["nf4"]
+    if IN_BFLOAT16 in head:
+        return "fp16" + IN_BFLOAT16, BFLOAT16_TOLERANCE
+    return "fp16", DEFAULT_TOLERANCES["fp16"]
+
+
 # Goldens of another device class (GPU vs CPU kernels, other accumulation orders) are judged
 # with every bound scaled by this. ASSUMED, not measured: no GPU run has measured it yet, and
 # every message that uses it says so.
@@ -125,8 +149,9 @@ class NoiseModel:
                 table[key] = base
                 continue
             named = sorted(set(base.where) | set(values))
+            label = key + (IN_BFLOAT16 if IN_BFLOAT16 in base.source.split(" (")[0] else "")
             table[key] = replace(base, **values, where={**base.where, **{k: where for k in values}},
-                                 source=f"{key} ({', '.join(named)} set in {_places(base.where, values, where)})")
+                                 source=f"{label} ({', '.join(named)} set in {_places(base.where, values, where)})")
         return NoiseModel(tolerances=table, cross_device_factor=self.cross_device_factor)
 
 
@@ -145,16 +170,33 @@ def _at_most_max_nats(value: float | None) -> float | None:
 
 Nats = Annotated[float | None, AfterValidator(_at_most_max_nats)]
 
+def _defaults(name: str) -> str:
+    """A field's built-in defaults, for the suite reference: ``fp16 default 0.017, nf4 0.12``."""
+    return ", ".join(f"{key} default {getattr(tol, name):g}" for key, tol in DEFAULT_TOLERANCES.items())
+
+
+# The suite reference's words for ``tolerance:``, the same on every kind that takes one.
+TOLERANCE_HELP = (f"How far a run may differ from what it is judged against, in nats of log-probability (at most "
+                  f"{MAX_NATS:g}): any subset of the fields, flat or per variant; unset fields keep the suite's "
+                  "`defaults: tolerance:`, then the built-in defaults. A golden that records its own noise is "
+                  "judged against that record; fields set here override it.")
+
 
 class ToleranceValues(BaseModel):
-    """Bounds a suite may set (any subset); the rest keep the layer below. No noise exceeds MAX_NATS."""
+    """Bounds a suite may set, in nats (any subset); those not set keep the layer below: the suite's defaults,
+    then the built-in ones."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mean_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False)
-    max_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False)
-    tie_gap: Nats = Field(None, ge=0, allow_inf_nan=False)
-    max_margin_shift: Nats = Field(None, gt=0, allow_inf_nan=False)
+    mean_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False, description=(
+        f"Mean |Δ log p| of the chosen tokens over a run, in nats ({_defaults('mean_abs_dlogp')})."))
+    max_abs_dlogp: Nats = Field(None, gt=0, allow_inf_nan=False, description=(
+        f"|Δ log p| of a chosen token at any one step, in nats ({_defaults('max_abs_dlogp')})."))
+    tie_gap: Nats = Field(None, ge=0, allow_inf_nan=False, description=(
+        "A different token is accepted as a near-tie where the recorded top-2 gap was at most this "
+        f"({_defaults('tie_gap')}); 0 accepts no flip."))
+    max_margin_shift: Nats = Field(None, gt=0, allow_inf_nan=False, description=(
+        "How far the gap between the chosen token and its runner-up may move at a step (default: tie_gap)."))
 
 
 class ToleranceSpec(ToleranceValues):
@@ -166,10 +208,10 @@ class ToleranceSpec(ToleranceValues):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    fp16: ToleranceValues | None = None
-    nf4: ToleranceValues | None = None
-    fp16_lora: ToleranceValues | None = Field(None, alias="fp16-lora")
-    nf4_lora: ToleranceValues | None = Field(None, alias="nf4-lora")
+    fp16: ToleranceValues | None = Field(None, description="Values for the fp16 and fp16-lora variants.")
+    nf4: ToleranceValues | None = Field(None, description="Values for the nf4 and nf4-lora variants.")
+    fp16_lora: ToleranceValues | None = Field(None, alias="fp16-lora", description="Values for fp16-lora only.")
+    nf4_lora: ToleranceValues | None = Field(None, alias="nf4-lora", description="Values for nf4-lora only.")
 
     def as_override(self) -> dict[str, Any]:
         override: dict[str, Any] = {k: getattr(self, k) for k in TOLERANCE_FIELDS if getattr(self, k) is not None}
@@ -181,9 +223,10 @@ class ToleranceSpec(ToleranceValues):
 
 
 def layered(suite: ToleranceSpec | None, check: ToleranceSpec | None, *, suite_where: str = "the suite's defaults",
-            check_where: str = "the check") -> NoiseModel:
-    """The defaults, then a suite's ``defaults: tolerance:``, then a check's ``tolerance:``, field by field."""
-    model = NoiseModel()
+            check_where: str = "the check", half: str = "float16") -> NoiseModel:
+    """The defaults for a model running in ``half``, then a suite's ``defaults: tolerance:``, then a check's
+    ``tolerance:``, field by field."""
+    model = NoiseModel(tolerances=builtin_tolerances(half))
     if suite is not None:
         model = model.overridden(suite.as_override(), where=suite_where)
     if check is not None:

@@ -1,7 +1,10 @@
 """The variants a model is tested in: 16-bit or NF4, each with or without the LoRA adapter.
 
 A VariantSpec is pure data: building one touches neither disk, network nor GPU.
-Its ``key`` is filesystem-safe and appears in node ids and golden paths.
+Its ``key`` is filesystem-safe and appears in node ids and golden paths. ``fp16`` names the
+model's 16-bit half precision, not float16 itself: which one (float16 or bfloat16) is the
+model's (``sources.ResolvedModel.half``), so the key and the golden paths stay the same while
+the summary says what each variant ran in.
 """
 
 from __future__ import annotations

@@ -257,3 +257,26 @@ def suite_error(folder: Path, text: str, *, name: str = "bad.yaml") -> str:
     with pytest.raises(SuiteError) as info:
         load_suite(path)
     return str(info.value).replace(str(folder) + "/", "")
+
+
+@pytest.fixture(scope="session")
+def tiny_nf4_lora(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny random Llama in NF4 with a random LoRA (q_proj, v_proj) whose delta is as large as a trained one's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from harness.pool import nf4_config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = Path(tmp_path_factory.mktemp("tiny")) / "model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, quantization_config=nf4_config(),
+                                                device_map="cpu")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a delta as large as a trained adapter's is next to its weights (about 1%)
+            param.data *= 0.05
+    return model

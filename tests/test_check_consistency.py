@@ -168,7 +168,7 @@ def test_tolerance_override_reaches_the_engine():
 
     spec = CacheSpec.model_validate({"id": "x", "kind": "cache",
                                      "tolerance": {"tie_gap": 0.2, "nf4": {"tie_gap": 0.6, "mean_abs_dlogp": 0.5}}})
-    ctx = types.SimpleNamespace(variant=VariantSpec("nf4", True))
+    ctx = types.SimpleNamespace(variant=VariantSpec("nf4", True), half="float16")
     tol = tolerance_for(ctx, spec)  # type: ignore[arg-type]
     assert (tol.tie_gap, tol.mean_abs_dlogp) == (0.6, 0.5) and "set in the check" in tol.source
     ctx.variant = VariantSpec("fp16", False)

@@ -212,3 +212,19 @@ def test_save_reload_match_is_exact_or_noise():
     assert SaveReloadSpec.model_validate({"id": "s", "kind": "save_reload"}).match == "exact"
     with pytest.raises(ValueError):
         SaveReloadSpec.model_validate({"id": "s", "kind": "save_reload", "match": "close"})
+
+
+def test_on_the_cpu_packed_layout_the_verdict_holds_and_peft_merging_it_is_a_platform_finding(project, monkeypatch):
+    """bitsandbytes' CPU-packed layout (what an AVX512-BF16 CPU holds after the first forward), on any CPU: the
+    model and adapter get the plain layout's verdict, and peft's merge of the layout as loaded is reported."""
+    monkeypatch.setenv("HARNESS_4BIT_LAYOUT", "cpu-packed")
+    project.suite("paths", NF4_PATHS.replace("{max_adapter_lost: 0.5}", "{max_adapter_lost: 1}"))
+    result = project.run("--variants", "nf4-lora", "-p", "harness.cpu_packed", "-W", "default", subprocess=True)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([
+        "note: 4-bit weights repacked into the CPU-packed layout (HARNESS_4BIT_LAYOUT)*",
+        "nf4-paths[[]nf4-lora[]]: platform finding, not a verdict on the model or adapter: the NF4 weights are in "
+        "bitsandbytes' CPU-packed 4-bit layout*peft's merge_and_unload() reads them as the plain layout: "
+        "merge_and_unload() into the NF4 base (peft re-quantizes): mean |Δ log p| *, against mean |Δ log p| * "
+        "merging the same model from the plain layout*python -m harness.upstream.peft_merge_cpu_packed*",
+    ])

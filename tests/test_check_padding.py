@@ -56,7 +56,8 @@ modeling_llama.LlamaModel.forward = _ignore_mask
 class FakePool:
     tokenizer: Any
     model: Any
-    resolved: Any = field(default_factory=lambda: types.SimpleNamespace(name="tiny"))
+    resolved: Any = field(default_factory=lambda: types.SimpleNamespace(
+        name="tiny", half=types.SimpleNamespace(dtype="float16")))
 
     def get(self, variant: VariantSpec) -> Loaded:
         return Loaded(variant, self.model, 0.0, 0)

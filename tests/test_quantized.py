@@ -7,32 +7,8 @@ paths start from must come out untouched.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-
-
-@pytest.fixture(scope="module")
-def tiny_nf4_lora(tmp_path_factory: pytest.TempPathFactory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from harness.pool import nf4_config
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    folder = Path(tmp_path_factory.mktemp("tiny")) / "model"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, quantization_config=nf4_config(),
-                                                device_map="cpu")
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(base, lora).eval()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # a delta as large as a trained adapter's is next to its weights (about 1%)
-            param.data *= 0.05
-    return model
 
 
 def _logits(model, ids=(1, 5, 9, 17, 33)):

@@ -334,9 +334,17 @@ def test_memory_is_judged_as_a_ratio_to_old():
     ctx = SimpleNamespace(sides=reference_sides(new="b", old="a"), record=lambda **f: recorded.update(f))
     assert _versus_old(ctx, figures(100 * 2**20, 700 * 2**20), figures(100 * 2**20, 690 * 2**20),
                        VersusReference()) == []
-    assert recorded == {"weights_ratio_vs_old": 1.0, "peak_ratio_vs_old": 1.0145}
+    assert recorded == {"weights_ratio_vs_old": 1.0, "peak_ratio_vs_old": 1.0145, "peak_compared": "process RSS"}
     problems = _versus_old(ctx, figures(110 * 2**20, 1000 * 2**20), figures(100 * 2**20, 700 * 2**20),
                            VersusReference())
     assert problems[0].startswith("weights 110.00 MB on NEW, 100.00 MB on OLD (a): 1.100x > "
                                   "vs_reference.max_weights_ratio 1.02")
     assert "1.429x > vs_reference.max_peak_ratio 1.25" in problems[1]
+    # where both sides carry a comparable peak (reference mode on a CPU), that one is judged, not process RSS
+    def comparable(weights: int, rss: int, tensors: int) -> MemoryFigures:
+        return MemoryFigures(variant="fp16", weights_bytes=weights, peak=PeakMemory("rss", rss, 0),
+                             generated_tokens=2, comparable_peak=PeakMemory("tensors", tensors, weights))
+
+    assert _versus_old(ctx, comparable(100 * 2**20, 1015 * 2**20, 105 * 2**20),
+                       comparable(100 * 2**20, 751 * 2**20, 104 * 2**20), VersusReference()) == []
+    assert recorded["peak_compared"] == "model + live workload tensors"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from harness.compare import GOLDEN_SIDES, Sides
 from harness.names import MAX_NAME_LENGTH, check_id_problem
@@ -40,25 +40,31 @@ class CheckSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str
-    kind: str
-    description: str = ""
-    variants: list[str] | None = None
+    id: str = Field(description="The check's name, unique in the suite: it names the test (`id[variant]`) and the "
+                                "golden file, so ASCII letters, digits, '-', '_' and '.' only.")
+    kind: str = Field(description="Which check this is (one of the kinds below).")
+    description: str = Field("", description="What the check is for, in words; shown nowhere else but the suite.")
+    variants: list[str] | None = Field(
+        None, description="Run only in these variants (default: the suite's `variants:`, else every variant the kind "
+                          "judges).", json_schema_extra={"items": {"enum": list(ALL_KEYS)}})
     # Registry names (or folder names) of the models this check was written for: an assertion on
     # what one model says ("contains Paris") is not a property of every correct model.
-    models: list[str] | None = None
+    models: list[str] | None = Field(
+        None, description="Registry names (or folder names) of the models this check was written for; on another "
+                          "model it skips, saying so (default: every model).")
     # A suite's ``defaults: tolerance:``, layered under the check's own ``tolerance:`` field by field
     # (set by the suite loader; None where the suite sets none or the kind takes no tolerance).
     _suite_tolerance: Any = PrivateAttr(default=None)
     _tolerance_places: tuple[str, str] = PrivateAttr(default=("the suite's defaults", "the check"))
 
-    def noise_model(self) -> NoiseModel:
-        """The built-in tolerances, then the suite's defaults, then the check's own, field by field."""
+    def noise_model(self, *, half: str = "float16") -> NoiseModel:
+        """The built-in tolerances of a model running in ``half``, then the suite's defaults, then the check's
+        own, field by field."""
         from harness.tolerance import layered
 
         suite_where, check_where = self._tolerance_places
         return layered(self._suite_tolerance, getattr(self, "tolerance", None), suite_where=suite_where,
-                       check_where=check_where)
+                       check_where=check_where, half=half)
 
     @field_validator("id")
     @classmethod
@@ -133,6 +139,11 @@ class CheckContext:
     @property
     def model(self) -> Any:
         return self.loaded().model
+
+    @property
+    def half(self) -> str:
+        """The half precision this model's fp16 variants run in: the built-in tolerances follow it."""
+        return self.pool.resolved.half.dtype
 
     def golden_path(self) -> Path:
         return self.goldens.path(

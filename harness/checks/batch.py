@@ -38,11 +38,18 @@ FILLER = (
 
 
 class BatchSpec(ConsistencySpec):
+    """Each prompt scored alone and inside batches of other rows must agree within noise: a model, quantized
+    layer or kernel that mixes rows changes a row's distribution because of its neighbours."""
+
     kind: Literal["batch"]
-    batch_sizes: list[int] = Field(default_factory=lambda: [4], min_length=1)
-    positions: list[Position] = Field(default_factory=lambda: ["first", "last"], min_length=1)
-    shapes: list[Shape] = Field(default_factory=lambda: ["equal", "mixed"], min_length=1)
-    filler: str = Field(FILLER, min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [4], min_length=1,
+                                   description="Batch sizes to try, each 2 to 64.")
+    positions: list[Position] = Field(default_factory=lambda: ["first", "last"], min_length=1,
+                                      description="Where the prompt's row sits in the batch.")
+    shapes: list[Shape] = Field(default_factory=lambda: ["equal", "mixed"], min_length=1, description=(
+        "`equal`: other rows as long as the prompt (no padding); `mixed`: rows of other lengths, left-padded "
+        "(needs a pad token)."))
+    filler: str = Field(FILLER, min_length=1, description="Text the other rows are cut from.")
 
     @field_validator("batch_sizes")
     @classmethod

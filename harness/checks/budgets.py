@@ -26,6 +26,12 @@ T = TypeVar("T")
 
 DEVICE_KEY_PATTERN = r"(any|cpu|cuda|cuda-sm\d+)"
 
+# The suite reference's words for the keys the budget kinds share.
+BUDGETS_HELP = ("`{model: {device class: {variant: budget}}}`; device class `cpu`, `cuda`, `cuda-smXY` (e.g. "
+                "`cuda-sm90`) or `any`, the most specific winning. On a model or device with none, figures are "
+                "recorded and nothing is judged (a skip saying so).")
+DEVICES_HELP = "Run only on these device classes (`cpu`, `cuda`, `cuda-smXY`, `any`); skip elsewhere."
+
 
 def device_keys(device_class: str) -> list[str]:
     """Lookup order for a budget table: the exact class, its family, then ``any``."""
@@ -179,10 +185,10 @@ class VariantComparison(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    variant: str
-    reference: str
-    devices: list[str] | None = Field(None, description="device classes this applies to (default: all)")
-    models: list[str] | None = Field(None, description="models this applies to (default: every model)")
+    variant: str = Field(description="The variant judged.", json_schema_extra={"enum": list(ALL_KEYS)})
+    reference: str = Field(description="The variant it is compared with.", json_schema_extra={"enum": list(ALL_KEYS)})
+    devices: list[str] | None = Field(None, description="Device classes this applies to (default: all).")
+    models: list[str] | None = Field(None, description="Models this applies to (default: every model).")
 
     @field_validator("variant", "reference")
     @classmethod

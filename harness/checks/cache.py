@@ -41,8 +41,13 @@ CacheMode = Literal["dynamic", "static"]
 
 
 class CacheSpec(ConsistencySpec):
+    """Greedy decoding with a KV cache must behave like recomputing the whole sequence at every step, within
+    noise."""
+
     kind: Literal["cache"]
-    caches: list[CacheMode] = Field(default_factory=lambda: ["dynamic", "static"], min_length=1)
+    caches: list[CacheMode] = Field(default_factory=lambda: ["dynamic", "static"], min_length=1,
+                                    description="The caches compared with recomputing: dynamic (the default one of "
+                                                "`generate`) and static (pre-allocated).")
 
     @field_validator("caches")
     @classmethod

@@ -40,7 +40,7 @@ from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import (
-    Message, NoChatTemplate, TemplateRefusal, missing_template, render_chat,
+    IF_NO_CHAT_TEMPLATE_HELP, Message, NoChatTemplate, TemplateRefusal, missing_template, render_chat,
 )
 from harness.errors import CheckFailure
 
@@ -66,11 +66,20 @@ class ChatTemplateWarning(UserWarning):
 
 
 class ChatTemplateSpec(CheckSpec):
+    """The chat template's rendering of a few conversations and its token ids are a golden (once per model);
+    BOS must not be doubled, and `apply_chat_template(tokenize=True)` must give the same ids."""
+
     kind: Literal["chat_template"]
-    conversations: dict[str, list[Message]] | None = Field(None, min_length=1)
-    add_generation_prompt: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
-    if_no_chat_template: Literal["fail", "skip"] = "fail"
-    double_bos: Literal["fail", "warn"] = "warn"
+    conversations: dict[str, list[Message]] | None = Field(None, min_length=1, description=(
+        "Conversations to render, by name (each a list of `{role, content}` messages). Default: built-in ones "
+        "(system + user, user only, multi-turn, non-ASCII)."))
+    add_generation_prompt: list[bool] = Field(default_factory=lambda: [False, True], min_length=1,
+                                              description="Render each conversation without and/or with the "
+                                                          "generation prompt.")
+    if_no_chat_template: Literal["fail", "skip"] = Field("fail", description=IF_NO_CHAT_TEMPLATE_HELP)
+    double_bos: Literal["fail", "warn"] = Field("warn", description=(
+        "A template that emits BOS while the tokenizer also adds one (so `tokenizer(rendered)` starts with two): "
+        "`warn` (common in Llama 3, Gemma, Mistral) or `fail`. A template that renders BOS twice always fails."))
 
     @field_validator("conversations")
     @classmethod

@@ -19,9 +19,10 @@ from pydantic import Field, model_validator
 
 from harness.checks.base import CheckSpec
 from harness.checks.prompts import (
-    ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
+    CHATS_HELP, PROMPTS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
 from harness.compare import ToleranceSpec
+from harness.tolerance import TOLERANCE_HELP
 from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
@@ -34,10 +35,10 @@ DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
 class ConsistencySpec(CheckSpec):
     """Prompts (raw text and/or chats) and the tolerance override every consistency kind takes."""
 
-    prompts: list[PromptText] = Field(default_factory=list)
-    chats: list[ChatMessages] = Field(default_factory=list)
-    max_new_tokens: int = Field(8, ge=1, le=1024)
-    tolerance: ToleranceSpec | None = None
+    prompts: list[PromptText] = Field(default_factory=list, description=PROMPTS_HELP)
+    chats: list[ChatMessages] = Field(default_factory=list, description=CHATS_HELP)
+    max_new_tokens: int = Field(8, ge=1, le=1024, description="Greedy tokens generated per prompt.")
+    tolerance: ToleranceSpec | None = Field(None, description=TOLERANCE_HELP)
 
     @model_validator(mode="before")
     @classmethod
@@ -56,7 +57,7 @@ class ConsistencySpec(CheckSpec):
 
 def tolerance_for(ctx: CheckContext, spec: ConsistencySpec) -> Tolerance:
     """The engine's tolerance for this variant, with the check's override applied."""
-    return spec.noise_model().tolerance(ctx.variant.key if ctx.variant else None)
+    return spec.noise_model(half=ctx.half).tolerance(ctx.variant.key if ctx.variant else None)
 
 
 EXACT_SOURCE = "exact: the two runs must be bit-identical"

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
 from harness.checks.prompts import (
-    ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
+    CHATS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
@@ -54,22 +54,39 @@ ADAPTER_MIN_MEAN_KL = 1e-4
 
 
 class DriftBudget(Budget):
+    """Bounds on one variant's drift from its reference; set at least one."""
 
-    max_mean_kl: float | None = Field(None, ge=0)
-    max_kl: float | None = Field(None, ge=0)
-    min_top1_agreement: float | None = Field(None, ge=0, le=1)
-    min_mean_kl: float | None = Field(None, ge=0, description="the variant must differ at least this much")
-    min_first_divergence: int | None = Field(None, ge=0, description="new tokens that must match greedily")
+    max_mean_kl: float | None = Field(None, ge=0, description="Mean KL(reference || variant) over all positions, "
+                                                              "in nats.")
+    max_kl: float | None = Field(None, ge=0, description="KL(reference || variant) at any one position, in nats.")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description=(
+        "Fraction of positions where both pick the same most likely token."))
+    min_mean_kl: float | None = Field(None, ge=0, description=(
+        "The variant must differ at least this much (an adapter against its base: default 0.0001, so a no-op "
+        "adapter fails)."))
+    min_first_divergence: int | None = Field(None, ge=0, description=(
+        "New tokens that must match the reference's greedy output before the first difference."))
 
 
 class DriftSpec(CheckSpec):
+    """How far each variant's next-token distributions move from a reference variant (KL, top-1 agreement,
+    first greedy divergence), against per-model budgets; an adapter must change something."""
+
     kind: Literal["drift"]
-    reference: str | None = None
-    prompts: list[PromptText] = Field(default_factory=list)
-    chats: list[ChatMessages] = Field(default_factory=list)
-    new_tokens: int = Field(16, ge=1, le=1024)
-    budgets: dict[str, dict[str, DriftBudget]] = Field(default_factory=dict)
-    device_budgets: dict[str, dict[str, dict[str, DriftBudget]]] = Field(default_factory=dict)
+    reference: str | None = Field(None, description=(
+        "The variant compared against (default: each variant's base: fp16 for nf4 and fp16-lora, nf4 for "
+        "nf4-lora); its own item measures and judges nothing."), json_schema_extra={"enum": [*ALL_KEYS, None]})
+    prompts: list[PromptText] = Field(default_factory=list, description="Raw prompts the reference continues "
+                                                                          "greedily; give `prompts` and/or `chats`.")
+    chats: list[ChatMessages] = Field(default_factory=list, description=CHATS_HELP)
+    new_tokens: int = Field(16, ge=1, le=1024, description="Tokens of the reference's greedy continuation, over "
+                                                           "which both variants are compared.")
+    budgets: dict[str, dict[str, DriftBudget]] = Field(default_factory=dict, description=(
+        "`{model: {variant: budget}}`: budgets belong to the model they were measured on; on a model with none, "
+        "figures are recorded and nothing is judged (a skip saying so)."))
+    device_budgets: dict[str, dict[str, dict[str, DriftBudget]]] = Field(default_factory=dict, description=(
+        "`{model: {device class: {variant: budget}}}` (device class `cpu`, `cuda`, `cuda-smXY` or `any`): "
+        "wins over `budgets` on that device."))
 
     @field_validator("reference")
     @classmethod
@@ -347,15 +364,15 @@ class DriftCheck(Check[DriftSpec]):
             pass  # NEW has no budget of its own: NEW against OLD below is the verdict
         except CheckFailure as exc:
             problems.append(str(exc))
-        problems += versus_old(ctx, old, tolerance=self._tolerance(variant))
+        problems += versus_old(ctx, old, tolerance=self._tolerance(variant, half=ctx.half))
         if problems:
             raise CheckFailure(f"{pair.label}: " + "\n".join(problems))
 
     @staticmethod
-    def _tolerance(variant: VariantSpec) -> Any:
-        from harness.compare import NoiseModel
+    def _tolerance(variant: VariantSpec, *, half: str) -> Any:
+        from harness.tolerance import NoiseModel, builtin_tolerances
 
-        return NoiseModel().tolerance(variant.key)
+        return NoiseModel(tolerances=builtin_tolerances(half)).tolerance(variant.key)
 
 
 def versus_old(ctx: CheckContext, old: DriftReference, *, tolerance: Any) -> list[str]:

@@ -28,7 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import ChatMessages, PromptText, assert_fits_context, encode_or_skip, greedy_generate
+from harness.checks.prompts import (
+    IF_NO_CHAT_TEMPLATE_HELP, MESSAGES_HELP, PROMPT_HELP, ChatMessages, PromptText, assert_fits_context,
+    encode_or_skip, greedy_generate,
+)
 from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
@@ -39,9 +42,12 @@ ASSERTIONS = ("contains", "not_contains", "starts_with", "regex", "json", "max_t
 
 
 class JsonExpectation(BaseModel):
+    """``json: {schema: ...}``: the answer parses as JSON and matches the schema."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description=(
+        "A JSON Schema the parsed answer must match; `$ref`s must point inside it (nothing is fetched)."))
 
     @field_validator("schema_")
     @classmethod
@@ -184,14 +190,18 @@ class Assertion(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    contains: str | None = None
-    not_contains: str | None = None
-    starts_with: str | None = None
-    regex: str | None = None
-    json_: bool | JsonExpectation | None = Field(None, alias="json")
-    max_tokens: int | None = Field(None, ge=1)
-    stops: bool | None = None
-    one_of: list[str] | None = Field(None, min_length=1)
+    contains: str | None = Field(None, description="The answer contains this text.")
+    not_contains: str | None = Field(None, description="The answer does not contain this text.")
+    starts_with: str | None = Field(None, description="The answer, leading whitespace stripped, starts with this.")
+    regex: str | None = Field(None, description="A Python regular expression found in the answer (`re.search`).")
+    json_: bool | JsonExpectation | None = Field(None, alias="json", description=(
+        "`true`: the answer parses as JSON; `{schema: ...}`: and matches that JSON Schema."))
+    max_tokens: int | None = Field(None, ge=1, description=(
+        "The answer has at most this many tokens; below `max_new_tokens`, which would cut it there anyway."))
+    stops: bool | None = Field(None, description=(
+        "`true`: the answer ends by itself (an eos id of the model's generation config) within `max_new_tokens`."))
+    one_of: list[str] | None = Field(None, min_length=1, description=(
+        "The answer, stripped, is one of these texts."))
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Assertion:
@@ -246,29 +256,41 @@ def _attr(name: str) -> str:
 
 
 class Sampling(BaseModel):
+    """``sample:``: judge a pass rate over seeded samples instead of one greedy answer."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n: int = Field(8, ge=1, le=256)
-    seed: int = 0
+    n: int = Field(8, ge=1, le=256, description="Samples drawn.")
+    seed: int = Field(0, description="Random seed of the first sample: the same seed draws the same samples.")
     # Below 0.001 sampling is greedy decoding in disguise, and near 1e-38 logits / temperature
     # overflows float32 to inf, so generate() fails on NaN probabilities.
-    temperature: float = Field(0.7, ge=MIN_TEMPERATURE)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    min_pass_rate: float = Field(0.75, gt=0, le=1)
+    temperature: float = Field(0.7, ge=MIN_TEMPERATURE, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this "
+                                                       "much probability.")
+    top_k: int | None = Field(None, ge=1, description="Keep only the k most likely tokens (default: all).")
+    min_pass_rate: float = Field(0.75, gt=0, le=1, description="Fraction of the samples that must pass every "
+                                                                "assertion.")
     # reference mode: NEW's pass rate is worse than OLD's when the paired test's p-value is below this
-    alpha: float = Field(0.05, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1, description=(
+        "With `--reference OLD`: NEW's pass rate fails as worse than OLD's when a paired test's p-value is below "
+        "this."))
 
 
 class ExpectSpec(CheckSpec):
+    """Assertions on the decoded answer that must survive a legitimate update (a new revision, a retrained
+    adapter, another device): contains, starts with, matches, parses as JSON, stops in time. Greedy, or a pass
+    rate over seeded samples."""
+
     kind: Literal["expect"]
-    prompt: PromptText | None = None
-    messages: ChatMessages | None = None
-    max_new_tokens: int = Field(32, ge=1, le=4096)
-    expect: list[Assertion] = Field(min_length=1)
-    ignore_case: bool = False
-    sample: Sampling | None = None
-    if_no_chat_template: Literal["fail", "skip"] = "fail"
+    prompt: PromptText | None = Field(None, description=PROMPT_HELP)
+    messages: ChatMessages | None = Field(None, description=MESSAGES_HELP)
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens to generate (fewer where the model stops).")
+    expect: list[Assertion] = Field(min_length=1, description=(
+        "Assertions, all of which must hold; each is a mapping with exactly one key (see the table below)."))
+    ignore_case: bool = Field(False, description=(
+        "Compare text (contains, not_contains, starts_with, regex, one_of) ignoring case."))
+    sample: Sampling | None = Field(None, description="Sample instead of decoding greedily (see the table below).")
+    if_no_chat_template: Literal["fail", "skip"] = Field("fail", description=IF_NO_CHAT_TEMPLATE_HELP)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> ExpectSpec:

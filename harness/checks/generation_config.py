@@ -25,8 +25,12 @@ TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_t
 
 
 class GenerationConfigSpec(CheckSpec):
+    """The generation settings a user's `generate()` gets (eos/pad/bos ids, sampling defaults, penalties,
+    lengths, stop strings) are a golden, once per model: an edited generation_config.json fails by name."""
+
     kind: Literal["generation_config"]
-    ignore: list[str] = Field(default_factory=list, description="settings left out of the golden")
+    ignore: list[str] = Field(default_factory=list, description="Settings left out of the golden (by name, e.g. "
+                                                                "`max_length`).")
 
     @field_validator("ignore")
     @classmethod

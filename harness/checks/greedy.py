@@ -22,13 +22,16 @@ from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import (
-    ChatMessages, PromptText, assert_fits_context, describe_token, encode_or_skip, greedy_generate,
+    IF_NO_CHAT_TEMPLATE_HELP, MESSAGES_HELP, PROMPT_HELP, ChatMessages, PromptText, assert_fits_context,
+    describe_token, encode_or_skip, greedy_generate,
 )
 from harness import path_noise
 from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
 from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
 from harness.path_noise import free_run_of, path_scores, processors_act, standing_for
-from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, Tolerance, ToleranceSpec
+from harness.tolerance import (
+    CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
+)
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
@@ -44,13 +47,18 @@ GOLDEN_KEYS = frozenset({"format", "text", "new_token_ids", "prompt_tokens", "ma
 
 
 class GreedySpec(CheckSpec):
+    """A greedy generation is a golden per variant and device class: text, token ids and each step's
+    log-probabilities, judged up to numerical noise. A changed token fails with the first divergence."""
+
     kind: Literal["greedy"]
-    prompt: PromptText | None = None
-    messages: ChatMessages | None = None
-    max_new_tokens: int = Field(32, ge=1, le=4096)
-    if_no_chat_template: Literal["fail", "skip"] = "fail"
-    tolerance: ToleranceSpec | None = None
-    match: Literal["noise", "exact"] = "noise"
+    prompt: PromptText | None = Field(None, description=PROMPT_HELP)
+    messages: ChatMessages | None = Field(None, description=MESSAGES_HELP)
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens to generate (fewer where the model stops).")
+    if_no_chat_template: Literal["fail", "skip"] = Field("fail", description=IF_NO_CHAT_TEMPLATE_HELP)
+    tolerance: ToleranceSpec | None = Field(None, description=TOLERANCE_HELP)
+    match: Literal["noise", "exact"] = Field("noise", description=(
+        "`noise`: a different token passes as a reported near-tie within `tie_gap`; `exact`: every token must "
+        "match (log-probabilities still within noise)."))
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GreedySpec:
@@ -68,9 +76,9 @@ class GreedySpec(CheckSpec):
         override = self.tolerance.as_override() if self.tolerance is not None else {}
         return "tie_gap" in override or any(isinstance(v, dict) and "tie_gap" in v for v in override.values())
 
-    def judging(self, variant_key: str | None, *, cross_device: bool) -> Tolerance:
+    def judging(self, variant_key: str | None, *, cross_device: bool, half: str = "float16") -> Tolerance:
         """This check's tolerance; ``match: exact`` accepts no near-tie (log-probs still within noise)."""
-        tol = self.noise_model().tolerance(variant_key, cross_device=cross_device)
+        tol = self.noise_model(half=half).tolerance(variant_key, cross_device=cross_device)
         return replace(tol, tie_gap=0.0, source=f"{tol.source}, match: exact") if self.match == "exact" else tol
 
 
@@ -182,7 +190,7 @@ class _Run:
         """The golden's recorded noise where it has one; the flat tolerance otherwise."""
         key = self.ctx.variant.key if self.ctx.variant else None
         cross = self.other is not None
-        flat = self.spec.judging(key, cross_device=cross)
+        flat = self.spec.judging(key, cross_device=cross, half=self.ctx.half)
         if noise is None:
             return flat
         chosen = [step.logprob for step in self.golden.steps] if self.golden is not None else None

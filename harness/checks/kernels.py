@@ -29,9 +29,16 @@ FLASH = "flash_attention_2"
 
 
 class KernelsSpec(ConsistencySpec):
+    """The same prompts under each available attention implementation must agree within noise; one the model or
+    machine cannot run is reported, not failed, unless required."""
+
     kind: Literal["kernels"]
-    implementations: list[str] = Field(default_factory=lambda: ["sdpa", "eager", FLASH], min_length=2)
-    require: list[str] = Field(default_factory=list, description="implementations that must be available")
+    implementations: list[str] = Field(default_factory=lambda: ["sdpa", "eager", FLASH], min_length=2, description=(
+        "Attention implementations to compare; the first is the reference. flash_attention_2 runs only with the "
+        "flash_attn package on a GPU."))
+    require: list[str] = Field(default_factory=list, description=(
+        "Implementations (from `implementations`) that must run here: one that cannot fails instead of being "
+        "reported."))
 
     @field_validator("implementations")
     @classmethod

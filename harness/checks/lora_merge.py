@@ -29,6 +29,14 @@ max |Δ log p| of the unmerged greedy tokens scored through the merged model,
 against the same tokens scored through the unmerged one, each in one forward
 pass, and ``max_adapter_lost``, the fraction of the adapter's effect the merge
 may lose). The pool's loaded model is never touched.
+
+The paths start from the plain 4-bit layout on every machine, so the verdict on the model and
+adapter does not depend on the CPU. Where the loaded model holds bitsandbytes' CPU-packed
+layout (a CPU with AVX512-BF16, after the first forward), peft's merge is also run on the
+layout as loaded, as a user's script would: if it loses more than the plain merge, that is a
+platform finding (peft reads the packed weights as plain ones), reported as a warning with a
+standalone reproduction (``python -m harness.upstream.peft_merge_cpu_packed``), not as a verdict
+on the model.
 """
 
 from __future__ import annotations
@@ -45,10 +53,14 @@ from harness.checks.consistency import (
     ConsistencySpec, Findings, Prompt, encoded_prompts, greedy, judge_run, tolerance_for,
 )
 from harness.errors import CheckFailure, NotJudged
-from harness.quantized import MERGE_PATH_NAMES, MERGE_PATHS, MergePath, merged
+from harness.quantized import LAYOUT_NAMES, MERGE_PATH_NAMES, MERGE_PATHS, MergePath, layouts, merged
 
 ADAPTER_KEYS = ["fp16-lora", "nf4-lora"]
 REQUANTIZING: tuple[MergePath, ...] = ("merge_and_unload", "requantize")
+
+
+class PlatformFinding(UserWarning):
+    """A defect of the libraries on this machine, not of the model or adapter under test."""
 
 
 class MergeBudget(BaseModel):
@@ -56,16 +68,22 @@ class MergeBudget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_mean_abs_dlogp: float | None = Field(None, ge=0)
-    max_abs_dlogp: float | None = Field(None, ge=0)
+    max_mean_abs_dlogp: float | None = Field(None, ge=0, description=(
+        "Mean |Δ log p| of the unmerged adapter's greedy tokens, merged vs unmerged, in nats."))
+    max_abs_dlogp: float | None = Field(None, ge=0, description="The same at any one token, in nats.")
     max_adapter_lost: float | None = Field(
-        None, ge=0, description="the merge's mean |Δ log p| over the adapter's own (adapter on vs off): 0 keeps "
-                                "the adapter, 1 is as if it was never applied")
+        None, ge=0, description="The merge's mean |Δ log p| over the adapter's own (adapter on vs off): 0 keeps "
+                                "the adapter, 1 is as if it was never applied.")
 
 
 class LoraMergeSpec(ConsistencySpec):
+    """An adapter merged into its base must behave like the adapter applied on the fly: on a 16-bit base within
+    noise; on an NF4 base each merge path is measured, the re-quantizing ones against `nf4_budget`."""
+
     kind: Literal["lora_merge"]
-    nf4_budget: MergeBudget = Field(default_factory=MergeBudget)
+    nf4_budget: MergeBudget = Field(default_factory=MergeBudget, description=(
+        "Bounds for the merges that re-quantize into NF4 (nf4-lora only; unset: measured and reported, not "
+        "judged). The 16-bit merge is always judged within noise."))
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +189,8 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
                           f"merge_{r.path}_within_noise": r.within_noise})
         safe = [r.path for r in results if r.within_noise and r.finite]
         ctx.record(merge_within_noise=",".join(safe) or "none")
+        self._merge_as_loaded(ctx, prompts, unmerged, base=base, effect=effect, tol=tol,
+                              plain=next(r for r in results if r.path == "merge_and_unload"))
         summary = (f"the adapter's own effect (adapter on vs off) is mean |Δ log p| {effect:.3g}; tolerance for "
                    f"{ctx.variant.key if ctx.variant else ''}: mean {tol.mean_abs_dlogp:g}, step {tol.max_abs_dlogp:g}"
                    + "".join(f"\n  - {r.describe(effect)}" for r in results))
@@ -189,6 +209,38 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
         if all(v is None for v in budget.model_dump().values()):
             warnings.warn(f"{ctx.subject}: no nf4_budget set, the re-quantizing merges are reported only: {summary}",
                           UserWarning, stacklevel=1)
+
+    def _merge_as_loaded(self, ctx: CheckContext, prompts: list[Prompt], unmerged: list[Any], *,
+                         base: list[tuple[Any, ...]], effect: float, tol: Any, plain: PathResult) -> None:
+        """peft's merge on the CPU-packed layout as loaded: a platform finding where it loses more than from plain."""
+        model = ctx.model
+        if not layouts(model).get("cpu-packed"):
+            return
+        try:
+            packed = judge_path(model, ctx.tokenizer, "merge_and_unload", prompts, unmerged, tol=tol,
+                                max_new_tokens=self.spec.max_new_tokens, base=base, plain_first=False)
+            what = packed.describe(effect)
+            broken = not packed.finite or packed.mean > plain.mean + tol.mean_abs_dlogp
+            ctx.record(merge_and_unload_cpu_packed_mean_abs_dlogp=round(packed.mean, 6),
+                       merge_and_unload_cpu_packed_adapter_lost=round(packed.lost(effect), 4) if packed.finite else None)
+        except Exception as exc:  # noqa: BLE001 - peft failing on the layout is the finding itself
+            what, broken = f"merge_and_unload() raises {type(exc).__name__}: {exc}", True
+        if not broken:
+            ctx.note(f"{ctx.subject}: merge_and_unload() on the {LAYOUT_NAMES['cpu-packed']} as loaded agrees with "
+                     f"the plain layout's ({what})")
+            return
+        message = (
+            f"{ctx.subject}: platform finding, not a verdict on the model or adapter: the NF4 weights are in "
+            f"{LAYOUT_NAMES['cpu-packed']} (bitsandbytes repacks them at the first forward on a CPU with "
+            f"AVX512-BF16), and peft's merge_and_unload() reads them as the plain layout: {what}, against "
+            f"mean |Δ log p| {plain.mean:.3g} merging the same model from the plain layout (judged above). A model "
+            "merged this way after it has run on such a CPU is damaged. Instead: merge before any forward pass "
+            "(a fresh load), merge on a GPU or into the 16-bit checkpoint, or ship the unmerged adapter. "
+            "Reproduction for peft / bitsandbytes (imports only them): python -m "
+            "harness.upstream.peft_merge_cpu_packed --model MODEL_DIR --adapter ADAPTER_DIR"
+        )
+        ctx.note(message)
+        warnings.warn(PlatformFinding(message), stacklevel=1)
 
     def _problems(self, results: list[PathResult], effect: float) -> list[str]:
         """Non-finite anywhere, a 16-bit merge beyond noise, a re-quantizing merge beyond ``nf4_budget``."""
@@ -227,7 +279,8 @@ def scores_along(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: li
 
 
 def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt], unmerged: list[Any], *,
-               tol: Any, max_new_tokens: int, base: list[tuple[Any, ...]] | None = None) -> PathResult:
+               tol: Any, max_new_tokens: int, base: list[tuple[Any, ...]] | None = None,
+               plain_first: bool = True) -> PathResult:
     """Merge a copy of ``model`` along ``path``; score the unmerged greedy tokens through it (one forward pass
     per prompt) against the unmerged scores ``base``, and judge its own greedy run against the unmerged one
     (the engine, the variant's tolerance; decoded step by step only where the one-pass verdict fails on the
@@ -236,7 +289,7 @@ def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt
     from harness.compare import sides
 
     base = base if base is not None else scores_along(model, tokenizer, prompts, unmerged)
-    merged_model = merged(model, path)
+    merged_model = merged(model, path, plain_first=plain_first)
     deltas: list[float] = []
     changes: list[str] = []
     within = True

@@ -23,15 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import PromptText
 from harness.checks.budgets import (
-    Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
+    BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )
 from harness.errors import CheckFailure
 from harness.measure import (
-    MIB, PeakMemory, measure_peak, mib, nf4_estimate, parallel_conflict, parallel_note, quant_state_bytes,
+    MIB, PeakMemory, measure_peak, measure_tensor_peak, mib, nf4_estimate, parallel_conflict, parallel_note, quant_state_bytes,
     run_workload,
 )
 from harness.variants import VariantSpec
+from harness.quantized import describe_layouts
 
 if TYPE_CHECKING:
     from harness.devices import Device
@@ -44,15 +45,17 @@ class Workload(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompts: list[PromptText] = Field(min_length=1)
-    max_new_tokens: int = Field(16, ge=1, le=4096)
-    batch_size: int = Field(1, ge=1, le=4096)
+    prompts: list[PromptText] = Field(min_length=1, description="Raw prompts, run in batches.")
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="Tokens generated per batch.")
+    batch_size: int = Field(1, ge=1, le=4096, description="Prompts per batch.")
 
 
 class MemoryBudget(Budget):
+    """Memory ceilings for one variant, in MiB; set at least one."""
 
-    max_weights_mb: float | None = Field(None, gt=0)
-    max_peak_mb: float | None = Field(None, gt=0)
+    max_weights_mb: float | None = Field(None, gt=0, description="Parameters and buffers (`get_memory_footprint()`).")
+    max_peak_mb: float | None = Field(None, gt=0, description=(
+        "Peak during the workload: GPU peak allocated on CUDA, process RSS on CPU."))
 
 
 class Savings(VariantComparison):
@@ -65,10 +68,13 @@ class Savings(VariantComparison):
     another; the expectation is right for each.
     """
 
-    metric: Literal["weights", "peak"] = "weights"
-    ratio: float | None = Field(None, gt=0)
-    of_expected: float | None = Field(None, gt=0, le=1)
-    max_of_expected: float | None = Field(None, ge=1)
+    metric: Literal["weights", "peak"] = Field("weights", description="Which figure is compared.")
+    ratio: float | None = Field(None, gt=0, description="The least saving: `reference`'s figure over `variant`'s.")
+    of_expected: float | None = Field(None, gt=0, le=1, description=(
+        "Weights of an nf4 variant against its 16-bit twin: at least this fraction of the saving the model's own "
+        "layer shapes predict. Give `ratio` or `of_expected`."))
+    max_of_expected: float | None = Field(None, ge=1, description="With `of_expected`: at most this many times the "
+                                                                  "predicted saving.")
 
     @model_validator(mode="after")
     def _one_criterion(self) -> Savings:
@@ -91,17 +97,23 @@ class VersusReference(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_weights_ratio: float = Field(1.02, gt=0)
-    max_peak_ratio: float = Field(1.25, gt=0)
+    max_weights_ratio: float = Field(1.02, gt=0, description="NEW's weights over OLD's, at most.")
+    max_peak_ratio: float = Field(1.25, gt=0, description="NEW's peak over OLD's, at most.")
 
 
 class MemorySpec(CheckSpec):
+    """Weights and peak memory per variant around a declared workload, against per-model budgets and savings
+    between variants."""
+
     kind: Literal["memory"]
-    workload: Workload
-    budgets: dict[str, dict[str, dict[str, MemoryBudget]]] = Field(default_factory=dict)
-    min_savings: list[Savings] = Field(default_factory=list)
-    vs_reference: VersusReference = Field(default_factory=VersusReference)
-    devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
+    workload: Workload = Field(description="What runs while the peak is measured (see the table below).")
+    budgets: dict[str, dict[str, dict[str, MemoryBudget]]] = Field(default_factory=dict, description=(
+        f"{BUDGETS_HELP} Budgets belong to the model they were measured on."))
+    min_savings: list[Savings] = Field(default_factory=list, description=(
+        "Savings of one variant over another, measured in the same session."))
+    vs_reference: VersusReference = Field(default_factory=VersusReference, description=(
+        "With `--reference OLD`: NEW's figures as a ratio to OLD's same variant."))
+    devices: list[str] | None = Field(None, description=DEVICES_HELP)
 
     @field_validator("devices")
     @classmethod
@@ -128,6 +140,12 @@ class MemoryFigures:
     expected_nf4_bytes: int | None = None
     expected_16bit_bytes: int | None = None
     placement: dict[str, int] | None = None  # a model spread by device_map: bytes per device
+    # the 4-bit layout at load and once the workload ran (bitsandbytes repacks at the first forward on
+    # CPUs with AVX512-BF16, and the quant state then holds a bfloat16 absmax instead of a nested one)
+    layout_at_load: str | None = None
+    layout: str | None = None
+    # reference mode: a peak that does not depend on what the process ran before (measure_tensor_peak)
+    comparable_peak: PeakMemory | None = None
 
     def metric(self, name: str) -> int:
         return self.weights_bytes if name == "weights" else self.peak.peak_bytes
@@ -144,6 +162,10 @@ class MemoryFigures:
             out["weights_with_quant_state_mb"] = mib(self.held_bytes)
         if self.quant_state_after_bytes and self.quant_state_after_bytes != self.quant_state_bytes:
             out["quant_state_after_workload_mb"] = mib(self.quant_state_after_bytes)
+        if self.layout:
+            out["weights_4bit_layout"] = self.layout
+            if self.layout_at_load != self.layout:
+                out["weights_4bit_layout_at_load"] = self.layout_at_load
         if self.expected_nf4_bytes is not None:
             out["expected_nf4_mb"] = mib(self.expected_nf4_bytes)
         if self.placement:
@@ -154,17 +176,26 @@ class MemoryFigures:
         return out
 
 
-def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device: Device) -> MemoryFigures:
-    """Weights of the loaded variant and the peak while ``workload`` runs on it."""
+def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device: Device,
+                   comparable: bool = False) -> MemoryFigures:
+    """Weights of the loaded variant and the peak while ``workload`` runs on it.
+
+    ``comparable``: also the peak that two models measured in one process can be compared by
+    (the workload run once more, its live tensors counted: ``measure_tensor_peak``).
+    """
     model = loaded.model
     is_nf4 = loaded.variant.quant == "nf4"
     state_before = quant_state_bytes(model) if is_nf4 else 0
+    layout_at_load = describe_layouts(model)
     estimate = nf4_estimate(model) if is_nf4 else None
-    generated, peak = measure_peak(
-        lambda: run_workload(model, tokenizer, workload.prompts, batch_size=workload.batch_size,
-                             max_new_tokens=workload.max_new_tokens),
-        device=device,
-    )
+
+    def work() -> int:
+        return run_workload(model, tokenizer, workload.prompts, batch_size=workload.batch_size,
+                            max_new_tokens=workload.max_new_tokens)
+
+    generated, peak = measure_peak(work, device=device)
+    held = int(loaded.weights_bytes) + quant_state_bytes(model)
+    comparable_peak = measure_tensor_peak(work, held_bytes=held, device=device)[1] if comparable else None
     return MemoryFigures(
         variant=loaded.variant.key,
         weights_bytes=int(loaded.weights_bytes),
@@ -175,6 +206,9 @@ def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device
         expected_nf4_bytes=estimate.total_bytes if estimate else None,
         expected_16bit_bytes=estimate.sixteen_bit_bytes if estimate else None,
         placement=loaded.placement,
+        layout_at_load=layout_at_load,
+        layout=describe_layouts(model),
+        comparable_peak=comparable_peak,
     )
 
 
@@ -182,10 +216,11 @@ def measure_memory(loaded: Loaded, tokenizer: Any, workload: Workload, *, device
 class MemoryCheck(Check[MemorySpec]):
     Spec = MemorySpec
 
-    def _observe(self, ctx: CheckContext, variant: VariantSpec) -> MemoryFigures:
-        key = observation_key(ctx, "memory", self.spec.workload.model_dump())
+    def _observe(self, ctx: CheckContext, variant: VariantSpec, *, comparable: bool = False) -> MemoryFigures:
+        key = observation_key(ctx, "memory", {**self.spec.workload.model_dump(), "comparable": comparable})
         return ctx.pool.observe(
-            variant, key, lambda loaded: measure_memory(loaded, ctx.tokenizer, self.spec.workload, device=ctx.device),
+            variant, key, lambda loaded: measure_memory(loaded, ctx.tokenizer, self.spec.workload, device=ctx.device,
+                                                        comparable=comparable),
         )
 
     def run(self, ctx: CheckContext) -> None:
@@ -202,10 +237,10 @@ class MemoryCheck(Check[MemorySpec]):
         old_ctx = pair.on_old(alone=True)
         skip_unless_device(self.spec.devices, old_ctx)
         old_ctx.loaded()
-        old = self._observe(old_ctx, variant)
+        old = self._observe(old_ctx, variant, comparable=True)
         old_ctx.record(weights_mb=mib(old.weights_bytes), peak_mb=mib(old.peak.peak_bytes))
         ctx = pair.on_new(alone=True)
-        mine = self._measure(ctx)
+        mine = self._measure(ctx, comparable=True)
         problems, missing = self._judge(ctx, mine)
         problems += _versus_old(ctx, mine, old, self.spec.vs_reference)
         self._finish(ctx, problems, None)  # judged: NEW against OLD
@@ -213,7 +248,7 @@ class MemoryCheck(Check[MemorySpec]):
     def _where(self, ctx: CheckContext) -> str:
         return f"{self.spec.id}[{ctx.variant.key if ctx.variant else ''}] on {ctx.device.klass}"
 
-    def _measure(self, ctx: CheckContext) -> MemoryFigures:
+    def _measure(self, ctx: CheckContext, *, comparable: bool = False) -> MemoryFigures:
         __tracebackhide__ = True
         variant = ctx.variant
         assert variant is not None
@@ -222,7 +257,7 @@ class MemoryCheck(Check[MemorySpec]):
         if conflict:
             raise CheckFailure(f"{self._where(ctx)}: refused to measure memory: {conflict}")
         ctx.loaded()
-        mine = self._observe(ctx, variant)
+        mine = self._observe(ctx, variant, comparable=comparable)
         ctx.record(**mine.figures())
         note = parallel_note(ctx.device)
         if note:
@@ -271,19 +306,25 @@ class MemoryCheck(Check[MemorySpec]):
 
 
 def _versus_old(ctx: CheckContext, mine: MemoryFigures, old: MemoryFigures, limits: VersusReference) -> list[str]:
-    """NEW's weights and peak over OLD's, both measured in this session (reference mode)."""
+    """NEW's weights and peak over OLD's, both measured in this session (reference mode).
+
+    The peaks compared are the comparable ones (``measure_tensor_peak``): a process-wide RSS peak
+    would carry whichever side ran first into the other, and judge the order, not the model.
+    """
     sides = ctx.sides
     weights = mine.weights_bytes / max(old.weights_bytes, 1)
-    peak = mine.peak.peak_bytes / max(old.peak.peak_bytes, 1)
-    ctx.record(weights_ratio_vs_old=round(weights, 4), peak_ratio_vs_old=round(peak, 4))
+    new_peak, old_peak = mine.comparable_peak or mine.peak, old.comparable_peak or old.peak
+    peak = new_peak.peak_bytes / max(old_peak.peak_bytes, 1)
+    ctx.record(weights_ratio_vs_old=round(weights, 4), peak_ratio_vs_old=round(peak, 4),
+               peak_compared=new_peak.label)
     problems = []
     if weights > limits.max_weights_ratio:
         problems.append(f"weights {mine.weights_bytes / MIB:.2f} MB on {sides.actual_short}, "
                         f"{old.weights_bytes / MIB:.2f} MB on {sides.expected}: {weights:.3f}x > "
                         f"vs_reference.max_weights_ratio {limits.max_weights_ratio:g}")
     if peak > limits.max_peak_ratio:
-        problems.append(f"peak {mine.peak.label} {mine.peak.peak_bytes / MIB:.1f} MB on {sides.actual_short}, "
-                        f"{old.peak.peak_bytes / MIB:.1f} MB on {sides.expected} (each measured with the other "
+        problems.append(f"peak {new_peak.label} {new_peak.peak_bytes / MIB:.1f} MB on {sides.actual_short}, "
+                        f"{old_peak.peak_bytes / MIB:.1f} MB on {sides.expected} (each measured with the other "
                         f"model freed): {peak:.3f}x > vs_reference.max_peak_ratio {limits.max_peak_ratio:g}")
     return problems
 
@@ -326,10 +367,11 @@ def _judge_saving(ctx: CheckContext, saving: Savings, mine: MemoryFigures, refer
 def _over_budget(figures: MemoryFigures, budget: MemoryBudget, *, key: str | None, variant: str,
                  klass: str) -> list[str]:
     problems: list[str] = []
+    layout = f"; {figures.layout}" if figures.layout else ""
     if budget.max_weights_mb is not None and figures.weights_bytes / MIB > budget.max_weights_mb:
         problems.append(
             f"weights {figures.weights_bytes / MIB:.2f} MB > max_weights_mb {budget.max_weights_mb:g} "
-            f"(budgets.{key}; device class {klass}, variant {variant})"
+            f"(budgets.{key}; device class {klass}, variant {variant}{layout})"
         )
     if budget.max_peak_mb is not None and figures.peak.peak_bytes / MIB > budget.max_peak_mb:
         problems.append(

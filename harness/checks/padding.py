@@ -42,6 +42,7 @@ from pydantic import Field, field_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
 from harness.compare import Sides, Tolerance, ToleranceSpec, Verdict, compare, compare_distributions, render_tokens
+from harness.tolerance import TOLERANCE_HELP
 from harness.errors import CheckFailure
 from harness.observation import Observation, Step, observe_greedy_batch
 from harness.path_noise import free_run_of, processors_act_in
@@ -57,12 +58,18 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 
 
 class PaddingSpec(CheckSpec):
+    """A padded batch must score and generate like its prompts run one at a time, within noise: fails on a
+    model, kernel or wrapper that ignores the attention mask."""
+
     kind: Literal["padding"]
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=2)
-    max_new_tokens: int = Field(8, ge=1, le=256)
-    sides: list[Side] = Field(default_factory=lambda: ["left", "right"], min_length=1)
-    tolerance: ToleranceSpec | None = None
-    atol: float | None = None
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=2, description=(
+        "At least two distinct prompts, of different lengths (so that some are padded)."))
+    max_new_tokens: int = Field(8, ge=1, le=256, description="Greedy tokens generated per prompt (left padding).")
+    sides: list[Side] = Field(default_factory=lambda: ["left", "right"], min_length=1, description=(
+        "`left`: pads before the prompt, how generation batches are built (scores and generation checked); "
+        "`right`: pads after it, how scoring batches are built."))
+    tolerance: ToleranceSpec | None = Field(None, description=TOLERANCE_HELP)
+    atol: float | None = Field(None, description="Removed: use `tolerance`.", json_schema_extra={"deprecated": True})
 
     @field_validator("prompts")
     @classmethod
@@ -91,8 +98,8 @@ class PaddingSpec(CheckSpec):
             )
         return value
 
-    def tolerance_for(self, variant_key: str | None) -> Tolerance:
-        return self.noise_model().tolerance(variant_key)
+    def tolerance_for(self, variant_key: str | None, *, half: str = "float16") -> Tolerance:
+        return self.noise_model(half=half).tolerance(variant_key)
 
 
 @register_check("padding")
@@ -112,7 +119,7 @@ class PaddingCheck(Check[PaddingSpec]):
         assert_fits_context(model, max(lengths), self.spec.max_new_tokens, what=self.spec.id)
         if tokenizer.pad_token_id is None:
             raise CheckFailure(f"{self.spec.id}: the tokenizer has no pad token, so batches cannot be padded.")
-        tol = self.spec.tolerance_for(ctx.variant.key if ctx.variant else None)
+        tol = self.spec.tolerance_for(ctx.variant.key if ctx.variant else None, half=ctx.half)
         processors = processors_act_in(model)
         problems: list[str] = []
         figures: dict[str, float] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from harness.errors import CheckFailure
 
@@ -20,10 +20,12 @@ def _some_text(value: str) -> str:
 
 
 class Message(BaseModel):
+    """One message of a chat."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(description="What they say.")
 
 
 def _some_messages(value: list[Message]) -> list[Message]:
@@ -37,6 +39,17 @@ def _some_messages(value: list[Message]) -> list[Message]:
 # empty one is a suite error with its line, not a crash inside generate().
 PromptText = Annotated[str, AfterValidator(_some_text)]
 ChatMessages = Annotated[list[Message], AfterValidator(_some_messages)]
+
+# The suite reference's words for the prompt keys several kinds share (one text, one meaning).
+PROMPT_HELP = ("Raw text the model continues, encoded with the tokenizer's defaults, no chat template. "
+               "Give exactly one of `prompt` and `messages`.")
+MESSAGES_HELP = ("A chat: a list of `{role, content}` (role `system`, `user` or `assistant`), rendered with the "
+                 "model's chat template and its generation prompt. Give exactly one of `prompt` and `messages`.")
+PROMPTS_HELP = ("Raw prompts, each run on its own. Where neither `prompts` nor `chats` is given: one built-in "
+                "prompt, \"The capital of France is\".")
+CHATS_HELP = "Chats (each a list of `{role, content}` messages), rendered with the model's chat template."
+IF_NO_CHAT_TEMPLATE_HELP = ("A model with no chat template: `fail`, or `skip` this check. Either way a model "
+                            "that no registry entry declares a chat model (`chat: true`) skips, saying so.")
 
 
 class NoChatTemplate(Exception):

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from harness.checks.base import Check, CheckContext, register_check
 from harness.checks.consistency import (
     ConsistencySpec, Findings, encoded_prompts, exact_tolerance, greedy, judge_run, tolerance_for,
@@ -30,8 +32,12 @@ from harness.errors import AdapterError, CheckFailure, NotJudged
 
 
 class SaveReloadSpec(ConsistencySpec):
+    """`save_pretrained` then reload must give the same outputs: missing, unexpected or mismatched keys fail by
+    name, then greedy outputs are compared (adapter variants: the adapter is saved and reloaded)."""
+
     kind: Literal["save_reload"]
-    match: Literal["exact", "noise"] = "exact"
+    match: Literal["exact", "noise"] = Field("exact", description=(
+        "`exact`: bit-identical outputs (same weights, kernels and machine); `noise`: within `tolerance`."))
 
     def ignored(self) -> dict[str, str]:
         if self.match == "exact" and self.tolerance is not None:
@@ -90,7 +96,7 @@ def reload_model(ctx: CheckContext, model: Any, folder: Path) -> Any:
         raise
     entry = ctx.pool.resolved.entry
     reloaded, info = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=getattr(torch, entry.dtype), device_map=ctx.device.name,
+        str(folder), dtype=getattr(torch, ctx.pool.resolved.half.dtype), device_map=ctx.device.name,
         trust_remote_code=entry.trust_remote_code, output_loading_info=True,
         # the same kernel as the model saved: a kernel swap is noise, not a serialization fault
         attn_implementation=getattr(model.config, "_attn_implementation", None),

@@ -23,7 +23,7 @@ from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.prompts import assert_fits_context
 from harness.errors import CheckFailure
 from harness.checks.budgets import (
-    Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
+    BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )
 from harness.errors import NotJudged
@@ -39,37 +39,45 @@ METRICS = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 
 
 class ThroughputBudget(Budget):
+    """Speed floors for one variant; set at least one."""
 
-    min_decode_tokens_per_s: float | None = Field(None, gt=0)
-    min_prefill_tokens_per_s: float | None = Field(None, gt=0)
+    min_decode_tokens_per_s: float | None = Field(None, gt=0, description="New tokens per second after the first.")
+    min_prefill_tokens_per_s: float | None = Field(None, gt=0, description="Prompt tokens per second in the prefill.")
 
 
 class SpeedRatio(VariantComparison):
     """``variant``'s tokens/s must be at least ``ratio`` times ``reference``'s (same session)."""
 
-    metric: Literal["decode", "prefill"] = "decode"
-    ratio: float = Field(gt=0)
+    metric: Literal["decode", "prefill"] = Field("decode", description="Which speed is compared.")
+    ratio: float = Field(gt=0, description="The least factor: `variant`'s tokens/s over `reference`'s.")
 
 class VersusReference(BaseModel):
     """Reference mode: NEW's tokens/s over OLD's (same variant, same session) must be at least this."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_decode_ratio: float = Field(0.5, gt=0)
-    min_prefill_ratio: float = Field(0.5, gt=0)
+    min_decode_ratio: float = Field(0.5, gt=0, description="NEW's decode tokens/s over OLD's, at least.")
+    min_prefill_ratio: float = Field(0.5, gt=0, description="NEW's prefill tokens/s over OLD's, at least.")
 
 
 class ThroughputSpec(CheckSpec):
+    """Prefill and decode tokens/s for one declared shape, on pytest-benchmark, against per-model floors and
+    ratios between variants."""
+
     kind: Literal["throughput"]
-    batch: int = Field(1, ge=1, le=4096)
-    prompt_tokens: int = Field(32, ge=1)
-    new_tokens: int = Field(16, ge=2, description="at least 2: the first new token comes from the prefill")
-    rounds: int = Field(3, ge=1, le=1000)
-    warmup_rounds: int = Field(1, ge=0, le=1000)
-    budgets: dict[str, dict[str, dict[str, ThroughputBudget]]] = Field(default_factory=dict)
-    min_ratios: list[SpeedRatio] = Field(default_factory=list)
-    vs_reference: VersusReference = Field(default_factory=VersusReference)
-    devices: list[str] | None = Field(None, description="run only on these device classes; skip elsewhere")
+    batch: int = Field(1, ge=1, le=4096, description="Rows per batch.")
+    prompt_tokens: int = Field(32, ge=1, description="Prompt length in tokens.")
+    new_tokens: int = Field(16, ge=2, description="Tokens generated; at least 2: the first new token comes from the "
+                                                  "prefill.")
+    rounds: int = Field(3, ge=1, le=1000, description="Timed rounds.")
+    warmup_rounds: int = Field(1, ge=0, le=1000, description="Untimed rounds first.")
+    budgets: dict[str, dict[str, dict[str, ThroughputBudget]]] = Field(default_factory=dict, description=(
+        f"{BUDGETS_HELP} Floors belong to the model they were measured on."))
+    min_ratios: list[SpeedRatio] = Field(default_factory=list, description=(
+        "Speed ratios between two variants measured in the same session."))
+    vs_reference: VersusReference = Field(default_factory=VersusReference, description=(
+        "With `--reference OLD`: NEW's speed as a ratio to OLD's same variant."))
+    devices: list[str] | None = Field(None, description=DEVICES_HELP)
 
     @field_validator("devices")
     @classmethod

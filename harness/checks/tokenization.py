@@ -38,19 +38,21 @@ RoundTrip = Literal["exact", "strip", "none"]
 
 
 class TokenizationSpec(CheckSpec):
-    """``roundtrip`` is how strictly decode(encode(text)) must equal text.
-
-    ``exact`` (default): byte for byte, which byte-level BPE tokenizers meet.
-    ``strip``: up to leading/trailing whitespace, for SentencePiece tokenizers
-    that add or drop a prefix space. ``none``: not checked, for tokenizers that
-    normalize text (lowercase, NFKC, whitespace collapsing); the ids golden
-    still catches changes.
-    """
+    """Texts must survive encode then decode, and their token ids are a golden (once per model), so a tokenizer
+    that still round-trips but shifts ids fails."""
 
     kind: Literal["tokenization"]
-    texts: list[str] | None = Field(None, min_length=1)
-    special_tokens: bool = True
-    roundtrip: RoundTrip = "exact"
+    texts: list[str] | None = Field(None, min_length=1, description=(
+        "Distinct texts to check (default: built-in ones: several scripts, emoji, code and whitespace runs, numbers, "
+        "special-token look-alikes, the empty text)."))
+    special_tokens: bool = Field(True, description=(
+        "Also encode with the tokenizer's special tokens added (recorded where the ids differ) and check that "
+        "decoding with `skip_special_tokens` gives the text back."))
+    roundtrip: RoundTrip = Field("exact", description=(
+        "How strictly decode(encode(text)) must equal the text: `exact`, byte for byte (byte-level BPE "
+        "tokenizers); `strip`, up to leading/trailing whitespace (SentencePiece tokenizers that add or drop a "
+        "prefix space); `none`, not checked (tokenizers that normalize: lowercase, NFKC, collapsed whitespace; "
+        "the ids golden still catches changes)."))
 
     @field_validator("texts")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,17 @@ def tree_report(root: Path) -> list[str]:
                      "--snapshot-update, or restore both files from version control")
         lines += [f"  {p}: {why}" for p, why in stale]
     return lines
+
+
+def recorded_provenance(goldens: Iterable[Path]) -> list[dict[str, Any]]:
+    """The provenance beside each golden whose sidecar vouches for it: what a run's report shows its machine
+    and versions against. Missing or untrusted sidecars are left out (``tree_report`` names them)."""
+    found: list[dict[str, Any]] = []
+    for golden in goldens:
+        sidecar = meta_path(golden)
+        if os.path.exists(sidecar) and sidecar_problem(golden, sidecar) is None:
+            found.append(json.loads(sidecar.read_text(encoding="utf-8")))
+    return found
 
 
 def provenance_lines(path: Path, current: dict[str, Any]) -> str:

@@ -8,7 +8,9 @@ The names below are re-exported so that ``from harness.measure import X`` keeps 
 from __future__ import annotations
 
 from harness.measure._device import release_memory, synchronize, xdist_workers
-from harness.measure.memory import MIB, PeakMemory, RssSampler, measure_peak, mib, parallel_conflict, parallel_note
+from harness.measure.memory import (
+    MIB, PeakMemory, RssSampler, measure_peak, measure_tensor_peak, mib, parallel_conflict, parallel_note,
+)
 from harness.measure.nf4 import (
     NF4_BITS_PER_WEIGHT, NF4Estimate, expected_nf4_bytes, nf4_estimate, quant_state_bytes,
 )
@@ -19,7 +21,7 @@ from harness.measure.workloads import (
 
 __all__ = [
     "MIB", "NF4_BITS_PER_WEIGHT", "NF4Estimate", "PeakMemory", "RoundTiming", "RssSampler", "Shape",
-    "ThroughputFigures", "encode_batch", "expected_nf4_bytes", "generate_exact", "measure_peak",
+    "ThroughputFigures", "encode_batch", "expected_nf4_bytes", "generate_exact", "measure_peak", "measure_tensor_peak",
     "measure_throughput", "mib", "model_device", "nf4_estimate", "parallel_conflict", "parallel_note",
     "quant_state_bytes", "release_memory", "run_workload", "synchronize", "synthetic_prompt_ids",
     "throughput_inputs", "timed_round", "xdist_workers",

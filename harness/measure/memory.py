@@ -6,6 +6,13 @@ so the figure is the process's resident set size (RSS) sampled every few millise
 the workload runs: it includes Python, torch and everything else in the process, and is
 always labelled "process RSS", never GPU memory.
 
+Process RSS is what a user's process costs, but it is no way to compare two models measured
+one after the other in one process: freed memory stays in the process, so the second carries
+the first's pages. Where two sides are compared on a CPU (reference mode),
+:func:`measure_tensor_peak` counts what the allocator hands out instead: the bytes the model
+holds plus the largest sum of live tensors its workload allocates (torch's profiler, memory
+events), which does not depend on what ran before.
+
 Sizes are MiB (2**20 bytes), as torch and nvidia-smi report them; suites call them MB.
 """
 
@@ -60,7 +67,7 @@ def parallel_note(device: Device) -> str | None:
 class PeakMemory:
     """The peak during one workload; ``source`` says what was measured."""
 
-    source: Literal["cuda", "rss"]
+    source: Literal["cuda", "rss", "tensors"]
     peak_bytes: int
     baseline_bytes: int
     reserved_bytes: int | None = None
@@ -68,7 +75,8 @@ class PeakMemory:
 
     @property
     def label(self) -> str:
-        return "GPU peak allocated" if self.source == "cuda" else "process RSS"
+        return {"cuda": "GPU peak allocated", "rss": "process RSS",
+                "tensors": "model + live workload tensors"}[self.source]
 
     def figures(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -144,3 +152,29 @@ def measure_peak(fn: Callable[[], T], *, device: Device) -> tuple[T, PeakMemory]
         result = fn()
     return result, PeakMemory(source="rss", peak_bytes=sampler.peak, baseline_bytes=sampler.baseline,
                               samples=sampler.samples)
+
+
+def live_tensor_peak(fn: Callable[[], T]) -> tuple[T, int]:
+    """Run ``fn`` once on the CPU; the largest sum of tensor bytes it had allocated and not yet freed."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return result, peak
+
+
+def measure_tensor_peak(fn: Callable[[], T], *, held_bytes: int, device: Device) -> tuple[T, PeakMemory]:
+    """``fn``'s peak as the model's ``held_bytes`` plus its live workload tensors: comparable across models
+    measured in one process (GPU: the allocator's own peak, which :func:`measure_peak` reads)."""
+    if device.is_cuda:
+        return measure_peak(fn, device=device)
+    release_memory(device)
+    result, workload = live_tensor_peak(fn)
+    return result, PeakMemory(source="tensors", peak_bytes=held_bytes + workload, baseline_bytes=held_bytes)
