@@ -184,6 +184,34 @@ TOOL_READS = {
 }
 
 
+NO_OUTPUTS = {"harness-validate": {"--schema-path"}}  # tools that write nothing: their options, all reads
+
+
+def _help_options(entry: str, argv: list[str], capsys) -> set[str]:
+    """The long options a console tool's --help lists (for tools whose parser is built inside main)."""
+    import importlib
+    import re
+
+    module, _, func = entry.partition(":")
+    with pytest.raises(SystemExit):
+        getattr(importlib.import_module(module), func)([*argv, "--help"])
+    listed = r"^\s{2}(?:-\w(?: \S+)?, )?(--[a-z][a-z0-9-]+)"  # the options section, not the description
+    return set(re.findall(listed, capsys.readouterr().out, re.MULTILINE)) - {"--help"}
+
+
+def test_every_console_tool_is_classified(capsys):
+    """A new console script must join the enumeration: its writers tried below, or listed as writing nothing."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, entry in scripts.items():
+        tool = "harness-report merge" if name == "harness-report" else name
+        assert tool in TOOL_WRITES or tool in NO_OUTPUTS, f"{name}: a new console tool; classify its options here"
+        options = _help_options(entry, ["merge"] if name == "harness-report" else [], capsys)
+        known = NO_OUTPUTS.get(tool, set()) | TOOL_WRITES.get(tool, set()) | TOOL_READS.get(tool, set())
+        assert options <= known, f"{name}: {sorted(options - known)} unclassified"
+
+
 def _names(parser: argparse.ArgumentParser) -> set[str]:
     names = set()
     for action in parser._actions:
