@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.tolerance import MEAN_CALIBRATED_STEPS, ROUNDING, Tolerance
+from harness.tolerance import CROSS_DEVICE_FACTOR, MAX_NATS, MEAN_CALIBRATED_STEPS, ROUNDING, Tolerance
 
 FACTOR = 4.0
 POOL = 1.5
@@ -113,10 +113,36 @@ class PathNoise:
         dtype = data.get("logits_dtype")
         if not isinstance(flips, dict) or not isinstance(dtype, str):
             raise NoiseRecordError("its flips or logits_dtype have the wrong type")
-        return cls(dlogp=tuple(r[0] for r in rows), margin=tuple(r[1] for r in rows),
-                   score=tuple(r[2] for r in rows), logits_dtype=dtype, conditions=tuple(map(str, conditions)),
-                   flips={str(k): tuple(int(i) for i in v) for k, v in flips.items()},
-                   environment=data.get("environment", {}) if isinstance(data.get("environment"), dict) else {})
+        if dtype not in MANTISSA_BITS:
+            raise NoiseRecordError(f"its logits_dtype {dtype!r} is not one of {', '.join(MANTISSA_BITS)}")
+        for name, at in flips.items():
+            if not isinstance(at, list) or not all(type(i) is int and 0 <= i < len(rows) for i in at):
+                raise NoiseRecordError(f"its flips under {str(name)[:40]!r} are {str(at)[:40]}, not a list of step "
+                                       f"numbers 0..{len(rows) - 1}")
+        noise = cls(dlogp=tuple(r[0] for r in rows), margin=tuple(r[1] for r in rows),
+                    score=tuple(r[2] for r in rows), logits_dtype=dtype, conditions=tuple(map(str, conditions)),
+                    flips={str(k): tuple(v) for k, v in flips.items()},
+                    environment=data.get("environment", {}) if isinstance(data.get("environment"), dict) else {})
+        capped = noise.cap_problem()
+        if capped:
+            raise NoiseRecordError(capped)
+        return noise
+
+    def cap_problem(self) -> str | None:
+        """Why this record allows more than a suite tolerance may (``MAX_NATS``), or None.
+
+        A recorded allowance is a tolerance too: a record that forgives 1000 nats at a step
+        would switch the check off, which a suite's ``tolerance:`` is refused for.
+        """
+        if not self.dlogp:
+            return "it has no steps"
+        bounds = recorded_allowance(self)
+        for what, values in (("|Δ log p|", bounds.step), ("margin shift", bounds.margin)):
+            worst = max(range(len(values)), key=values.__getitem__)
+            if values[worst] > MAX_NATS:
+                return (f"it allows a {what} of {values[worst]:.3g} nats at step {worst}, above the {MAX_NATS:g}-nat "
+                        "cap a suite tolerance has: no numerical noise moves a log-probability that far")
+        return None
 
 
 @dataclass(frozen=True)
@@ -239,16 +265,33 @@ def _field(tol: Tolerance, name: str) -> float:
     return tol.margin_shift if name == "max_margin_shift" else float(getattr(tol, name))
 
 
+def widened_by_record(noise: PathNoise, built_in: Tolerance) -> tuple[str, ...]:
+    """Where a golden's recorded noise allows more than the widest built-in rule (``built_in`` x the
+    cross-device factor): listed like a suite's widened tolerance, since a record can be edited too."""
+    bounds, n = recorded_allowance(noise), len(noise)
+    lines = []
+    for name, values, default in (("max_abs_dlogp", bounds.step, built_in.max_abs_dlogp),
+                                  ("max_margin_shift", bounds.margin, built_in.margin_shift)):
+        ceiling = default * CROSS_DEVICE_FACTOR
+        wider = [v for v in values if v > ceiling + ROUNDING]
+        if wider:
+            lines.append(f"{name} up to {max(wider):.3g} from the golden's recorded noise (its sidecar) at {len(wider)} "
+                         f"of {n} steps is wider than the {built_in.source or 'built-in defaults'} "
+                         f"x{CROSS_DEVICE_FACTOR:g} ({ceiling:.3g})")
+    return tuple(lines)
+
+
 def recorded_allowance(noise: PathNoise, *, chosen_logprobs: Sequence[float] | None = None,
                        overrides: Tolerance | None = None, exact: bool = False, scale: float = 1.0,
-                       scale_label: str = "") -> Allowance:
+                       scale_label: str = "", built_in: Tolerance | None = None) -> Allowance:
     """Per-step bounds from a golden's own noise; fields a suite or check set replace theirs (and are listed if wider).
 
     A step's unit is the largest of: its recorded noise, one unit in the last place of its score
     (the dtype floor), ``POOL`` x the path's mean noise, and, where the golden token was not
     certain, the share of the margin's noise that reaches its log-prob: d log p / d margin is
     1 - p, so a near-tie's chosen log-prob moves with its margin (``chosen_logprobs``, the
-    golden's own, give p).
+    golden's own, give p). ``built_in``: the flat default of the variant's quantization, against
+    which the record itself is listed where it is wider (``widened_by_record``).
     """
     n = len(noise)
     floors = [ulp(score, noise.logits_dtype) for score in noise.score]
@@ -263,7 +306,8 @@ def recorded_allowance(noise: PathNoise, *, chosen_logprobs: Sequence[float] | N
     margin = [FACTOR * u * scale for u in margin_unit]
     sigma = list(recorded_margin)  # the margin's own recorded spread: flip probabilities (not pooled)
     unit = [u * scale for u in unit]
-    mean_factor, tie_gap, widened = MEAN_FACTOR, None, []
+    mean_factor, tie_gap = MEAN_FACTOR, None
+    widened = list(widened_by_record(noise, built_in)) if built_in is not None else []
     where = dict(overrides.where) if overrides is not None else {}
     for name, place in sorted(where.items()):
         value = _field(overrides, name)  # type: ignore[arg-type]

@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    out = check_out_folder("--out", args.out, golden_dirs=golden_dirs(args.golden_dir, args.registry), writes=OUTPUTS)
+    golden = golden_dirs(args.golden_dir, args.registry)
+    out = check_out_folder("--out", args.out, golden_dirs=golden, writes=OUTPUTS)
+    if args.work_dir is not None:  # --config writes a whole model folder and a registry there
+        check_out_folder("--work-dir", args.work_dir, golden_dirs=golden, writes=())
     check_registry(args.registry, required=args.config is None)  # --config writes its own
     check_variants(args.variants)
     check_adapter("--adapter", args.adapter)

@@ -113,23 +113,23 @@ def some_text(text: str) -> str:
     return text
 
 
-def golden_dir_argument(parser: argparse.ArgumentParser) -> None:
+def golden_dir_argument(parser: argparse.ArgumentParser, *, default: str = "golden/ next to --registry") -> None:
     parser.add_argument("--golden-dir", default=None, metavar="DIR",
-                        help="the golden folder that outputs are kept out of (default: golden/ next to --registry)")
+                        help=f"the golden folder that outputs are kept out of (default: {default})")
 
 
 def check_out_folder(flag: str, value: str | Path, *, golden_dirs: Sequence[Path], writes: Sequence[str]) -> Path:
     """``value`` as an output folder the tool can create and fill, or a ToolUsageError now, not after the work."""
     out = Path(value).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ToolUsageError(
-            f"{flag} {value}: this is a file, and {flag} names a folder (the tool writes {', '.join(writes)} in it). "
-            "Nothing was run. Fix: pass a folder name (it is created), or move the file away."
-        )
-    for golden in golden_dirs:
-        problem = output_in_golden_problem(flag, out, golden)
+    for golden in golden_dirs:  # first: a golden is never named as anything else
+        problem = output_in_golden_problem(flag, value, golden)
         if problem:
             raise ToolUsageError(problem)
+    if out.exists() and not out.is_dir():
+        raise ToolUsageError(
+            f"{flag} {value}: this is a file, and {flag} names a folder (the tool writes {', '.join(writes) or 'files'} "
+            "in it). Nothing was run. Fix: pass a folder name (it is created), or move the file away."
+        )
     existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ToolUsageError(f"{flag} {value}: {existing} is a file, not a folder. Nothing was run. Fix: pass a path "

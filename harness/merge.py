@@ -8,8 +8,14 @@ selected reported, all of the same commit, golden tree, suites, model and device
 together selecting each collected item exactly once. Any of that missing is red (exit 2) and
 said shard by shard.
 
+The gate mode is part of a run's identity: shards run with and without ``CI`` are not one run.
+A merge under ``CI`` applies the gate's rule to the whole run again (an item no shard judged is
+red, as in a single gate session), so a merged verdict is never greener than a gate session's.
+
 Exit status: 0 green; 1 a check failed or errored (or, in a gate run, was not judged), or a
-shard said red; 2 the shards do not make one whole run; 5 no item was collected.
+shard said red; 2 the shards do not make one whole run, a result file is not valid, or an
+output would be written into the golden folder (nothing is written then); 5 no item was
+collected.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.ci import in_ci
+from harness.cli import ToolParser, golden_dir_argument, golden_dirs
+from harness.outputs import output_in_golden_problem
 from harness.result import ResultError, ShardResult, is_result, read_result
 from harness.shard import plain_nodeid
 
@@ -30,6 +39,7 @@ EXIT_GREEN, EXIT_RED, EXIT_INCOMPLETE, EXIT_NO_ITEMS = 0, 1, 2, 5
 _PYTEST_EXITS = {0: "ok", 1: "tests failed", 2: "interrupted", 3: "internal error", 4: "usage error",
                  5: "no tests collected"}
 _IDENTITY = (  # key, what differing values mean
+    ("ci", "gate modes (CI set for some shards, not for others: one rule must judge the whole run)"),
     ("commit", "commits"), ("goldens", "golden trees"), ("registry", "model registries"),
     ("suites", "suite files"), ("collected", "collections (another -k, -m or --variants, or other tests)"),
     ("model", "--model values"), ("reference", "--reference values"), ("variants", "--variants values"),
@@ -48,8 +58,8 @@ class Merged:
     markdown: str = ""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="harness-report", description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = ToolParser(prog="harness-report", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     merge_cmd = commands.add_parser(
         "merge", help="merge the --harness-result files of a sharded run into one report, JUnit XML and exit code",
@@ -61,9 +71,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge_cmd.add_argument("paths", nargs="+", metavar="PATH", help="result files, or folders holding them")
     merge_cmd.add_argument("--report", metavar="FILE.md", help="write the Markdown report here (default: stdout)")
     merge_cmd.add_argument("--junitxml", metavar="FILE.xml", help="write the JUnit XML of the whole run here")
-    args = parser.parse_args(argv)
+    golden_dir_argument(merge_cmd, default="golden/ in the current folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    problem = _output_problem(args)
+    if problem:
+        print(f"harness-report merge: {problem}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     merged = merge([Path(p) for p in args.paths])
     return _write_outputs(merged, report=args.report, junitxml=args.junitxml)
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Why an output of the merge may not be written where it is asked for (checked before anything is read)."""
+    golden = golden_dirs(args.golden_dir, "models.yaml")[0]
+    for flag, value in (("--report", args.report), ("--junitxml", args.junitxml)):
+        problem = output_in_golden_problem(flag, value, golden) if value else None
+        if problem:
+            return problem
+        if value and Path(value).is_dir():
+            return f"{flag} {value}: this is a folder. Nothing was run. Fix: pass a file name, e.g. {flag} merged.out."
+    return None
 
 
 def merge(paths: list[Path]) -> Merged:
@@ -218,11 +249,18 @@ def _exitstatus(merged: Merged) -> int:
         return EXIT_INCOMPLETE
     failed = any(r.failed for shard in merged.shards for r in shard.reports)
     said_red = any(shard.exitstatus == 1 for shard in merged.shards)
-    if failed or said_red or merged.record.gate_failed:
+    if gate_rule(merged.shards) and merged.record.unjudged():
+        merged.record.gate_failed = True  # as a single gate session: an item not judged is not a pass
+    if failed or said_red or merged.record.gate_failed or merged.record.flips.exceeded():
         return EXIT_RED
     if not any(shard.reports for shard in merged.shards):
         return EXIT_NO_ITEMS
     return EXIT_GREEN
+
+
+def gate_rule(shards: list[ShardResult]) -> bool:
+    """Whether the merged run is judged as a gate: the merge runs under CI, or any shard did."""
+    return in_ci() or any(shard.identity.get("ci") is True for shard in shards)
 
 
 def _markdown(merged: Merged) -> str:

@@ -167,7 +167,7 @@ def options_from_config(config: pytest.Config) -> Options:
 
 def _placement_options(config: pytest.Config) -> tuple[str | None, Any, Path | None]:
     """``--device-map``, ``--max-memory`` and ``--offload-folder``, checked before anything loads."""
-    from harness.placement import check_device_map, parse_max_memory
+    from harness.placement import check_device_map, gpu_limit_problem, parse_max_memory
 
     device_map, max_memory, folder = (config.getoption(n) for n in ("device_map", "max_memory", "offload_folder"))
     try:
@@ -175,9 +175,23 @@ def _placement_options(config: pytest.Config) -> tuple[str | None, Any, Path | N
         max_memory = None if max_memory is None else parse_max_memory(max_memory)
     except ValueError as exc:
         raise pytest.UsageError(f"{exc}.") from None
+    problem = gpu_limit_problem(max_memory)
+    if problem and _runs_on_cpu(config.getoption("device")):
+        raise pytest.UsageError(f"--max-memory {config.getoption('max_memory')}: {problem}. Nothing was run.")
     if folder and Path(folder).exists() and not Path(folder).is_dir():
         raise pytest.UsageError(f"--offload-folder {folder}: this is a file, not a folder. Fix: pass a folder.")
     return device_map, max_memory, Path(folder).resolve() if folder else None
+
+
+def _runs_on_cpu(device: str) -> bool:
+    """Whether ``--device`` puts this session on the CPU (``auto`` without a CUDA device)."""
+    if device == "cpu":
+        return True
+    if device == "cuda":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _shard_options(shard_text: str | None, result_text: str | None) -> tuple[Any, Path | None]:

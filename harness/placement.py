@@ -39,10 +39,9 @@ class Placement:
         """What ``from_pretrained`` takes; a CPU session never places layers on a GPU."""
         max_memory = dict(self.max_memory) if self.max_memory else None  # transformers converts it in place
         if device_name == "cpu":
-            gpus = [k for k in (max_memory or {}) if k not in ("cpu", "disk", "mps")]
-            if gpus:
-                raise ValueError(f"max_memory names {gpus[0]!r}, a GPU, but this session runs on the CPU "
-                                 "(--device cpu, or no GPU here): give only cpu (and disk) limits")
+            problem = gpu_limit_problem(max_memory)
+            if problem:
+                raise ValueError(problem)
             if max_memory is None:
                 import psutil
 
@@ -52,6 +51,15 @@ class Placement:
             self.offload_folder.mkdir(parents=True, exist_ok=True)
             kwargs["offload_folder"] = str(self.offload_folder)
         return kwargs
+
+
+def gpu_limit_problem(max_memory: dict[str | int, str | int] | None) -> str | None:
+    """Why these limits cannot serve a session on the CPU (they name a GPU), or None."""
+    gpus = [k for k in (max_memory or {}) if k not in ("cpu", "disk", "mps")]
+    if not gpus:
+        return None
+    return (f"max_memory names {gpus[0]!r}, a GPU, but this session runs on the CPU (--device cpu, or no GPU "
+            "here): give only cpu (and disk) limits")
 
 
 def check_device_map(value: str) -> str:
@@ -69,6 +77,8 @@ def check_max_memory(value: Any) -> dict[str | int, str | int]:
         name = str(key).strip()
         if not _DEVICE_KEY.match(name):
             raise ValueError(f"max_memory key {key!r}: name a device: a GPU index (0, 1, ...), cpu or disk")
+        if isinstance(size, str) and size.strip().isdigit():
+            size = int(size.strip())  # a number of bytes, as written on a command line
         if isinstance(size, bool) or not (isinstance(size, int) and size > 0 or isinstance(size, str) and _SIZE.match(size)):
             raise ValueError(f"max_memory[{name}] = {size!r}: give a size such as 20GiB, 512MB or a number of bytes")
         out[int(name) if name.isdigit() else name] = size.strip() if isinstance(size, str) else size

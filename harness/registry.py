@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from harness.errors import SuiteError
 from harness.names import name_problem, safe_name
 from harness.validation import validate
-from harness.yamlload import YamlMap, load_yaml
+from harness.yamlload import YamlMap, load_yaml, non_text_problem
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
@@ -172,6 +172,10 @@ def load_registry(path: Path) -> Registry:
         for name, raw in models.items()
     }
     default = data.get("default")
+    if default is not None and not isinstance(default, str) and not isinstance(default, (dict, list)):
+        written = data.raw.get("default", str(default))
+        raise SuiteError(path, f"default {non_text_problem(written, default)}", line=data.lines.get("default", 1),
+                         key="default", hint=f"write default: '{written}'")
     if default not in entries:
         raise SuiteError(
             path, f"default {default!r} is not one of the models",
@@ -187,6 +191,10 @@ def _check_model_names(path: Path, models: YamlMap) -> None:
     for name in models:
         text = str(name)
         line, key = models.lines.get(name, 1), f"models.{text}"
+        if text in models.unquoted:
+            written, value = models.unquoted[text]
+            raise SuiteError(path, f"model name {non_text_problem(written, value)}", line=line,
+                             key=f"models.{written}", hint=f"write '{written}': in place of {written}:")
         problem = name_problem(text)
         if problem:
             raise SuiteError(path, f"model name {text!r}: {problem}", line=line, key=key,

@@ -78,6 +78,7 @@ class ResultWriter:
             "shard": {"index": self.shard.index, "count": self.shard.count} if self.shard else {"index": 1, "count": 1},
             "started": self.started,
             "identity": {
+                "ci": in_ci(),  # the gate mode: shards of one run judge by one rule
                 "commit": git_commit(opts.rootdir),
                 "goldens": tree_digest(opts.golden_dir),
                 "registry": files_digest([opts.registry], rootdir=opts.rootdir) if opts.registry.is_file() else None,
@@ -191,6 +192,8 @@ class ShardResult:
         """What every shard of one run shares: the recorded identity plus what its collection and device
         saw (those two only where the shard got that far)."""
         identity = dict(self.data.get("identity") or {})
+        if "ci" not in identity and isinstance(self.data.get("ci"), bool):
+            identity["ci"] = self.data["ci"]  # a result written before the mode was part of the identity
         plan = self.plan
         if plan is not None:
             identity["suites"] = plan.get("suites")
@@ -200,6 +203,86 @@ class ShardResult:
         if device is not None:
             identity["device_class"] = device
         return identity
+
+
+def _side_schema() -> dict[str, Any]:
+    """A report header's side: exactly the fields ``harness.report.Side`` takes, so a new field joins the check."""
+    from harness.report import Side
+
+    typed = {"name": {"type": "string"}, "provenance": {"type": ["object", "null"]},
+             "error": {"type": ["string", "null"]}, "adapter": {"type": ["string", "null"]},
+             "device": {"type": "string"}}
+    names = [f.name for f in dataclasses.fields(Side)]
+    return {"type": "object", "required": ["name"], "additionalProperties": False,
+            "properties": {name: typed.get(name, {}) for name in names}}
+
+
+def result_schema() -> dict[str, Any]:
+    """The JSON schema of a result file as ``harness-report merge`` reads it (format and version checked first)."""
+    from harness.shard import MAX_SHARDS
+    from harness.variants import RUN_ORDER
+
+    text, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    nullable_text = {"type": ["string", "null"]}
+    texts = {"type": "array", "items": text}
+    load = {"type": "object", "required": ["count", "seconds", "bytes"],
+            "properties": {"count": count, "seconds": {"type": "number", "minimum": 0},
+                           "bytes": {"type": "number", "minimum": 0},
+                           "placement": {"type": ["object", "null"],
+                                         "additionalProperties": {"type": "number", "minimum": 0}}}}
+    return {
+        "type": "object",
+        "required": ["format", "version", "complete", "shard", "started", "identity"],
+        "properties": {
+            "format": text, "version": {"type": "integer"}, "complete": {"type": "boolean"},
+            "shard": {"type": "object", "required": ["index", "count"], "additionalProperties": False,
+                      "properties": {"index": {"type": "integer", "minimum": 1, "maximum": MAX_SHARDS},
+                                     "count": {"type": "integer", "minimum": 1, "maximum": MAX_SHARDS}}},
+            "started": text, "finished": text,
+            "identity": {"type": "object", "properties": {
+                "ci": {"type": "boolean"}, "commit": nullable_text, "goldens": nullable_text,
+                "registry": nullable_text, "model": nullable_text, "reference": nullable_text,
+                "variants": nullable_text}},
+            "seconds": {"type": "number", "minimum": 0},
+            "exitstatus": {"type": ["integer", "null"]},
+            "ci": {"type": "boolean"},
+            "plan": {"type": ["object", "null"], "required": ["collected", "selected"], "properties": {
+                "collected": count, "collected_digest": nullable_text, "suites": nullable_text,
+                "groups": {"type": "object", "additionalProperties": {
+                    "type": "object", "properties": {"items": count, "shard": {"type": "integer", "minimum": 1}}}},
+                "selected": texts}},
+            "header": {"type": ["object", "null"], "required": ["model"],
+                       "properties": {"model": _side_schema(), "reference": {"anyOf": [{"type": "null"},
+                                                                                         _side_schema()]}}},
+            "items": {"type": "array", "items": {"type": "object"}},
+            "unselected": texts, "gate_failed": {"type": "boolean"}, "golden_folder": texts,
+            "loads": {"type": "object", "additionalProperties": {
+                "type": "object", "propertyNames": {"enum": list(RUN_ORDER)}, "additionalProperties": load}},
+            "threads": {"type": "object"},
+            "reports": {"type": "array", "items": {
+                "type": "object", "required": ["$report_type", "nodeid", "outcome"],
+                "properties": {"$report_type": {"enum": ["TestReport", "CollectReport"]}, "nodeid": text,
+                               "outcome": {"enum": ["passed", "failed", "skipped"]}}}},
+        },
+        "if": {"properties": {"complete": {"const": True}}},
+        "then": {"required": ["exitstatus", "plan", "header", "reports", "seconds"]},
+    }
+
+
+def schema_problem(data: Any) -> str | None:
+    """The first thing in ``data`` that a result file may not hold, with where it is; None when it is valid."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(result_schema()).iter_errors(data))
+    if error is None:
+        return None
+    where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    value = repr(error.instance)
+    value = value if len(value) <= 60 else value[:57] + "..."
+    if error.validator == "required":
+        return f"{where or 'the top level'} lacks a field: {error.message}"
+    return f"{where or 'the top level'} is {value}: {error.message}"
 
 
 def is_result(data: Any) -> bool:
@@ -218,6 +301,11 @@ def read_result(path: Path) -> ShardResult:
     if data.get("version") != VERSION:
         raise ResultError(f"{path}: result format version {data.get('version')!r}, this harness reads {VERSION}: "
                           "merge with the harness version the shards ran")
+    problem = schema_problem(data)
+    if problem:
+        raise ResultError(f"{path}: not a valid harness result: {problem}. A result file is written whole by "
+                          "--harness-result; this one was edited, damaged, or written by another tool. Fix: use "
+                          "the file the shard's job wrote (or run that shard again)")
     try:
         reports = [_report(entry) for entry in data.get("reports", [])]
     except Exception as exc:  # noqa: BLE001 - written by another pytest version, or edited

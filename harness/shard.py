@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 TOKENIZER_GROUP = "tokenizer"
+MAX_SHARDS = 1000  # more jobs than any CI matrix runs; the plan keeps a list of this length
 _XDIST_SUFFIX = re.compile(r"@[^@\[\]/:]*$")  # `--dist loadgroup` appends "@group" to node ids
 
 
@@ -35,13 +36,22 @@ class Shard:
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not match:
             raise ValueError(f"--shard {text!r}: write K/N, e.g. --shard 2/3 for the second of three shards")
-        index, count = int(match[1]), int(match[2])
+        index, count = _bounded(match[1]), _bounded(match[2])
+        text = text if len(text) <= 40 else text[:37] + "..."
+        if count > MAX_SHARDS:
+            raise ValueError(f"--shard {text!r}: N may be at most {MAX_SHARDS} (one CI job per shard, and each "
+                             f"loads its share of the models), e.g. --shard 1/{MAX_SHARDS}")
         if count < 1 or not 1 <= index <= count:
             raise ValueError(f"--shard {text!r}: K must be between 1 and N (N >= 1), e.g. --shard 1/{max(count, 1)}")
         return cls(index, count)
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+def _bounded(digits: str) -> int:
+    """A whole number, or ``MAX_SHARDS + 1`` for one too long to be a shard (``int()`` refuses thousands of digits)."""
+    return int(digits) if len(digits.lstrip("0")) <= len(str(MAX_SHARDS)) else MAX_SHARDS + 1
 
 
 def plain_nodeid(nodeid: str) -> str:

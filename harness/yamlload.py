@@ -25,6 +25,15 @@ class YamlMap(dict):  # type: ignore[type-arg]
         self.line: int | None = None
         self.lines: dict[str, int] = {}
         self.raw: dict[str, str] = {}
+        self.unquoted: dict[str, tuple[str, Any]] = {}  # keys YAML read as non-text: the text as written, the value
+
+
+def non_text_problem(written: str, value: Any) -> str:
+    """A name YAML read as a number or a boolean: what it became, and that quoting keeps it as written."""
+    kind = {bool: "a boolean", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    became = "" if str(value) == written else f" {value!r}"
+    return (f"{written} is read by YAML as {kind}{became}, not as a name; quote it to keep it as written: "
+            f"'{written}'")
 
 
 class YamlList(list):  # type: ignore[type-arg]
@@ -83,6 +92,8 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> YamlMap:
             )
         result[skey] = loader.construct_object(value_node, deep=True)
         result.lines[skey] = value_node.start_mark.line + 1
+        if not isinstance(key, str):
+            result.unquoted[skey] = (str(key_node.value), key)
         if isinstance(value_node, yaml.ScalarNode):
             result.raw[skey] = value_node.value
     return result

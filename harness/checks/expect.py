@@ -59,7 +59,7 @@ class JsonExpectation(BaseModel):
                 jsonschema.validators.validator_for(value).check_schema(value)
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
-            problem = unresolvable_ref(value)
+            problem = unresolvable_ref(value) or endless_ref(value)
             if problem:
                 raise ValueError(problem)
         return value
@@ -89,6 +89,75 @@ def unresolvable_ref(schema: dict[str, Any]) -> str | None:
                     "point inside the schema (e.g. '#/$defs/NAME' with that definition under $defs), since "
                     "nothing is fetched")
     return None
+
+
+# keywords whose subschemas apply to the same instance (a reference loop through them never ends)
+_IN_PLACE_LISTS = ("allOf", "anyOf", "oneOf")
+_IN_PLACE_ONE = ("not", "if", "then", "else")
+
+
+def endless_ref(schema: dict[str, Any]) -> str | None:
+    """Why validating against ``schema`` would never end, or None: a ``$ref`` that leads back to itself
+    without descending into the instance (``{$ref: '#'}``, or two definitions referring to each other
+    through ``allOf``). A reference under ``properties`` or ``items`` (a tree) descends, and is fine.
+    """
+    import jsonschema
+    from referencing import Registry, Resource
+
+    specification = jsonschema.validators.validator_for(schema).META_SCHEMA
+    resource = Resource.from_contents(schema, default_specification=_specification(specification))
+    root = resource.id() or "urn:harness:expect-schema"
+    resolver = Registry().with_resource(root, resource).crawl().resolver(base_uri=root)
+    state: dict[int, int] = {}  # id(node): 1 on the current path, 2 done
+
+    def in_place(node: dict[str, Any], res: Any) -> list[tuple[Any, Any, str]]:
+        out: list[tuple[Any, Any, str]] = []
+        for key in ("$ref", "$dynamicRef"):
+            if isinstance(node.get(key), str):
+                found = res.lookup(node[key])
+                out.append((found.contents, found.resolver, node[key]))
+        for key in _IN_PLACE_LISTS:
+            out += [(sub, res, "") for sub in node.get(key) or () if isinstance(node.get(key), list)]
+        out += [(node[key], res, "") for key in _IN_PLACE_ONE if key in node]
+        return [(sub, r, ref) for sub, r, ref in out if isinstance(sub, dict)]
+
+    def loop_from(node: dict[str, Any], res: Any) -> str | None:
+        if state.get(id(node)) == 1:
+            return ""
+        if state.get(id(node)) == 2:
+            return None
+        state[id(node)] = 1
+        for sub, sub_res, ref in in_place(node, res):
+            found = loop_from(sub, sub_res)
+            if found is not None:
+                return found or ref
+        state[id(node)] = 2
+        return None
+
+    for node in _subschemas(schema):
+        try:
+            ref = loop_from(node, resolver)
+        except Exception:  # noqa: BLE001 - unresolvable references are unresolvable_ref's to name
+            continue
+        if ref is not None:
+            return (f"the schema refers to itself without end: following $ref {ref!r} leads back to the same "
+                    "schema before any part of the answer is looked at, so validating an answer would never "
+                    "finish. Fix: put the reference under properties or items (a tree of objects), or remove it")
+    return None
+
+
+def _subschemas(node: Any) -> list[dict[str, Any]]:
+    """Every object in a schema that may be a subschema (data keywords left out)."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        found.append(node)
+        for key, value in node.items():
+            if key not in ("enum", "const", "examples", "default"):
+                found += _subschemas(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _subschemas(value)
+    return found
 
 
 def _specification(meta_schema: dict[str, Any]) -> Any:
@@ -382,11 +451,17 @@ def _json_problem(expected: Any, text: str) -> str | None:
         value = json.loads(text.strip())
     except json.JSONDecodeError as exc:
         return f"is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except RecursionError:
+        return "is JSON nested deeper than Python reads (thousands of levels)"
     if isinstance(expected, JsonExpectation) and expected.schema_ is not None:
         import jsonschema
 
-        errors = sorted(jsonschema.validators.validator_for(expected.schema_)(expected.schema_).iter_errors(value),
-                        key=lambda e: list(e.path))
+        try:
+            errors = sorted(jsonschema.validators.validator_for(expected.schema_)(expected.schema_).iter_errors(value),
+                            key=lambda e: list(e.path))
+        except RecursionError:  # nested past Python's limit: the schema's references, or the answer itself
+            return ("could not be checked against the JSON schema: validation nested deeper than Python allows "
+                    "(a schema whose $ref loops, or an answer nested that deep)")
         if errors:
             where = "/".join(map(str, errors[0].path)) or "(root)"
             return f"does not match the JSON schema at {where}: {errors[0].message}"

@@ -29,11 +29,13 @@ from harness import path_noise
 from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
 from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
 from harness.path_noise import free_run_of, path_scores, processors_act, standing_for
-from harness.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, TOLERANCE_HELP, Tolerance, ToleranceSpec
+from harness.tolerance import (
+    CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
+)
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
-from harness.golden import meta_path
+from harness.golden import judged_record, meta_path
 from harness.observation import (
     DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, observe_greedy,
     teacher_force, to_trace,
@@ -132,7 +134,8 @@ class _Run:
             noise = self.measure(Observation(tuple(self.prompt_ids), teacher_force(
                 self.model, self.prompt_ids, golden.token_ids, tokenizer=self.tokenizer), golden.stop))
         elif golden is not None:
-            noise, noise_note = recorded_path_noise(ctx.goldens.sidecar_of(path), len(golden.steps))
+            noise, noise_note = recorded_path_noise(ctx.goldens.sidecar_of(path), len(golden.steps),
+                                                    gate=ctx.goldens.gate)
         self.golden = golden
         judgement, observed = None, None
         scored = self.scored_path(golden)
@@ -191,7 +194,9 @@ class _Run:
         if noise is None:
             return flat
         chosen = [step.logprob for step in self.golden.steps] if self.golden is not None else None
+        built_in = DEFAULT_TOLERANCES[self.ctx.variant.quant if self.ctx.variant else "fp16"]
         return recorded_allowance(noise, chosen_logprobs=chosen, overrides=flat if flat.where else None,
+                                  built_in=built_in,
                                   exact=self.spec.match == "exact",
                                   scale=CROSS_DEVICE_FACTOR if cross else 1.0,
                                   scale_label=CROSS_DEVICE_LABEL if cross else "")
@@ -278,29 +283,39 @@ def _parsed(data: Any) -> Observation | None:
         return None
 
 
-def recorded_path_noise(sidecar: Path | None, steps: int) -> tuple[PathNoise | None, str]:
-    """The noise record a golden's sidecar holds, or None with a note saying why it is judged with the defaults."""
+def recorded_path_noise(sidecar: Path | None, steps: int, *, gate: bool = False) -> tuple[PathNoise | None, str]:
+    """The noise record a golden's sidecar holds, or None with a note saying why it is judged with the defaults.
+
+    A record is a tolerance: outside a gate run, one that is missing, unreadable, above the cap
+    or not vouched for by its sidecar's sha256 falls back to the built-in defaults (said in a
+    note). A gate run does not judge with what it cannot trust, and the defaults can forgive
+    more than the record they stand in for, so there each of those is a ``GoldenError``.
+    """
+    __tracebackhide__ = True
     if sidecar is None:
         return None, ""  # a live reference: nothing was recorded
-    fallback = "judged with the built-in defaults"
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None, f"no sidecar, so no recorded noise: {fallback}; re-record with --snapshot-update"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"its sidecar does not parse ({type(exc).__name__}), so no recorded noise: {fallback}"
-    record = meta.get("path_noise") if isinstance(meta, dict) else None
-    if record is None:
-        return None, (f"its sidecar has no noise record (recorded before goldens carried their noise): {fallback}; "
-                      "re-record with --snapshot-update to judge it against its own noise")
-    try:
-        noise = PathNoise.from_json(record)
-    except NoiseRecordError as exc:
-        return None, f"its noise record cannot be read ({exc}): {fallback}; re-record with --snapshot-update"
-    if len(noise) != steps:
-        return None, (f"its noise record has {len(noise)} steps and the golden {steps} (the golden was replaced "
-                      f"without its sidecar?): {fallback}; re-record with --snapshot-update")
-    return noise, ""
+    record, untrusted = judged_record(sidecar, "path_noise", label="noise record",
+                                      missing=" (recorded before goldens carried their noise)")
+    problem = untrusted
+    noise = None
+    if record is not None and problem is None:
+        try:
+            noise = PathNoise.from_json(record)
+        except NoiseRecordError as exc:
+            problem = f"its noise record cannot be read ({exc})"
+    if noise is not None and len(noise) != steps:
+        problem = (f"its noise record has {len(noise)} steps and the golden {steps} (the golden was replaced "
+                   "without its sidecar?)")
+    if problem is None:
+        return noise, ""
+    if gate:
+        raise GoldenError(
+            f"Golden sidecar {sidecar} is not vouched for as this gate run's tolerance: {problem}. The noise record "
+            "is the golden's tolerance, and a gate does not judge with one it cannot trust (nor with the built-in "
+            "defaults in its place, which may forgive more). Fix: record the golden with --snapshot-update, which "
+            "writes its noise record and that record's sha256, review and commit both; or restore the sidecar "
+            "from version control.")
+    return None, f"{problem}: judged with the built-in defaults; re-record with --snapshot-update"
 
 
 def describe(tol: Tolerance | Allowance) -> str:

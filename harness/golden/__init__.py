@@ -29,7 +29,7 @@ from harness.golden.layout import (
 from harness.golden.mismatch import Explain, describe_difference, explained, shape_problem
 from harness.golden.owners import OWNER_KEY, SuiteOwners
 from harness.golden.sidecars import (
-    SHA_KEY, orphan_sidecars, provenance_lines, remove_orphan_sidecars, sidecar_problem, stale_sidecars, tree_report,
+    SHA_KEY, judged_record, orphan_sidecars, provenance_lines, remove_orphan_sidecars, sidecar_problem, stale_sidecars, tree_report,
     trust_problem,
 )
 from harness.golden.store import GoldenStore, Judge
@@ -37,7 +37,7 @@ from harness.names import META_SUFFIX, SAFE_NAME, check_id_problem, name_problem
 
 __all__ = [
     "META_SUFFIX", "OWNER_KEY", "SAFE_NAME", "SHA_KEY", "SuiteOwners", "TOKENIZER_SCOPE", "Explain", "GoldenStore", "Judge", "SuiteNames",
-    "atomic_write", "check_id_problem", "contained", "describe_difference", "dumps", "explained", "golden_path",
+    "atomic_write", "check_id_problem", "contained", "describe_difference", "dumps", "explained", "golden_path", "judged_record",
     "leftover_temp_files", "meta_path", "name_problem", "nearest_class", "normalize", "overlap_problem",
     "provenance_lines", "remove_leftover_temp_files", "sha256_text", "shape_problem", "sidecar_problem",
     "stale_sidecars", "tree_report", "write_error", "orphan_sidecars", "remove_orphan_sidecars", "trust_problem",

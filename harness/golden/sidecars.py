@@ -18,6 +18,50 @@ from harness.names import META_SUFFIX
 from harness.provenance import describe_changes
 
 SHA_KEY = "golden_sha256"
+# Records in a sidecar that a comparison judges with (a greedy golden's recorded noise): each is
+# vouched for by its own sha256 next to it, as the golden is by ``SHA_KEY``.
+JUDGED_RECORDS = ("path_noise",)
+
+
+def record_sha_key(name: str) -> str:
+    return f"{name}_sha256"
+
+
+def record_sha256(record: Any) -> str:
+    """The sha256 of a sidecar record in a canonical JSON form (what a JSON round trip keeps)."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def with_record_hashes(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the sha256 of each judged record it holds: what an update writes."""
+    return {**meta, **{record_sha_key(name): record_sha256(meta[name]) for name in JUDGED_RECORDS if name in meta}}
+
+
+def judged_record(sidecar: Path, name: str, *, label: str = "", missing: str = "") -> tuple[Any, str | None]:
+    """The record ``name`` of a sidecar, and why it is not vouched for (None when its sha256 matches).
+
+    The record is None where the sidecar or the record is missing or unreadable (the reason
+    says which); a record whose sha256 is absent or another one's was not written with it
+    by ``--snapshot-update`` (an older harness, or a hand edit).
+    """
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"there is no sidecar, so no {label or name}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"its sidecar does not parse ({type(exc).__name__})"
+    label = label or f"{name} record"
+    if not isinstance(meta, dict) or meta.get(name) is None:
+        return None, f"its sidecar has no {label}{missing}"
+    recorded = meta.get(record_sha_key(name))
+    if recorded is None:
+        return meta[name], (f"its sidecar names no {record_sha_key(name)}, so nothing vouches for its {label} "
+                            "(recorded by an older harness, or the field was removed)")
+    if recorded != _sha_or_none(meta[name]):
+        return meta[name], (f"its {label} is not the one its sidecar's {record_sha_key(name)} vouches for "
+                            "(edited by hand?)")
+    return meta[name], None
 
 
 def stale_sidecars(root: Path) -> list[tuple[Path, str]]:
@@ -50,7 +94,18 @@ def sidecar_problem(golden: Path, sidecar: Path) -> str | None:
     recorded = meta.get(SHA_KEY)
     if recorded is not None and recorded != hashlib.sha256(data).hexdigest():
         return "describes another version of its golden (an update was interrupted, or it was edited)"
+    for name in JUDGED_RECORDS:  # a record whose sha256 is absent is an older harness's, not an edit
+        vouched = meta.get(record_sha_key(name))
+        if vouched is not None and (name not in meta or _sha_or_none(meta[name]) != vouched):
+            return f"holds another {name} record than the one its {record_sha_key(name)} names (it was edited)"
     return None
+
+
+def _sha_or_none(record: Any) -> str | None:
+    try:
+        return record_sha256(record)
+    except ValueError:  # a non-finite number: not what an update writes
+        return None
 
 
 def orphan_sidecars(root: Path) -> list[Path]:
@@ -67,14 +122,19 @@ def remove_orphan_sidecars(root: Path) -> list[Path]:
 
 
 def trust_problem(golden: Path) -> str | None:
-    """Why ``golden``'s content is not vouched for by its sidecar (missing, or naming another sha256), or None.
-
-    A sidecar written by an older harness, without a sha256, vouches for nothing and is not held against it.
+    """Why ``golden``'s content is not vouched for by its sidecar (missing, without a sha256, or naming
+    another one), or None. A gate run judges only against vouched goldens: a sidecar without a
+    sha256 (an older harness wrote it, or the field was deleted) vouches for nothing.
     """
     sidecar = meta_path(golden)
     if not sidecar.exists():
         return f"it has no sidecar ({sidecar.name}), which --snapshot-update always writes with it"
     problem = sidecar_problem(golden, sidecar)
+    if problem is None:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        if meta.get(SHA_KEY) is None:
+            problem = (f"names no {SHA_KEY}, so it vouches for no version of its golden (written by an older "
+                       "harness, or the field was removed)")
     return None if problem is None else f"its sidecar {sidecar.name} {problem}"
 
 

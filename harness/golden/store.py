@@ -22,7 +22,7 @@ from harness.golden.files import atomic_write, dumps, normalize, sha256_text, wr
 from harness.golden.layout import TOKENIZER_SCOPE, contained, golden_path, meta_path, nearest_class, overlap_problem
 from harness.golden.mismatch import Explain, explained, shape_problem
 from harness.golden.owners import OWNER_KEY, SuiteOwners, owner_key
-from harness.golden.sidecars import SHA_KEY, provenance_lines, trust_problem
+from harness.golden.sidecars import SHA_KEY, provenance_lines, trust_problem, with_record_hashes
 
 # ``judge(expected, actual) -> bool``: the same behaviour up to noise (default: equal after JSON round trip)
 Judge = Callable[[Any, Any], bool]
@@ -217,7 +217,8 @@ class GoldenStore:
 
     def _meta(self, golden_sha: str, provenance_extra: dict[str, Any] | None,
               sidecar: dict[str, Any] | None = None) -> str:
-        return dumps({**(sidecar or {}), **self.provenance, **(provenance_extra or {}), SHA_KEY: golden_sha})
+        return dumps(with_record_hashes({**(sidecar or {}), **self.provenance, **(provenance_extra or {}),
+                                         SHA_KEY: golden_sha}))
 
     def _refresh_meta(self, path: Path, provenance_extra: dict[str, Any] | None,
                       sidecar: dict[str, Any] | None = None) -> None:
