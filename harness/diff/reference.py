@@ -42,6 +42,9 @@ class _LiveStore:
     """What a check asks of its golden store, without a golden folder: records are keyed, never files."""
 
     update: bool = False
+    # a live record has no sidecar and no recorded noise: nothing a gate could refuse to trust, so the
+    # built-in rules judge it in a gate run as elsewhere
+    gate: bool = False
 
     def judged_against(self) -> str | None:
         return None
