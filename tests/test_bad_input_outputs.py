@@ -9,17 +9,16 @@ writes cannot be forgotten, since it fails the classification until it is tried 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from test_bad_input_writers import GOLDEN, _files, with_golden  # noqa: F401  (a fixture, used by name)
 
 from harness.outputs import (
     PYTEST_ERASED_OUTPUTS, PYTEST_OUTPUTS, PYTEST_PREFIX_OUTPUTS, LazyBinaryFile, LazyBenchmarkJson, opens_at_parse,
 )
 
-GOLDEN = "golden/smollm2-135m/cpu/fp16/gen/capital.json"
 
 # -- pytest: the harness group's options ----------------------------------------------------------------------
 HARNESS_READS = {  # options of the harness group that name no output (models, registries, selections, modes)
@@ -29,21 +28,6 @@ HARNESS_READS = {  # options of the harness group that name no output (models, r
 }
 HARNESS_OWN_RULE = {"--harness-obtained"}  # stricter: may not contain the golden folder either (golden.overlap_problem)
 PYTEST_WRITERS = {**PYTEST_OUTPUTS, **PYTEST_PREFIX_OUTPUTS, **PYTEST_ERASED_OUTPUTS}
-
-
-def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def with_golden(project):
-    project.suite("gen", "checks:\n  - {id: capital, kind: greedy, prompt: 'The capital of France is'}\n")
-    golden = project.path / GOLDEN
-    golden.parent.mkdir(parents=True)
-    golden.write_text('{"format": 2, "text": " Paris"}\n')
-    golden.with_name("capital.meta.json").write_text("{}\n")
-    return project
 
 
 def _pytest_options(pytester) -> dict[str, list[str]]:

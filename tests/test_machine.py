@@ -253,13 +253,7 @@ def test_the_report_header_names_the_numerics_and_what_the_goldens_differ_in():
 
 # -- one run on the real model (tokenizer goldens: no forward pass) ------------------------------
 
-TOK_SUITE = """
-suite: tok
-checks:
-  - id: short
-    kind: tokenization
-    texts: ["The quick brown fox.", "Hello world"]
-"""
+from test_report_paths import TOK_SUITE  # noqa: E402  (the same one-check tokenizer suite)
 
 
 def test_a_run_records_its_numerics_and_reports_them_beside_the_goldens(project):

@@ -28,11 +28,11 @@ from harness.checks.budgets import (
 )
 from harness.errors import CheckFailure
 from harness.measure import (
-    MIB, PeakMemory, measure_peak, measure_tensor_peak, mib, nf4_estimate, parallel_conflict, parallel_note, quant_state_bytes,
-    run_workload,
+    MIB, PeakMemory, measure_peak, measure_tensor_peak, mib, nf4_estimate, parallel_conflict, parallel_note,
+    quant_state_bytes, run_workload,
 )
-from harness.variants import VariantSpec
 from harness.quantized import describe_layouts
+from harness.variants import VariantSpec
 
 if TYPE_CHECKING:
     from harness.devices import Device
