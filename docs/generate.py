@@ -1,5 +1,5 @@
 """Regenerate the examples in docs/ and README.md from real runs of the current code, and the suite
-reference (docs/suites.md, harness/suite.schema.json) from its spec classes.
+reference (docs/suites.md, harness/suites/suite.schema.json) from its spec classes.
 
     python docs/generate.py                          # every part (several minutes on a CPU)
     python docs/generate.py --only failure-example   # one part; repeat --only for more
@@ -43,12 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # this checkout's harness, not an installed one
 
-from harness.display import relative_paths  # noqa: E402
+from harness.report.display import relative_paths  # noqa: E402
 
 END_MARKER = "<!-- end generated -->"
 # absolute paths that belong to one machine, whoever made the example (a last guard)
 MACHINE_PATH = re.compile(r"(?<![\w.~/\\-])(/(home|root|tmp|Users|private|var|mnt|opt|srv|work)/|[A-Z]:\\)")
-# the constructed regression of the failure example and the model diff (harness.regressions):
+# the constructed regression of the failure example and the model diff (harness.calibrate.regressions):
 # Gaussian noise of 5 % of each weight matrix's std on the middle decoder layer
 REGRESSION = "weights:0.05"
 FAILURE_CHECK, FAILURE_VARIANT = "capital-raw", "fp16"
@@ -107,7 +107,7 @@ def machine_free(text: str, *, roots: list[Path], what: str) -> str:
     home = str(Path.home())
     if Path(home).parent != Path(home):
         text = re.sub(r"(?<![\w.~/\\-])" + re.escape(home) + r"(?=[/\\])", "~", text)
-    from harness.sources import cache_dir
+    from harness.models.sources import cache_dir
 
     cache = str(cache_dir())
     text = text.replace(cache, "$HARNESS_CACHE")  # a cache outside the home folder (HARNESS_CACHE set)
@@ -156,8 +156,8 @@ def pytest_argv(*args: str) -> list[str]:
 
 def default_model() -> tuple[str, Path, dict[str, object]]:
     """The registry's default model: its name, its local folder, its registry settings."""
-    from harness.registry import load_registry
-    from harness.sources import resolve
+    from harness.models.registry import load_registry
+    from harness.models.sources import resolve
 
     registry = load_registry(REPO / "models.yaml")
     resolved = resolve(None, registry=registry, rootdir=REPO)
@@ -176,7 +176,7 @@ def link_folder(src: Path, dst: Path) -> Path:
 
 
 def regressed_copy(model: Path, workdir: Path) -> Path:
-    from harness.regressions import apply, parse
+    from harness.calibrate.regressions import apply, parse
 
     (regression,) = parse(REGRESSION)
     folder, _ = apply(regression, model=model, adapter=None, workdir=workdir)
@@ -280,8 +280,8 @@ def model_diff(ctx: Context) -> list[Path]:
 
 
 def suite_reference(ctx: Context) -> list[Path]:
-    """docs/suites.md and harness/suite.schema.json, from the spec classes (no model, no run)."""
-    from harness.suite_reference import SCHEMA_PATH, reference_markdown, schema_text
+    """docs/suites.md and harness/suites/suite.schema.json, from the spec classes (no model, no run)."""
+    from harness.suites.reference import SCHEMA_PATH, reference_markdown, schema_text
 
     targets = {ctx.docs_root / "docs" / "suites.md": reference_markdown(),
                ctx.docs_root / SCHEMA_PATH.relative_to(REPO): schema_text()}
@@ -292,7 +292,7 @@ def suite_reference(ctx: Context) -> list[Path]:
 
 
 PARTS: dict[str, tuple[Callable[[Context], list[Path]], str]] = {
-    "suite-reference": (suite_reference, "docs/suites.md and harness/suite.schema.json: every kind and key, "
+    "suite-reference": (suite_reference, "docs/suites.md and harness/suites/suite.schema.json: every kind and key, "
                                          "from the spec classes (seconds; no model)"),
     "failure-example": (failure_example, "README.md and docs/gate.md blocks: a greedy golden failing on a "
                                          f"constructed regression ({REGRESSION}, {FAILURE_CHECK}[{FAILURE_VARIANT}])"),

@@ -39,16 +39,16 @@ def main() -> None:
 def report(model_name: str | None) -> str:
     from harness.checks.consistency import Prompt
     from harness.checks.lora_merge import adapter_effect, judge_path
-    from harness.checks.prompts import Message, encode_prompt
-    from harness.compare import NoiseModel
-    from harness.devices import pick_device
-    from harness.observation import observe_greedy
-    from harness.pool import ModelPool
-    from harness.provenance import library_versions
-    from harness.quantized import MERGE_PATH_NAMES, MERGE_PATHS
-    from harness.registry import load_registry
-    from harness.sources import resolve
-    from harness.variants import VariantSpec
+    from harness.observe.prompts import Message, encode_prompt
+    from harness.judge.compare import NoiseModel
+    from harness.models.devices import pick_device
+    from harness.observe.observation import observe_greedy
+    from harness.models.pool import ModelPool
+    from harness.models.provenance import library_versions
+    from harness.models.quantized import MERGE_PATH_NAMES, MERGE_PATHS
+    from harness.models.registry import load_registry
+    from harness.models.sources import resolve
+    from harness.models.variants import VariantSpec
 
     root = Path(__file__).resolve().parents[1]
     resolved = resolve(model_name, registry=load_registry(root / "models.yaml"), rootdir=root, adapter=None,
@@ -123,7 +123,7 @@ def rounding_figures(model: object) -> dict[str, float]:
     import torch
     from peft.tuners.lora import LoraLayer
 
-    from harness.quantized import dequantized_weight, is_4bit
+    from harness.models.quantized import dequantized_weight, is_4bit
 
     layers = weights = changed = 0
     ratios: list[float] = []

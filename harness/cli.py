@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from harness.errors import HarnessError
-from harness.outputs import output_in_golden_problem
+from harness.report.outputs import output_in_golden_problem
 
 EXIT_OK = 0
 EXIT_FINDING = 1
@@ -162,10 +162,10 @@ def check_registry(value: str | Path, *, required: bool) -> Path:
 
 
 def check_adapter(flag: str, value: str | None) -> None:
-    """An adapter folder, checked without loading anything (see ``harness.pool.adapter_config``)."""
+    """An adapter folder, checked without loading anything (see ``harness.models.pool.adapter_config``)."""
     if value is None:
         return
-    from harness.pool import adapter_config
+    from harness.models.pool import adapter_config
 
     try:
         adapter_config(Path(value).expanduser())
@@ -178,7 +178,7 @@ def check_variants(value: str | None) -> None:
     """Known variant names only; whether an adapter exists for -lora ones is known after the registry."""
     if value is None:
         return
-    from harness.variants import ALL_KEYS
+    from harness.models.variants import ALL_KEYS
 
     names = [v.strip() for v in value.split(",") if v.strip()]
     if not names:
@@ -191,7 +191,7 @@ def check_variants(value: str | None) -> None:
 def check_attn(flag: str, value: str | None) -> None:
     if value is None:
         return
-    from harness.registry import check_attn_implementation
+    from harness.models.registry import check_attn_implementation
 
     try:
         check_attn_implementation(value)

@@ -1,4 +1,4 @@
-"""The pytest plugin: hooks and fixtures. Thin; the work happens elsewhere (options: ``harness.options``)."""
+"""The pytest plugin: hooks and fixtures. Thin; the work happens elsewhere (options: ``harness.run.options``)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.ci import in_ci
+from harness.run.ci import in_ci
 from harness.errors import HarnessError
-from harness.options import add_options, options_from_config
-from harness.outputs import LazyBenchmarkJson
-from harness.report import SessionRecord
-from harness.session import SESSION_KEY, HarnessSession, harness_state
+from harness.run.options import add_options, options_from_config
+from harness.report.outputs import LazyBenchmarkJson
+from harness.report.summary import SessionRecord
+from harness.run.session import SESSION_KEY, HarnessSession, harness_state
 
 if TYPE_CHECKING:
-    from harness.threads import ThreadShare
+    from harness.run.threads import ThreadShare
 
 _RECORD = pytest.StashKey[SessionRecord]()
 _THREADS = pytest.StashKey["ThreadShare | None"]()
@@ -29,7 +29,7 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     """An xdist worker takes its share of the cores before any conftest can import torch."""
-    from harness.threads import apply, worker_share
+    from harness.run.threads import apply, worker_share
 
     share = worker_share()
     if share is not None:
@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_Recorder(config.stash[_RECORD], config.stash[SESSION_KEY]), "harness-recorder")
     options = harness_state(config).options
     if options.result is not None and not hasattr(config, "workerinput"):  # the controller writes it, once
-        from harness.result import ResultWriter
+        from harness.report.result import ResultWriter
 
         config.pluginmanager.register(ResultWriter(config, options.result, shard=options.shard,
                                                    state=harness_state(config), record=config.stash[_RECORD]),
@@ -55,7 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    from harness.collect import SuiteFile, is_suite_file
+    from harness.run.collect import SuiteFile, is_suite_file
 
     if is_suite_file(file_path, parent):
         state = harness_state(parent.config)
@@ -80,20 +80,20 @@ def pytest_collection(session: pytest.Session) -> None:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order items so each variant loads once: model-level first, then variant by variant."""
-    from harness.collect import HarnessItem
+    from harness.run.collect import HarnessItem
 
     def order(item: pytest.Item) -> int:
         if isinstance(item, HarnessItem):
             return item.run_order
         spec = getattr(getattr(item, "callspec", None), "params", {}).get("variant")
-        from harness.variants import RUN_ORDER, VariantSpec
+        from harness.models.variants import RUN_ORDER, VariantSpec
 
         if isinstance(spec, VariantSpec):  # a user's own "variant" parameter may be anything
             return RUN_ORDER.index(spec.key)
         return -2
 
     items.sort(key=order)
-    from harness.shard import load_group
+    from harness.run.shard import load_group
 
     for item in items:
         if isinstance(item, HarnessItem):
@@ -110,7 +110,7 @@ def pytest_collection_modifyitems_shard(session: pytest.Session, config: pytest.
     options = harness_state(config).options
     if options.shard is None and options.result is None:
         return
-    from harness.shard import Shard, plan
+    from harness.run.shard import Shard, plan
 
     kept, dropped, record = plan(items, options.shard or Shard(1, 1), rootdir=Path(config.rootpath))
     config.stash[_RECORD].plan = record
@@ -198,7 +198,7 @@ def tokenizer(harness_session: HarnessSession) -> Any:
 @pytest.fixture
 def model(harness_session: HarnessSession, variant: Any) -> Any:
     """The model loaded in the current ``variant`` (loaded once per session per variant)."""
-    from harness.pool import VariantUnavailable
+    from harness.models.pool import VariantUnavailable
 
     try:
         return harness_session.pool.get(variant).model
@@ -282,7 +282,7 @@ def _warn_unpinned(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from harness.report import _pool_loads, markdown
+    from harness.report.summary import _pool_loads, markdown
 
     config = session.config
     state, record = harness_state(config), config.stash[_RECORD]
@@ -291,7 +291,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             config.workeroutput["harness_loads"] = _pool_loads(state._pool)
         share = config.stash.get(_THREADS, None)
         if share is not None:
-            from harness.threads import torch_threads
+            from harness.run.threads import torch_threads
 
             config.workeroutput["harness_threads"] = {"share": share.as_dict(), "torch": torch_threads()}
         config.workeroutput["harness_unselected"] = list(state.unselected)
@@ -323,7 +323,7 @@ def _empty_shard(state: HarnessSession, record: SessionRecord, session: pytest.S
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    from harness.report import budget_section, terminal_summary, unjudged_section
+    from harness.report.summary import budget_section, terminal_summary, unjudged_section
 
     state, record = harness_state(config), config.stash[_RECORD]
     terminal_summary(terminalreporter, state, record)
@@ -344,9 +344,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 def _golden_folder_summary(terminalreporter: Any, state: HarnessSession, record: SessionRecord,
                            config: pytest.Config, exitstatus: int) -> None:
-    from harness.display import relative_paths, shown_path
+    from harness.report.display import relative_paths, shown_path
     from harness.golden import tree_report
-    from harness.report import unused_goldens
+    from harness.report.summary import unused_goldens
 
     if state.removed_temp_files:
         terminalreporter.write_line(f"removed {len(state.removed_temp_files)} leftover temporary files of "

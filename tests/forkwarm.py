@@ -26,11 +26,11 @@ import transformers.models.llama.modeling_llama  # noqa: F401
 import yaml  # noqa: F401
 
 import harness.checks  # noqa: F401
-import harness.collect  # noqa: F401
+import harness.run.collect  # noqa: F401
 import harness.plugin  # noqa: F401
-import harness.pool  # noqa: F401
-import harness.report  # noqa: F401
-import harness.result  # noqa: F401
-import harness.session  # noqa: F401
+import harness.models.pool  # noqa: F401
+import harness.report.summary  # noqa: F401
+import harness.report.result  # noqa: F401
+import harness.run.session  # noqa: F401
 
 gc.freeze()

@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from harness.allowance import (
+from harness.judge.allowance import (
     FACTOR, NoiseRecordError, PathNoise, flat_allowance, flip_budget, recorded_allowance, ulp,
 )
-from harness.compare import Observation, Step, compare, top2_margin
-from harness.flip_budget import FlipLedger, flips_property
-from harness.tolerance import MAX_NATS, NoiseModel, Tolerance, ToleranceSpec, layered
+from harness.judge.compare import Observation, Step, compare, top2_margin
+from harness.judge.flips import FlipLedger, flips_property
+from harness.judge.tolerance import MAX_NATS, NoiseModel, Tolerance, ToleranceSpec, layered
 
 
 def step(token: int, lp: float, *alts: tuple[int, float]) -> Step:

@@ -152,13 +152,13 @@ def test_tokenizer_without_pad_and_template_and_a_short_context(project, embedde
 def test_out_of_memory_in_one_variant_does_not_stop_the_others(recorded):
     before = _snapshot(recorded.golden)
     (recorded.path / "conftest.py").write_text(
-        "import torch, harness.pool\n"
-        "_real = harness.pool.ModelPool._from_pretrained\n"
+        "import torch, harness.models.pool\n"
+        "_real = harness.models.pool.ModelPool._from_pretrained\n"
         "def _load(self, variant):\n"
         "    if variant.key == 'fp16':\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 MiB')\n"
         "    return _real(self, variant)\n"
-        "harness.pool.ModelPool._from_pretrained = _load\n"
+        "harness.models.pool.ModelPool._from_pretrained = _load\n"
     )
     result = recorded.run("--variants", "fp16,fp16-lora", "-p", "no:randomly")
     result.assert_outcomes(passed=2, failed=2)

@@ -11,7 +11,7 @@ import pytest
 from conftest import suite_error
 from harness.checks import get_check, known_kinds
 from harness.errors import SuiteError
-from harness.spec import load_suite
+from harness.suites.spec import load_suite
 
 # (suite text, words the one-paragraph error must contain)
 REFUSED = {

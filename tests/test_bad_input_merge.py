@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.merge import main as merge_main
-from harness.result import read_result, schema_problem
+from harness.report.merge import main as merge_main
+from harness.report.result import read_result, schema_problem
 
 TESTS = {"test_a.py": "def test_a1():\n    pass\n\ndef test_a2():\n    pass\n",
          "test_b.py": "def test_b():\n    pass\n"}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from harness.errors import AdapterError, ModelNotFoundError
-from harness.pool import adapter_config, load_adapter
+from harness.models.pool import adapter_config, load_adapter
 
 
 def _tiny_base() -> Any:
@@ -116,8 +116,8 @@ def test_example_an_attention_kernel_from_the_environment_names_the_variable(pro
 
 
 def test_example_a_reference_not_found_offline_suggests_reference_path(tmp_path, monkeypatch):
-    from harness.registry import Registry
-    from harness.sources import resolve
+    from harness.models.registry import Registry
+    from harness.models.sources import resolve
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import CAPITAL_SUITE, REPO, scale_weight
-from harness.allowance import NoiseRecordError, PathNoise, widened_by_record
+from harness.judge.allowance import NoiseRecordError, PathNoise, widened_by_record
 from harness.checks.greedy import recorded_path_noise
 from harness.errors import GoldenError
 from harness.golden import GoldenStore, judged_record, meta_path, trust_problem
 from harness.golden.sidecars import record_sha256
-from harness.tolerance import DEFAULT_TOLERANCES
+from harness.judge.tolerance import DEFAULT_TOLERANCES
 
 RECORD = {
     "version": 1, "conditions": ["no KV cache (one forward)", "attention kernel sdpa vs eager"],

@@ -1,5 +1,5 @@
 """Bad input, outputs: every option of every command that writes a file or folder goes through the one rule
-that keeps the golden folder out of reach (``harness.outputs.output_in_golden_problem``).
+that keeps the golden folder out of reach (``harness.report.outputs.output_in_golden_problem``).
 
 The options are enumerated from the parsers themselves (pytest's ``harness`` group, each console tool's
 argparse parser), and each must be classified here as a writer or as not writing: a new option that
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_bad_input_writers import GOLDEN, _files, with_golden  # noqa: F401  (a fixture, used by name)
 
-from harness.outputs import (
+from harness.report.outputs import (
     PYTEST_ERASED_OUTPUTS, PYTEST_OUTPUTS, PYTEST_PREFIX_OUTPUTS, LazyBinaryFile, LazyBenchmarkJson, opens_at_parse,
 )
 
@@ -43,7 +43,7 @@ def test_every_option_of_the_harness_group_is_classified(pytester):
     writers = harness & set(PYTEST_WRITERS)
     unclassified = harness - writers - HARNESS_READS - HARNESS_OWN_RULE
     assert not unclassified, (f"{sorted(unclassified)}: a new harness option; if it writes a file or folder, add it "
-                              "to harness.outputs.PYTEST_OUTPUTS (then it is checked and tried below), else to "
+                              "to harness.report.outputs.PYTEST_OUTPUTS (then it is checked and tried below), else to "
                               "HARNESS_READS here")
     assert writers == {"--harness-report", "--harness-result", "--offload-folder"}
 
@@ -141,10 +141,10 @@ def test_the_lazy_file_is_also_a_path(tmp_path):
 
 # -- the console tools ----------------------------------------------------------------------------------------
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    from harness.bench import _parser as bench
-    from harness.calibrate import _parser as calibrate
+    from harness.bench.run import _parser as bench
+    from harness.calibrate.run import _parser as calibrate
     from harness.diff.cli import _parser as diff
-    from harness.merge import _parser as merge
+    from harness.report.merge import _parser as merge
 
     report = merge()
     sub = next(a for a in report._actions if isinstance(a, argparse._SubParsersAction))
@@ -217,10 +217,10 @@ def test_every_argument_of_every_tool_is_classified(tool):
 
 
 def _run_tool(tool: str, args: list[str]) -> int:
-    from harness.bench import main as bench
-    from harness.calibrate import main as calibrate
+    from harness.bench.run import main as bench
+    from harness.calibrate.run import main as calibrate
     from harness.diff.cli import main as diff
-    from harness.merge import main as merge
+    from harness.report.merge import main as merge
 
     try:
         if tool == "harness-report merge":

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-import harness.bench as bench
-import harness.calibrate as calibrate
+import harness.bench.run as bench
+import harness.calibrate.run as calibrate
 import harness.diff.cli as diff_cli
 import harness.diff.run as diff_run
 
@@ -141,7 +141,7 @@ def test_an_unexpected_error_exits_3_in_one_paragraph(workdir, capsys, monkeypat
 
 def test_calibrate_never_recommends_a_tolerance_a_suite_would_refuse(workdir, capsys, monkeypatch):
     """Recommendations go through the suites' own tolerance model and bound; a refused one is not printed."""
-    from harness.bounds import MAX_TOLERANCE_NATS, tolerance_problem
+    from harness.judge.bounds import MAX_TOLERANCE_NATS, tolerance_problem
 
     assert tolerance_problem({"mean_abs_dlogp": 0.02, "max_abs_dlogp": 0.1, "tie_gap": 0.3, "max_margin_shift": 0.3}) is None
     assert "above 5 nats" in tolerance_problem({"mean_abs_dlogp": 0.02, "max_abs_dlogp": 0.1, "tie_gap": 1600.0,

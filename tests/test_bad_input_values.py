@@ -11,9 +11,9 @@ import pytest
 
 from conftest import suite_error
 from harness.errors import SuiteError
-from harness.placement import check_max_memory, parse_max_memory
-from harness.registry import load_registry
-from harness.shard import MAX_SHARDS, Shard
+from harness.models.placement import check_max_memory, parse_max_memory
+from harness.models.registry import load_registry
+from harness.run.shard import MAX_SHARDS, Shard
 
 GEN = "checks:\n  - {id: capital, kind: greedy, prompt: 'The capital of France is', max_new_tokens: 2}\n"
 
@@ -74,7 +74,7 @@ def test_a_schema_whose_ref_never_ends_is_a_suite_error(tmp_path, schema):
     pytest.param('{$defs: {n: {type: integer}}, $ref: "#/$defs/n"}', id="a reference to a definition"),
 ])
 def test_a_recursive_schema_that_descends_is_accepted(tmp_path, schema):
-    from harness.spec import load_suite
+    from harness.suites.spec import load_suite
 
     path = tmp_path / "ok.yaml"
     path.write_text(_expect(schema))

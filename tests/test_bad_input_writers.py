@@ -14,7 +14,7 @@ import pytest
 
 from harness.errors import GoldenError
 from harness.golden import GoldenStore, meta_path, remove_orphan_sidecars, trust_problem
-from harness.outputs import LazyBinaryFile, output_in_golden_problem, strict_json
+from harness.report.outputs import LazyBinaryFile, output_in_golden_problem, strict_json
 
 GOLDEN = "golden/smollm2-135m/cpu/fp16/gen/capital.json"
 TOKENIZER_SUITE = """
@@ -105,8 +105,8 @@ def test_out_of_a_tool_inside_the_golden_folder_is_refused_before_a_model_loads(
 
 
 def _tool(tool: str):
-    from harness.bench import main as bench
-    from harness.calibrate import main as calibrate
+    from harness.bench.run import main as bench
+    from harness.calibrate.run import main as calibrate
     from harness.diff.cli import main as diff
 
     return {"harness-diff": diff, "harness-calibrate": calibrate, "harness-bench": bench}[tool]

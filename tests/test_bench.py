@@ -14,7 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_bench_writes_table_json_and_chart(tmp_path: Path, embedded_model_dir: Path) -> None:
     out = tmp_path / "bench-out"
     cmd = [
-        sys.executable, "-m", "harness.bench", "--registry", str(ROOT / "models.yaml"),
+        sys.executable, "-m", "harness.bench.run", "--registry", str(ROOT / "models.yaml"),
         "--variants", "fp16,nf4", "--device", "cpu", "--out", str(out),
         "--prompt-tokens", "8", "--new-tokens", "3", "--rounds", "1", "--warmup", "0",
         "--workload-tokens", "2", "--workload-batch", "1", "--drift-tokens", "3",
@@ -56,7 +56,7 @@ def test_bench_writes_table_json_and_chart(tmp_path: Path, embedded_model_dir: P
 
 
 def test_report_renders_an_unavailable_variant_and_a_gpu_label(tmp_path: Path) -> None:
-    from harness.bench import render_markdown, write_outputs
+    from harness.bench.run import render_markdown, write_outputs
 
     report = {
         "model": "m", "source": "s", "revision": None, "model_fingerprint": "f", "adapter": None,
@@ -89,7 +89,7 @@ def test_report_renders_an_unavailable_variant_and_a_gpu_label(tmp_path: Path) -
 
 def test_a_variant_that_failed_to_load_fails_the_bench(tmp_path: Path, monkeypatch) -> None:
     """A platform without NF4 is reported; a broken load is reported *and* exits non-zero."""
-    import harness.bench as bench
+    import harness.bench.run as bench
 
     def report(status: str) -> dict:
         return {"variants": [{"variant": "nf4", "error": "x", "status": status}]}

@@ -64,8 +64,8 @@ def _fresh_lora(out: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from harness.registry import load_registry
-    from harness.sources import resolve
+    from harness.models.registry import load_registry
+    from harness.models.sources import resolve
 
     resolved = resolve(None, registry=load_registry(ROOT / "models.yaml"), rootdir=ROOT)
     model = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32)
@@ -210,13 +210,13 @@ def test_savings_relative_to_the_expectation_catch_a_layer_left_unquantized(proj
               - {variant: nf4, reference: fp16, metric: weights, of_expected: 0.95, max_of_expected: 1.05}
     """)
     (project.path / "conftest.py").write_text(
-        "import harness.pool\n"
-        "_config = harness.pool.nf4_config\n"
+        "import harness.models.pool\n"
+        "_config = harness.models.pool.nf4_config\n"
         "def _leave_o_proj():\n"
         "    config = _config()\n"
         "    config.llm_int8_skip_modules = ['o_proj', 'lm_head']\n"
         "    return config\n"
-        "harness.pool.nf4_config = _leave_o_proj\n"
+        "harness.models.pool.nf4_config = _leave_o_proj\n"
     )
     result = _run(project, "--variants", "fp16,nf4")
     result.assert_outcomes(failed=1, skipped=1)
@@ -416,7 +416,7 @@ def test_nf4_estimate_counts_linear_layers_not_the_head() -> None:
 ], ids=["neither", "both", "not-nf4", "peak", "max-alone"])
 def test_savings_entries_say_what_they_compare(tmp_path: Path, entry: str, message: str) -> None:
     from harness.errors import SuiteError
-    from harness.spec import load_suite
+    from harness.suites.spec import load_suite
 
     path = tmp_path / "suites" / "bad.yaml"
     path.parent.mkdir()
@@ -428,7 +428,7 @@ def test_savings_entries_say_what_they_compare(tmp_path: Path, entry: str, messa
 
 
 def test_budget_lookup_prefers_the_exact_device_class_of_the_model() -> None:
-    from harness.checks.budgets import budget_for, device_keys
+    from harness.judge.budgets import budget_for, device_keys
 
     assert device_keys("cuda-sm90") == ["cuda-sm90", "cuda", "any"]
     table = {"m": {"cuda": {"nf4": 1}, "cuda-sm90": {"nf4": 2}, "any": {"fp16": 3}}, "other": {"cpu": {"nf4": 4}}}
@@ -442,7 +442,7 @@ def test_budget_lookup_prefers_the_exact_device_class_of_the_model() -> None:
 def test_peak_memory_refuses_shared_gpus_under_xdist(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from harness.devices import Device
+    from harness.models.devices import Device
     from harness.measure import parallel_conflict, parallel_note
 
     gpu = Device("cuda:0", "cuda-sm90", "NVIDIA H100 (cuda:0)")
@@ -460,7 +460,7 @@ def test_peak_memory_refuses_shared_gpus_under_xdist(monkeypatch: pytest.MonkeyP
 
 
 def test_rss_sampler_sees_a_transient_allocation() -> None:
-    from harness.devices import Device
+    from harness.models.devices import Device
     from harness.measure import measure_peak
 
     def allocate() -> int:
@@ -496,7 +496,7 @@ def test_rss_sampler_sees_a_transient_allocation() -> None:
         "empty-throughput-budget", "empty-drift-budget"])
 def test_budget_specs_are_validated(tmp_path: Path, kind: str, fragment: str, message: str) -> None:
     from harness.errors import SuiteError
-    from harness.spec import load_suite
+    from harness.suites.spec import load_suite
 
     path = tmp_path / "suites" / "bad.yaml"
     path.parent.mkdir()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.compare import Tolerance
+from harness.judge.compare import Tolerance
 from harness.errors import SuiteError
-from harness.noise import Noise, judge, measure, recommend
-from harness.observation import Observation, Step
-from harness.registry import load_registry
+from harness.judge.noise import Noise, judge, measure, recommend
+from harness.observe.observation import Observation, Step
+from harness.models.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,11 +92,11 @@ def test_registry_attn_implementation_is_validated_with_a_suggestion(tmp_path):
 
 # -- on the real embedded model -------------------------------------------------------------------
 def test_pool_loads_the_requested_kernel_and_the_option_overrides_the_registry(embedded_model_dir):
-    from harness.devices import pick_device
-    from harness.pool import ModelPool
-    from harness.registry import ModelEntry
-    from harness.sources import ResolvedModel
-    from harness.variants import VariantSpec
+    from harness.models.devices import pick_device
+    from harness.models.pool import ModelPool
+    from harness.models.registry import ModelEntry
+    from harness.models.sources import ResolvedModel
+    from harness.models.variants import VariantSpec
 
     entry = ModelEntry(path=str(embedded_model_dir), attn_implementation="eager")
     resolved = ResolvedModel("m", embedded_model_dir, entry, "test", None)
@@ -123,7 +123,7 @@ def test_goldens_record_the_kernel_and_a_bad_option_is_a_usage_error(project):
 
 
 def test_calibration_recommends_a_tolerance_the_suite_takes_and_passes_under_eager(project):
-    from harness.calibrate import main
+    from harness.calibrate.run import main
 
     suite = project.suite("cal", CAPITAL_SUITE)
     out = project.path / "calib"
@@ -148,7 +148,7 @@ def test_calibration_recommends_a_tolerance_the_suite_takes_and_passes_under_eag
 
 
 def test_calibration_runs_on_another_architecture(embedded_model_dir, tmp_path, capsys):
-    from harness.calibrate import main
+    from harness.calibrate.run import main
 
     spec = importlib.util.spec_from_file_location("other_model", REPO / "tests" / "test_other_model.py")
     module = importlib.util.module_from_spec(spec)

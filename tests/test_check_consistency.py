@@ -164,7 +164,7 @@ def test_tolerance_override_reaches_the_engine():
     import types
 
     from harness.checks.consistency import tolerance_for
-    from harness.variants import VariantSpec
+    from harness.models.variants import VariantSpec
 
     spec = CacheSpec.model_validate({"id": "x", "kind": "cache",
                                      "tolerance": {"tie_gap": 0.2, "nf4": {"tie_gap": 0.6, "mean_abs_dlogp": 0.5}}})
@@ -209,7 +209,7 @@ def test_judge_run_decodes_only_where_the_one_pass_verdict_fails(monkeypatch):
     behaviour is under test, only which runs the judgement makes)."""
     import harness.checks.consistency as consistency
     from harness.checks.consistency import Prompt, greedy, judge_run
-    from harness.compare import Tolerance, sides
+    from harness.judge.compare import Tolerance, sides
 
     import types
 

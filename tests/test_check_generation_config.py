@@ -7,7 +7,7 @@ import json
 import pytest
 
 from harness.checks.generation_config import GenerationConfigSpec, explain_settings
-from harness.generation_settings import effective_generation_settings
+from harness.models.generation_settings import effective_generation_settings
 
 SUITE = """
 suite: gen
@@ -68,7 +68,7 @@ def test_spec_refuses_unknown_ignored_setting():
 def test_greedy_settings_are_a_filter_of_what_generate_resolves():
     from transformers import GenerationConfig
 
-    from harness.generation_settings import GREEDY_SETTINGS, SETTINGS, greedy_settings
+    from harness.models.generation_settings import GREEDY_SETTINGS, SETTINGS, greedy_settings
 
     assert set(GREEDY_SETTINGS) <= set(SETTINGS)
     assert greedy_settings(GenerationConfig(eos_token_id=2)) == {"eos_token_id": [2]}
@@ -84,8 +84,8 @@ def test_a_greedy_golden_fails_on_a_changed_generation_setting_naming_it():
     from types import SimpleNamespace
 
     from harness.checks.greedy import GoldenJudgement, golden_record
-    from harness.compare import NoiseModel
-    from harness.observation import Observation, Step
+    from harness.judge.compare import NoiseModel
+    from harness.observe.observation import Observation, Step
 
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "".join(f"<{i}>" for i in ids))
     observed = Observation(prompt_ids=(1,), steps=(Step(5, -0.1, ((5, -0.1), (6, -2.5))),), stop="length")

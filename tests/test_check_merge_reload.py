@@ -219,7 +219,7 @@ def test_on_the_cpu_packed_layout_the_verdict_holds_and_peft_merging_it_is_a_pla
     model and adapter get the plain layout's verdict, and peft's merge of the layout as loaded is reported."""
     monkeypatch.setenv("HARNESS_4BIT_LAYOUT", "cpu-packed")
     project.suite("paths", NF4_PATHS.replace("{max_adapter_lost: 0.5}", "{max_adapter_lost: 1}"))
-    result = project.run("--variants", "nf4-lora", "-p", "harness.cpu_packed", "-W", "default", subprocess=True)
+    result = project.run("--variants", "nf4-lora", "-p", "harness.run.cpu_packed", "-W", "default", subprocess=True)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
         "note: 4-bit weights repacked into the CPU-packed layout (HARNESS_4BIT_LAYOUT)*",

@@ -15,10 +15,10 @@ import pytest
 
 from harness.checks.base import CheckContext
 from harness.checks.padding import PaddingCheck, PaddingSpec
-from harness.compare import NoiseModel
+from harness.judge.compare import NoiseModel
 from harness.errors import CheckFailure
-from harness.pool import Loaded
-from harness.variants import VariantSpec
+from harness.models.pool import Loaded
+from harness.models.variants import VariantSpec
 
 FP16 = VariantSpec("fp16", False)
 

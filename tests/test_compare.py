@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from harness.compare import (
+from harness.judge.compare import (
     NoiseModel, Observation, Step, Tolerance, ToleranceSpec, compare, compare_distributions, near_ties,
 )
-from harness.observation import from_trace, to_trace
+from harness.observe.observation import from_trace, to_trace
 
 TOL = Tolerance(mean_abs_dlogp=0.01, max_abs_dlogp=0.05, tie_gap=0.1, source="test")
 

@@ -1,9 +1,9 @@
 """Every path that reads 4-bit weights, on bitsandbytes' CPU-packed layout, on any CPU.
 
 On a CPU with AVX512-BF16 bitsandbytes repacks each 4-bit weight at the first inference forward
-(``harness.quantized``: "two memory layouts"); elsewhere that layout never appears, so these tests
+(``harness.models.quantized``: "two memory layouts"); elsewhere that layout never appears, so these tests
 put a model in it by hand (``repack_for_cpu``, bitsandbytes' own conversion) and, where the CPU has
-no fused kernel, run its forward with the torch reference kernel of ``harness.cpu_packed``.
+no fused kernel, run its forward with the torch reference kernel of ``harness.run.cpu_packed``.
 Paths exercised here: the three merge paths and peft's merge on the layout as loaded, the float32
 copy (``cache``), save + reload (``save_reload``), the footprint figures (``memory``,
 ``harness-bench``), and the ``lora_merge`` check end to end on the real model.
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.cpu_packed import fused_kernel_available, register_reference_kernel, unregister_reference_kernel
-from harness.quantized import (
+from harness.run.cpu_packed import fused_kernel_available, register_reference_kernel, unregister_reference_kernel
+from harness.models.quantized import (
     activation_dtype, dequantized_weight, float32_copy, is_4bit, layouts, merged, repack_for_cpu, to_plain_layout,
 )
 
@@ -113,7 +113,7 @@ def test_save_and_reload_from_the_packed_layout(tiny_nf4_lora, packed_kernel, tm
 
 def test_footprint_figures_name_the_layout_and_count_the_unnested_state(tiny_nf4_lora):
     from harness.measure import quant_state_bytes
-    from harness.quantized import describe_layouts
+    from harness.models.quantized import describe_layouts
 
     packed = _packed(tiny_nf4_lora)
     assert "plain" in describe_layouts(tiny_nf4_lora) and "CPU-packed" in describe_layouts(packed)
@@ -135,7 +135,7 @@ def test_footprint_figures_name_the_layout_and_count_the_unnested_state(tiny_nf4
                     reason="this CPU has no AVX512-BF16, so bitsandbytes has no fused 4-bit kernel here; the "
                            "packed layout is exercised with the torch reference kernel by the tests above")
 def test_the_fused_kernel_agrees_with_the_reference_kernel(tiny_nf4_lora):
-    from harness.cpu_packed import reference_gemv_4bit
+    from harness.run.cpu_packed import reference_gemv_4bit
 
     packed = _packed(tiny_nf4_lora)
     layer = next(m for m in packed.modules() if is_4bit(m))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.noise import ItemNoise, Noise
-from harness.observation import Step
+from harness.judge.noise import ItemNoise, Noise
+from harness.observe.observation import Step
 
 
 def _noise(condition: str, mean: float, high: float, shift: float, per_item: dict[str, float] | None = None) -> Noise:
@@ -18,8 +18,8 @@ def _noise(condition: str, mean: float, high: float, shift: float, per_item: dic
 
 
 def test_factors_are_ratios_to_the_worst_same_device_condition() -> None:
-    from harness.compare import Tolerance
-    from harness.crossdevice import factors
+    from harness.judge.compare import Tolerance
+    from harness.calibrate.crossdevice import factors
 
     same = [_noise("repeat", 0.0, 0.0, 0.0), _noise("attn=eager", 0.004, 0.02, 0.05, {"a": 0.004, "b": 0.002})]
     cross = _noise("cross", 0.012, 0.05, 0.1, {"a": 0.012, "b": 0.006})
@@ -35,8 +35,8 @@ def test_factors_are_ratios_to_the_worst_same_device_condition() -> None:
 
 
 def test_no_same_device_noise_gives_no_ratio_rather_than_infinity() -> None:
-    from harness.compare import Tolerance
-    from harness.crossdevice import factors, summary_lines
+    from harness.judge.compare import Tolerance
+    from harness.calibrate.crossdevice import factors, summary_lines
 
     f = factors(_noise("cross", 0.01, 0.02, 0.03), [_noise("repeat", 0.0, 0.0, 0.0)],
                 builtin=Tolerance(0.017, 0.071, 0.22), safety=3.0)
@@ -56,8 +56,8 @@ def _golden(path: Path, ids: list[int], prompt_tokens: int) -> None:
 
 
 def test_golden_paths_compare_only_what_can_be_compared(tmp_path: Path) -> None:
-    from harness.crossdevice import golden_paths
-    from harness.noise import Item
+    from harness.calibrate.crossdevice import golden_paths
+    from harness.judge.noise import Item
 
     root = tmp_path / "golden"
     _golden(root / "m" / "cpu" / "fp16" / "gen" / "ok.json", [5, 6, 7], prompt_tokens=2)
@@ -71,8 +71,8 @@ def test_golden_paths_compare_only_what_can_be_compared(tmp_path: Path) -> None:
 
 
 def test_calibrate_refuses_its_own_class_and_a_missing_one(tmp_path: Path) -> None:
-    from harness.calibrate import _cross_device
-    from harness.devices import Device
+    from harness.calibrate.run import _cross_device
+    from harness.models.devices import Device
 
     class Resolved:
         name = "m"

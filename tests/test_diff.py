@@ -184,7 +184,7 @@ def test_added_token_rows_are_a_reshape_and_a_head_change(tmp_path: Path, embedd
 
 
 def test_reference_stand_ins_judge_new_against_the_live_record_of_old(tmp_path: Path) -> None:
-    from harness.diff.reference import LiveReference, Recorder
+    from harness.run.reference import LiveReference, Recorder
     from harness.errors import CheckFailure
 
     golden = tmp_path / "golden" / "m" / "cpu" / "fp16" / "gen" / "capital.json"

@@ -255,7 +255,7 @@ def test_nf4_weight_noise_the_constant_missed_is_localized_against_the_recorded_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.golden import dumps
-    from harness.pool import nf4_config
+    from harness.models.pool import nf4_config
 
     def nf4(folder: Path) -> Any:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu",

@@ -105,7 +105,7 @@ def test_obtained_inside_the_golden_folder_never_rewrites_a_golden(tmp_path):
 
 
 def test_registry_model_names_must_be_safe_and_unique_whatever_the_case(tmp_path):
-    from harness.registry import load_registry
+    from harness.models.registry import load_registry
 
     registry = tmp_path / "models.yaml"
     registry.write_text("default: ok\nmodels:\n  ok:\n    path: x\n  ../../escaped:\n    path: y\n")
@@ -124,7 +124,7 @@ def _suite(tmp_path: Path, checks: str) -> Path:
 
 
 def test_a_check_id_ending_in_meta_is_refused_at_collection(tmp_path):
-    from harness.spec import load_suite
+    from harness.suites.spec import load_suite
 
     path = _suite(tmp_path, "  - {id: x, kind: greedy, prompt: a}\n  - {id: x.META, kind: greedy, prompt: a}\n")
     with pytest.raises(SuiteError, match=r"suite.yaml:4: checks\[1\]\.id: an id ending in '\.meta' .*sidecar of a check 'x'"):
@@ -132,7 +132,7 @@ def test_a_check_id_ending_in_meta_is_refused_at_collection(tmp_path):
 
 
 def test_check_ids_that_differ_only_by_case_are_duplicates(tmp_path):
-    from harness.spec import load_suite
+    from harness.suites.spec import load_suite
 
     path = _suite(tmp_path, "  - {id: Joke, kind: greedy, prompt: a}\n  - {id: joke, kind: greedy, prompt: b}\n")
     with pytest.raises(SuiteError, match=r"duplicate check id 'joke' \(first at line 3\) \('Joke' differs only by case"):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from harness.errors import SuiteError
-from harness.names import check_id_problem, golden_folder_name, name_problem
-from harness.spec import load_suite
-from harness.variants import ALL_KEYS
+from harness.suites.names import check_id_problem, golden_folder_name, name_problem
+from harness.suites.spec import load_suite
+from harness.models.variants import ALL_KEYS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "harness"
 
@@ -123,7 +123,7 @@ def test_the_harness_package_has_no_import_circle():
     cycle = find_cycle(graph)
     assert cycle is None, (
         "import circle (function-level imports count; `if TYPE_CHECKING:` ones do not):\n" + describe_cycle(cycle)
-        + "\nMove what both sides need into a module below both (as harness.names is for golden names).")
+        + "\nMove what both sides need into a module below both (as harness.suites.names is for golden names).")
 
 
 def test_the_circle_finder_sees_function_level_imports_and_names_the_lines(tmp_path):
@@ -190,7 +190,7 @@ def test_the_one_rule_covers_every_golden_path_component():
 
 
 def test_a_registry_model_name_follows_the_same_rule(tmp_path):
-    from harness.registry import load_registry
+    from harness.models.registry import load_registry
 
     path = tmp_path / "models.yaml"
     path.write_text('default: ok\nmodels:\n  ok: {embedded: "x==1"}\n  "基准": {embedded: "x==1"}\n',

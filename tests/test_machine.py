@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from harness import machine
+from harness.run import machine
 from harness.golden.sidecars import provenance_lines, recorded_provenance
-from harness.machine import (
+from harness.run.machine import (
     DEQUANT_NATIVE, DEQUANT_TORCH, FIELDS, FUSED_KERNELS, FUSED_NATIVE, NOT_RECORDED, NUMERICS_KEY, REFERENCE_PACKED,
 )
-from harness.provenance import describe_changes, library_versions
-from harness.report import Header, Side
+from harness.models.provenance import describe_changes, library_versions
+from harness.report.summary import Header, Side
 
 HERE = {"cpu": "AMD EPYC", "avx512f": False, "avx512_bf16": False, "amx": False, "torch_cpu_capability": "AVX2",
         "aten_cpu_capability": None, "threads": 2, "bnb_4bit_kernel": DEQUANT_NATIVE}
@@ -64,7 +64,7 @@ def test_threads_are_read_when_asked_not_when_first_described():
 
 def test_aten_cpu_capability_is_honoured_and_said():
     """torch dispatches to the kernels ATEN_CPU_CAPABILITY names; a run forced so says it."""
-    code = ("import json, torch; from harness import machine; "
+    code = ("import json, torch; from harness.run import machine; "
             "print(json.dumps([machine.torch_cpu_capability(), machine.describe({'torch_cpu_capability': "
             "machine.torch_cpu_capability(), 'aten_cpu_capability': __import__('os').environ['ATEN_CPU_CAPABILITY']})]))")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
@@ -89,7 +89,7 @@ def test_without_avx512_bf16_the_dequantize_path_is_named():
 @pytest.mark.skipif(bnb_has_avx512bf16(), reason="this CPU has AVX512-BF16: a cpu-packed session runs the fused "
                     "kernel here, not the torch stand-in")
 def test_a_session_on_the_packed_layout_names_the_stand_in_kernel():
-    from harness import cpu_packed
+    from harness.run import cpu_packed
 
     assert cpu_packed.register_reference_kernel()
     try:
@@ -239,7 +239,7 @@ def test_library_versions_include_the_kernels_package():
 
 
 def test_the_report_header_names_the_numerics_and_what_the_goldens_differ_in():
-    from harness.report import SessionRecord, render_markdown
+    from harness.report.summary import SessionRecord, render_markdown
 
     old = provenance(versions={**VERSIONS, "transformers": "5.24.0"})
     header = Header(model=Side(name="m", provenance=provenance(revision=None, source="s", tokenizer_fingerprint="t",
@@ -307,7 +307,7 @@ def test_an_xdist_controller_takes_the_numerics_of_a_worker_that_ran_the_model()
     from types import SimpleNamespace
 
     from harness.plugin import _Recorder
-    from harness.report import SessionRecord
+    from harness.report.summary import SessionRecord
 
     state = SimpleNamespace(worker_numerics=None)
     recorder = _Recorder(SessionRecord(), state)  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 A gate whose verdict moves with the runner's CPU is no gate. What a machine can change and this
 test can reach on any CPU: the attention kernel, the thread count, torch's vector kernels
 (``ATEN_CPU_CAPABILITY=default``: no AVX2 / AVX-512 paths), and bitsandbytes' CPU-packed 4-bit
-layout that CPUs with AVX512-BF16 run (``harness.cpu_packed``; a torch reference kernel stands in
+layout that CPUs with AVX512-BF16 run (``harness.run.cpu_packed``; a torch reference kernel stands in
 for the fused one where the CPU lacks it). Each runs the greedy suite against the committed goldens
 as a plain ``pytest`` would; every item must pass and nothing under golden/ may change.
 """
@@ -27,7 +27,7 @@ CONDITIONS = {
     "eager-attention": (["--attn-implementation", "eager", "--variants", "fp16"], {}),
     "one-thread": (["--variants", "fp16"], {"OMP_NUM_THREADS": "1"}),
     "no-vector-kernels": (["--variants", "fp16", *SOME], {"ATEN_CPU_CAPABILITY": "default"}),
-    "cpu-packed-4bit": (["--variants", "nf4", "-p", "harness.cpu_packed", *SOME], {"HARNESS_4BIT_LAYOUT": "cpu-packed"}),
+    "cpu-packed-4bit": (["--variants", "nf4", "-p", "harness.run.cpu_packed", *SOME], {"HARNESS_4BIT_LAYOUT": "cpu-packed"}),
 }
 
 

@@ -7,7 +7,7 @@ import gc
 
 import torch
 
-from harness.devices import pick_device
+from harness.models.devices import pick_device
 from harness.measure import measure_tensor_peak
 
 

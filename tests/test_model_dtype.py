@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from harness.logits_guard import LogitsGuard, NonFiniteLogits, Precision, message
-from harness.registry import ModelEntry, load_registry
-from harness.sources import config_dtype, half_precision
+from harness.models.logits_guard import LogitsGuard, NonFiniteLogits, Precision, message
+from harness.models.registry import ModelEntry, load_registry
+from harness.models.sources import config_dtype, half_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def overflow_llama(folder: Path, *, dtype: str = "bfloat16", overflow: bool = Tr
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.synthetic import SPECIAL_TOKEN, byte_tokenizer, save_random_adapter
+    from harness.models.synthetic import SPECIAL_TOKEN, byte_tokenizer, save_random_adapter
 
     tokenizer = byte_tokenizer()
     special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
@@ -121,7 +121,7 @@ def test_a_bad_dtype_gets_one_paragraph_naming_line_key_and_choices(tmp_path, va
 def test_the_embedded_default_model_keeps_running_in_float16(embedded_model_dir):
     """Its committed goldens are float16 ones: the registry entry says so, and the converted GGUF's config.json
     (float32, the dequantized weights) would keep float16 even without it."""
-    from harness.sources import resolve
+    from harness.models.sources import resolve
 
     registry = load_registry(REPO / "models.yaml")
     assert registry.models["smollm2-135m"].dtype == "float16"
@@ -132,8 +132,8 @@ def test_the_embedded_default_model_keeps_running_in_float16(embedded_model_dir)
 
 
 def test_built_in_tolerances_follow_the_half_precision_and_float16_keeps_its_own():
-    from harness.allowance import widened_defaults
-    from harness.tolerance import BFLOAT16_TOLERANCE, DEFAULT_TOLERANCES, ToleranceSpec, layered
+    from harness.judge.allowance import widened_defaults
+    from harness.judge.tolerance import BFLOAT16_TOLERANCE, DEFAULT_TOLERANCES, ToleranceSpec, layered
 
     assert layered(None, None).tolerance("fp16-lora") == DEFAULT_TOLERANCES["fp16"]  # nothing widened for float16
     assert layered(None, None, half="bfloat16").tolerance("fp16-lora") == BFLOAT16_TOLERANCE

@@ -168,7 +168,7 @@ def test_cross_device_goldens_under_ci_need_an_explicit_opt_in(project, monkeypa
 
 
 def test_the_decoding_fault_that_flips_close_calls_fails_and_a_tiny_one_passes(project, monkeypatch):
-    """HARNESS_FAULT=swap-top2:G swaps the two best scores wherever they are within G nats (harness.faults)."""
+    """HARNESS_FAULT=swap-top2:G swaps the two best scores wherever they are within G nats (harness.calibrate.faults)."""
     project.suite("gen", GEN.format(n=12, extra="""  - id: list
     kind: greedy
     prompt: "Three primary colours are red,"
@@ -176,10 +176,10 @@ def test_the_decoding_fault_that_flips_close_calls_fails_and_a_tiny_one_passes(p
 """))
     project.record("--variants", "nf4", passed=2)
     monkeypatch.setenv("HARNESS_FAULT", "swap-top2:0.6")
-    broken = project.run("--variants", "nf4", "-p", "harness.faults")
+    broken = project.run("--variants", "nf4", "-p", "harness.calibrate.faults")
     assert broken.ret == 1, broken.stdout.str()
     monkeypatch.setenv("HARNESS_FAULT", "swap-top2:0.0001")
-    project.run("--variants", "nf4", "-p", "harness.faults").assert_outcomes(passed=2)
+    project.run("--variants", "nf4", "-p", "harness.calibrate.faults").assert_outcomes(passed=2)
 
 
 def test_the_committed_goldens_carry_their_noise():
@@ -200,7 +200,7 @@ def test_the_environment_names_the_4bit_kernel_bitsandbytes_picks_on_this_cpu():
     import torch
 
     from harness.checks import greedy
-    from harness.path_noise import nf4_cpu_kernel
+    from harness.judge.path_noise import nf4_cpu_kernel
 
     class Layer4bit(torch.nn.Linear):
         def __init__(self, fused: bool) -> None:

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from harness.placement import Placement, check_max_memory, parse_max_memory
+from harness.models.placement import Placement, check_max_memory, parse_max_memory
 
 GEN = """
 suite: gen
@@ -83,7 +83,7 @@ def test_which_device_held_what_comes_from_the_device_map():
 
     from harness.checks.memory import MemoryFigures
     from harness.measure import PeakMemory
-    from harness.placement import placement_bytes
+    from harness.models.placement import placement_bytes
 
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)

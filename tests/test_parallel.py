@@ -47,7 +47,7 @@ def test_threads():
 
 def test_each_worker_takes_its_share_of_the_cores_before_torch_starts(project, monkeypatch):
     """Two workers on C cores run C // 2 threads each (at least one), set before a conftest imports torch."""
-    from harness.threads import share, usable_cores
+    from harness.run.threads import share, usable_cores
 
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -81,7 +81,7 @@ def test_a_users_omp_num_threads_wins_and_a_serial_run_keeps_torchs_default(proj
 
 
 def test_thread_shares():
-    from harness.threads import ThreadShare, share, worker_share
+    from harness.run.threads import ThreadShare, share, worker_share
 
     assert [share(w, 4) for w in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
     assert worker_share({}, cores=4) is None  # serial
@@ -95,7 +95,7 @@ def test_thread_shares():
 def test_apply_keeps_what_the_user_set():
     import torch
 
-    from harness.threads import ThreadShare, apply
+    from harness.run.threads import ThreadShare, apply
 
     threads = torch.get_num_threads()  # apply() sets this process's torch threads: the worker's share is restored
     try:

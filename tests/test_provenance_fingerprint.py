@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.provenance import model_fingerprint
+from harness.models.provenance import model_fingerprint
 
 
 def _model(folder: Path, *, writer: str, hidden: int = 8) -> Path:

@@ -1,4 +1,4 @@
-"""``harness.quantized`` on a tiny NF4 model with a random LoRA: merges and the float32 copy, no trained model.
+"""``harness.models.quantized`` on a tiny NF4 model with a random LoRA: merges and the float32 copy, no trained model.
 
 The three merge paths are the same function up to rounding except where re-quantization
 rounds the delta away; the 16-bit merge must match the unmerged adapter, and the model the
@@ -17,7 +17,7 @@ def _logits(model, ids=(1, 5, 9, 17, 33)):
 
 
 def test_the_16bit_merge_matches_the_adapter_and_requantizing_rounds_the_delta_away(tiny_nf4_lora):
-    from harness.quantized import has_4bit_layers, is_4bit, merged
+    from harness.models.quantized import has_4bit_layers, is_4bit, merged
 
     unmerged = _logits(tiny_nf4_lora)
     with tiny_nf4_lora.disable_adapter():
@@ -35,7 +35,7 @@ def test_the_16bit_merge_matches_the_adapter_and_requantizing_rounds_the_delta_a
 
 
 def test_float32_copy_dequantizes_and_agrees(tiny_nf4_lora):
-    from harness.quantized import float32_copy, has_4bit_layers
+    from harness.models.quantized import float32_copy, has_4bit_layers
 
     copy = float32_copy(tiny_nf4_lora)
     assert not has_4bit_layers(copy) and all(p.dtype == torch.float32 for p in copy.parameters())

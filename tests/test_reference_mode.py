@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import add_noise, copy_model
-from harness.compare import GOLDEN_SIDES, Observation, Step, Tolerance, compare
-from harness.diff.reference import reference_sides
+from harness.judge.compare import GOLDEN_SIDES, Observation, Step, Tolerance, compare
+from harness.run.reference import reference_sides
 
 TENSOR = "model.layers.14.mlp.down_proj.weight"
 SUITE = """
@@ -251,9 +251,9 @@ def test_every_kind_that_asks_for_a_golden_runs_on_the_reference_first():
 
 @pytest.mark.parametrize("fits", [True, False])
 def test_the_other_pool_is_freed_only_where_a_second_model_does_not_fit(fits):
-    from harness.devices import Device
-    from harness.pool import Loaded, has_room, make_room
-    from harness.variants import parse_variants
+    from harness.models.devices import Device
+    from harness.models.pool import Loaded, has_room, make_room
+    from harness.models.variants import parse_variants
 
     class OtherPool:
         device = Device(name="cpu", klass="cpu", description="CPU")
@@ -306,7 +306,7 @@ class _Check:
     (set(), None),
 ])
 def test_a_check_run_on_both_says_whether_old_held_it(fails_on, expected):
-    from harness.diff.reference import ReferencePair, run_on_both
+    from harness.run.reference import ReferencePair, run_on_both
     from harness.errors import CheckFailure
 
     pair = ReferencePair(old=_Ctx("old"), new=_Ctx("new"))  # type: ignore[arg-type]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import ModelLoadError, SuiteError
-from harness.registry import load_registry
-from harness.sources import resolve
+from harness.models.registry import load_registry
+from harness.models.sources import resolve
 
 HEAD = "default: m\nmodels:\n  m:\n"
 

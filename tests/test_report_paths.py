@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.display import relative_paths, shown_path
+from harness.report.display import relative_paths, shown_path
 
 TOK_SUITE = """
 suite: tok

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.merge import main as merge_main
-from harness.shard import Shard, assign, plain_nodeid, plan
+from harness.report.merge import main as merge_main
+from harness.run.shard import Shard, assign, plain_nodeid, plan
 
 PLAIN_TESTS = {
     "test_a.py": "import pytest\n\n@pytest.mark.parametrize('x', range(3))\ndef test_a(x):\n    pass\n",

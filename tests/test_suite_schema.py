@@ -15,12 +15,12 @@ import pytest
 
 from harness.checks import get_check, known_kinds
 from harness.errors import SuiteError
-from harness.spec import SUITE_KEYS, load_suite
-from harness.suite_reference import (
+from harness.suites.spec import SUITE_KEYS, load_suite
+from harness.suites.reference import (
     DOCS_COMMAND, EXAMPLES, SCHEMA_PATH, example_suite, reference_markdown, schema_text, suite_schema,
 )
-from harness.validate_suites import main as validate_main
-from harness.yamlload import load_yaml
+from harness.suites.validate import main as validate_main
+from harness.suites.yamlload import load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO / "suites").glob("*.yaml")) + sorted((REPO / "bench" / "suites").glob("*.yaml"))
@@ -48,7 +48,7 @@ def schema_errors(validator: jsonschema.Draft202012Validator, path: Path) -> lis
 
 def test_the_committed_schema_and_reference_are_those_the_code_generates():
     assert SCHEMA_PATH.read_text(encoding="utf-8") == schema_text(), \
-        f"harness/suite.schema.json is stale: run `{DOCS_COMMAND}` and commit the result"
+        f"harness/suites/suite.schema.json is stale: run `{DOCS_COMMAND}` and commit the result"
     assert (REPO / "docs" / "suites.md").read_text(encoding="utf-8") == reference_markdown(), \
         f"docs/suites.md is stale: run `{DOCS_COMMAND}` and commit the result"
 
@@ -58,13 +58,13 @@ def test_the_doc_generator_writes_both_files(tmp_path):
                           "--docs-root", str(tmp_path)], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "docs" / "suites.md").read_text(encoding="utf-8") == reference_markdown()
-    assert (tmp_path / "harness" / "suite.schema.json").read_text(encoding="utf-8") == schema_text()
+    assert (tmp_path / "harness" / "suites" / "suite.schema.json").read_text(encoding="utf-8") == schema_text()
 
 
 def test_the_schema_is_shipped_with_the_package():
     pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    assert '"suite.schema.json"' in pyproject and 'harness-validate = "harness.validate_suites:main"' in pyproject
-    assert SCHEMA_PATH.parent == REPO / "harness"
+    assert '"suites/suite.schema.json"' in pyproject and 'harness-validate = "harness.suites.validate:main"' in pyproject
+    assert SCHEMA_PATH.parent == REPO / "harness" / "suites"
 
 
 def test_every_key_of_every_kind_has_a_description():
@@ -112,7 +112,7 @@ def test_the_top_level_keys_are_the_loaders_and_checks_are_a_union_on_kind():
 
 @pytest.mark.parametrize("kind", known_kinds())
 def test_each_kind_has_a_complete_example_that_validates(kind, tmp_path, validator):
-    assert kind in EXAMPLES, f"add an example for {kind!r} to harness.suite_reference.EXAMPLES"
+    assert kind in EXAMPLES, f"add an example for {kind!r} to harness.suites.reference.EXAMPLES"
     path = tmp_path / "example.yaml"
     path.write_text(example_suite(kind), encoding="utf-8")
     suite = load_suite(path)
@@ -270,12 +270,12 @@ def test_a_path_with_no_suite_is_a_usage_error(argv, message, tmp_path, capsys, 
 
 
 def test_the_command_loads_no_model_library_and_prints_the_schema_path(tmp_path):
-    code = ("import sys; from harness.validate_suites import main; rc = main([sys.argv[1]]); "
+    code = ("import sys; from harness.suites.validate import main; rc = main([sys.argv[1]]); "
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
             "assert not heavy, heavy; sys.exit(rc)")
     run = subprocess.run([sys.executable, "-c", code, str(REPO / "suites")], capture_output=True, text=True,
                          cwd=tmp_path, check=False)
     assert run.returncode == 0, run.stderr
-    path = subprocess.run([sys.executable, "-m", "harness.validate_suites", "--schema-path"], capture_output=True,
+    path = subprocess.run([sys.executable, "-m", "harness.suites.validate", "--schema-path"], capture_output=True,
                           text=True, cwd=tmp_path, check=False)
     assert path.returncode == 0 and Path(path.stdout.strip()) == SCHEMA_PATH

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import suite_error
-from harness.spec import load_suite
+from harness.suites.spec import load_suite
 
 GOOD = """
 suite: good
@@ -150,7 +150,7 @@ def test_float_exponent_is_a_float_and_defaults_apply(tmp_path):
                     "  - {id: b, kind: greedy, prompt: y, max_new_tokens: 2}\n")
     suite = load_suite(path)
     assert [c.check.spec.max_new_tokens for c in suite.checks] == [5, 2]
-    from harness.yamlload import load_yaml
+    from harness.suites.yamlload import load_yaml
 
     path.write_text("atol: 1e-5\n")
     assert load_yaml(path) == {"atol": 1e-05}

@@ -25,14 +25,14 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_shipped_configs_have_the_published_parameter_counts(name: str) -> None:
-    from harness.synthetic import load_config, parameter_count
+    from harness.models.synthetic import load_config, parameter_count
 
     assert parameter_count(load_config(name)[1]) == PUBLISHED[name]
 
 
 def test_a_mistyped_config_name_is_one_clear_error() -> None:
     from harness.errors import ModelNotFoundError
-    from harness.synthetic import load_config
+    from harness.models.synthetic import load_config
 
     with pytest.raises(ModelNotFoundError, match=r"did you mean 'llama-3-8b'\?.*Shipped: .*tiny-llama"):
         load_config("llama-3-8")
@@ -40,7 +40,7 @@ def test_a_mistyped_config_name_is_one_clear_error() -> None:
 
 def test_a_config_that_asks_for_hub_code_is_refused(tmp_path: Path) -> None:
     from harness.errors import ModelLoadError
-    from harness.synthetic import load_config
+    from harness.models.synthetic import load_config
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "phi3", "auto_map": {"AutoConfig": "x.Y"}}))
@@ -53,17 +53,17 @@ def test_a_config_that_asks_for_hub_code_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
-    from harness.synthetic import materialize
+    from harness.models.synthetic import materialize
 
     return materialize("tiny-llama", out_dir=tmp_path_factory.mktemp("synthetic"))
 
 
 def test_a_materialized_model_loads_in_every_variant_through_the_pool(tiny) -> None:
-    from harness.devices import Device
-    from harness.pool import ModelPool
-    from harness.registry import ModelEntry
-    from harness.sources import ResolvedModel
-    from harness.variants import VariantSpec
+    from harness.models.devices import Device
+    from harness.models.pool import ModelPool
+    from harness.models.registry import ModelEntry
+    from harness.models.sources import ResolvedModel
+    from harness.models.variants import VariantSpec
 
     assert tiny.parameters == 115_008 and tiny.adapter is not None
     assert json.loads((tiny.folder / "harness-source.json").read_text())["synthetic"] == "tiny-llama"
@@ -131,7 +131,7 @@ def _row(variant: str, peak: int, decode: float, shape: dict | None = None) -> d
 
 
 def test_flags_name_the_shapes_where_4bit_peaks_higher_or_decodes_slower() -> None:
-    from harness.benchdoc import flags
+    from harness.bench.doc import flags
 
     rows = [_row("fp16", 100, 50.0), _row("nf4", 120, 40.0), _row("fp16-lora", 100, 50.0), _row("nf4-lora", 90, 60.0)]
     found = flags(rows, peak_label="GPU peak allocated")
@@ -144,7 +144,7 @@ def test_flags_name_the_shapes_where_4bit_peaks_higher_or_decodes_slower() -> No
 
 
 def test_sweep_parsing() -> None:
-    from harness.bench import parse_sweep
+    from harness.bench.run import parse_sweep
 
     shapes = parse_sweep("1x128, 8X512", new_tokens=16)
     assert [(s.batch, s.prompt_tokens, s.new_tokens) for s in shapes] == [(1, 128, 16), (8, 512, 16)]
@@ -156,7 +156,7 @@ def test_sweep_parsing() -> None:
 
 def test_bench_measures_a_config_only_model_in_every_variant(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "harness.bench", "--config", "tiny-llama", "--device", "cpu", "--out", str(out),
+    cmd = [sys.executable, "-m", "harness.bench.run", "--config", "tiny-llama", "--device", "cpu", "--out", str(out),
            "--sweep", "1x8,2x16", "--new-tokens", "3", "--rounds", "1", "--warmup", "0", "--bandwidth", "50",
            "--workload-tokens", "2", "--workload-batch", "1", "--prompt", "Hello", "--work-dir", str(tmp_path / "w")]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
@@ -182,7 +182,7 @@ def test_bench_measures_a_config_only_model_in_every_variant(tmp_path: Path) -> 
 
 
 def test_config_and_model_together_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from harness.bench import main
+    from harness.bench.run import main
 
     assert main(["--config", "tiny-llama", "--model", "smollm2-135m", "--out", str(tmp_path)]) == 2
     assert "--config and --model both given" in capsys.readouterr().err

@@ -48,8 +48,8 @@ def test_each_variant_loads_once_and_the_adapter_changes_the_answers(project):
 def test_nf4_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(project):
     project.suite("gen", SUITE)
     (project.path / "conftest.py").write_text(
-        "import harness.pool\n"
-        "harness.pool.nf4_unsupported_reason = lambda device: 'bitsandbytes: simulated missing backend'\n"
+        "import harness.models.pool\n"
+        "harness.models.pool.nf4_unsupported_reason = lambda device: 'bitsandbytes: simulated missing backend'\n"
     )
     result = project.run("--variants", "fp16,nf4", "--snapshot-update", "-rs")
     result.assert_outcomes(passed=2, skipped=2)
@@ -182,8 +182,8 @@ def test_broken_adapter_folders(project, tmp_path, broken):
 def test_nf4_probe_tells_a_platform_from_a_broken_install(monkeypatch, raised, outcome):
     import bitsandbytes.functional as bnbf
 
-    import harness.pool as pool
-    from harness.devices import Device
+    import harness.models.pool as pool
+    from harness.models.devices import Device
     from harness.errors import ModelLoadError
 
     def quantize(*args, **kwargs):

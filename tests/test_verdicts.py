@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.ci import in_ci
+from harness.run.ci import in_ci
 from harness.errors import GoldenError
 from harness.golden import GoldenStore
-from harness.session import golden_folder_name
+from harness.run.session import golden_folder_name
 
 TOKENS = """
 suite: tok
@@ -96,8 +96,8 @@ def test_a_chat_template_that_does_not_parse_fails_chat_checks_with_its_problem(
 # -- gate runs: never green on checks that were not judged -------------------------------------
 
 NOT_JUDGED = """
-import harness.pool
-harness.pool.nf4_unsupported_reason = lambda device: "simulated: bitsandbytes is installed but broken"
+import harness.models.pool
+harness.models.pool.nf4_unsupported_reason = lambda device: "simulated: bitsandbytes is installed but broken"
 """
 
 CAPITAL = """
@@ -192,12 +192,12 @@ def test_harness_report_that_is_a_folder_is_a_usage_error(project):
 
 DISK_FULL = """
 import errno
-import harness.report
+import harness.report.summary
 
 def markdown(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
-harness.report.markdown = markdown
+harness.report.summary.markdown = markdown
 """
 
 

@@ -16,22 +16,22 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
-from harness.compare import GOLDEN_SIDES, Sides
-from harness.names import MAX_NAME_LENGTH, check_id_problem
-from harness.variants import ALL_KEYS, VariantSpec
+from harness.judge.compare import GOLDEN_SIDES, Sides
+from harness.suites.names import MAX_NAME_LENGTH, check_id_problem
+from harness.models.variants import ALL_KEYS, VariantSpec
 
 if TYPE_CHECKING:
     import pytest
 
-    from harness.tolerance import NoiseModel
+    from harness.judge.tolerance import NoiseModel
 
-    from harness.devices import Device
-    from harness.diff.reference import ReferencePair
+    from harness.models.devices import Device
+    from harness.run.reference import ReferencePair
     from harness.golden import GoldenStore
-    from harness.pool import Loaded, ModelPool
+    from harness.models.pool import Loaded, ModelPool
 
 
-# Ids name golden files: ``harness.names`` holds the rule (and its length limit) for every golden name.
+# Ids name golden files: ``harness.suites.names`` holds the rule (and its length limit) for every golden name.
 MAX_ID_LENGTH = MAX_NAME_LENGTH
 
 
@@ -60,7 +60,7 @@ class CheckSpec(BaseModel):
     def noise_model(self, *, half: str = "float16") -> NoiseModel:
         """The built-in tolerances of a model running in ``half``, then the suite's defaults, then the check's
         own, field by field."""
-        from harness.tolerance import layered
+        from harness.judge.tolerance import layered
 
         suite_where, check_where = self._tolerance_places
         return layered(self._suite_tolerance, getattr(self, "tolerance", None), suite_where=suite_where,
@@ -170,15 +170,15 @@ class CheckContext:
 
     def forgive_widened(self, tol: Any) -> None:
         """Each field of a flat tolerance that a suite or check set above the built-in default."""
-        from harness.allowance import widened_defaults
+        from harness.judge.allowance import widened_defaults
 
         for line in widened_defaults(tol):
             self.forgive(f"widened tolerance for {self.subject}: {line}")
 
     def count_flips(self, flips: int, probabilities: list[float]) -> None:
         """This golden's accepted flips and its steps' flip probabilities, for the session's near-tie budget
-        over all goldens of this suite and variant (``harness.flip_budget``)."""
-        from harness.flip_budget import flips_property
+        over all goldens of this suite and variant (``harness.judge.flips``)."""
+        from harness.judge.flips import flips_property
 
         group = f"{self.suite}[{self.variant.key}]" if self.variant else self.suite
         self.request.node.user_properties.append(flips_property(group, flips, probabilities))
@@ -235,7 +235,7 @@ class Check(ABC, Generic[S]):
         (budgets, drift, sampled expectations) override this to compare the figures.
         """
         __tracebackhide__ = True
-        from harness.diff.reference import judge_against_record, run_on_both
+        from harness.run.reference import judge_against_record, run_on_both
 
         (judge_against_record if self.uses_goldens else run_on_both)(self, pair)
 

@@ -74,7 +74,7 @@ class BatchCheck(Check[BatchSpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        from harness.compare import compare_distributions
+        from harness.judge.compare import compare_distributions
 
         model, tokenizer = ctx.model, ctx.tokenizer
         if tokenizer.pad_token_id is None and "mixed" in self.spec.shapes:

@@ -35,7 +35,7 @@ from harness.checks.consistency import ConsistencySpec, Findings, encoded_prompt
 
 if TYPE_CHECKING:
     from harness.checks.consistency import Prompt
-    from harness.compare import Observation
+    from harness.judge.compare import Observation
 
 CacheMode = Literal["dynamic", "static"]
 
@@ -63,7 +63,7 @@ class CacheCheck(Check[CacheSpec]):
 
     def run(self, ctx: CheckContext) -> None:
         __tracebackhide__ = True
-        from harness.compare import compare, sides
+        from harness.judge.compare import compare, sides
         from harness.errors import NotJudged
 
         model, tokenizer = ctx.model, ctx.tokenizer
@@ -117,7 +117,7 @@ def no_cache_run(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int
     at every step, recomputing step by step would reproduce the path with these scores; where it
     prefers another token anywhere (or a logits processor acts), the recompute is decoded for real.
     """
-    from harness.path_noise import forward_scores, free_run_of, processors_act_in, standing_for
+    from harness.judge.path_noise import forward_scores, free_run_of, processors_act_in, standing_for
 
     if cached.steps and not processors_act_in(model):
         scored = standing_for(forward_scores(model, prompt.ids, cached.token_ids).steps, len(cached.steps))
@@ -161,7 +161,7 @@ class Float32Arbiter:
 
     def _float32(self) -> Any:
         if self._copy is None and self._error is None:
-            from harness.quantized import float32_copy
+            from harness.models.quantized import float32_copy
 
             try:
                 self._copy = float32_copy(self.model)

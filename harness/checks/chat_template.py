@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import (
+from harness.observe.prompts import (
     IF_NO_CHAT_TEMPLATE_HELP, Message, NoChatTemplate, TemplateRefusal, missing_template, render_chat,
 )
 from harness.errors import CheckFailure

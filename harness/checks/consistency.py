@@ -3,7 +3,7 @@
 ``cache``, ``kernels``, ``batch``, ``lora_merge`` and ``save_reload`` all ask one
 question of two runs of the same model that should agree: the same behaviour,
 up to numerical noise? The answer comes from the comparison engine
-(``harness.compare``); this module only turns a suite's prompts into token ids,
+(``harness.judge.compare``); this module only turns a suite's prompts into token ids,
 picks the tolerance the engine judges with, and gathers the engine's verdicts
 into one failure a reviewer can read (the first divergence, the log-prob
 evidence, which prompt and which pair of runs).
@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, model_validator
 
 from harness.checks.base import CheckSpec
-from harness.checks.prompts import (
+from harness.observe.prompts import (
     CHATS_HELP, PROMPTS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
-from harness.compare import ToleranceSpec
-from harness.tolerance import TOLERANCE_HELP
+from harness.judge.compare import ToleranceSpec
+from harness.judge.tolerance import TOLERANCE_HELP
 from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
     from harness.checks.base import CheckContext
-    from harness.compare import Observation, Sides, Step, Tolerance, Verdict
+    from harness.judge.compare import Observation, Sides, Step, Tolerance, Verdict
 
 DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
 
@@ -65,7 +65,7 @@ EXACT_SOURCE = "exact: the two runs must be bit-identical"
 
 def exact_tolerance() -> Tolerance:
     """No noise allowed: two runs of the same weights and kernels on one machine."""
-    from harness.compare import Tolerance
+    from harness.judge.compare import Tolerance
 
     return Tolerance(mean_abs_dlogp=0.0, max_abs_dlogp=0.0, tie_gap=0.0, source=EXACT_SOURCE)
 
@@ -102,14 +102,14 @@ def _short(text: str) -> str:
 
 
 def greedy(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int, **generate_kwargs: Any) -> Observation:
-    from harness.compare import observe_greedy
+    from harness.judge.compare import observe_greedy
 
     return observe_greedy(model, tokenizer, prompt.ids, max_new_tokens, **generate_kwargs)
 
 
 def rescorer(model: Any, tokenizer: Any, prompt: Prompt) -> Callable[[list[int]], tuple[Step, ...]]:
     """Teacher forcing on ``model``: how the engine scores a reference's tokens after an accepted near-tie."""
-    from harness.compare import teacher_force
+    from harness.judge.compare import teacher_force
 
     return lambda ids: teacher_force(model, prompt.ids, ids, tokenizer=tokenizer)
 
@@ -130,8 +130,8 @@ def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt
     undecoded: for a verdict that is only a figure (no item fails on it), where the decode
     would cost time and show evidence nobody is asked to read.
     """
-    from harness.compare import compare
-    from harness.path_noise import free_run_of, path_scores, standing_for
+    from harness.judge.compare import compare
+    from harness.judge.path_noise import free_run_of, path_scores, standing_for
 
     if one_pass:
         if scored is None:
@@ -159,7 +159,7 @@ class Findings:
 
     def add(self, what: str, verdict: Verdict, sides: Sides | None = None) -> None:
         """``sides`` names the two runs in the reasons ("no cache" / "static cache"), not a golden."""
-        from harness.compare import GOLDEN_SIDES, render_tokens
+        from harness.judge.compare import GOLDEN_SIDES, render_tokens
 
         sides = sides or GOLDEN_SIDES
 

@@ -37,18 +37,18 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.checks.greedy import generate_greedy
-from harness.checks.prompts import (
+from harness.observe.prompts import (
     CHATS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
 from harness.errors import CheckFailure
-from harness.checks.budgets import (
+from harness.judge.budgets import (
     Budget, NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
     validate_model_table,
 )
-from harness.variants import ALL_KEYS, VariantSpec
+from harness.models.variants import ALL_KEYS, VariantSpec
 
 if TYPE_CHECKING:
-    from harness.diff.reference import ReferencePair
+    from harness.run.reference import ReferencePair
 
 ADAPTER_MIN_MEAN_KL = 1e-4
 
@@ -370,7 +370,7 @@ class DriftCheck(Check[DriftSpec]):
 
     @staticmethod
     def _tolerance(variant: VariantSpec, *, half: str) -> Any:
-        from harness.tolerance import NoiseModel, builtin_tolerances
+        from harness.judge.tolerance import NoiseModel, builtin_tolerances
 
         return NoiseModel(tolerances=builtin_tolerances(half)).tolerance(variant.key)
 
@@ -378,7 +378,7 @@ class DriftCheck(Check[DriftSpec]):
 def versus_old(ctx: CheckContext, old: DriftReference, *, tolerance: Any) -> list[str]:
     """OLD's paths teacher-forced through NEW: every position within the variant's noise (reference mode)."""
     from harness.checks.consistency import Findings
-    from harness.compare import compare_distributions
+    from harness.judge.compare import compare_distributions
 
     variant = ctx.variant.key if ctx.variant else ""
     result = compare_to_reference(ctx.model, old, variant=variant)

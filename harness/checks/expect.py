@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import (
+from harness.observe.prompts import (
     IF_NO_CHAT_TEMPLATE_HELP, MESSAGES_HELP, PROMPT_HELP, ChatMessages, PromptText, assert_fits_context,
     encode_or_skip, greedy_generate,
 )
 from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
-    from harness.diff.reference import ReferencePair
+    from harness.run.reference import ReferencePair
 
 MIN_TEMPERATURE = 1e-3
 ASSERTIONS = ("contains", "not_contains", "starts_with", "regex", "json", "max_tokens", "stops", "one_of")
@@ -472,7 +472,7 @@ def generate_answers(model: Any, tokenizer: Any, prompt_ids: list[int], spec: Ex
     """The greedy answer, or ``n`` samples from a fixed seed, decoded without special tokens."""
     import torch
 
-    from harness.observation import eos_ids
+    from harness.observe.observation import eos_ids
 
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
@@ -520,7 +520,7 @@ def sample_rows(model: Any, tokenizer: Any, input_ids: Any, s: Sampling, max_new
 def _prompt_cache(model: Any, input_ids: Any) -> dict[str, Any]:
     """The KV cache of every prompt token but the last (``generate`` runs the last one itself), as
     the keyword ``generate`` takes it; empty where it cannot be repeated per sample."""
-    from harness.observation import cache_kwargs
+    from harness.observe.observation import cache_kwargs
 
     cache = cache_kwargs(model(input_ids=input_ids[:, :-1], use_cache=True))
     return cache if all(hasattr(c, "batch_repeat_interleave") for c in cache.values()) else {}

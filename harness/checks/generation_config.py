@@ -3,7 +3,7 @@
 Runs once per model (an adapter does not carry a generation config): eos, pad
 and bos ids (with their tokens), sampling defaults, penalties, lengths and
 stop strings, resolved the way ``generate`` resolves them
-(``harness.generation_settings``). A model update that edits
+(``harness.models.generation_settings``). A model update that edits
 ``generation_config.json`` changes what every user gets without changing a
 weight or a greedy golden made with forced greedy decoding; the diff names
 each changed setting.
@@ -17,8 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.compare import GOLDEN_SIDES, Sides
-from harness.generation_settings import SETTINGS, effective_generation_settings, load_generation_config
+from harness.judge.compare import GOLDEN_SIDES, Sides
+from harness.models.generation_settings import SETTINGS, effective_generation_settings, load_generation_config
 
 TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
                 "forced_bos_token_id", "forced_eos_token_id")

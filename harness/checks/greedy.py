@@ -4,7 +4,7 @@ A golden (format 2) holds what a reviewer reads first, the text and the token
 ids, then the effective generation settings and one trace line per step: the
 chosen token's log-probability and the top-k alternatives with theirs, from the
 scores decoding actually used. A run passes when it is the same behaviour up to
-the noise of its variant (``harness.compare``): identical ids with log-probs
+the noise of its variant (``harness.judge.compare``): identical ids with log-probs
 within tolerance, or a reported near-tie whose remaining golden tokens still
 score within tolerance under the model.
 """
@@ -21,22 +21,22 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import (
+from harness.observe.prompts import (
     IF_NO_CHAT_TEMPLATE_HELP, MESSAGES_HELP, PROMPT_HELP, ChatMessages, PromptText, assert_fits_context,
     describe_token, encode_or_skip, greedy_generate,
 )
-from harness import path_noise
-from harness.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
-from harness.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
-from harness.path_noise import free_run_of, path_scores, processors_act, standing_for
-from harness.tolerance import (
+from harness.judge import path_noise
+from harness.judge.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
+from harness.judge.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
+from harness.judge.path_noise import free_run_of, path_scores, processors_act, standing_for
+from harness.judge.tolerance import (
     CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
 )
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import judged_record, meta_path
-from harness.observation import (
+from harness.observe.observation import (
     DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, observe_greedy,
     teacher_force, to_trace,
 )

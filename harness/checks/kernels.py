@@ -112,7 +112,7 @@ class KernelsCheck(Check[KernelsSpec]):
                 if not compared:
                     reference = [greedy(model, tokenizer, p, self.spec.max_new_tokens) for p in prompts]
                 else:
-                    from harness.compare import sides
+                    from harness.judge.compare import sides
 
                     named = sides(compared[0], name)
                     for prompt, ref in zip(prompts, reference):

@@ -5,7 +5,7 @@ inference. On a 16-bit base the merge is exact up to rounding, so the merged
 model's greedy output is judged against the unmerged adapter by the
 comparison engine under the variant's noise tolerance.
 
-On an NF4 base there are three ways to merge (``harness.quantized``), and the
+On an NF4 base there are three ways to merge (``harness.models.quantized``), and the
 check runs all three on copies and says which stays within the variant's noise
 of the unmerged adapter:
 
@@ -53,7 +53,7 @@ from harness.checks.consistency import (
     ConsistencySpec, Findings, Prompt, encoded_prompts, greedy, judge_run, tolerance_for,
 )
 from harness.errors import CheckFailure, NotJudged
-from harness.quantized import LAYOUT_NAMES, MERGE_PATH_NAMES, MERGE_PATHS, MergePath, layouts, merged
+from harness.models.quantized import LAYOUT_NAMES, MERGE_PATH_NAMES, MERGE_PATHS, MergePath, layouts, merged
 
 ADAPTER_KEYS = ["fp16-lora", "nf4-lora"]
 REQUANTIZING: tuple[MergePath, ...] = ("merge_and_unload", "requantize")
@@ -155,7 +155,7 @@ class LoraMergeCheck(Check[LoraMergeSpec]):
 
     def _same_behaviour(self, ctx: CheckContext, merged_model: Any, prompts: list[Prompt], unmerged: list[Any]) -> None:
         __tracebackhide__ = True
-        from harness.compare import sides
+        from harness.judge.compare import sides
 
         named = sides("unmerged", "merged")
         tokenizer = ctx.tokenizer
@@ -272,7 +272,7 @@ def scores_along(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: li
     The unmerged adapter, its merged copies and the base without it are all scored this way, so
     a |Δ log p| compares one computation with another and holds no KV-cache rounding of one side.
     """
-    from harness.path_noise import path_scores
+    from harness.judge.path_noise import path_scores
 
     return [path_scores(model, tokenizer, prompt.ids, list(reference.token_ids))
             for prompt, reference in zip(prompts, unmerged)]
@@ -286,7 +286,7 @@ def judge_path(model: Any, tokenizer: Any, path: MergePath, prompts: list[Prompt
     (the engine, the variant's tolerance; decoded step by step only where the one-pass verdict fails on the
     16-bit merge, which is judged: a re-quantizing merge's "within noise" is a figure, its verdict is
     ``nf4_budget``'s, so its one-pass verdict stands)."""
-    from harness.compare import sides
+    from harness.judge.compare import sides
 
     base = base if base is not None else scores_along(model, tokenizer, prompts, unmerged)
     merged_model = merged(model, path, plain_first=plain_first)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import PromptText
-from harness.checks.budgets import (
+from harness.observe.prompts import PromptText
+from harness.judge.budgets import (
     BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )
@@ -31,13 +31,13 @@ from harness.measure import (
     MIB, PeakMemory, measure_peak, measure_tensor_peak, mib, nf4_estimate, parallel_conflict, parallel_note,
     quant_state_bytes, run_workload,
 )
-from harness.quantized import describe_layouts
-from harness.variants import VariantSpec
+from harness.models.quantized import describe_layouts
+from harness.models.variants import VariantSpec
 
 if TYPE_CHECKING:
-    from harness.devices import Device
-    from harness.diff.reference import ReferencePair
-    from harness.pool import Loaded
+    from harness.models.devices import Device
+    from harness.run.reference import ReferencePair
+    from harness.models.pool import Loaded
 
 
 class Workload(BaseModel):
@@ -169,7 +169,7 @@ class MemoryFigures:
         if self.expected_nf4_bytes is not None:
             out["expected_nf4_mb"] = mib(self.expected_nf4_bytes)
         if self.placement:
-            from harness.placement import describe_bytes
+            from harness.models.placement import describe_bytes
 
             out["weights_held_on"] = describe_bytes(self.placement)
             out.update({f"weights_on_{device.replace(':', '')}_mb": mib(size) for device, size in self.placement.items()})

@@ -2,7 +2,7 @@
 
 A self-consistency check, so it has no golden: every prompt is run alone
 (unpadded, the reference) and then in a padded batch, and the two are judged
-by the comparison engine (``harness.compare``) in log-probabilities, with the
+by the comparison engine (``harness.judge.compare``) in log-probabilities, with the
 variant's noise model, so that the verdict does not depend on the model's logit
 scale. What each side checks:
 
@@ -40,12 +40,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import assert_fits_context
-from harness.compare import Sides, Tolerance, ToleranceSpec, Verdict, compare, compare_distributions, render_tokens
-from harness.tolerance import TOLERANCE_HELP
+from harness.observe.prompts import assert_fits_context
+from harness.judge.compare import Sides, Tolerance, ToleranceSpec, Verdict, compare, compare_distributions, render_tokens
+from harness.judge.tolerance import TOLERANCE_HELP
 from harness.errors import CheckFailure
-from harness.observation import Observation, Step, observe_greedy_batch
-from harness.path_noise import free_run_of, processors_act_in
+from harness.observe.observation import Observation, Step, observe_greedy_batch
+from harness.judge.path_noise import free_run_of, processors_act_in
 
 Side = Literal["left", "right"]
 
@@ -202,7 +202,7 @@ def unpadded(model: Any, tokenizer: Any, ids: list[int], path: list[int], *,
     log-probabilities, and the path's scores (forced through ``generate`` where processors act)."""
     import torch
 
-    from harness.observation import step_from_scores, teacher_force
+    from harness.observe.observation import step_from_scores, teacher_force
 
     full = torch.tensor([ids + path], device=_device(model))
     logprobs = padded_logprobs(model, full, torch.ones_like(full))[0]
@@ -255,7 +255,7 @@ def decode_after_prefill(model: Any, input_ids: Any, mask: Any, max_new_tokens: 
     """
     import torch
 
-    from harness.observation import cache_kwargs, eos_ids, step_from_scores
+    from harness.observe.observation import cache_kwargs, eos_ids, step_from_scores
 
     device = _device(model)
     input_ids, mask = input_ids.to(device), mask.to(device).long()

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.prompts import assert_fits_context
+from harness.observe.prompts import assert_fits_context
 from harness.errors import CheckFailure
-from harness.checks.budgets import (
+from harness.judge.budgets import (
     BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )
@@ -30,10 +30,10 @@ from harness.errors import NotJudged
 from harness.measure import (
     RoundTiming, Shape, ThroughputFigures, measure_throughput, parallel_conflict, throughput_inputs, timed_round,
 )
-from harness.variants import VariantSpec
+from harness.models.variants import VariantSpec
 
 if TYPE_CHECKING:
-    from harness.diff.reference import ReferencePair
+    from harness.run.reference import ReferencePair
 
 METRICS = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from harness.devices import pick_device
+    from harness.models.devices import pick_device
     from harness.diff.prompts import suite_prompts
     from harness.diff.report import summary_lines, write_report
     from harness.diff.run import run_diff
@@ -85,7 +85,7 @@ def _say(line: str) -> None:
 
 def _registry(path: Path):  # type: ignore[no-untyped-def]
     """The registry if there is one; folders alone need none."""
-    from harness.registry import Registry, load_registry
+    from harness.models.registry import Registry, load_registry
 
     if path.is_file():
         return load_registry(path)
@@ -104,8 +104,8 @@ def resolve_side(value: str, *, registry, base: str | None, role: str) -> DiffSi
 
 def _resolve_side(value: str, *, registry, base: str | None, role: str) -> DiffSide:  # type: ignore[no-untyped-def]
     from harness.errors import ModelNotFoundError
-    from harness.pool import adapter_config
-    from harness.sources import resolve
+    from harness.models.pool import adapter_config
+    from harness.models.sources import resolve
 
     rootdir = registry.path.parent.resolve()
     folder = Path(value).expanduser()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.checks.prompts import Message, encode_prompt
+from harness.observe.prompts import Message, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def suite_files(paths: list[Path]) -> list[Path]:
 
 def suite_prompts(paths: list[Path]) -> list[SuitePrompt]:
     """Greedy checks' prompts, then drift checks' prompts and chats, in file order."""
-    from harness.spec import load_suite
+    from harness.suites.spec import load_suite
 
     found: list[SuitePrompt] = []
     for file in suite_files(paths):

@@ -9,7 +9,7 @@ from typing import Any
 from harness.diff.activations import layer_index
 from harness.diff.localize import DTYPE_FLOOR, FACTOR
 from harness.diff.run import ModelDiff
-from harness.outputs import strict_json
+from harness.report.outputs import strict_json
 
 TOP_TENSORS = 15
 

@@ -18,7 +18,7 @@ from harness.diff.files import FileChange, diff_folders
 from harness.diff.localize import ModuleDiff, compare_modules, describe, first_change, merge_worst
 from harness.diff.prompts import SuitePrompt
 from harness.diff.weights import Side, WeightsDiff, diff_weights
-from harness.sources import ResolvedModel
+from harness.models.sources import ResolvedModel
 
 Progress = Callable[[str], None]
 
@@ -148,8 +148,8 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
                progress: Progress) -> None:
     from harness.checks.drift import DriftReference, compare_to_reference, reference_observation
     from harness.diff.activations import capture
-    from harness.pool import ModelPool
-    from harness.variants import VariantSpec
+    from harness.models.pool import ModelPool
+    from harness.models.variants import VariantSpec
 
     progress(f"loading OLD ({result.old.label})")
     pool = ModelPool(result.old.resolved, device)
@@ -219,7 +219,7 @@ def _encodable(prompts: list[SuitePrompt], tokenizer: Any,
 
 
 def _encode_or_none(prompt: SuitePrompt, tokenizer: Any) -> list[int] | None:
-    from harness.checks.prompts import NoChatTemplate, TemplateRefusal
+    from harness.observe.prompts import NoChatTemplate, TemplateRefusal
 
     try:
         return prompt.encode(tokenizer)

@@ -13,7 +13,7 @@ One concern per module:
 - ``mismatch``: what a failure says when the kind's own explanation cannot (a damaged layout);
 - ``store``: ``GoldenStore``, which reads, compares and (with ``--snapshot-update``) writes.
 
-Which names may become a path component is ``harness.names``' rule, shared with suites,
+Which names may become a path component is ``harness.suites.names``' rule, shared with suites,
 checks and the registry. The names below are re-exported so ``from harness.golden import X``
 keeps working.
 """
@@ -33,7 +33,7 @@ from harness.golden.sidecars import (
     trust_problem,
 )
 from harness.golden.store import GoldenStore, Judge
-from harness.names import META_SUFFIX, SAFE_NAME, check_id_problem, name_problem
+from harness.suites.names import META_SUFFIX, SAFE_NAME, check_id_problem, name_problem
 
 __all__ = [
     "META_SUFFIX", "OWNER_KEY", "SAFE_NAME", "SHA_KEY", "SuiteOwners", "TOKENIZER_SCOPE", "Explain", "GoldenStore", "Judge", "SuiteNames",

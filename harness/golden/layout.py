@@ -5,7 +5,7 @@ Layout, under ``--golden-dir``::
     <model>/tokenizer/<suite>/<check>.json                 tokenizer and chat template
     <model>/<device-class>/<variant>/<suite>/<check>.json  behaviour of a loaded variant
 
-Every component is one name that passes ``harness.names.name_problem`` (checked where the
+Every component is one name that passes ``harness.suites.names.name_problem`` (checked where the
 name enters); ``contained`` refuses a path that a symlink leads out of the golden folder.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import GoldenError, SuiteError
-from harness.names import META_SUFFIX
+from harness.suites.names import META_SUFFIX
 
 TOKENIZER_SCOPE = "tokenizer"
 
@@ -29,7 +29,7 @@ def golden_path(root: Path, *, model: str, device_class: str, variant: str | Non
                 check_id: str) -> Path:
     """The golden of one check, refused if it resolves outside ``root``.
 
-    The names were checked by ``harness.names`` where they entered (registry, suite, check
+    The names were checked by ``harness.suites.names`` where they entered (registry, suite, check
     spec, ``--golden-device``); containment is checked here again, because a symlink in the
     tree can lead out of it whatever the names are.
     """

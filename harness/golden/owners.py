@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import GoldenError, SuiteError
-from harness.names import META_SUFFIX
+from harness.suites.names import META_SUFFIX
 
 OWNER_KEY = "suite_file"
 
@@ -64,7 +64,7 @@ class SuiteOwners:
 
     def _declares(self, suite_file: str, name: str) -> bool:
         """Whether ``suite_file`` still exists and declares suite ``name`` (a moved or renamed file does not)."""
-        from harness.yamlload import load_yaml
+        from harness.suites.yamlload import load_yaml
 
         file = Path(suite_file)
         if not file.is_absolute() and self.rootdir is not None:

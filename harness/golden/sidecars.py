@@ -14,8 +14,8 @@ from typing import Any
 
 from harness.golden.files import leftover_temp_files, unlink_all
 from harness.golden.layout import meta_path
-from harness.names import META_SUFFIX
-from harness.provenance import describe_changes
+from harness.suites.names import META_SUFFIX
+from harness.models.provenance import describe_changes
 
 SHA_KEY = "golden_sha256"
 # Records in a sidecar that a comparison judges with (a greedy golden's recorded noise): each is

@@ -118,7 +118,7 @@ class GoldenStore:
     ) -> None:
         """Compare ``actual`` with the golden at ``path``; fail with a reviewer's diff.
 
-        ``judge`` lets a kind accept numerical noise (see ``harness.compare``);
+        ``judge`` lets a kind accept numerical noise (see ``harness.judge.compare``);
         an update rewrites a golden only where the judge says the behaviour changed.
         ``sidecar``: data an update keeps next to the golden, not compared (an activation
         fingerprint); written with the golden, or into the sidecar of an unchanged one.

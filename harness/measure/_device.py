@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from harness.devices import Device
+    from harness.models.devices import Device
 
 
 def synchronize(device: Device) -> None:

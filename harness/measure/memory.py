@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from harness.measure._device import release_memory, synchronize, xdist_workers
 
 if TYPE_CHECKING:
-    from harness.devices import Device
+    from harness.models.devices import Device
 
 MIB = 2**20
 T = TypeVar("T")

@@ -75,7 +75,7 @@ def measured_kv_cache_bytes(model: Any, input_ids: Any) -> int | None:
     """
     import torch
 
-    from harness.observation import cache_kwargs
+    from harness.observe.observation import cache_kwargs
 
     with torch.inference_mode():
         try:

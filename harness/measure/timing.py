@@ -20,7 +20,7 @@ from harness.measure._device import synchronize
 from harness.measure.workloads import Shape, generate_exact, throughput_inputs
 
 if TYPE_CHECKING:
-    from harness.devices import Device
+    from harness.models.devices import Device
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""``harness-bench``: the fp16-vs-NF4 comparison, and its shape sweep."""

@@ -1,0 +1,1 @@
+"""``harness-calibrate``: noise measured on a device, constructed faults and regressions."""

@@ -1,0 +1,1 @@
+"""Judging observations: the comparison engine, tolerances, allowances, noise, flips and budgets."""

@@ -1,0 +1,271 @@
+"""Score a greedy path with the model under test, and measure how far benign changes move it.
+
+Judging a golden needs the model's scores of the golden's own tokens, every step. Where no
+logits processor acts under greedy decoding (the golden's generation settings hold nothing
+but ``eos_token_id``), one forward pass over prompt + path gives them all: the scores decoding
+would see, up to the KV cache's own rounding (one of the recorded conditions below). Where a
+processor acts (a repetition penalty, say), the path is forced through ``generate`` itself so
+the scores are the processed ones decoding used.
+
+Recording a golden measures its noise on the recording machine (``measure``): the same path
+scored under benign changes, per step. The conditions are the ones any machine can run in
+one process:
+
+- the other attention kernel (sdpa <-> eager): same maths, another summation order;
+- no KV cache: the whole path in one forward, against the recording's incremental decoding;
+- a left-padded batch: the prompt next to a longer one;
+- a rounding dither: every Linear layer's output moved by up to half a unit in the last place
+  of the dtype it is computed in (bfloat16 for NF4, float16 for fp16), with a fixed seed.
+  That is what another CPU's or GPU's matrix kernels do: another accumulation order rounds
+  some outputs the other way. Measured on SmolLM2-135M: goldens recorded on an AVX-512 CPU
+  and judged on an AVX2 one moved the golden tokens' log-probs by mean 0.017 (nf4) and 0.032
+  (nf4-lora); the dither on the AVX2 machine, by 0.019 and 0.028-0.032; the attention kernel
+  alone, by 0.013 and 0.024, and it missed the cross-CPU moves at single steps by up to 6x.
+  Thread count changed nothing on NF4 and moved fp16 by 0.0007.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from harness.judge.allowance import MANTISSA_BITS, PathNoise
+from harness.judge.compare import margin_shift
+from harness.observe.observation import (
+    DEFAULT_TOP_K, Observation, Step, generation_settings, step_from_scores, teacher_force,
+)
+
+DITHER_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A path scored by one model: per step the processed distribution's top-k and the golden token's score."""
+
+    steps: tuple[Step, ...]
+    scores: tuple[float, ...]  # the golden token's score (logit) per step: the dtype floor's magnitude
+
+
+def forward_scores(model: Any, prompt_ids: Sequence[int], path: Sequence[int], *, top_k: int = DEFAULT_TOP_K,
+                   pad: int | None = None, pad_token_id: int = 0) -> Scored:
+    """``path`` scored in one forward pass over prompt + path (no cache), optionally after ``pad`` left pads.
+
+    With ``pad``, the row sits in a batch of two next to a row ``pad`` tokens longer (the prompt's
+    first ``pad`` tokens repeated before it): a left-padded batch, positions taken from the mask.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    row = list(prompt_ids) + list(path)
+    if pad:
+        longer = list(prompt_ids[:pad]) + row
+        ids = torch.tensor([[pad_token_id] * pad + row, longer], device=device)
+        mask = torch.tensor([[0] * pad + [1] * len(row), [1] * len(longer)], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[0]
+        logits = logits[pad:]
+    else:
+        ids = torch.tensor([row], device=device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+    start = len(prompt_ids) - 1
+    rows = [logits[start + i] for i in range(len(path))]
+    return Scored(steps=tuple(step_from_scores(r, t, top_k=top_k) for r, t in zip(rows, path)),
+                  scores=tuple(float(r[t]) for r, t in zip(rows, path)))
+
+
+def path_scores(model: Any, tokenizer: Any, prompt_ids: Sequence[int], path: Sequence[int], *,
+                processors_act: bool | None = None) -> tuple[Step, ...]:
+    """The model's scores of ``path`` as greedy decoding would see them (see the module docstring).
+
+    ``processors_act``: whether a logits processor shapes them; None reads the model's own settings.
+    """
+    if not path:
+        return ()
+    if processors_act is None:
+        processors_act = processors_act_in(model)
+    if processors_act:
+        return teacher_force(model, prompt_ids, path, tokenizer=tokenizer)
+    return forward_scores(model, prompt_ids, path).steps
+
+
+def standing_for(scored: Sequence[Step], steps: int) -> tuple[Step, ...] | None:
+    """Scores that can stand for a path of ``steps`` steps (one per step, all finite); None: decode instead."""
+    scored = tuple(scored)
+    return scored if len(scored) == steps and all(s.finite for s in scored) else None
+
+
+def free_run_of(scored: tuple[Step, ...], golden: Observation, prompt_ids: Sequence[int]) -> Observation:
+    """What free greedy decoding does with these scores: the golden's path until it prefers another token.
+
+    Free decoding is forced decoding until its first flip, so where the scores of the golden's
+    path are known, the free run up to and including its first divergence is too; after it, the
+    engine judges the golden's remaining tokens with the same scores (teacher forcing).
+    """
+    steps: list[Step] = []
+    for got, want in zip(scored, golden.steps):
+        if got.best[0] != want.token_id:
+            steps.append(Step(got.best[0], got.best[1], got.top))
+            return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop="length")
+        steps.append(got)
+    return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop=golden.stop)
+
+
+def processors_act(settings: dict[str, Any]) -> bool:
+    """Whether a logits processor shapes greedy decoding's scores (anything besides the eos id is set)."""
+    return any(name != "eos_token_id" for name in settings)
+
+
+def processors_act_in(model: Any) -> bool:
+    """``processors_act`` for ``model``'s own generation settings."""
+    return processors_act(generation_settings(model))
+
+
+# -- the rounding dither ------------------------------------------------------------------------
+def _rounding_dtype(module: Any, output: Any) -> Any:
+    """The dtype a Linear layer rounds in: a 4-bit layer's compute dtype, else its output's."""
+    return getattr(module, "compute_dtype", None) or output.dtype
+
+
+@contextmanager
+def rounding_dither(model: Any, *, seed: int = DITHER_SEED) -> Iterator[str]:
+    """Every Linear layer's output moved by up to half a unit in the last place of its rounding dtype.
+
+    Adapter layers (lora_A/lora_B) are left alone: they are part of the model under test, not
+    a kernel's rounding. Yields a description; the hooks are removed afterwards.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    bits = {getattr(torch, name): value for name, value in MANTISSA_BITS.items() if hasattr(torch, name)}
+    names: set[str] = set()
+
+    def hook(module: Any, _inputs: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return None
+        dtype = _rounding_dtype(module, output)
+        if dtype not in bits:
+            return None
+        names.add(str(dtype).removeprefix("torch."))
+        values = output.float()
+        exponent = torch.floor(torch.log2(values.abs().clamp_min(2.0 ** -24)))
+        unit = torch.pow(2.0, exponent - bits[dtype])
+        jitter = torch.rand(values.shape, generator=generator).to(values.device) - 0.5
+        return (values + jitter * unit).to(output.dtype)
+
+    handles = [module.register_forward_hook(hook) for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and "lora_" not in name]
+    try:
+        yield "rounding dither (Linear outputs moved by up to half a unit in the last place)"
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# -- measuring a path's noise -------------------------------------------------------------------
+def logits_dtype(model: Any) -> str:
+    """The dtype the output head rounds the scores to (where the dtype floor comes from)."""
+    from harness.diff.activations import base_model, compute_dtype
+
+    head = base_model(model).get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return str(weight.dtype).removeprefix("torch.")
+    return compute_dtype(model)
+
+
+def measure(model: Any, tokenizer: Any, prompt_ids: Sequence[int], recorded: Observation, *,
+            processors_act: bool, repeat: Observation | None = None,
+            environment: dict[str, Any] | None = None) -> PathNoise:
+    """How far benign changes move ``recorded``'s path, per step (see the module docstring).
+
+    ``recorded``: the recording (free greedy decoding, KV cache) whose tokens form the path;
+    ``repeat``: a second recording of the same path, added as a condition where it differs.
+    """
+    from harness.diff.activations import KernelSwitchError, other_attention
+
+    path = list(recorded.token_ids)
+    base = forward_scores(model, prompt_ids, path)
+    conditions: dict[str, tuple[tuple[Step, ...], tuple[Step, ...]]] = {}
+    cached = recorded.steps if not processors_act else teacher_force(model, prompt_ids, path, tokenizer=tokenizer)
+    if processors_act:  # every condition through generate, so processors act on both sides
+        conditions["no KV cache (one forward, raw scores)"] = (cached, base.steps)
+    else:
+        conditions["no KV cache (one forward)"] = (recorded.steps, base.steps)
+        try:
+            with other_attention(model) as kernels:
+                conditions[f"attention kernel {kernels}"] = (base.steps, forward_scores(model, prompt_ids, path).steps)
+        except KernelSwitchError:
+            pass
+        pad = min(4, len(prompt_ids))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        try:
+            padded = forward_scores(model, prompt_ids, path, pad=pad, pad_token_id=pad_id)
+            conditions[f"left-padded batch ({pad} pad tokens)"] = (base.steps, padded.steps)
+        except TypeError:  # a forward without position_ids
+            pass
+        with rounding_dither(model) as label:
+            conditions[label] = (base.steps, forward_scores(model, prompt_ids, path).steps)
+    if repeat is not None and repeat.steps != recorded.steps:
+        conditions["a second recording"] = (recorded.steps, repeat.steps)
+    return _noise(conditions, base.scores, logits_dtype(model), environment or {})
+
+
+def _noise(conditions: dict[str, tuple[Sequence[Step], Sequence[Step]]], scores: Sequence[float], dtype: str,
+           environment: dict[str, Any]) -> PathNoise:
+    n = len(scores)
+    dlogp, margin = [0.0] * n, [0.0] * n
+    flips: dict[str, tuple[int, ...]] = {}
+    for name, (reference, other) in conditions.items():
+        flipped = []
+        for i, (ref, got) in enumerate(zip(reference, other)):
+            mine = got.logprob_of(ref.token_id)
+            moved = abs(ref.logprob - mine) if mine is not None else math.inf
+            dlogp[i] = max(dlogp[i], moved if math.isfinite(moved) else 0.0)
+            margin[i] = max(margin[i], margin_shift(ref, got) or 0.0)
+            if got.top and got.best[0] != ref.token_id:
+                flipped.append(i)
+        flips[name] = tuple(flipped)
+    return PathNoise(dlogp=tuple(dlogp), margin=tuple(margin), score=tuple(abs(s) for s in scores),
+                     logits_dtype=dtype, conditions=tuple(conditions), flips=flips, environment=environment)
+
+
+def environment(model: Any) -> dict[str, Any]:
+    """What numerics depend on besides the weights: recorded next to the noise, shown when a golden fails."""
+    import torch
+
+    from harness.diff.activations import base_model, compute_dtype
+
+    device = next(model.parameters()).device
+    kernel = getattr(base_model(model).config, "_attn_implementation", None)
+    env: dict[str, Any] = {"device": device.type, "compute_dtype": compute_dtype(model),
+                           "logits_dtype": logits_dtype(model), "attn_implementation": kernel}
+    if device.type == "cpu":
+        env.update(cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+        kernel_4bit = nf4_cpu_kernel(model)
+        if kernel_4bit:
+            env.update(nf4_cpu_kernel=kernel_4bit)
+    else:
+        env.update(gpu=torch.cuda.get_device_name(device))
+    return env
+
+
+def nf4_cpu_kernel(model: Any) -> str | None:
+    """Which kernel bitsandbytes runs a 4-bit layer with on this CPU (None: the model has no 4-bit layer).
+
+    bitsandbytes 0.50 decides per machine: where the CPU has AVX512-BF16, a 4-bit layer repacks
+    its weights at its first inference forward and every matmul goes through a fused 4-bit
+    kernel; elsewhere each forward dequantizes the weights to bfloat16 and calls torch's matmul.
+    Two kernels, two roundings of the same sums: an NF4 golden recorded on one kind of CPU and
+    judged on the other moves more than the CPU's ISA level alone explains.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and hasattr(module, "weight"):
+            if module.support_avx512bf16_for_cpu:
+                return "fused 4-bit kernel on repacked weights (AVX512-BF16)"
+            return "dequantize to bfloat16 + torch matmul"
+    return None

@@ -1,0 +1,1 @@
+"""Models: the registry, where files come from, variants, the pool that loads them, 4-bit layers."""

@@ -1,0 +1,1 @@
+"""Observing a model: prompts turned into inputs, and greedy generations scored step by step."""

@@ -1,0 +1,1 @@
+"""What a session reports: the terminal summary, Markdown, the machine-readable result, shard merge."""

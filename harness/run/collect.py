@@ -1,0 +1,153 @@
+"""Collection: a YAML suite becomes one pytest item per check and variant.
+
+Items are ``pytest.Function``s so that fixtures (``harness_session``,
+``benchmark``) resolve; variants are expanded here, at collection time, and
+each item reports the YAML line of its check.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.report.display import relative_paths
+from harness.errors import CheckFailure, HarnessError, SuiteError
+from harness.run.session import harness_state
+from harness.suites.spec import CheckEntry, SuiteSpec, load_suite
+from harness.models.variants import RUN_ORDER, VariantSpec
+
+def is_suite_file(path: Path, parent: pytest.Collector) -> bool:
+    """Suites are YAML files under a ``suites`` folder of the project, named on the command line
+    (the file, or a folder other than the rootdir), or matched by the ``harness_suites`` ini globs.
+
+    Other YAML is never sniffed for ``checks:``: a plugin installed in a shared virtualenv
+    must not turn another project's ``.codeclimate.yml`` into a failing suite.
+    """
+    if path.suffix not in (".yaml", ".yml"):
+        return False
+    if parent.session.isinitpath(path):
+        return True
+    config = parent.config
+    if any(folder in path.parents for folder in _named_folders(config)):
+        return True
+    try:
+        relative = path.relative_to(config.rootpath)
+    except ValueError:
+        return False
+    if "suites" in relative.parts[:-1]:
+        return True
+    return any(fnmatch.fnmatch(relative.as_posix(), pattern) for pattern in config.getini("harness_suites"))
+
+
+def _named_folders(config: pytest.Config) -> list[Path]:
+    """Folders named on the command line (``pytest behaviour/``), except the rootdir and its parents:
+    ``pytest .`` must not turn every YAML file of the project into a suite."""
+    root = config.rootpath
+    folders = []
+    for arg in config.args:
+        folder = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if folder.is_dir() and folder != root and folder not in root.parents:
+            folders.append(folder)
+    return folders
+
+
+class SuiteFile(pytest.File):
+    """One YAML suite; a bad suite is a collection error of this file only."""
+
+    def collect(self) -> Iterator[pytest.Item]:
+        suite = load_suite(self.path)
+        state = harness_state(self.config)
+        state.suite_names.claim(suite.name, self.path)
+        for entry in suite.checks:
+            yield from self._items(suite, entry, state.variants)
+
+    def _items(self, suite: SuiteSpec, entry: CheckEntry, variants: list[VariantSpec]) -> Iterator[pytest.Item]:
+        check = entry.check
+        if not check.per_variant:
+            yield HarnessItem.from_parent(
+                self, name=check.spec.id, callobj=_runner(suite, entry, None), suite_line=entry.line
+            )
+            return
+        wanted = check.spec.variants
+        judgeable = [v for v in variants if not type(check).unjudgeable(v.key)]
+        selected = [v for v in judgeable if wanted is None or v.key in wanted]
+        if not selected:
+            self._note_unselected(entry, wanted or [v.key for v in variants if v not in judgeable], variants)
+        for variant in selected:
+            item = HarnessItem.from_parent(
+                self, name=f"{check.spec.id}[{variant.key}]", callobj=_runner(suite, entry, variant),
+                suite_line=entry.line,
+            )
+            item.harness_variant = variant
+            yield item
+
+    def _note_unselected(self, entry: CheckEntry, wanted: list[str], variants: list[VariantSpec]) -> None:
+        """A check that no variant of this session runs is said out loud, never dropped in silence."""
+        session = ", ".join(v.key for v in variants)
+        check = entry.check
+        kind_limit = [f"{key}: {why}" for key in wanted if (why := type(check).unjudgeable(key))]
+        harness_state(self.config).unselected.append(
+            f"{self.path.name}:{entry.line}: {check.spec.id}: its variants ({', '.join(wanted)}) are none "
+            f"of this session's ({session}) that a {check.kind} check can judge"
+            + (f" ({'; '.join(kind_limit)})" if kind_limit else "")
+            + "; choose them with --variants (a -lora variant needs an adapter), or change the `variants:` "
+            "of the check or its suite"
+        )
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, SuiteError):
+            harness_state(self.config).suite_errors += 1
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+
+class HarnessItem(pytest.Function):
+    """A check × variant; failures show the harness's message, not its stack."""
+
+    harness_variant: VariantSpec | None = None
+
+    def __init__(self, *args: Any, suite_line: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.suite_line = suite_line
+        self.add_marker(pytest.mark.harness)
+
+    def reportinfo(self) -> tuple[Path, int, str]:
+        return self.path, self.suite_line - 1, self.name
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Any:  # type: ignore[override]
+        """Harness errors show their message (paths relative to the rootdir, as in the reports);
+        anything else is this item's failure with its traceback.
+
+        The session goes on either way: an unexpected exception (a library's, or the harness's
+        own bug) must never escape as an INTERNALERROR that hides it and stops every other item.
+        """
+        header = f"{self.path.name}:{self.suite_line}: {self.name}"
+        if isinstance(excinfo.value, (CheckFailure, HarnessError)):
+            return f"{header}\n{relative_paths(str(excinfo.value), self.config.rootpath)}"
+        try:
+            shown = str(super().repr_failure(excinfo))
+        except Exception:  # noqa: BLE001 - never let reporting a failure become an INTERNALERROR
+            import traceback
+
+            shown = "".join(traceback.format_exception(excinfo.value))
+        return (f"{header}\nunexpected {excinfo.exconly()} (a harness bug, or an input the harness does not "
+                f"validate yet; the traceback below shows where)\n{shown}")
+
+    @property
+    def run_order(self) -> int:
+        """Model-level items first, then variants in the pool's order, so each loads once."""
+        if self.harness_variant is None:
+            return -1
+        return RUN_ORDER.index(self.harness_variant.key)
+
+
+def _runner(suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None) -> Callable[..., None]:
+    def harness_check(harness_session: Any, request: pytest.FixtureRequest) -> None:
+        __tracebackhide__ = True
+        harness_session.run_check(suite, entry, variant, request)
+
+    return harness_check
