@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU half of the harness (issue 19), one step per call: pack | install | synthetic | receive | real | doc | all.
-# The plan (what travels in which device call, and why) is the header of scripts/gpu_bench.py;
+# The GPU half of the harness, for your GPU host: pack | install | synthetic | receive | real | doc | all.
+# docs/gpu.md says how to run it online or offline; `--help` lists every option.
 # `scripts/gpu-bench.sh all --dry-run` runs every step on CPU (tests/test_gpu_bench.py does, in CI).
+# PYTHON picks the interpreter (default python3).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" "$here/scripts/gpu_bench.py" "$@"
+export PYTHONPATH="$here:$here/scripts${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m gpu_bench "$@"
