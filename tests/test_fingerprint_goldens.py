@@ -1,4 +1,4 @@
-"""Localization from a golden alone: greedy sidecars carry an activation fingerprint (issue 11, item 3).
+"""Localization from a golden alone: greedy sidecars carry an activation fingerprint.
 
 The pytester runs count fingerprint computations through a conftest in the throwaway project,
 so "a passing run computes none" is checked without timing.

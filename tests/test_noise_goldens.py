@@ -1,4 +1,4 @@
-"""Greedy goldens judged up to numerical noise, on the real embedded model (issue 9).
+"""Greedy goldens judged up to numerical noise, on the real embedded model.
 
 Near-ties are constructed by editing a recorded golden where the model's two
 best tokens are close (or by recording the runner-up's path with the model

@@ -1,4 +1,4 @@
-"""Goldens that carry their own measured noise, on the real embedded model (issue 16).
+"""Goldens that carry their own measured noise, on the real embedded model.
 
 Recording measures each greedy golden's noise; judging reads it back, scores the golden's path
 in one pass, decodes only where needed, and bounds what it forgives.

@@ -6,9 +6,9 @@ real model's cross-device measurement into one document: ``benchmark-gpu.md``, `
 and ``.png``.
 
 Flags name two known bitsandbytes behaviours a 4-bit user should see before trusting a
-saving: a 4-bit peak above the 16-bit one at some shape (bitsandbytes issue #1141, where
+saving: a 4-bit peak above the 16-bit one at some shape (bitsandbytes#1141, where
 dequantization buffers outweigh the smaller weights) and 4-bit decoding slower than 16-bit
-(issue #611). They are facts about this card and these versions, reported, never failures.
+(bitsandbytes#611). They are facts about this card and these versions, reported, never failures.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _measured(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def flags(rows: Sequence[dict[str, Any]], *, peak_label: str) -> list[dict[str, Any]]:
-    """Shapes where 4-bit peaks above 16-bit (#1141) or decodes slower (#611), per variant pair."""
+    """Shapes where 4-bit peaks above 16-bit (bitsandbytes#1141) or decodes slower (bitsandbytes#611), per variant pair."""
     by_key = {row["variant"]: row for row in rows}
     out: list[dict[str, Any]] = []
     for quant, base in PAIRS:
