@@ -84,6 +84,15 @@ def test_readme_is_a_guide_not_a_notebook():
     assert lines <= MAX_README_LINES, f"README.md has {lines} lines; move rationale and measurements to docs/"
 
 
+def test_readme_quotes_no_measurement_by_hand():
+    """Measured figures live in docs/ beside how they were made; README's only ones are generated."""
+    text = README.read_text(encoding="utf-8")
+    text = re.sub(r"<!-- generated: .*?<!-- end generated -->", "", text, flags=re.S)
+    text = re.sub(r"==\d+(\.\d+)+", "", text)  # pinned versions
+    figures = re.findall(r"\b\d+\.\d+\b|\b\d+ (?:s|ms|MiB|GiB|%)(?![\w-])", text)
+    assert not figures, f"README.md quotes measured figures outside a generated block: {figures}"
+
+
 def test_every_harness_option_has_exactly_one_row_in_readmes_table():
     help_text = _pytest_help()
     group = _harness_group_options(help_text)
