@@ -146,7 +146,7 @@ def run_diff(old: DiffSide, new: DiffSide, *, prompts: list[SuitePrompt], device
 
 def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, quant: str, new_tokens: int,
                progress: Progress) -> None:
-    from harness.checks.drift import DriftReference, compare_to_reference, reference_observation
+    from harness.measure.drift import DriftReference, compare_to_reference, reference_observation
     from harness.diff.activations import capture
     from harness.models.introspect import compute_dtype
     from harness.models.pool import ModelPool
