@@ -80,19 +80,9 @@ def pytest_collection(session: pytest.Session) -> None:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order items so each variant loads once: model-level first, then variant by variant."""
-    from harness.run.collect import HarnessItem
+    from harness.run.items import HarnessItem, run_order
 
-    def order(item: pytest.Item) -> int:
-        if isinstance(item, HarnessItem):
-            return item.run_order
-        spec = getattr(getattr(item, "callspec", None), "params", {}).get("variant")
-        from harness.models.variants import RUN_ORDER, VariantSpec
-
-        if isinstance(spec, VariantSpec):  # a user's own "variant" parameter may be anything
-            return RUN_ORDER.index(spec.key)
-        return -2
-
-    items.sort(key=order)
+    items.sort(key=run_order)
     from harness.run.shard import load_group
 
     for item in items:

@@ -56,7 +56,7 @@ def test_bench_writes_table_json_and_chart(tmp_path: Path, embedded_model_dir: P
 
 
 def test_report_renders_an_unavailable_variant_and_a_gpu_label(tmp_path: Path) -> None:
-    from harness.bench.run import render_markdown, write_outputs
+    from harness.bench.report import render_markdown, write_outputs
 
     report = {
         "model": "m", "source": "s", "revision": None, "model_fingerprint": "f", "adapter": None,

@@ -32,25 +32,11 @@ def harness_modules(package: Path = PACKAGE) -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _import_nodes(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement, at module level or inside functions and classes, except the body of
-    an ``if TYPE_CHECKING:`` (never executed; its ``else:`` is)."""
-    found: list[ast.Import | ast.ImportFrom] = []
-    stack: list[ast.AST] = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            found.append(node)
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
-    return found
+    """Every import statement, at module level, inside functions and classes, and inside
+    ``if TYPE_CHECKING:``: a design circle hidden behind TYPE_CHECKING is still a circle."""
+    found = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return sorted(found, key=lambda node: (node.lineno, node.col_offset))
 
 
 def imports_of(name: str, modules: dict[str, Path], *, package_dir: Path = PACKAGE) -> list[Edge]:
@@ -117,17 +103,27 @@ def describe_cycle(cycle: list[tuple[str, Edge]]) -> str:
     return "\n".join(f"  {module} -> {target}   ({file}:{line})" for module, (target, file, line) in cycle)
 
 
+# Being fixed on its own: the check base and reference mode both want the live reference pair.
+KNOWN_CIRCLE = frozenset({"harness.checks.base", "harness.run.reference"})
+
+
 def test_the_harness_package_has_no_import_circle():
     modules = harness_modules()
     graph = {name: imports_of(name, modules) for name in modules}
-    cycle = find_cycle(graph)
+    others = {name: [edge for edge in edges if not {name, edge[0]} <= KNOWN_CIRCLE] for name, edges in graph.items()}
+    cycle = find_cycle(others)
     assert cycle is None, (
-        "import circle (function-level imports count; `if TYPE_CHECKING:` ones do not):\n" + describe_cycle(cycle)
+        "import circle (function-level and `if TYPE_CHECKING:` imports count):\n" + describe_cycle(cycle)
         + "\nMove what both sides need into a module below both (as harness.suites.names is for golden names).")
+    known = find_cycle(graph)
+    if known is not None:
+        pytest.xfail("known circle harness.checks.base <-> harness.run.reference, being fixed separately:\n"
+                     + describe_cycle(known))
 
 
 def test_the_circle_finder_sees_function_level_imports_and_names_the_lines(tmp_path):
-    """The checker itself: a circle closed by an import inside a function is found, a TYPE_CHECKING one is not."""
+    """The checker itself: a circle closed by an import inside a function is found, and TYPE_CHECKING
+    imports count (here both branches import the same module)."""
     package = tmp_path / "harness"
     (package / "sub").mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -135,7 +131,7 @@ def test_the_circle_finder_sees_function_level_imports_and_names_the_lines(tmp_p
     (package / "b.py").write_text("x = 1\ndef f():\n    from harness.sub import c\n")
     (package / "sub" / "__init__.py").write_text("from harness.sub import c\n")
     (package / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                           "    from harness import b\nelse:\n    from . import d\n")
+                                           "    from harness.sub import d\nelse:\n    from . import d\n")
     (package / "sub" / "d.py").write_text("def g():\n    from ..a import y\n")
     modules = harness_modules(package)
     graph = {name: imports_of(name, modules, package_dir=package) for name in modules}
@@ -144,7 +140,163 @@ def test_the_circle_finder_sees_function_level_imports_and_names_the_lines(tmp_p
     text = describe_cycle(cycle)
     assert [m for m, _ in cycle] == ["harness.a", "harness.b", "harness.sub.c", "harness.sub.d"], text
     assert "harness/b.py:3" in text and "harness/sub/d.py:2" in text
-    assert ("harness.b", "harness/sub/c.py", 3) not in graph["harness.sub.c"]  # TYPE_CHECKING only
+    assert ("harness.sub.d", "harness/sub/c.py", 3) in graph["harness.sub.c"]  # TYPE_CHECKING counts
+
+
+def test_a_circle_behind_type_checking_is_still_a_circle(tmp_path):
+    package = tmp_path / "harness"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from harness.b import B\n")
+    (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from harness.a import A\n")
+    modules = harness_modules(package)
+    cycle = find_cycle({name: imports_of(name, modules, package_dir=package) for name in modules})
+    assert cycle is not None and {m for m, _ in cycle} == {"harness.a", "harness.b"}
+    assert "harness/b.py:3" in describe_cycle(cycle)
+
+
+# -- layers point one way ----------------------------------------------------------------------------
+# Console tools: their own packages, the entry modules that live beside the layer they serve, and the
+# plumbing only tools use. A tool may import any shared layer; no shared layer imports a tool.
+TOOL_PACKAGES = ("harness.bench", "harness.calibrate", "harness.diff", "harness.upstream")
+TOOL_MODULES = ("harness.report.merge", "harness.suites.validate", "harness.cli")
+SHARED = ("errors", "suites", "models", "observe", "judge", "golden", "measure", "checks", "run", "report", "plugin")
+
+# Which shared layer may import which (derived from the code, then held): each row lists what its
+# modules may import. ``checks`` below ``run``/``report`` means only ``harness.checks`` (the registry)
+# and ``harness.checks.base``; a kind (``harness.checks.greedy``...) is imported by nothing outside it.
+MAY_IMPORT: dict[str, set[str]] = {
+    "errors": set(),
+    "suites": {"errors", "models", "judge", "checks"},  # a suite's spec: variant keys, tolerances, the kinds
+    "models": {"errors", "suites"},  # the registry reads YAML and names with the suites' rules
+    "observe": {"errors", "models"},
+    "judge": {"errors", "models", "observe"},
+    "golden": {"errors", "models", "suites"},
+    "measure": {"errors", "models", "observe"},
+    "checks": {"errors", "suites", "models", "observe", "judge", "golden", "measure"},
+    "run": {"errors", "suites", "models", "observe", "judge", "golden", "measure", "checks", "report"},
+    "report": {"errors", "suites", "models", "observe", "judge", "golden", "measure", "checks", "run"},
+    "plugin": {"errors", "suites", "models", "observe", "judge", "golden", "measure", "checks", "run", "report"},
+}
+CHECKS_FOR_THE_RUN = ("harness.checks", "harness.checks.base")
+
+# Edges that break the table today, each being moved (importer, imported): the test fails on any other.
+KNOWN_LAYERING_BREAKS = {
+    ("harness.checks.greedy", "harness.diff.fingerprints"): "a check imports a tool (golden fingerprints)",
+    ("harness.calibrate.crossdevice", "harness.checks.greedy"): "a tool imports a kind (the greedy golden format)",
+    ("harness.models.provenance", "harness.run.machine"): "models reads the machine's numerics from run",
+    ("harness.judge.budgets", "harness.checks.base"): "judge names CheckContext (TYPE_CHECKING)",
+    ("harness.checks.base", "harness.run.reference"): "checks reach the reference pair in run",
+    ("harness.checks.drift", "harness.run.reference"): "checks reach the reference pair in run",
+    ("harness.checks.expect", "harness.run.reference"): "checks reach the reference pair in run",
+    ("harness.checks.memory", "harness.run.reference"): "checks reach the reference pair in run",
+    ("harness.checks.throughput", "harness.run.reference"): "checks reach the reference pair in run",
+}
+
+
+def layer_of(module: str) -> str:
+    """``tool`` for a console tool's module, else the top-level package (``errors``, ``plugin``: the file)."""
+    if module in TOOL_MODULES or module.startswith(tuple(p + "." for p in TOOL_PACKAGES)) or module in TOOL_PACKAGES:
+        return "tool"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "harness"
+
+
+def layering_breaks(graph: dict[str, list[Edge]]) -> dict[tuple[str, str], str]:
+    """Every (importer, imported) that the table, the kinds rule or the tools rule forbids, with the line."""
+    found: dict[tuple[str, str], str] = {}
+    for module, edges in graph.items():
+        mine = layer_of(module)
+        for target, file, line in edges:
+            theirs = layer_of(target)
+            if mine == theirs and (mine != "tool" or target.split(".")[:2] == module.split(".")[:2]
+                                   or target == "harness.cli"):
+                continue  # within a layer; a tool with its own package or the tools' plumbing
+            kind = theirs == "checks" and target not in CHECKS_FOR_THE_RUN and mine != "checks"
+            if mine == "tool":
+                bad = kind or theirs == "tool"
+            elif mine == "harness":
+                bad = False
+            else:
+                bad = kind or theirs == "tool" or theirs not in MAY_IMPORT.get(mine, set())
+            if bad:
+                found.setdefault((module, target), f"{file}:{line}")
+    return found
+
+
+def test_layers_point_one_way():
+    """No shared layer imports a tool or a check kind, and each imports only what its row allows."""
+    modules = harness_modules()
+    assert set(MAY_IMPORT) | {"harness", "tool"} >= {layer_of(m) for m in modules}, "a new package needs a row"
+    graph = {name: imports_of(name, modules) for name in modules}
+    new = {edge: where for edge, where in layering_breaks(graph).items() if edge not in KNOWN_LAYERING_BREAKS}
+    assert not new, "imports against the layering (tests/test_house.py: MAY_IMPORT):\n" + "\n".join(
+        f"  {a} ({layer_of(a)}) -> {b} ({layer_of(b)})   {where}" for (a, b), where in sorted(new.items()))
+
+
+@pytest.mark.xfail(strict=False, reason="known layering breaks, being moved: see KNOWN_LAYERING_BREAKS")
+def test_the_known_layering_breaks_are_gone():
+    modules = harness_modules()
+    left = layering_breaks({name: imports_of(name, modules) for name in modules}).keys() & KNOWN_LAYERING_BREAKS.keys()
+    assert not left, "\n".join(f"{a} -> {b}: {KNOWN_LAYERING_BREAKS[a, b]}" for a, b in sorted(left))
+
+
+def test_the_layering_check_sees_a_shared_layer_importing_a_kind_or_a_tool(tmp_path):
+    package = tmp_path / "harness"
+    for folder in ("judge", "checks", "diff"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "checks" / "base.py").write_text("")
+    (package / "checks" / "greedy.py").write_text("")
+    (package / "diff" / "run.py").write_text("from harness.checks import base\n")
+    (package / "judge" / "a.py").write_text("def f():\n    from harness.checks import greedy\n"
+                                              "    from harness.diff import run\n")
+    modules = harness_modules(package)
+    found = layering_breaks({name: imports_of(name, modules, package_dir=package) for name in modules})
+    assert found == {("harness.judge.a", "harness.checks.greedy"): "harness/judge/a.py:2",
+                     ("harness.judge.a", "harness.diff.run"): "harness/judge/a.py:3"}
+
+
+# -- no module over 400 lines without a reason --------------------------------------------------------
+MAX_LINES = 400
+
+
+def long_modules(package: Path = PACKAGE) -> dict[str, int]:
+    """Modules over MAX_LINES lines whose docstring does not say why ("over 400 lines because ...")."""
+    found = {}
+    for name, file in harness_modules(package).items():
+        text = file.read_text(encoding="utf-8")
+        lines = text.count("\n")
+        if lines > MAX_LINES and f"over {MAX_LINES} lines because" not in (ast.get_docstring(ast.parse(text)) or ""):
+            found[name] = lines
+    return found
+
+
+# Being split right now, elsewhere.
+BEING_SPLIT = {"harness.models.pool", "harness.calibrate.run", "harness.report.summary", "harness.checks.expect",
+               "harness.checks.greedy", "harness.judge.compare"}
+
+
+def test_no_module_is_over_400_lines_without_a_reason():
+    over = {name: n for name, n in long_modules().items() if name not in BEING_SPLIT}
+    assert not over, "\n".join(f"  {name}: {n} lines; split it, or say in its docstring why it is "
+                                f"\"over {MAX_LINES} lines because ...\"" for name, n in sorted(over.items()))
+
+
+@pytest.mark.xfail(strict=False, reason="modules over 400 lines being split elsewhere: see BEING_SPLIT")
+def test_the_modules_being_split_are_split():
+    assert not set(long_modules()) & BEING_SPLIT, sorted(set(long_modules()) & BEING_SPLIT)
+
+
+def test_a_reason_in_the_docstring_lets_a_long_module_be(tmp_path):
+    package = tmp_path / "harness"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    body = "x = 1\n" * (MAX_LINES + 1)
+    (package / "long.py").write_text(body)
+    (package / "why.py").write_text(f'"""One table, over {MAX_LINES} lines because it is data."""\n' + body)
+    assert long_modules(package) == {"harness.long": MAX_LINES + 1}
 
 
 # -- one rule for golden names ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""``python -m harness.bench.run``."""
+"""``python -m harness.bench``."""
 
 import sys
 
-from harness.bench.run.run import main
+from harness.bench.run import main
 
 sys.exit(main())

@@ -31,7 +31,7 @@ def swap_top2(model: Any, gap: float) -> Any:
     """A forward hook on ``model``'s output head swapping the two best scores where they are within ``gap``."""
     import torch
 
-    from harness.diff.activations import base_model
+    from harness.models.introspect import base_model
 
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
         values, index = torch.topk(output, 2, dim=-1)

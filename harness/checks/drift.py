@@ -30,13 +30,11 @@ figures recorded beside. NEW's own budgets (where its name has them) still apply
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
-from harness.checks.greedy import generate_greedy
 from harness.observe.prompts import (
     CHATS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
@@ -44,6 +42,9 @@ from harness.errors import CheckFailure
 from harness.judge.budgets import (
     Budget, NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
     validate_model_table,
+)
+from harness.measure.drift import (
+    DriftReference, DriftResult, compare_to_reference, default_reference, reference_observation, token_logprobs,
 )
 from harness.models.variants import ALL_KEYS, VariantSpec
 
@@ -122,111 +123,6 @@ def _variant_table(value: Any, *, where: str) -> Any:
                 raise ValueError(f"{where}: drift budgets are keyed by variant; {key!r} is not one "
                                  f"(known: {', '.join(ALL_KEYS)}){hint}")
     return value
-
-
-def default_reference(variant: VariantSpec) -> VariantSpec:
-    """The variant's base: what an adapter or a quantization is measured against."""
-    if variant.lora:
-        return variant.base
-    return VariantSpec("fp16", False)
-
-
-@dataclass(frozen=True)
-class DriftReference:
-    """The reference's token paths and log-probabilities (float32, CPU)."""
-
-    variant: str
-    sequences: tuple[tuple[int, ...], ...]
-    prompt_lengths: tuple[int, ...]
-    logprobs: tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class Divergence:
-    prompt: int
-    new_token: int
-    expected: int
-    got: int
-
-
-@dataclass(frozen=True)
-class DriftResult:
-    reference: str
-    variant: str
-    mean_kl: float
-    max_kl: float
-    top1_agreement: float
-    positions: int
-    first_divergence: Divergence | None
-    diverged_prompts: int
-    new_tokens: tuple[int, ...]
-
-    def figures(self) -> dict[str, Any]:
-        first = self.first_divergence
-        return {
-            "drift_reference": self.reference,
-            "mean_kl": round(self.mean_kl, 6),
-            "max_kl": round(self.max_kl, 6),
-            "top1_agreement": round(self.top1_agreement, 4),
-            "positions": self.positions,
-            "first_divergence": None if first is None else first.new_token,
-            "diverged_prompts": self.diverged_prompts,
-        }
-
-
-def _logprobs(model: Any, sequence: tuple[int, ...]) -> Any:
-    import torch
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([sequence], device=device)
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
-
-
-def reference_observation(model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int, *,
-                          variant: str) -> DriftReference:
-    """Greedy continuations of the reference, and its log-probs over prompt + continuation."""
-    sequences: list[tuple[int, ...]] = []
-    logprobs: list[Any] = []
-    for ids in prompts:
-        new_ids, _ = generate_greedy(model, tokenizer, ids, new_tokens)
-        sequence = tuple(ids) + tuple(new_ids)
-        sequences.append(sequence)
-        logprobs.append(_logprobs(model, sequence))
-    return DriftReference(variant=variant, sequences=tuple(sequences),
-                          prompt_lengths=tuple(len(p) for p in prompts), logprobs=tuple(logprobs))
-
-
-def compare_to_reference(model: Any, reference: DriftReference, *, variant: str) -> DriftResult:
-    """KL(reference || variant) at every position, top-1 agreement and the first greedy divergence."""
-    import torch
-
-    kls: list[Any] = []
-    agree = 0
-    first: Divergence | None = None
-    diverged = 0
-    for index, (sequence, n_prompt, ref_lp) in enumerate(
-            zip(reference.sequences, reference.prompt_lengths, reference.logprobs)):
-        lp = _logprobs(model, sequence)
-        kl = (ref_lp.exp() * (ref_lp - lp)).sum(dim=-1).clamp_min(0).double()
-        kls.append(kl)
-        top = lp.argmax(dim=-1)
-        agree += int((top == ref_lp.argmax(dim=-1)).sum())
-        for j, token in enumerate(sequence[n_prompt:]):
-            got = int(top[n_prompt - 1 + j])
-            if got != token:
-                diverged += 1
-                if first is None or j < first.new_token:
-                    first = Divergence(prompt=index, new_token=j, expected=token, got=got)
-                break
-    every = torch.cat(kls)
-    return DriftResult(
-        reference=reference.variant, variant=variant, mean_kl=float(every.mean()), max_kl=float(every.max()),
-        top1_agreement=agree / every.numel(), positions=int(every.numel()), first_divergence=first,
-        diverged_prompts=diverged,
-        new_tokens=tuple(len(s) - n for s, n in zip(reference.sequences, reference.prompt_lengths)),
-    )
 
 
 @register_check("drift")
@@ -387,7 +283,7 @@ def versus_old(ctx: CheckContext, old: DriftReference, *, tolerance: Any) -> lis
     for index, (sequence, n_prompt, old_lp) in enumerate(zip(old.sequences, old.prompt_lengths, old.logprobs)):
         labels = [f"position {p}" + (f" (new token {p - n_prompt + 1})" if p >= n_prompt - 1 else "")
                   for p in range(len(sequence))]
-        findings.add(f"prompt {index}", compare_distributions(old_lp, _logprobs(ctx.model, sequence), tolerance,
+        findings.add(f"prompt {index}", compare_distributions(old_lp, token_logprobs(ctx.model, sequence), tolerance,
                                                               labels=labels))
     for tie in findings.ties:
         ctx.note(f"{ctx.subject}: {tie}")

@@ -32,7 +32,7 @@ from harness.judge.path_noise import free_run_of, path_scores, processors_act, s
 from harness.judge.tolerance import (
     CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
 )
-from harness.diff.activations import compute_dtype
+from harness.models.introspect import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import judged_record, meta_path

@@ -14,17 +14,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from harness.models.introspect import KernelSwitchError, base_model, compute_dtype, other_attention
+
+__all__ = [
+    "KINDS", "KernelSwitchError", "base_model", "capture", "capturing", "compute_dtype", "decoder_layers",
+    "layer_index", "module_kind", "named_modules", "other_attention", "relative_difference",
+]
+
 KINDS = ("embedding", "norm", "attention", "mlp", "output", "head")
 
 _ATTENTION = re.compile(r"attn|attention", re.I)
 _MLP = re.compile(r"mlp|feed_forward|ffn", re.I)
 _NORM = re.compile(r"norm|^ln|_ln|ln_", re.I)
-
-
-def base_model(model: Any) -> Any:
-    """The transformers model under a peft wrapper (adapter layers stay inside it)."""
-    getter = getattr(model, "get_base_model", None)
-    return getter() if callable(getter) else model
 
 
 def decoder_layers(model: Any) -> Any:
@@ -85,44 +86,6 @@ def _final_norm(model: Any, layers: Any) -> Any:
                     or getattr(module, "ln_f", None)
                 return norm
     return None
-
-
-class KernelSwitchError(ValueError):
-    """The model cannot switch attention kernels once loaded (no benign perturbation to measure)."""
-
-
-@contextmanager
-def other_attention(model: Any) -> Iterator[str]:
-    """The loaded model with its other attention kernel (sdpa <-> eager), restored afterwards.
-
-    Kernel choice is a benign change: same weights and maths, another summation order, so
-    what it moves is rounding. Yields ``"sdpa vs eager"``; KernelSwitchError where it cannot.
-    """
-    inner = base_model(model)
-    current = getattr(inner.config, "_attn_implementation", None) or "sdpa"
-    other = "eager" if current != "eager" else "sdpa"
-    try:
-        inner.set_attn_implementation(other)
-    except Exception as exc:  # noqa: BLE001 - any refusal means: no second kernel here
-        raise KernelSwitchError(f"{type(inner).__name__} cannot switch its attention kernel "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
-    try:
-        if getattr(inner.config, "_attn_implementation", None) != other:
-            raise KernelSwitchError(f"{type(inner).__name__} kept {current!r} when asked for {other!r}")
-        yield f"{current} vs {other}"
-    finally:
-        inner.set_attn_implementation(current)
-
-
-def compute_dtype(model: Any) -> str:
-    """The dtype matmuls run in: a 4-bit model's compute dtype, else its embedding weights' dtype."""
-    inner = base_model(model)
-    config = getattr(inner.config, "quantization_config", None)
-    dtype = config.get("bnb_4bit_compute_dtype") if isinstance(config, dict) else \
-        getattr(config, "bnb_4bit_compute_dtype", None)
-    if dtype is None or not getattr(inner, "is_loaded_in_4bit", False):
-        dtype = inner.get_input_embeddings().weight.dtype
-    return str(dtype).removeprefix("torch.")
 
 
 def layer_index(name: str) -> int | None:

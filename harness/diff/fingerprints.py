@@ -245,7 +245,7 @@ def with_noise(fp: dict[str, Any], model: Any, input_ids: list[int]) -> dict[str
     In the modules' line layout (one number per module), so a sidecar stays a few KB. Where
     the model cannot switch kernels, the record says why and the constants judge it.
     """
-    from harness.diff.activations import KernelSwitchError, other_attention
+    from harness.models.introspect import KernelSwitchError, other_attention
 
     try:
         with other_attention(model) as method:

@@ -146,8 +146,9 @@ def run_diff(old: DiffSide, new: DiffSide, *, prompts: list[SuitePrompt], device
 
 def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, quant: str, new_tokens: int,
                progress: Progress) -> None:
-    from harness.checks.drift import DriftReference, compare_to_reference, reference_observation
+    from harness.measure.drift import DriftReference, compare_to_reference, reference_observation
     from harness.diff.activations import capture
+    from harness.models.introspect import compute_dtype
     from harness.models.pool import ModelPool
     from harness.models.variants import VariantSpec
 
@@ -159,7 +160,7 @@ def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, qu
         pool.release()
         return
     reference = reference_observation(model, pool.tokenizer, old_ids, new_tokens, variant="OLD")
-    result.dtype = _compute_dtype(model)
+    result.dtype = compute_dtype(model)
     old_vocab = _vocab_size(model)
     old_acts = [capture(model, seq) for seq in reference.sequences]
     noise, result.noise_method = _noise(model, reference.sequences, old_acts)
@@ -228,21 +229,15 @@ def _encode_or_none(prompt: SuitePrompt, tokenizer: Any) -> list[int] | None:
 
 
 def _vocab_size(model: Any) -> int:
-    from harness.diff.activations import base_model
+    from harness.models.introspect import base_model
 
     return int(base_model(model).get_input_embeddings().num_embeddings)
 
 
-def _compute_dtype(model: Any) -> str:
-    from harness.diff.activations import base_model
-
-    weight = base_model(model).get_input_embeddings().weight
-    return str(weight.dtype).removeprefix("torch.")
-
-
 def _noise(model: Any, sequences: Any, reference: list[dict[str, Any]]) -> tuple[list[dict[str, float]], str]:
     """Per prompt and module: how far OLD moves when only its attention kernel changes."""
-    from harness.diff.activations import KernelSwitchError, capture, other_attention, relative_difference
+    from harness.diff.activations import capture, relative_difference
+    from harness.models.introspect import KernelSwitchError, other_attention
 
     try:
         with other_attention(model) as method:

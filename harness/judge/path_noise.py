@@ -169,7 +169,7 @@ def rounding_dither(model: Any, *, seed: int = DITHER_SEED) -> Iterator[str]:
 # -- measuring a path's noise -------------------------------------------------------------------
 def logits_dtype(model: Any) -> str:
     """The dtype the output head rounds the scores to (where the dtype floor comes from)."""
-    from harness.diff.activations import base_model, compute_dtype
+    from harness.models.introspect import base_model, compute_dtype
 
     head = base_model(model).get_output_embeddings()
     weight = getattr(head, "weight", None)
@@ -186,7 +186,7 @@ def measure(model: Any, tokenizer: Any, prompt_ids: Sequence[int], recorded: Obs
     ``recorded``: the recording (free greedy decoding, KV cache) whose tokens form the path;
     ``repeat``: a second recording of the same path, added as a condition where it differs.
     """
-    from harness.diff.activations import KernelSwitchError, other_attention
+    from harness.models.introspect import KernelSwitchError, other_attention
 
     path = list(recorded.token_ids)
     base = forward_scores(model, prompt_ids, path)
@@ -238,7 +238,7 @@ def environment(model: Any) -> dict[str, Any]:
     """What numerics depend on besides the weights: recorded next to the noise, shown when a golden fails."""
     import torch
 
-    from harness.diff.activations import base_model, compute_dtype
+    from harness.models.introspect import base_model, compute_dtype
 
     device = next(model.parameters()).device
     kernel = getattr(base_model(model).config, "_attn_implementation", None)

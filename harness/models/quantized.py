@@ -32,6 +32,8 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from harness.models.introspect import activation_dtype
+
 MergePath = Literal["merge_and_unload", "requantize", "dequantize"]
 Layout = Literal["plain", "cpu-packed"]
 LAYOUT_NAMES: dict[Layout, str] = {
@@ -108,16 +110,6 @@ def dequantized_weight(layer: Any) -> Any:
 
     data, state = plain_state(layer)
     return bnbf.dequantize_4bit(data, state).to(torch.float32)
-
-
-def activation_dtype(model: Any) -> Any:
-    """The dtype the model's 16-bit parts hold and its activations flow in (its input embedding's).
-
-    A 4-bit layer casts its input to the compute dtype and its output back, so a plain layer
-    put in its place must be in this dtype, not the compute dtype nor the quantization state's
-    (which bitsandbytes' CPU repack sets to bfloat16).
-    """
-    return model.get_input_embeddings().weight.dtype
 
 
 def to_plain_layout(model: Any) -> int:

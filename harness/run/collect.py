@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from harness.report.display import relative_paths
-from harness.errors import CheckFailure, HarnessError, SuiteError
+from harness.errors import SuiteError
 from harness.run.session import harness_state
 from harness.suites.spec import CheckEntry, SuiteSpec, load_suite
-from harness.models.variants import RUN_ORDER, VariantSpec
+from harness.models.variants import VariantSpec
+from harness.run.items import HarnessItem
 
 def is_suite_file(path: Path, parent: pytest.Collector) -> bool:
     """Suites are YAML files under a ``suites`` folder of the project, named on the command line
@@ -103,46 +103,6 @@ class SuiteFile(pytest.File):
             harness_state(self.config).suite_errors += 1
             return str(excinfo.value)
         return super().repr_failure(excinfo)
-
-
-class HarnessItem(pytest.Function):
-    """A check × variant; failures show the harness's message, not its stack."""
-
-    harness_variant: VariantSpec | None = None
-
-    def __init__(self, *args: Any, suite_line: int = 1, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.suite_line = suite_line
-        self.add_marker(pytest.mark.harness)
-
-    def reportinfo(self) -> tuple[Path, int, str]:
-        return self.path, self.suite_line - 1, self.name
-
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Any:  # type: ignore[override]
-        """Harness errors show their message (paths relative to the rootdir, as in the reports);
-        anything else is this item's failure with its traceback.
-
-        The session goes on either way: an unexpected exception (a library's, or the harness's
-        own bug) must never escape as an INTERNALERROR that hides it and stops every other item.
-        """
-        header = f"{self.path.name}:{self.suite_line}: {self.name}"
-        if isinstance(excinfo.value, (CheckFailure, HarnessError)):
-            return f"{header}\n{relative_paths(str(excinfo.value), self.config.rootpath)}"
-        try:
-            shown = str(super().repr_failure(excinfo))
-        except Exception:  # noqa: BLE001 - never let reporting a failure become an INTERNALERROR
-            import traceback
-
-            shown = "".join(traceback.format_exception(excinfo.value))
-        return (f"{header}\nunexpected {excinfo.exconly()} (a harness bug, or an input the harness does not "
-                f"validate yet; the traceback below shows where)\n{shown}")
-
-    @property
-    def run_order(self) -> int:
-        """Model-level items first, then variants in the pool's order, so each loads once."""
-        if self.harness_variant is None:
-            return -1
-        return RUN_ORDER.index(self.harness_variant.key)
 
 
 def _runner(suite: SuiteSpec, entry: CheckEntry, variant: VariantSpec | None) -> Callable[..., None]:

@@ -62,14 +62,13 @@ def plain_nodeid(nodeid: str) -> str:
 def load_group(item: Any) -> str:
     """The group an item belongs to: its variant's key, ``tokenizer`` for model-level harness items,
     else its file (an ordinary test loads whatever it loads once per file at most)."""
-    from harness.run.collect import HarnessItem
-    from harness.models.variants import VariantSpec
+    from harness.run.items import HarnessItem, item_variant
 
+    variant = item_variant(item)
+    if variant is not None:
+        return variant.key
     if isinstance(item, HarnessItem):
-        return item.harness_variant.key if item.harness_variant else TOKENIZER_GROUP
-    spec = getattr(getattr(item, "callspec", None), "params", {}).get("variant")
-    if isinstance(spec, VariantSpec):
-        return spec.key
+        return TOKENIZER_GROUP
     return "file:" + plain_nodeid(item.nodeid).split("::")[0]
 
 
