@@ -108,7 +108,11 @@ class LiveReference(_LiveStore):
 
 @dataclass
 class ReferencePair:
-    """One item in reference mode: the check's context on OLD and on NEW (same variant and device)."""
+    """One item in reference mode: the check's context on OLD and on NEW (same variant and device).
+
+    It is the ``harness.checks.base.ReferenceRun`` that checks see: they reach this module only
+    through it, so the run depends on checks and never the other way.
+    """
 
     old: CheckContext
     new: CheckContext
@@ -130,6 +134,14 @@ class ReferencePair:
         """NEW's context, OLD's model freed where both do not fit (``alone``: freed in any case)."""
         _room(self.old, alone=alone)
         return self.new
+
+    def judge_against_record(self, check: Check[Any]) -> None:
+        __tracebackhide__ = True
+        judge_against_record(check, self)
+
+    def run_on_both(self, check: Check[Any]) -> None:
+        __tracebackhide__ = True
+        run_on_both(check, self)
 
 
 def _room(other: CheckContext, *, alone: bool) -> None:
