@@ -33,9 +33,9 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--adapter", default=None, metavar="PATH",
                     help="LoRA adapter folder; overrides the registry's adapter")
     group.addoption("--reference-adapter", default=None, metavar="PATH|NAME",
-                    help="with --reference: the LoRA adapter folder (or the registry entry whose adapter) OLD's "
-                         "-lora variants apply; overrides OLD's registry adapter (default: OLD's own, else NEW's, "
-                         "which the summary then says)")
+                    help="with --reference: the LoRA adapter OLD's -lora variants apply, a folder or a registry "
+                         "name (its adapter); overrides OLD's registry adapter (default: OLD's own, else NEW's, "
+                         "and the summary says so)")
     group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where models run (default: auto, a GPU when there is one)")
     group.addoption("--attn-implementation", default=None, metavar="KERNEL",
@@ -193,8 +193,9 @@ def _reference_adapter_option(value: str | None, *, reference: str | None, regis
             f"{given}: the registry entry {value!r} has no `adapter:`, so it names no adapter. Fix: pass an "
             "adapter folder, or a registry entry that sets `adapter:`.")
     if entry is not None and entry.adapter:
-        path = Path(entry.adapter).expanduser()
-        path = path if path.is_absolute() else root / path
+        from harness.models.sources import adapter_folder
+
+        path = adapter_folder(None, entry.adapter, root) or path
         given += f" (its registry adapter {entry.adapter})"
     _adapter_option(given, path)
     return str(path.absolute())
