@@ -61,6 +61,8 @@ def test_a_reference_adapter_is_checked_like_the_adapter(project):
                         "*--reference-adapter afile: this is a file;*")
     _assert_usage_error(project.run("--reference", "smollm2-135m", "--reference-adapter", "qwen-0.5b"),
                         "*--reference-adapter qwen-0.5b: the registry entry 'qwen-0.5b' has no `adapter:`*")
+    result = project.run("--reference", "smollm2-135m", "--reference-adapter", "smollm2-135m", "--collect-only")
+    assert result.ret == 0, result.stderr.str()  # a registry name stands for its entry's adapter
 
 
 def test_golden_dir_that_is_a_file(project):
