@@ -290,6 +290,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             config.workeroutput["harness_numerics"] = state.numerics()
         return
     record.add_unselected(state.unselected)
+    record.notes[:0] = _reference_notes(state)
     if _empty_shard(state, record, session):
         session.exitstatus = pytest.ExitCode.OK
     if in_ci() and record.unjudged() and not config.option.collectonly and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
@@ -304,6 +305,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             Path(path).write_text(markdown(state, record, exitstatus=int(session.exitstatus)), encoding="utf-8")
         except Exception as exc:  # noqa: BLE001 - a report problem must not hide the verdict or flip it
             record.report_error = f"--harness-report {path} could not be written: {type(exc).__name__}: {exc}"
+
+
+def _reference_notes(state: HarnessSession) -> list[str]:
+    """Reference mode's session lines: OLD running ``-lora`` variants with NEW's adapter is said."""
+    from harness.run.reference import borrowed_adapter_line
+
+    try:
+        adapter, borrowed = state.reference_adapter()
+        if adapter is None or not borrowed or not any(variant.lora for variant in state.variants):
+            return []
+    except (HarnessError, ValueError):  # a registry or --variants that does not load was reported at collection
+        return []
+    return [borrowed_adapter_line(adapter, old=state.reference_name or "", rootdir=state.options.rootdir)]
 
 
 def _empty_shard(state: HarnessSession, record: SessionRecord, session: pytest.Session) -> bool:

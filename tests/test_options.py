@@ -48,6 +48,23 @@ def test_report_and_obtained_paths_that_cannot_be_used(project):
     _assert_usage_error(project.run("--adapter", "afile"), "*--adapter afile: this is a file;*")
 
 
+def test_a_reference_adapter_is_checked_like_the_adapter(project):
+    project.suite("s", SUITE)
+    (project.path / "afile").write_text("x")
+    _assert_usage_error(project.run("--reference-adapter", "fixtures/adapters/smollm2-135m-pirate"),
+                        "*--reference-adapter fixtures/adapters/smollm2-135m-pirate without --reference: it is the "
+                        "adapter of the reference model (OLD)*Fix: add --reference OLD*")
+    _assert_usage_error(project.run("--reference", "smollm2-135m", "--reference-adapter", "no-such-adapter"),
+                        "*--reference-adapter no-such-adapter: no such folder; an adapter is a folder with "
+                        "adapter_config.json*Fix: pass that folder.")
+    _assert_usage_error(project.run("--reference", "smollm2-135m", "--reference-adapter", "afile"),
+                        "*--reference-adapter afile: this is a file;*")
+    _assert_usage_error(project.run("--reference", "smollm2-135m", "--reference-adapter", "qwen-0.5b"),
+                        "*--reference-adapter qwen-0.5b: the registry entry 'qwen-0.5b' has no `adapter:`*")
+    result = project.run("--reference", "smollm2-135m", "--reference-adapter", "smollm2-135m", "--collect-only")
+    assert result.ret == 0, result.stderr.str()  # a registry name stands for its entry's adapter
+
+
 def test_golden_dir_that_is_a_file(project):
     project.suite("s", SUITE)
     (project.path / "afile").write_text("x")
@@ -93,5 +110,5 @@ def test_options_are_listed_in_help(project):
     result.stdout.fnmatch_lines([
         "*behaviour tests of causal language models (harness)*",
         "*--model=NAME|PATH*", "*--registry=FILE*", "*--variants=LIST*", "*--adapter=PATH*",
-        "*--device=*", "*--golden-dir=DIR*", "*--allow-update-in-ci*",
+        "*--reference-adapter=PATH|NAME*", "*--device=*", "*--golden-dir=DIR*", "*--allow-update-in-ci*",
     ])

@@ -164,6 +164,93 @@ def test_every_kind_gets_a_new_vs_old_verdict_and_a_sampled_drop_fails_with_the_
     assert "decode_ratio_vs_old=" in text and "mean_kl_vs_old=" in text
 
 
+IDENTICAL = """
+suite: same
+checks:
+  - id: capital
+    kind: greedy
+    prompt: "The capital of France is"
+    max_new_tokens: 8
+  - id: texts
+    kind: tokenization
+    texts: ["The capital of France is", "Hello!"]
+  - id: footprint
+    kind: memory
+    workload: {prompts: ["Hi"], max_new_tokens: 2}
+"""
+ADAPTER = "fixtures/adapters/smollm2-135m-pirate"  # smollm2-135m's registry adapter
+BORROWED = "reference side uses NEW's adapter "
+
+
+@pytest.mark.parametrize("folder_is_new", [True, False], ids=["folder-is-new", "folder-is-old"])
+def test_the_same_weights_as_a_folder_and_a_registry_entry_are_green_in_every_variant_under_ci(
+        project, monkeypatch, embedded_model_dir, folder_is_new):
+    """The default model's weights as a folder with ``--adapter`` against its registry entry (which has the same
+    adapter), then the other way round with ``--reference-adapter``: every variant judged, none NOT JUDGED."""
+    monkeypatch.setenv("CI", "1")
+    project.suite("same", IDENTICAL)
+    folder = str(embedded_model_dir)
+    sides = (["--model", folder, "--adapter", ADAPTER, "--reference", "smollm2-135m"] if folder_is_new
+             else ["--model", "smollm2-135m", "--reference", folder, "--reference-adapter", ADAPTER])
+    report = project.path / "report.md"
+    result = project.run(*sides, "--variants", "fp16,fp16-lora,nf4,nf4-lora", "-rA", f"--harness-report={report}")
+    out = result.stdout.str()
+    assert result.ret == 0, out[-6000:]
+    result.assert_outcomes(passed=9)
+    result.stdout.fnmatch_lines(["OLD loaded fp16-lora: *", "OLD loaded nf4-lora: *"])
+    for variant in ("fp16", "fp16-lora", "nf4", "nf4-lora"):
+        assert f"PASSED suites/same.yaml::capital[{variant}]" in out
+        assert f"PASSED suites/same.yaml::footprint[{variant}]" in out
+    assert "NOT JUDGED" not in out and BORROWED not in out
+    assert "**result: green**" in report.read_text(encoding="utf-8")
+    assert not project.golden.exists()
+
+
+def test_an_old_side_without_an_adapter_takes_new_s_and_says_so(project, embedded_model_dir):
+    project.suite("same", IDENTICAL)
+    report = project.path / "report.md"
+    result = project.run("--model", "smollm2-135m", "--reference", str(embedded_model_dir), "--variants", "fp16-lora",
+                         "-k", "capital", f"--harness-report={report}")
+    result.assert_outcomes(passed=1)
+    line = f"{BORROWED}{ADAPTER} (OLD model has none of its own; --reference-adapter PATH gives it one)"
+    result.stdout.fnmatch_lines([line])
+    assert f"- {line}" in report.read_text(encoding="utf-8").splitlines()
+
+
+def test_old_s_adapter_is_the_option_else_its_own_else_new_s():
+    from harness.models.registry import ModelEntry
+    from harness.run.reference import pick_reference_adapter
+
+    with_adapter, without = ModelEntry(embedded="x", adapter="a"), ModelEntry(embedded="x")
+    new = Path("/new/lora")
+    assert pick_reference_adapter(option="/old/lora", old=with_adapter, new=new) == ("/old/lora", False)
+    assert pick_reference_adapter(option=None, old=with_adapter, new=new) == (None, False)
+    assert pick_reference_adapter(option=None, old=without, new=new) == ("/new/lora", True)
+    assert pick_reference_adapter(option=None, old=None, new=new) == ("/new/lora", True)  # a folder
+    assert pick_reference_adapter(option=None, old=None, new=None) == (None, False)
+
+
+def test_checks_reach_reference_mode_through_a_protocol_not_an_import():
+    """``checks/base.py`` is below the run: it must not import ``harness.run`` (not even for type checking),
+    and the run's pair must offer everything the protocol promises."""
+    import ast
+    import inspect
+
+    import harness.checks.base as base
+    from harness.run.reference import ReferencePair
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(base)))
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name for name in imported if name.startswith("harness.run")}, imported
+    members = {name for name in vars(base.ReferenceRun) if not name.startswith("_")}
+    fields = {"old", "new"}
+    assert members >= fields | {"sides", "label", "on_old", "on_new", "judge_against_record", "run_on_both"}
+    assert all(name in fields or callable(getattr(ReferencePair, name)) or isinstance(getattr(ReferencePair, name),
+                                                                                         property)
+               for name in members), members
+    assert fields <= set(ReferencePair.__dataclass_fields__)
+
+
 def test_perturbed_weights_fail_greedy_with_new_vs_old_and_the_first_divergence(project, noisy_model):
     project.suite("ref", SUITE)
     report = project.path / "report.md"

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from harness.judge.tolerance import NoiseModel
 
     from harness.models.devices import Device
-    from harness.run.reference import ReferencePair
     from harness.golden import GoldenStore
     from harness.models.pool import Loaded, ModelPool
 
@@ -199,6 +198,42 @@ class CheckContext:
                                     judge=judge, sidecar=sidecar, owner=self.suite_path)
 
 
+class ReferenceRun(Protocol):
+    """What a check sees of reference mode (``--reference OLD``): one item's context on OLD and on NEW.
+
+    ``harness.run.reference.ReferencePair`` is the one implementation; the contract lives here so
+    that checks depend on the run only through it, and the run on checks, never both ways.
+    """
+
+    @property
+    def old(self) -> CheckContext: ...
+
+    @property
+    def new(self) -> CheckContext: ...
+
+    @property
+    def sides(self) -> Sides: ...
+
+    @property
+    def label(self) -> str: ...
+
+    def on_old(self, *, alone: bool = False) -> CheckContext:
+        """OLD's context, NEW's model freed where both do not fit (``alone``: freed in any case)."""
+        ...
+
+    def on_new(self, *, alone: bool = False) -> CheckContext:
+        """NEW's context, OLD's model freed where both do not fit (``alone``: freed in any case)."""
+        ...
+
+    def judge_against_record(self, check: Check[Any]) -> None:
+        """A golden-style check: OLD's observation, recorded in memory, is NEW's golden."""
+        ...
+
+    def run_on_both(self, check: Check[Any]) -> None:
+        """A property of the model itself: judged on NEW, and a failure says whether OLD held it."""
+        ...
+
+
 S = TypeVar("S", bound=CheckSpec)
 
 
@@ -227,7 +262,7 @@ class Check(ABC, Generic[S]):
     def run(self, ctx: CheckContext) -> None:
         """Observe and compare; raise CheckFailure with a reviewer's message on a difference."""
 
-    def run_against_reference(self, pair: ReferencePair) -> None:
+    def run_against_reference(self, pair: ReferenceRun) -> None:
         """Reference mode (``--reference OLD``): judge NEW against OLD, measured in this session.
 
         Golden-style kinds judge NEW against OLD's recorded observation; the others run on
@@ -235,9 +270,7 @@ class Check(ABC, Generic[S]):
         (budgets, drift, sampled expectations) override this to compare the figures.
         """
         __tracebackhide__ = True
-        from harness.run.reference import judge_against_record, run_on_both
-
-        (judge_against_record if self.uses_goldens else run_on_both)(self, pair)
+        (pair.judge_against_record if self.uses_goldens else pair.run_on_both)(self)
 
 
 _REGISTRY: dict[str, type[Check[Any]]] = {}

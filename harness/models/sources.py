@@ -135,12 +135,12 @@ def resolve(
     name = value or registry.default
     if name in registry.models:
         entry = registry.models[name]
-        adapter_path = _adapter_path(adapter, entry.adapter, rootdir)
+        adapter_path = adapter_folder(adapter, entry.adapter, rootdir)
         return _resolve_entry(name, entry, rootdir=rootdir, adapter=adapter_path, progress=progress, option=option)
     path = Path(name).expanduser()
     if not path.is_absolute():
         path = (Path.cwd() / path)
-    adapter_path = _adapter_path(adapter, None, rootdir)
+    adapter_path = adapter_folder(adapter, None, rootdir)
     if path.is_dir():
         entry = ModelEntry(path=str(path))
         return _resolve_entry(safe_name(path.name), entry, rootdir=rootdir, adapter=adapter_path, progress=progress,
@@ -163,7 +163,9 @@ def resolve(
     )
 
 
-def _adapter_path(option: str | None, entry_value: str | None, rootdir: Path) -> Path | None:
+def adapter_folder(option: str | None, entry_value: str | None, rootdir: Path) -> Path | None:
+    """The adapter a model loads: the option's (relative to the working directory), else its registry
+    entry's (relative to the rootdir)."""
     value = option or entry_value
     if not value:
         return None

@@ -32,6 +32,10 @@ def add_options(parser: pytest.Parser) -> None:
                     help="comma list out of fp16,nf4,fp16-lora,nf4-lora (default: all; -lora ones where an adapter is known)")
     group.addoption("--adapter", default=None, metavar="PATH",
                     help="LoRA adapter folder; overrides the registry's adapter")
+    group.addoption("--reference-adapter", default=None, metavar="PATH|NAME",
+                    help="with --reference: the LoRA adapter OLD's -lora variants apply, a folder or a registry "
+                         "name (its adapter); overrides OLD's registry adapter (default: OLD's own, else NEW's, "
+                         "and the summary says so)")
     group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="where models run (default: auto, a GPU when there is one)")
     group.addoption("--attn-implementation", default=None, metavar="KERNEL",
@@ -122,13 +126,9 @@ def options_from_config(config: pytest.Config) -> Options:
             raise pytest.UsageError(problem)
     adapter = config.getoption("adapter")
     if adapter:
-        from harness.models.pool import adapter_config
-
-        try:
-            adapter_config(Path(adapter).expanduser())
-        except HarnessError as exc:
-            raise pytest.UsageError(f"--adapter {adapter}: "
-                                    + str(exc).removeprefix(f"Adapter {Path(adapter).expanduser()}: ")) from None
+        _adapter_option(f"--adapter {adapter}", Path(adapter).expanduser())
+    reference_adapter = _reference_adapter_option(config.getoption("reference_adapter"), reference=reference,
+                                                  registry=registry, root=root)
     obtained = config.getoption("harness_obtained")
     if obtained and Path(obtained).exists() and not Path(obtained).is_dir():
         raise pytest.UsageError(f"--harness-obtained {obtained}: this is a file, not a folder. Fix: pass a folder.")
@@ -159,10 +159,56 @@ def options_from_config(config: pytest.Config) -> Options:
         obtained_dir=Path(obtained).resolve() if obtained else None,
         attn_implementation=attn,
         golden_device=_golden_device(config.getoption("golden_device")),
-        reference=reference, shard=shard, result=result,
+        reference=reference, reference_adapter=reference_adapter, shard=shard, result=result,
         device_map=device_map, max_memory=max_memory, offload_folder=offload,
         decode_goldens=bool(config.getoption("decode_goldens", default=False)),
     )
+
+
+def _adapter_option(given: str, path: Path) -> None:
+    """An adapter folder checked from its files alone (no torch): a bad one is one usage error now, which
+    starts with the option as ``given``."""
+    from harness.models.pool import adapter_config
+
+    try:
+        adapter_config(path)
+    except HarnessError as exc:
+        raise pytest.UsageError(f"{given}: " + str(exc).removeprefix(f"Adapter {path}: ")) from None
+
+
+def _reference_adapter_option(value: str | None, *, reference: str | None, registry: Path, root: Path) -> str | None:
+    """``--reference-adapter`` as the absolute folder OLD's ``-lora`` variants load: a folder (relative to the
+    working directory, as ``--adapter``), or a registry entry's ``adapter:`` (relative to the rootdir)."""
+    if value is None:
+        return None
+    if reference is None:
+        raise pytest.UsageError(
+            f"--reference-adapter {value} without --reference: it is the adapter of the reference model (OLD), "
+            "and there is no reference model in this run. Fix: add --reference OLD, or use --adapter for the "
+            "model under test.")
+    given, path = f"--reference-adapter {value}", Path(value).expanduser()
+    entry = None if path.exists() else _registry_entry(registry, value)
+    if entry is not None and not entry.adapter:
+        raise pytest.UsageError(
+            f"{given}: the registry entry {value!r} has no `adapter:`, so it names no adapter. Fix: pass an "
+            "adapter folder, or a registry entry that sets `adapter:`.")
+    if entry is not None and entry.adapter:
+        from harness.models.sources import adapter_folder
+
+        path = adapter_folder(None, entry.adapter, root) or path
+        given += f" (its registry adapter {entry.adapter})"
+    _adapter_option(given, path)
+    return str(path.absolute())
+
+
+def _registry_entry(registry: Path, name: str) -> Any:
+    """``name``'s registry entry, or None (a registry that does not load is the collection's to report)."""
+    from harness.models.registry import load_registry
+
+    try:
+        return load_registry(registry).models.get(name) if registry.is_file() else None
+    except HarnessError:
+        return None
 
 
 def _placement_options(config: pytest.Config) -> tuple[str | None, Any, Path | None]:

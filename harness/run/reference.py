@@ -30,11 +30,30 @@ from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
     from harness.checks.base import Check, CheckContext
+    from harness.models.registry import ModelEntry
 
 
 def reference_sides(*, new: str, old: str) -> Sides:
     """How the engine names the two runs in reference mode."""
     return Sides(expected=f"OLD ({old})", actual=f"NEW ({new})", expected_short="OLD", actual_short="NEW")
+
+
+def pick_reference_adapter(*, option: str | None, old: ModelEntry | None, new: Path | None) -> tuple[str | None, bool]:
+    """The adapter OLD's ``-lora`` variants load over its registry one (None: its own, if any), and whether it
+    is NEW's: ``--reference-adapter``, else OLD's registry ``adapter:``, else NEW's, so that an OLD folder or
+    an adapter-less entry is still judged in ``-lora`` variants. Options and the registry alone decide, so an
+    xdist controller (which loads no model) says what its workers load."""
+    if option is not None or (old is not None and old.adapter) or new is None:
+        return option, False
+    return str(new), True
+
+
+def borrowed_adapter_line(adapter: str, *, old: str, rootdir: Path) -> str:
+    """The terminal summary's and the report's line when OLD runs ``-lora`` variants with NEW's adapter."""
+    from harness.report.display import shown_path
+
+    return (f"reference side uses NEW's adapter {shown_path(adapter, rootdir)} (OLD {old} has none of its own; "
+            "--reference-adapter PATH gives it one)")
 
 
 @dataclass
@@ -108,7 +127,11 @@ class LiveReference(_LiveStore):
 
 @dataclass
 class ReferencePair:
-    """One item in reference mode: the check's context on OLD and on NEW (same variant and device)."""
+    """One item in reference mode: the check's context on OLD and on NEW (same variant and device).
+
+    It is the ``harness.checks.base.ReferenceRun`` that checks see: they reach this module only
+    through it, so the run depends on checks and never the other way.
+    """
 
     old: CheckContext
     new: CheckContext
@@ -130,6 +153,14 @@ class ReferencePair:
         """NEW's context, OLD's model freed where both do not fit (``alone``: freed in any case)."""
         _room(self.old, alone=alone)
         return self.new
+
+    def judge_against_record(self, check: Check[Any]) -> None:
+        __tracebackhide__ = True
+        judge_against_record(check, self)
+
+    def run_on_both(self, check: Check[Any]) -> None:
+        __tracebackhide__ = True
+        run_on_both(check, self)
 
 
 def _room(other: CheckContext, *, alone: bool) -> None:

@@ -50,6 +50,7 @@ class Options:
     attn_implementation: str | None = None
     golden_device: str | None = None  # --golden-device
     reference: str | None = None  # --reference: judge every check against this model, live
+    reference_adapter: str | None = None  # --reference-adapter: OLD's adapter (an absolute folder)
     shard: Shard | None = None  # --shard K/N
     device_map: str | None = None  # --device-map, --max-memory, --offload-folder (over the registry's)
     max_memory: dict[str | int, str | int] | None = None
@@ -130,20 +131,28 @@ class HarnessSession:
         return self._resolved
 
     def resolve_reference(self, progress: Any = None) -> ResolvedModel | None:
-        """OLD in reference mode: its registry adapter, else the same ``--adapter`` as NEW."""
-        if self.options.reference is None:
-            return None
-        if self._reference_resolved is None:
-            import dataclasses
-
+        """OLD in reference mode, with the adapter ``reference_adapter`` picks."""
+        if self.options.reference is not None and self._reference_resolved is None:
             from harness.models.sources import resolve
 
-            resolved = resolve(self.options.reference, registry=self.registry, rootdir=self.options.rootdir,
-                               progress=progress or (lambda _: None), option="--reference")
-            if resolved.adapter is None and self.options.adapter:
-                resolved = dataclasses.replace(resolved, adapter=self.resolve().adapter)
-            self._reference_resolved = resolved
+            adapter, _ = self.reference_adapter()
+            self._reference_resolved = resolve(
+                self.options.reference, registry=self.registry, rootdir=self.options.rootdir, adapter=adapter,
+                progress=progress or (lambda _: None), option="--reference")
         return self._reference_resolved
+
+    def reference_adapter(self) -> tuple[str | None, bool]:
+        """OLD's adapter and whether it is NEW's (``harness.run.reference.pick_reference_adapter``)."""
+        from harness.models.sources import adapter_folder
+        from harness.run.reference import pick_reference_adapter
+
+        opts = self.options
+        if opts.reference is None:
+            return None, False
+        models = self.registry.models
+        new = models.get(opts.model or self.registry.default)
+        return pick_reference_adapter(option=opts.reference_adapter, old=models.get(opts.reference or ""),
+                                      new=adapter_folder(opts.adapter, new.adapter if new else None, opts.rootdir))
 
     @property
     def device(self) -> Device:
