@@ -122,7 +122,7 @@ def options_from_config(config: pytest.Config) -> Options:
             raise pytest.UsageError(problem)
     adapter = config.getoption("adapter")
     if adapter:
-        from harness.models.pool import adapter_config
+        from harness.models.adapters import adapter_config
 
         try:
             adapter_config(Path(adapter).expanduser())
