@@ -1,9 +1,9 @@
 """ModelPool: loads each variant at most once per session and keeps one in memory.
 
 Loading follows the order lm-eval's ``HFLM._create_model`` uses: quantization
-config, then ``from_pretrained``, then the adapter. Failures are remembered per
-variant so that every item of a broken variant reports the same reason quickly
-while the other variants still run.
+config, then ``from_pretrained``, then the adapter (checked and applied by
+``adapters.py``). Failures are remembered per variant so that every item of a
+broken variant reports the same reason quickly while the other variants still run.
 """
 
 from __future__ import annotations
