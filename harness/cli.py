@@ -162,10 +162,10 @@ def check_registry(value: str | Path, *, required: bool) -> Path:
 
 
 def check_adapter(flag: str, value: str | None) -> None:
-    """An adapter folder, checked without loading anything (see ``harness.models.pool.adapter_config``)."""
+    """An adapter folder, checked without loading anything (see ``harness.models.adapters.adapter_config``)."""
     if value is None:
         return
-    from harness.models.pool import adapter_config
+    from harness.models.adapters import adapter_config
 
     try:
         adapter_config(Path(value).expanduser())

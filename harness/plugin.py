@@ -11,7 +11,7 @@ from harness.run.ci import in_ci
 from harness.errors import HarnessError
 from harness.run.options import add_options, options_from_config
 from harness.report.outputs import LazyBenchmarkJson
-from harness.report.summary import SessionRecord
+from harness.report.record import SessionRecord
 from harness.run.session import SESSION_KEY, HarnessSession, harness_state
 
 if TYPE_CHECKING:
@@ -272,13 +272,14 @@ def _warn_unpinned(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    from harness.report.summary import _pool_loads, markdown
+    from harness.report.markdown import markdown
+    from harness.report.record import pool_loads
 
     config = session.config
     state, record = harness_state(config), config.stash[_RECORD]
     if hasattr(config, "workeroutput"):
         if state._pool is not None:
-            config.workeroutput["harness_loads"] = _pool_loads(state._pool)
+            config.workeroutput["harness_loads"] = pool_loads(state._pool)
         share = config.stash.get(_THREADS, None)
         if share is not None:
             from harness.run.threads import torch_threads

@@ -29,6 +29,8 @@ import harness.checks  # noqa: F401
 import harness.run.collect  # noqa: F401
 import harness.plugin  # noqa: F401
 import harness.models.pool  # noqa: F401
+import harness.report.markdown  # noqa: F401
+import harness.report.record  # noqa: F401
 import harness.report.summary  # noqa: F401
 import harness.report.result  # noqa: F401
 import harness.run.session  # noqa: F401

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from harness.errors import AdapterError, ModelNotFoundError
-from harness.models.pool import adapter_config, load_adapter
+from harness.models.adapters import adapter_config, load_adapter
 
 
 def _tiny_base() -> Any:

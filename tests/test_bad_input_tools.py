@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import harness.bench.run as bench
+import harness.calibrate.calibration as calibration
 import harness.calibrate.run as calibrate
 import harness.diff.cli as diff_cli
 import harness.diff.run as diff_run
@@ -36,7 +37,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr(diff_run, "run_diff", no_model)
-    monkeypatch.setattr(calibrate, "run_calibration", no_model)
+    monkeypatch.setattr(calibration, "run_calibration", no_model)
     monkeypatch.setattr(bench, "run_bench", no_model)
     return tmp_path
 
@@ -128,7 +129,7 @@ def test_an_unexpected_error_exits_3_in_one_paragraph(workdir, capsys, monkeypat
         raise KeyError("something the harness did not expect")
 
     monkeypatch.setattr(diff_run, "run_diff", boom)
-    monkeypatch.setattr(calibrate, "run_calibration", boom)
+    monkeypatch.setattr(calibration, "run_calibration", boom)
     monkeypatch.setattr(bench, "run_bench", boom)
     (workdir / "suites").mkdir()
     argv = {"harness-diff": ["old", "new", "--suites"]}.get(tool, [])
@@ -161,7 +162,7 @@ def test_calibrate_never_recommends_a_tolerance_a_suite_would_refuse(workdir, ca
                              "nf4": {**variant, "recommendation": rec,
                                      "refused": tolerance_problem({k: v for k, v in rec.items() if k != "observed"})}}}
 
-    monkeypatch.setattr(calibrate, "run_calibration", result)
+    monkeypatch.setattr(calibration, "run_calibration", result)
     (workdir / "suites").mkdir()
     rc, err = _run("harness-calibrate", ["--out", "calib"], capsys)
     assert rc == 1, err

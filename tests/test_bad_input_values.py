@@ -82,7 +82,7 @@ def test_a_recursive_schema_that_descends_is_accepted(tmp_path, schema):
 
 
 def test_an_answer_nested_past_pythons_limit_is_a_finding_not_a_crash():
-    from harness.checks.expect import JsonExpectation, _json_problem
+    from harness.checks.expect_assertions import JsonExpectation, _json_problem
 
     expected = JsonExpectation.model_validate({"schema": {"type": "array", "items": {"$ref": "#"}}})
     assert "nested deeper than Python" in _json_problem(expected, "[" * 300 + "]" * 300)  # the validator's limit

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.checks.expect import Answer, Assertion, ExpectSpec, judge
+from harness.checks.expect import ExpectSpec
+from harness.checks.expect_assertions import Answer, Assertion, judge
 
 SUITE = """
 suite: exp
@@ -112,7 +113,7 @@ def test_spec_needs_one_prompt_and_a_valid_sample():
     ([False, True, True, True], [True, False, False, False], 5 / 16),  # 3 worse, 1 better: P(X >= 3), X ~ Bin(4, 1/2)
 ])
 def test_paired_drop_is_exact_mcnemar_one_sided(old, new, p):
-    from harness.checks.expect import paired_drop
+    from harness.checks.expect_sampling import paired_drop
 
     test = paired_drop(old, new)
     assert test.p_value == pytest.approx(p) and test.n == len(old)
@@ -165,7 +166,7 @@ def test_samples_share_the_prompt_and_draw_what_generate_draws():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.checks.expect import Sampling, sample_rows
+    from harness.checks.expect_sampling import Sampling, sample_rows
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

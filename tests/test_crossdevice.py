@@ -71,7 +71,7 @@ def test_golden_paths_compare_only_what_can_be_compared(tmp_path: Path) -> None:
 
 
 def test_calibrate_refuses_its_own_class_and_a_missing_one(tmp_path: Path) -> None:
-    from harness.calibrate.run import _cross_device
+    from harness.calibrate.calibration import _cross_device
     from harness.models.devices import Device
 
     class Resolved:

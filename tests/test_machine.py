@@ -16,7 +16,7 @@ from harness.run.machine import (
     DEQUANT_NATIVE, DEQUANT_TORCH, FIELDS, FUSED_KERNELS, FUSED_NATIVE, NOT_RECORDED, NUMERICS_KEY, REFERENCE_PACKED,
 )
 from harness.models.provenance import describe_changes, library_versions
-from harness.report.summary import Header, Side
+from harness.report.markdown import Header, Side
 
 HERE = {"cpu": "AMD EPYC", "avx512f": False, "avx512_bf16": False, "amx": False, "torch_cpu_capability": "AVX2",
         "aten_cpu_capability": None, "threads": 2, "bnb_4bit_kernel": DEQUANT_NATIVE}
@@ -239,7 +239,8 @@ def test_library_versions_include_the_kernels_package():
 
 
 def test_the_report_header_names_the_numerics_and_what_the_goldens_differ_in():
-    from harness.report.summary import SessionRecord, render_markdown
+    from harness.report.markdown import render_markdown
+    from harness.report.record import SessionRecord
 
     old = provenance(versions={**VERSIONS, "transformers": "5.24.0"})
     header = Header(model=Side(name="m", provenance=provenance(revision=None, source="s", tokenizer_fingerprint="t",
@@ -307,7 +308,7 @@ def test_an_xdist_controller_takes_the_numerics_of_a_worker_that_ran_the_model()
     from types import SimpleNamespace
 
     from harness.plugin import _Recorder
-    from harness.report.summary import SessionRecord
+    from harness.report.record import SessionRecord
 
     state = SimpleNamespace(worker_numerics=None)
     recorder = _Recorder(SessionRecord(), state)  # type: ignore[arg-type]

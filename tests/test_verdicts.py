@@ -192,12 +192,12 @@ def test_harness_report_that_is_a_folder_is_a_usage_error(project):
 
 DISK_FULL = """
 import errno
-import harness.report.summary
+import harness.report.markdown
 
 def markdown(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
-harness.report.summary.markdown = markdown
+harness.report.markdown.markdown = markdown
 """
 
 

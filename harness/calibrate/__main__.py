@@ -1,7 +1,7 @@
-"""``python -m harness.calibrate.run``."""
+"""``python -m harness.calibrate``."""
 
 import sys
 
-from harness.calibrate.run.run import main
+from harness.calibrate.run import main
 
 sys.exit(main())

@@ -118,7 +118,7 @@ def reload_model(ctx: CheckContext, model: Any, folder: Path) -> Any:
 def reload_adapter(ctx: CheckContext, model: Any, folder: Path) -> Any:
     """Save the adapter alone and load it onto a copy of the same base, as a user would."""
     __tracebackhide__ = True
-    from harness.models.pool import load_adapter
+    from harness.models.adapters import load_adapter
 
     # "auto" asks the Hub whether the base's vocabulary changed: a network lookup (and a warning)
     # offline. The in-memory base is reused below, so only a LoRA on the embedding needs saving.

@@ -104,7 +104,7 @@ def resolve_side(value: str, *, registry, base: str | None, role: str) -> DiffSi
 
 def _resolve_side(value: str, *, registry, base: str | None, role: str) -> DiffSide:  # type: ignore[no-untyped-def]
     from harness.errors import ModelNotFoundError
-    from harness.models.pool import adapter_config
+    from harness.models.adapters import adapter_config
     from harness.models.sources import resolve
 
     rootdir = registry.path.parent.resolve()

@@ -230,7 +230,7 @@ def _coverage_problems(shards: list[ShardResult]) -> list[str]:
 
 def _record(shards: list[ShardResult]) -> Any:
     """One SessionRecord from the shards' reports, as a single session would have built it."""
-    from harness.report.summary import SessionRecord
+    from harness.report.record import SessionRecord
 
     record = SessionRecord()
     for shard in shards:
@@ -265,7 +265,7 @@ def gate_rule(shards: list[ShardResult]) -> bool:
 
 def _markdown(merged: Merged) -> str:
     from harness.run.machine import shard_note
-    from harness.report.summary import Header, Side, render_markdown
+    from harness.report.markdown import Header, Side, render_markdown
 
     headers = [s.data.get("header") for s in merged.shards if s.data.get("header")]
     with_provenance = [h for h in headers if (h.get("model") or {}).get("provenance")]

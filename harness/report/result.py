@@ -25,7 +25,7 @@ from harness.run.ci import in_ci
 from harness.run.shard import Shard, files_digest, tree_digest
 
 if TYPE_CHECKING:
-    from harness.report.summary import SessionRecord
+    from harness.report.record import SessionRecord
     from harness.run.session import HarnessSession
 
 FORMAT = "llm-behave-harness/result"
@@ -87,7 +87,8 @@ class ResultWriter:
         }
 
     def _final(self, exitstatus: int) -> dict[str, Any]:
-        from harness.report.summary import Header, Side, _pool_loads, golden_folder_lines, session_header
+        from harness.report.markdown import Header, Side, golden_folder_lines, session_header
+        from harness.report.record import pool_loads
 
         record, state = self.record, self.state
         if record.outcomes:
@@ -96,7 +97,7 @@ class ResultWriter:
             header = Header(model=Side(name=_model_name(state), error="no harness item ran in this session"))
         loads = dict(record.worker_loads)
         if state._pool is not None:
-            loads[""] = _pool_loads(state._pool)
+            loads[""] = pool_loads(state._pool)
         return {
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(_elapsed(record), 3),
@@ -206,8 +207,8 @@ class ShardResult:
 
 
 def _side_schema() -> dict[str, Any]:
-    """A report header's side: exactly the fields ``harness.report.summary.Side`` takes, so a new field joins the check."""
-    from harness.report.summary import Side
+    """A report header's side: exactly the fields ``harness.report.markdown.Side`` takes, so a new field joins the check."""
+    from harness.report.markdown import Side
 
     typed = {"name": {"type": "string"}, "provenance": {"type": ["object", "null"]},
              "error": {"type": ["string", "null"]}, "adapter": {"type": ["string", "null"]},

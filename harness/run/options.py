@@ -168,7 +168,7 @@ def options_from_config(config: pytest.Config) -> Options:
 def _adapter_option(given: str, path: Path) -> None:
     """An adapter folder checked from its files alone (no torch): a bad one is one usage error now, which
     starts with the option as ``given``."""
-    from harness.models.pool import adapter_config
+    from harness.models.adapters import adapter_config
 
     try:
         adapter_config(path)
