@@ -117,7 +117,7 @@ def no_cache_run(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int
     at every step, recomputing step by step would reproduce the path with these scores; where it
     prefers another token anywhere (or a logits processor acts), the recompute is decoded for real.
     """
-    from harness.judge.path_noise import forward_scores, free_run_of, processors_act_in, standing_for
+    from harness.observe.scores import forward_scores, free_run_of, processors_act_in, standing_for
 
     if cached.steps and not processors_act_in(model):
         scored = standing_for(forward_scores(model, prompt.ids, cached.token_ids).steps, len(cached.steps))

@@ -109,7 +109,7 @@ def greedy(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int, **ge
 
 def rescorer(model: Any, tokenizer: Any, prompt: Prompt) -> Callable[[list[int]], tuple[Step, ...]]:
     """Teacher forcing on ``model``: how the engine scores a reference's tokens after an accepted near-tie."""
-    from harness.judge.compare import teacher_force
+    from harness.observe.scores import teacher_force
 
     return lambda ids: teacher_force(model, prompt.ids, ids, tokenizer=tokenizer)
 
@@ -120,7 +120,7 @@ def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt
     """``model``'s greedy run judged against ``reference``, decoding only where the one-pass verdict fails.
 
     The reference's path scored in one pass (``scored``, or scored here) gives what free greedy
-    decoding would do until its first flip (``path_noise.free_run_of``), and the scores to
+    decoding would do until its first flip (``scores.free_run_of``), and the scores to
     teacher-force the rest: where that passes, decoding step by step would reproduce it, as a
     greedy golden is judged. Agreement of cached decoding with one pass is the ``cache`` kind's
     question. A failing verdict is decided by a real decode, whose evidence the failure shows.
@@ -131,7 +131,7 @@ def judge_run(reference: Observation, model: Any, tokenizer: Any, prompt: Prompt
     would cost time and show evidence nobody is asked to read.
     """
     from harness.judge.compare import compare
-    from harness.judge.path_noise import free_run_of, path_scores, standing_for
+    from harness.observe.scores import free_run_of, path_scores, standing_for
 
     if one_pass:
         if scored is None:

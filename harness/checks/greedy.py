@@ -27,8 +27,7 @@ from harness.observe.prompts import (
 )
 from harness.judge import path_noise
 from harness.judge.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
-from harness.judge.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
-from harness.judge.path_noise import free_run_of, path_scores, processors_act, standing_for
+from harness.judge.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens
 from harness.judge.tolerance import (
     CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
 )
@@ -37,9 +36,9 @@ from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, si
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import judged_record, meta_path
 from harness.observe.observation import (
-    DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, observe_greedy,
-    teacher_force, to_trace,
+    DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, observe_greedy, to_trace,
 )
+from harness.observe.scores import free_run_of, path_scores, processors_act, standing_for, teacher_force, top2_margin
 
 FORMAT = 2
 GOLDEN_KEYS = frozenset({"format", "text", "new_token_ids", "prompt_tokens", "max_new_tokens", "stop",

@@ -272,7 +272,7 @@ def scores_along(model: Any, tokenizer: Any, prompts: list[Prompt], unmerged: li
     The unmerged adapter, its merged copies and the base without it are all scored this way, so
     a |Δ log p| compares one computation with another and holds no KV-cache rounding of one side.
     """
-    from harness.judge.path_noise import path_scores
+    from harness.observe.scores import path_scores
 
     return [path_scores(model, tokenizer, prompt.ids, list(reference.token_ids))
             for prompt, reference in zip(prompts, unmerged)]

@@ -45,7 +45,7 @@ from harness.judge.compare import Sides, Tolerance, ToleranceSpec, Verdict, comp
 from harness.judge.tolerance import TOLERANCE_HELP
 from harness.errors import CheckFailure
 from harness.observe.observation import Observation, Step, observe_greedy_batch
-from harness.judge.path_noise import free_run_of, processors_act_in
+from harness.observe.scores import free_run_of, processors_act_in
 
 Side = Literal["left", "right"]
 
@@ -202,7 +202,8 @@ def unpadded(model: Any, tokenizer: Any, ids: list[int], path: list[int], *,
     log-probabilities, and the path's scores (forced through ``generate`` where processors act)."""
     import torch
 
-    from harness.observe.observation import step_from_scores, teacher_force
+    from harness.observe.observation import step_from_scores
+    from harness.observe.scores import teacher_force
 
     full = torch.tensor([ids + path], device=_device(model))
     logprobs = padded_logprobs(model, full, torch.ones_like(full))[0]

@@ -49,6 +49,7 @@ from harness.judge.tolerance import (  # noqa: F401  (re-exported: older imports
     ToleranceValues,
 )
 from harness.judge.tolerance import ROUNDING
+from harness.observe.scores import top2_margin
 
 Rescore = Callable[[list[int]], tuple[Step, ...]]
 
@@ -318,12 +319,6 @@ def _budget_reasons(expected: Observation, ties: Sequence[AcceptedTie], allowanc
             f"than its noise explains: {sum(probabilities):.2g} flips expected, at most {budget} at 1 in "
             f"{round(1 / FLIP_ALPHA)}{allowance.describe()}; each flip alone is within noise, together they are a "
             "changed decision rule"]
-
-
-def top2_margin(step: Step) -> float:
-    """The golden token's lead over the best other token of its step (inf without a second token)."""
-    other = next((lp for t, lp in step.top if t != step.token_id), None)
-    return step.logprob - other if other is not None else math.inf
 
 
 def _stop_divergence(expected: Observation, actual: Observation, at: int, sides: Sides = GOLDEN_SIDES) -> str:

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.judge.compare import Tolerance, Verdict, compare, margin_shift
-from harness.observe.observation import DEFAULT_TOP_K, Observation, Step, observe_greedy, step_from_scores, teacher_force
+from harness.judge.compare import Tolerance, Verdict, compare
+from harness.judge.path_noise import Move, moves
+from harness.observe.observation import DEFAULT_TOP_K, Observation, Step, observe_greedy
+from harness.observe.scores import forward_scores, free_run_of, teacher_force, teacher_force_batch, top2_margin
 
 Scored = tuple[Step, ...]
 
@@ -27,11 +29,6 @@ class Item:
     name: str
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
-
-
-def runner_up(step: Step, token_id: int) -> float:
-    """The best log-prob among tokens other than ``token_id``: the other side of its margin."""
-    return next((lp for tid, lp in step.top if tid != token_id), -math.inf)
 
 
 # -- observing ------------------------------------------------------------------------------
@@ -52,54 +49,21 @@ def forced_batch(model: Any, tokenizer: Any, items: Sequence[Item], paths: Seque
                  top_k: int = DEFAULT_TOP_K) -> list[Scored]:
     """All items in one left-padded batch, each row forced along its own path (the padding check's setting)."""
     import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    from harness.observe.prompts import greedy_generate
-
-    rows = len(items)
-    steps: list[list[Step]] = [[] for _ in range(rows)]
-    finish = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-    class _ForceRows(LogitsProcessor):
-        index = 0
-
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            out = torch.full_like(scores, -math.inf)
-            for row in range(rows):
-                if self.index < len(paths[row]):
-                    token = paths[row][self.index]
-                    steps[row].append(step_from_scores(scores[row], token, top_k=top_k))
-                else:  # this row's path ended: finish it
-                    token = finish
-                out[row, token] = 0.0
-            self.index += 1
-            return out
 
     device = next(model.parameters()).device
     width = max(len(item.prompt_ids) for item in items)
+    finish = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else finish
     ids = torch.tensor([[pad] * (width - len(it.prompt_ids)) + list(it.prompt_ids) for it in items], device=device)
     mask = torch.tensor([[0] * (width - len(it.prompt_ids)) + [1] * len(it.prompt_ids) for it in items],
                         device=device)
-    greedy_generate(model, tokenizer, ids, mask, max(len(p) for p in paths),
-                    logits_processor=LogitsProcessorList([_ForceRows()]))
-    return [tuple(row) for row in steps]
+    return teacher_force_batch(model, ids, mask, paths, top_k=top_k, pad_token_id=tokenizer.pad_token_id)
 
 
 def score_single_pass(model: Any, items: Sequence[Item], paths: Sequence[Sequence[int]], *,
                       top_k: int = DEFAULT_TOP_K) -> list[Scored]:
     """Each path scored in one forward pass without a KV cache (raw scores: no logits processors)."""
-    import torch
-
-    device = next(model.parameters()).device
-    out: list[Scored] = []
-    for item, path in zip(items, paths):
-        ids = torch.tensor([list(item.prompt_ids) + list(path)], device=device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, use_cache=False).logits[0]
-        start = len(item.prompt_ids) - 1
-        out.append(tuple(step_from_scores(logits[start + i], token, top_k=top_k) for i, token in enumerate(path)))
-    return out
+    return [forward_scores(model, item.prompt_ids, path, top_k=top_k).steps for item, path in zip(items, paths)]
 
 
 # -- statistics -------------------------------------------------------------------------------
@@ -166,31 +130,36 @@ def measure(condition: str, names: Sequence[str], reference: Sequence[Scored], o
     for name, ref, got in zip(names, reference, observed):
         deltas: list[float] = []
         flips = 0
-        for index, (r, g) in enumerate(zip(ref, got)):
-            if not g.finite or not g.top:
+        for move in moves(ref, got):
+            if not move.counted:
                 noise.nonfinite += 1
                 deltas.append(math.inf)
                 continue
-            deltas.append(abs(g.logprob - r.logprob))
-            shift = margin_shift(r, g)  # the engine's own measure: reference token vs its runner-up
-            noise.max_gap_shift = max(noise.max_gap_shift, shift or 0.0)
-            best = g.best[0]
-            if best != r.token_id:
+            deltas.append(move.dlogp)
+            noise.max_gap_shift = max(noise.max_gap_shift, move.shift or 0.0)
+            if move.flipped:
                 flips += 1
-                in_ref = r.logprob_of(best)
-                noise.flips.append(Flip(name, index, r.token_id, best,
-                                        gap_reference=r.logprob - in_ref if in_ref is not None else math.inf,
-                                        gap_condition=g.best[1] - g.logprob))
+                noise.flips.append(_flip(name, move))
         noise.items[name] = ItemNoise(len(deltas), sum(deltas) / len(deltas) if deltas else 0.0,
                                       max(deltas, default=0.0), flips)
     return noise
+
+
+def _flip(item: str, move: Move) -> Flip:
+    """A flipped step, with each run's preference for its own token."""
+    ref, got = move.reference, move.got
+    best = got.best[0]
+    in_ref = ref.logprob_of(best)
+    return Flip(item, move.index, ref.token_id, best,
+                gap_reference=ref.logprob - in_ref if in_ref is not None else math.inf,
+                gap_condition=got.best[1] - got.logprob)
 
 
 def smallest_margins(names: Sequence[str], reference: Sequence[Scored]) -> dict[str, tuple[int, float]]:
     """Per item, the step whose top-2 margin is smallest: where any numeric change flips first."""
     out: dict[str, tuple[int, float]] = {}
     for name, ref in zip(names, reference):
-        margins = [(i, s.logprob - runner_up(s, s.token_id)) for i, s in enumerate(ref)]
+        margins = [(i, top2_margin(s)) for i, s in enumerate(ref)]
         if margins:
             out[name] = min(margins, key=lambda m: m[1])
     return out
@@ -199,17 +168,9 @@ def smallest_margins(names: Sequence[str], reference: Sequence[Scored]) -> dict[
 def judge(reference: Observation, observed: Scored, tol: Tolerance) -> Verdict:
     """The golden comparison's verdict on a model whose forced scores of the reference path are ``observed``.
 
-    Free greedy decoding is forced decoding until the first flip, so the free run is the forced
-    steps up to there plus the preferred token; the forced steps are also what rescoring gives.
+    The free run is rebuilt from the forced scores (``free_run_of``); they are also what rescoring gives.
     """
-    steps: list[Step] = []
-    for ref, got in zip(reference.steps, observed):
-        if got.top and got.best[0] != ref.token_id:
-            steps.append(Step(got.best[0], got.best[1], got.top))
-            break
-        steps.append(got)
-    same = len(steps) == len(reference.steps) and steps[-1].token_id == reference.steps[-1].token_id if steps else False
-    actual = Observation(reference.prompt_ids, tuple(steps), reference.stop if same else "length")
+    actual = free_run_of(observed, reference, reference.prompt_ids)
     return compare(reference, actual, tol, rescore=lambda _ids: tuple(observed))
 
 

@@ -1,11 +1,8 @@
-"""Score a greedy path with the model under test, and measure how far benign changes move it.
+"""How far benign changes move a golden's greedy path, step by step.
 
-Judging a golden needs the model's scores of the golden's own tokens, every step. Where no
-logits processor acts under greedy decoding (the golden's generation settings hold nothing
-but ``eos_token_id``), one forward pass over prompt + path gives them all: the scores decoding
-would see, up to the KV cache's own rounding (one of the recorded conditions below). Where a
-processor acts (a repetition penalty, say), the path is forced through ``generate`` itself so
-the scores are the processed ones decoding used.
+The path is scored by ``harness.observe.scores`` (one forward pass where no logits processor
+acts, forced through ``generate`` where one does); ``moves`` is the one per-step comparison of
+two scorings of a path, which both this record and calibration (``harness.judge.noise``) fold.
 
 Recording a golden measures its noise on the recording machine (``measure``): the same path
 scored under benign changes, per step. The conditions are the ones any machine can run in
@@ -34,95 +31,10 @@ from typing import Any
 
 from harness.judge.allowance import MANTISSA_BITS, PathNoise
 from harness.judge.compare import margin_shift
-from harness.observe.observation import (
-    DEFAULT_TOP_K, Observation, Step, generation_settings, step_from_scores, teacher_force,
-)
+from harness.observe.observation import Observation, Step
+from harness.observe.scores import forward_scores, teacher_force
 
 DITHER_SEED = 1234
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A path scored by one model: per step the processed distribution's top-k and the golden token's score."""
-
-    steps: tuple[Step, ...]
-    scores: tuple[float, ...]  # the golden token's score (logit) per step: the dtype floor's magnitude
-
-
-def forward_scores(model: Any, prompt_ids: Sequence[int], path: Sequence[int], *, top_k: int = DEFAULT_TOP_K,
-                   pad: int | None = None, pad_token_id: int = 0) -> Scored:
-    """``path`` scored in one forward pass over prompt + path (no cache), optionally after ``pad`` left pads.
-
-    With ``pad``, the row sits in a batch of two next to a row ``pad`` tokens longer (the prompt's
-    first ``pad`` tokens repeated before it): a left-padded batch, positions taken from the mask.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    row = list(prompt_ids) + list(path)
-    if pad:
-        longer = list(prompt_ids[:pad]) + row
-        ids = torch.tensor([[pad_token_id] * pad + row, longer], device=device)
-        mask = torch.tensor([[0] * pad + [1] * len(row), [1] * len(longer)], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[0]
-        logits = logits[pad:]
-    else:
-        ids = torch.tensor([row], device=device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
-    start = len(prompt_ids) - 1
-    rows = [logits[start + i] for i in range(len(path))]
-    return Scored(steps=tuple(step_from_scores(r, t, top_k=top_k) for r, t in zip(rows, path)),
-                  scores=tuple(float(r[t]) for r, t in zip(rows, path)))
-
-
-def path_scores(model: Any, tokenizer: Any, prompt_ids: Sequence[int], path: Sequence[int], *,
-                processors_act: bool | None = None) -> tuple[Step, ...]:
-    """The model's scores of ``path`` as greedy decoding would see them (see the module docstring).
-
-    ``processors_act``: whether a logits processor shapes them; None reads the model's own settings.
-    """
-    if not path:
-        return ()
-    if processors_act is None:
-        processors_act = processors_act_in(model)
-    if processors_act:
-        return teacher_force(model, prompt_ids, path, tokenizer=tokenizer)
-    return forward_scores(model, prompt_ids, path).steps
-
-
-def standing_for(scored: Sequence[Step], steps: int) -> tuple[Step, ...] | None:
-    """Scores that can stand for a path of ``steps`` steps (one per step, all finite); None: decode instead."""
-    scored = tuple(scored)
-    return scored if len(scored) == steps and all(s.finite for s in scored) else None
-
-
-def free_run_of(scored: tuple[Step, ...], golden: Observation, prompt_ids: Sequence[int]) -> Observation:
-    """What free greedy decoding does with these scores: the golden's path until it prefers another token.
-
-    Free decoding is forced decoding until its first flip, so where the scores of the golden's
-    path are known, the free run up to and including its first divergence is too; after it, the
-    engine judges the golden's remaining tokens with the same scores (teacher forcing).
-    """
-    steps: list[Step] = []
-    for got, want in zip(scored, golden.steps):
-        if got.best[0] != want.token_id:
-            steps.append(Step(got.best[0], got.best[1], got.top))
-            return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop="length")
-        steps.append(got)
-    return Observation(prompt_ids=tuple(prompt_ids), steps=tuple(steps), stop=golden.stop)
-
-
-def processors_act(settings: dict[str, Any]) -> bool:
-    """Whether a logits processor shapes greedy decoding's scores (anything besides the eos id is set)."""
-    return any(name != "eos_token_id" for name in settings)
-
-
-def processors_act_in(model: Any) -> bool:
-    """``processors_act`` for ``model``'s own generation settings."""
-    return processors_act(generation_settings(model))
 
 
 # -- the rounding dither ------------------------------------------------------------------------
@@ -164,6 +76,42 @@ def rounding_dither(model: Any, *, seed: int = DITHER_SEED) -> Iterator[str]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- one step under a condition -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Move:
+    """One step of a reference path as another scoring of it saw it: the per-step sample of noise."""
+
+    index: int
+    reference: Step
+    got: Step
+
+    @property
+    def dlogp(self) -> float:
+        """|Δ log p| of the reference's token; inf where the other scoring does not hold it in its top-k."""
+        mine = self.got.logprob_of(self.reference.token_id)
+        return abs(self.reference.logprob - mine) if mine is not None else math.inf
+
+    @property
+    def shift(self) -> float | None:
+        """How far the margin between the reference's token and its runner-up moved (the engine's measure)."""
+        return margin_shift(self.reference, self.got)
+
+    @property
+    def flipped(self) -> bool:
+        """Whether the other scoring prefers another token than the reference's."""
+        return bool(self.got.top) and self.got.best[0] != self.reference.token_id
+
+    @property
+    def counted(self) -> bool:
+        """Whether the other scoring is a sample at all: finite, with a top-k (else a NaN/inf step)."""
+        return self.got.finite and bool(self.got.top)
+
+
+def moves(reference: Sequence[Step], other: Sequence[Step]) -> Iterator[Move]:
+    """Step by step, how ``other`` (a condition's scores of the same path) moved ``reference``."""
+    return (Move(i, ref, got) for i, (ref, got) in enumerate(zip(reference, other)))
 
 
 # -- measuring a path's noise -------------------------------------------------------------------
@@ -222,12 +170,11 @@ def _noise(conditions: dict[str, tuple[Sequence[Step], Sequence[Step]]], scores:
     flips: dict[str, tuple[int, ...]] = {}
     for name, (reference, other) in conditions.items():
         flipped = []
-        for i, (ref, got) in enumerate(zip(reference, other)):
-            mine = got.logprob_of(ref.token_id)
-            moved = abs(ref.logprob - mine) if mine is not None else math.inf
-            dlogp[i] = max(dlogp[i], moved if math.isfinite(moved) else 0.0)
-            margin[i] = max(margin[i], margin_shift(ref, got) or 0.0)
-            if got.top and got.best[0] != ref.token_id:
+        for move in moves(reference, other):
+            i = move.index
+            dlogp[i] = max(dlogp[i], move.dlogp if math.isfinite(move.dlogp) else 0.0)
+            margin[i] = max(margin[i], move.shift or 0.0)
+            if move.flipped:
                 flipped.append(i)
         flips[name] = tuple(flipped)
     return PathNoise(dlogp=tuple(dlogp), margin=tuple(margin), score=tuple(abs(s) for s in scores),

@@ -113,61 +113,6 @@ def observe_greedy(model: Any, tokenizer: Any, prompt_ids: Sequence[int], max_ne
                                 top_k=top_k, **generate_kwargs)[0]
 
 
-def teacher_force(model: Any, prompt_ids: Sequence[int], token_ids: Sequence[int], *,
-                  top_k: int = DEFAULT_TOP_K, tokenizer: Any = None) -> tuple[Step, ...]:
-    """Score a given token path with the model under test, through ``generate`` itself.
-
-    Each step's distribution is taken after every logits processor ``generate``
-    applies (a processor appended last records the processed scores, then
-    forces the given token), so the forced path is scored exactly as free
-    greedy decoding would have scored it, with the same incremental cache. A
-    path that this model's stopping rule ends early gives fewer steps.
-    """
-    import torch
-
-    if not token_ids:
-        return ()
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([list(prompt_ids)], device=device)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return teacher_force_batch(model, input_ids, torch.ones_like(input_ids), [token_ids], top_k=top_k,
-                               pad_token_id=pad)[0]
-
-
-def teacher_force_batch(model: Any, input_ids: Any, attention_mask: Any, paths: Sequence[Sequence[int]], *,
-                        top_k: int = DEFAULT_TOP_K, pad_token_id: int | None = None) -> list[tuple[Step, ...]]:
-    """``teacher_force`` for a (padded) batch: row ``r`` is forced along ``paths[r]``.
-
-    A row whose path is shorter is forced to its pad token afterwards; its extra
-    steps are not returned. Used to score a golden's path inside a padded batch.
-    """
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    longest = max((len(p) for p in paths), default=0)
-    if longest == 0:
-        return [() for _ in paths]
-    start = input_ids.shape[1]
-    recorded: list[Any] = []
-    filler = pad_token_id if pad_token_id is not None else 0
-
-    class _Force(LogitsProcessor):
-        def __call__(self, ids: Any, scores: Any) -> Any:
-            step = ids.shape[1] - start
-            recorded.append(scores.detach().float().cpu().clone())
-            forced = torch.full_like(scores, float("-inf"))
-            for row, path in enumerate(paths):
-                forced[row, path[step] if step < len(path) else filler] = 0.0
-            return forced
-
-    with torch.inference_mode():
-        model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=longest,
-                       do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-                       pad_token_id=pad_token_id, logits_processor=LogitsProcessorList([_Force()]))
-    return [tuple(step_from_scores(recorded[i][row], t, top_k=top_k) for i, t in enumerate(path[: len(recorded)]))
-            for row, path in enumerate(paths)]
-
-
 def observe_greedy_batch(model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int,
                          *, top_k: int = DEFAULT_TOP_K, **generate_kwargs: Any) -> list[Observation]:
     """``observe_greedy`` for a (padded) batch: one observation per row, ended at its own eos."""
@@ -186,6 +131,18 @@ def observe_greedy_batch(model: Any, tokenizer: Any, input_ids: Any, attention_m
         stop: Stop = "eos" if end < len(new_ids) or (new_ids[:end] and new_ids[end - 1] in stops) else "length"
         observations.append(Observation(prompt_ids=prompt, steps=steps, stop=stop))
     return observations
+
+
+def __getattr__(name: str) -> Any:
+    """Teacher forcing moved to ``harness.observe.scores``; older imports from here still resolve.
+
+    Lazily, because ``scores`` imports this module: a plain re-export would be an import cycle.
+    """
+    if name in ("teacher_force", "teacher_force_batch"):
+        from harness.observe import scores
+
+        return getattr(scores, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def to_trace(observation: Observation, tokenizer: Any = None) -> list[str]:
