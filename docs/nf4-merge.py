@@ -40,7 +40,7 @@ def report(model_name: str | None) -> str:
     from harness.checks.consistency import Prompt
     from harness.checks.lora_merge import adapter_effect, judge_path
     from harness.observe.prompts import Message, encode_prompt
-    from harness.judge.compare import NoiseModel
+    from harness.judge.tolerance import NoiseModel
     from harness.models.devices import pick_device
     from harness.observe.observation import observe_greedy
     from harness.models.pool import ModelPool

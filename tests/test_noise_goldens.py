@@ -55,7 +55,7 @@ def test_near_tie_followed_by_the_golden_path_is_teacher_forced_and_passes(proje
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.checks.greedy import golden_record
-    from harness.judge.compare import Observation
+    from harness.observe.observation import Observation
     from harness.observe.observation import generation_settings, observe_greedy
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.judge.bounds import MAX_TOLERANCE_NATS, tolerance_problem
+from harness.judge.tolerance import MAX_NATS, tolerance_problem
 from harness.cli import (
     EXIT_FINDING, EXIT_OK, ToolParser, ToolUsageError, check_adapter, check_attn, check_out_folder, check_registry,
     check_variants, finite_number, golden_dir_argument, golden_dirs, run_tool, whole_number,
@@ -37,7 +37,7 @@ from harness.report.outputs import strict_json
 
 CONDITIONS = ("kernels", "threads", "env", "batch", "cache", "dither", "repeat")
 # Above this factor even the floors (the smallest recommendation) exceed the bound suites enforce.
-MAX_SAFETY = MAX_TOLERANCE_NATS / max(FLOORS.values())
+MAX_SAFETY = MAX_NATS / max(FLOORS.values())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--safety", type=finite_number(minimum=1.0, maximum=MAX_SAFETY,
                                                   what="below 1 a recommendation fails the noise it was measured on; "
                                                        f"above {MAX_SAFETY:g} even the floors exceed the "
-                                                       f"{MAX_TOLERANCE_NATS:g}-nat bound suites enforce"),
+                                                       f"{MAX_NATS:g}-nat bound suites enforce"),
                    default=3.0, help=f"recommended tolerance = observed max x SAFETY (default 3, 1..{MAX_SAFETY:g})")
     p.add_argument("--regressions", nargs="?", const="default", default=None, metavar="LIST",
                    help="also measure constructed regressions (KIND:VALUE list out of weights, rope_theta, "
@@ -361,7 +361,7 @@ def _cross_device(args: argparse.Namespace, resolved: Any, device: Any) -> Cross
 def _measure_cross_device(ctx: Context, pool: Any, variant: Any, same: list[Noise], *,
                           safety: float) -> dict[str, Any]:
     """The other class's goldens scored by this variant here, and the factors against ``same``."""
-    from harness.judge.compare import NoiseModel
+    from harness.judge.tolerance import NoiseModel
     from harness.calibrate.crossdevice import factors, golden_paths, score_goldens, verdicts
     from harness.judge.tolerance import builtin_tolerances
 
@@ -439,7 +439,7 @@ def _summary(noise: Noise) -> str:
 def _tolerances(rec: Recommendation, variant_key: str, *, half: str) -> dict[str, Any]:
     """The recommended tolerance and the engine's built-in default (for a model running in ``half``), to judge
     conditions against."""
-    from harness.judge.compare import NoiseModel, Tolerance
+    from harness.judge.tolerance import NoiseModel, Tolerance
     from harness.judge.tolerance import builtin_tolerances
 
     return {"recommended": Tolerance(**rec.as_tolerance(), source="recommended"),

@@ -35,7 +35,7 @@ from harness.checks.consistency import ConsistencySpec, Findings, encoded_prompt
 
 if TYPE_CHECKING:
     from harness.checks.consistency import Prompt
-    from harness.judge.compare import Observation
+    from harness.observe.observation import Observation
 
 CacheMode = Literal["dynamic", "static"]
 

@@ -31,24 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.judge.allowance import FLIP_ALPHA, Allowance, as_allowance, flat_allowance, flip_budget
-from harness.observe.observation import (  # noqa: F401  (re-exported: the engine's public names)
-    DEFAULT_TOP_K,
-    Observation,
-    Step,
-    near_ties,
-    observe_greedy,
-    teacher_force,
-)
-from harness.judge.tolerance import (  # noqa: F401  (re-exported: older imports of the tolerance model)
-    CROSS_DEVICE_FACTOR,
-    DEFAULT_TOLERANCES,
-    TOLERANCE_FIELDS,
-    NoiseModel,
-    Tolerance,
-    ToleranceSpec,
-    ToleranceValues,
-)
-from harness.judge.tolerance import ROUNDING
+from harness.judge.tolerance import ROUNDING, Tolerance
+from harness.observe.observation import DEFAULT_TOP_K, Observation, Step
 
 Rescore = Callable[[list[int]], tuple[Step, ...]]
 

@@ -237,13 +237,3 @@ def from_trace(lines: Sequence[str], *, top_k: int) -> tuple[Step, ...]:
         steps.append(Step(token_id=chosen[0], logprob=chosen[1], top=top))
     return tuple(steps)
 
-
-def near_ties(observation: Observation, tie_gap: float) -> list[tuple[int, float]]:
-    """Steps whose two best tokens are closer than ``tie_gap`` in log-prob: where noise can flip the path."""
-    found: list[tuple[int, float]] = []
-    for index, step in enumerate(observation.steps):
-        if len(step.top) >= 2:
-            gap = step.top[0][1] - step.top[1][1]
-            if gap < tie_gap:
-                found.append((index, gap))
-    return found
