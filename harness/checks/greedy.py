@@ -26,11 +26,13 @@ from harness.observe.prompts import (
     describe_token, encode_or_skip, greedy_generate,
 )
 from harness.judge import path_noise
-from harness.judge.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
+from harness.judge.allowance import (
+    Allowance, NoiseRecordError, PathNoise, as_allowance, flat_allowance, recorded_allowance,
+)
 from harness.judge.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens, top2_margin
 from harness.judge.path_noise import free_run_of, path_scores, processors_act, standing_for
 from harness.judge.tolerance import (
-    CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
+    CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
 )
 from harness.diff.activations import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
@@ -77,9 +79,9 @@ class GreedySpec(CheckSpec):
         return "tie_gap" in override or any(isinstance(v, dict) and "tie_gap" in v for v in override.values())
 
     def judging(self, variant_key: str | None, *, cross_device: bool, half: str = "float16") -> Tolerance:
-        """This check's tolerance; ``match: exact`` accepts no near-tie (log-probs still within noise)."""
+        """This check's tolerance, named with its ``match:`` (``Allowance.exact`` is what refuses every flip)."""
         tol = self.noise_model(half=half).tolerance(variant_key, cross_device=cross_device)
-        return replace(tol, tie_gap=0.0, source=f"{tol.source}, match: exact") if self.match == "exact" else tol
+        return replace(tol, source=f"{tol.source}, match: exact") if self.match == "exact" else tol
 
 
 @register_check("greedy")
@@ -191,15 +193,16 @@ class _Run:
         key = self.ctx.variant.key if self.ctx.variant else None
         cross = self.other is not None
         flat = self.spec.judging(key, cross_device=cross, half=self.ctx.half)
+        exact = self.spec.match == "exact"
         if noise is None:
-            return flat
+            steps = len(self.golden.steps) if self.golden is not None else self.spec.max_new_tokens
+            return flat_allowance(flat, steps, exact=True) if exact else flat
         chosen = [step.logprob for step in self.golden.steps] if self.golden is not None else None
         built_in = DEFAULT_TOLERANCES[self.ctx.variant.quant if self.ctx.variant else "fp16"]
         return recorded_allowance(noise, chosen_logprobs=chosen, overrides=flat if flat.where else None,
                                   built_in=built_in,
-                                  exact=self.spec.match == "exact",
-                                  scale=CROSS_DEVICE_FACTOR if cross else 1.0,
-                                  scale_label=CROSS_DEVICE_LABEL if cross else "")
+                                  exact=exact,
+                                  cross_device=cross)
 
     def rule(self) -> Any:
         quant = self.ctx.variant.quant if self.ctx.variant else "fp16"

@@ -90,7 +90,8 @@ def builtin_of(tol: Tolerance) -> tuple[str, Tolerance]:
 
 # Goldens of another device class (GPU vs CPU kernels, other accumulation orders) are judged
 # with every bound scaled by this. ASSUMED, not measured: no GPU run has measured it yet, and
-# every message that uses it says so.
+# every message that uses it says so. The one definition: flat tolerances (``NoiseModel.tolerance``),
+# recorded allowances (``recorded_allowance(cross_device=True)``) and fingerprint thresholds use it.
 CROSS_DEVICE_FACTOR = 3.0
 CROSS_DEVICE_LABEL = f"cross-device x{CROSS_DEVICE_FACTOR:g} (assumed, not measured)"
 
