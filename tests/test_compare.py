@@ -222,7 +222,7 @@ def test_trace_round_trip():
 
 
 def test_generation_setting_changes_are_named_and_eos_int_equals_list():
-    from harness.checks.greedy import setting_changes
+    from harness.judge.greedy import setting_changes
 
     assert setting_changes({"eos_token_id": 2}, {"eos_token_id": [2]}) == []
     (line,) = setting_changes({"eos_token_id": [2]}, {"eos_token_id": [2], "no_repeat_ngram_size": 3})

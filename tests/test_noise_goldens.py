@@ -54,7 +54,7 @@ def test_near_tie_followed_by_the_golden_path_is_teacher_forced_and_passes(proje
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.checks.greedy import golden_record
+    from harness.golden.greedy_format import golden_record
     from harness.observe.observation import Observation
     from harness.observe.observation import generation_settings, observe_greedy
 
