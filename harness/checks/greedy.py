@@ -198,7 +198,7 @@ class _Run:
         return fingerprint_noise(quant, dtype=compute_dtype(self.model), cross_device=self.other is not None)
 
     def measure(self, recorded: Observation, *, repeat: Observation | None = None) -> PathNoise:
-        return path_noise.measure(
+        return path_noise.measure_path_noise(
             self.model, self.tokenizer, self.prompt_ids, recorded, processors_act=self.processors_act, repeat=repeat,
             environment=path_noise.environment(self.model))
 

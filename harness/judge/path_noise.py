@@ -7,7 +7,7 @@ would see, up to the KV cache's own rounding (one of the recorded conditions bel
 processor acts (a repetition penalty, say), the path is forced through ``generate`` itself so
 the scores are the processed ones decoding used.
 
-Recording a golden measures its noise on the recording machine (``measure``): the same path
+Recording a golden measures its noise on the recording machine (``measure_path_noise``): the same path
 scored under benign changes, per step. The conditions are the ones any machine can run in
 one process:
 
@@ -42,7 +42,7 @@ DITHER_SEED = 1234
 
 
 @dataclass(frozen=True)
-class Scored:
+class ScoredPath:
     """A path scored by one model: per step the processed distribution's top-k and the golden token's score."""
 
     steps: tuple[Step, ...]
@@ -50,7 +50,7 @@ class Scored:
 
 
 def forward_scores(model: Any, prompt_ids: Sequence[int], path: Sequence[int], *, top_k: int = DEFAULT_TOP_K,
-                   pad: int | None = None, pad_token_id: int = 0) -> Scored:
+                   pad: int | None = None, pad_token_id: int = 0) -> ScoredPath:
     """``path`` scored in one forward pass over prompt + path (no cache), optionally after ``pad`` left pads.
 
     With ``pad``, the row sits in a batch of two next to a row ``pad`` tokens longer (the prompt's
@@ -74,7 +74,7 @@ def forward_scores(model: Any, prompt_ids: Sequence[int], path: Sequence[int], *
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
     start = len(prompt_ids) - 1
     rows = [logits[start + i] for i in range(len(path))]
-    return Scored(steps=tuple(step_from_scores(r, t, top_k=top_k) for r, t in zip(rows, path)),
+    return ScoredPath(steps=tuple(step_from_scores(r, t, top_k=top_k) for r, t in zip(rows, path)),
                   scores=tuple(float(r[t]) for r, t in zip(rows, path)))
 
 
@@ -178,7 +178,7 @@ def logits_dtype(model: Any) -> str:
     return compute_dtype(model)
 
 
-def measure(model: Any, tokenizer: Any, prompt_ids: Sequence[int], recorded: Observation, *,
+def measure_path_noise(model: Any, tokenizer: Any, prompt_ids: Sequence[int], recorded: Observation, *,
             processors_act: bool, repeat: Observation | None = None,
             environment: dict[str, Any] | None = None) -> PathNoise:
     """How far benign changes move ``recorded``'s path, per step (see the module docstring).
