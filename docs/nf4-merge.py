@@ -40,11 +40,11 @@ def report(model_name: str | None) -> str:
     from harness.checks.consistency import Prompt
     from harness.checks.lora_merge import adapter_effect, judge_path
     from harness.observe.prompts import Message, encode_prompt
-    from harness.judge.compare import NoiseModel
+    from harness.judge.tolerance import NoiseModel
     from harness.models.devices import pick_device
     from harness.observe.observation import observe_greedy
     from harness.models.pool import ModelPool
-    from harness.models.provenance import library_versions
+    from harness.run.machine import library_versions
     from harness.models.quantized import MERGE_PATH_NAMES, MERGE_PATHS
     from harness.models.registry import load_registry
     from harness.models.sources import resolve

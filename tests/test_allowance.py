@@ -10,7 +10,8 @@ import pytest
 from harness.judge.allowance import (
     FACTOR, NoiseRecordError, PathNoise, flat_allowance, flip_budget, recorded_allowance, ulp,
 )
-from harness.judge.compare import Observation, Step, compare, top2_margin
+from harness.judge.compare import compare, top2_margin
+from harness.observe.observation import Observation, Step
 from harness.judge.flips import FlipLedger, flips_property
 from harness.judge.tolerance import MAX_NATS, NoiseModel, Tolerance, ToleranceSpec, layered
 

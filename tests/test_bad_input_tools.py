@@ -142,13 +142,13 @@ def test_an_unexpected_error_exits_3_in_one_paragraph(workdir, capsys, monkeypat
 
 def test_calibrate_never_recommends_a_tolerance_a_suite_would_refuse(workdir, capsys, monkeypatch):
     """Recommendations go through the suites' own tolerance model and bound; a refused one is not printed."""
-    from harness.judge.bounds import MAX_TOLERANCE_NATS, tolerance_problem
+    from harness.judge.tolerance import MAX_NATS, tolerance_problem
 
     assert tolerance_problem({"mean_abs_dlogp": 0.02, "max_abs_dlogp": 0.1, "tie_gap": 0.3, "max_margin_shift": 0.3}) is None
     assert "above 5 nats" in tolerance_problem({"mean_abs_dlogp": 0.02, "max_abs_dlogp": 0.1, "tie_gap": 1600.0,
                                                 "max_margin_shift": 0.3})
     assert "greater than 0" in tolerance_problem({"mean_abs_dlogp": -1.0})
-    assert MAX_TOLERANCE_NATS == 5.0 and calibrate.MAX_SAFETY == 100
+    assert MAX_NATS == 5.0 and calibrate.MAX_SAFETY == 100
 
     def result(args: Any) -> dict[str, Any]:
         rec = {"mean_abs_dlogp": 0.5, "max_abs_dlogp": 8.0, "tie_gap": 9.0, "max_margin_shift": 9.0,

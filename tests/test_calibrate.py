@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.judge.compare import Tolerance
+from harness.judge.tolerance import Tolerance
 from harness.errors import SuiteError
 from harness.judge.noise import Noise, judge, measure, recommend
 from harness.observe.observation import Observation, Step

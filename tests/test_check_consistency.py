@@ -209,7 +209,8 @@ def test_judge_run_decodes_only_where_the_one_pass_verdict_fails(monkeypatch):
     behaviour is under test, only which runs the judgement makes)."""
     import harness.checks.consistency as consistency
     from harness.checks.consistency import Prompt, greedy, judge_run
-    from harness.judge.compare import Tolerance, sides
+    from harness.judge.compare import sides
+    from harness.judge.tolerance import Tolerance
 
     import types
 

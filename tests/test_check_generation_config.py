@@ -83,8 +83,9 @@ def test_a_greedy_golden_fails_on_a_changed_generation_setting_naming_it():
     """The golden's ``generation`` block is judged, not only shown: same tokens, another eos, a failure."""
     from types import SimpleNamespace
 
-    from harness.checks.greedy import GoldenJudgement, golden_record
-    from harness.judge.compare import NoiseModel
+    from harness.golden.greedy_format import golden_record
+    from harness.judge.greedy import GoldenJudgement
+    from harness.judge.tolerance import NoiseModel
     from harness.observe.observation import Observation, Step
 
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "".join(f"<{i}>" for i in ids))

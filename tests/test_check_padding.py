@@ -15,7 +15,7 @@ import pytest
 
 from harness.checks.base import CheckContext
 from harness.checks.padding import PaddingCheck, PaddingSpec
-from harness.judge.compare import NoiseModel
+from harness.judge.tolerance import NoiseModel
 from harness.errors import CheckFailure
 from harness.models.pool import Loaded
 from harness.models.variants import VariantSpec

@@ -18,7 +18,7 @@ def _noise(condition: str, mean: float, high: float, shift: float, per_item: dic
 
 
 def test_factors_are_ratios_to_the_worst_same_device_condition() -> None:
-    from harness.judge.compare import Tolerance
+    from harness.judge.tolerance import Tolerance
     from harness.calibrate.crossdevice import factors
 
     same = [_noise("repeat", 0.0, 0.0, 0.0), _noise("attn=eager", 0.004, 0.02, 0.05, {"a": 0.004, "b": 0.002})]
@@ -35,7 +35,7 @@ def test_factors_are_ratios_to_the_worst_same_device_condition() -> None:
 
 
 def test_no_same_device_noise_gives_no_ratio_rather_than_infinity() -> None:
-    from harness.judge.compare import Tolerance
+    from harness.judge.tolerance import Tolerance
     from harness.calibrate.crossdevice import factors, summary_lines
 
     f = factors(_noise("cross", 0.01, 0.02, 0.03), [_noise("repeat", 0.0, 0.0, 0.0)],

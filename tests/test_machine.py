@@ -15,7 +15,8 @@ from harness.golden.sidecars import provenance_lines, recorded_provenance
 from harness.run.machine import (
     DEQUANT_NATIVE, DEQUANT_TORCH, FIELDS, FUSED_KERNELS, FUSED_NATIVE, NOT_RECORDED, NUMERICS_KEY, REFERENCE_PACKED,
 )
-from harness.models.provenance import describe_changes, library_versions
+from harness.models.provenance import describe_changes
+from harness.run.machine import library_versions
 from harness.report.markdown import Header, Side
 
 HERE = {"cpu": "AMD EPYC", "avx512f": False, "avx512_bf16": False, "amx": False, "torch_cpu_capability": "AVX2",

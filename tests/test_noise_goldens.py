@@ -54,8 +54,8 @@ def test_near_tie_followed_by_the_golden_path_is_teacher_forced_and_passes(proje
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.checks.greedy import golden_record
-    from harness.judge.compare import Observation
+    from harness.golden.greedy_format import golden_record
+    from harness.observe.observation import Observation
     from harness.observe.observation import generation_settings, observe_greedy
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)

@@ -16,8 +16,14 @@ def _logits(model, ids=(1, 5, 9, 17, 33)):
         return model(input_ids=torch.tensor([list(ids)])).logits.float()
 
 
+def _has_4bit_layers(model) -> bool:
+    from harness.models.quantized import is_4bit
+
+    return any(is_4bit(m) for m in model.modules())
+
+
 def test_the_16bit_merge_matches_the_adapter_and_requantizing_rounds_the_delta_away(tiny_nf4_lora):
-    from harness.models.quantized import has_4bit_layers, is_4bit, merged
+    from harness.models.quantized import is_4bit, merged
 
     unmerged = _logits(tiny_nf4_lora)
     with tiny_nf4_lora.disable_adapter():
@@ -28,17 +34,17 @@ def test_the_16bit_merge_matches_the_adapter_and_requantizing_rounds_the_delta_a
     assert gap["dequantize"] < 0.1  # the same function up to rounding
     assert gap["merge_and_unload"] > 0.5 and gap["requantize"] > 0.5  # most of the delta rounded away
     assert abs(gap["merge_and_unload"] - gap["requantize"]) < 0.2  # peft's path is the plain re-quantization
-    assert not has_4bit_layers(out["dequantize"].model.layers[0].self_attn.q_proj)
+    assert not _has_4bit_layers(out["dequantize"].model.layers[0].self_attn.q_proj)
     assert is_4bit(out["requantize"].model.layers[0].self_attn.q_proj)
     # the model the merges started from is untouched: still the adapter, still 4-bit
-    assert torch.equal(_logits(tiny_nf4_lora), unmerged) and has_4bit_layers(tiny_nf4_lora)
+    assert torch.equal(_logits(tiny_nf4_lora), unmerged) and _has_4bit_layers(tiny_nf4_lora)
 
 
 def test_float32_copy_dequantizes_and_agrees(tiny_nf4_lora):
-    from harness.models.quantized import float32_copy, has_4bit_layers
+    from harness.models.quantized import float32_copy
 
     copy = float32_copy(tiny_nf4_lora)
-    assert not has_4bit_layers(copy) and all(p.dtype == torch.float32 for p in copy.parameters())
+    assert not _has_4bit_layers(copy) and all(p.dtype == torch.float32 for p in copy.parameters())
     reference = _logits(tiny_nf4_lora)
     assert float((_logits(copy) - reference).abs().max()) < 0.05 * float(reference.abs().max())
-    assert has_4bit_layers(tiny_nf4_lora)
+    assert _has_4bit_layers(tiny_nf4_lora)

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import add_noise, copy_model
-from harness.judge.compare import GOLDEN_SIDES, Observation, Step, Tolerance, compare
+from harness.judge.compare import GOLDEN_SIDES, compare
+from harness.judge.tolerance import Tolerance
+from harness.observe.observation import Observation, Step
 from harness.run.reference import reference_sides
 
 TENSOR = "model.layers.14.mlp.down_proj.weight"

@@ -187,7 +187,8 @@ def _run(args: argparse.Namespace, *, synthetic: dict[str, Any] | None) -> dict[
     from harness.observe.prompts import encode_prompt
     from harness.errors import HarnessError
     from harness.models.pool import VariantUnavailable
-    from harness.models.provenance import adapter_fingerprint, library_versions, model_fingerprint
+    from harness.models.provenance import adapter_fingerprint, model_fingerprint
+    from harness.run.machine import library_versions
     from harness.run.session import HarnessSession, Options
     from harness.models.variants import RUN_ORDER, VariantSpec
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from harness.calibrate.conditions import Context, CrossDevice, default_envs, perturbations, regression_scores
 from harness.cli import golden_dirs
-from harness.judge.bounds import tolerance_problem
+from harness.judge.tolerance import tolerance_problem
 from harness.judge.noise import (
     FLOORS, Item, Noise, Recommendation, Scored, measure, recommend, reference_paths, smallest_margins,
 )
@@ -63,7 +63,8 @@ def suite_items(paths: list[str], tokenizer: Any, *, max_new_tokens: int | None,
 def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
     from harness.models.devices import pick_device
     from harness.models.pool import ModelPool
-    from harness.models.provenance import attn_implementation, library_versions
+    from harness.models.provenance import attn_implementation
+    from harness.run.machine import library_versions
     from harness.models.registry import check_attn_implementation, load_registry
     from harness.models.sources import resolve
     from harness.models.variants import parse_variants

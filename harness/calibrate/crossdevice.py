@@ -45,7 +45,7 @@ def golden_file(root: Path, *, model: str, device_class: str, variant: str, item
 def golden_paths(items: Sequence[Item], *, root: Path, model: str, device_class: str,
                  variant: str) -> tuple[list[GoldenPath], dict[str, str]]:
     """The recorded paths of ``items``, and why others cannot be compared (missing, other prompt)."""
-    from harness.checks.greedy import GoldenFormatError, parse_golden
+    from harness.golden.greedy_format import GoldenFormatError, parse_golden
 
     found: list[GoldenPath] = []
     skipped: dict[str, str] = {}

@@ -26,13 +26,13 @@ from harness.cli import (
     EXIT_FINDING, EXIT_OK, ToolParser, ToolUsageError, check_adapter, check_attn, check_out_folder, check_registry,
     check_variants, finite_number, golden_dir_argument, golden_dirs, run_tool, whole_number,
 )
-from harness.judge.bounds import MAX_TOLERANCE_NATS
 from harness.judge.noise import FLOORS
+from harness.judge.tolerance import MAX_NATS
 from harness.report.outputs import strict_json
 
 CONDITIONS = ("kernels", "threads", "env", "batch", "cache", "dither", "repeat")
 # Above this factor even the floors (the smallest recommendation) exceed the bound suites enforce.
-MAX_SAFETY = MAX_TOLERANCE_NATS / max(FLOORS.values())
+MAX_SAFETY = MAX_NATS / max(FLOORS.values())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--safety", type=finite_number(minimum=1.0, maximum=MAX_SAFETY,
                                                   what="below 1 a recommendation fails the noise it was measured on; "
                                                        f"above {MAX_SAFETY:g} even the floors exceed the "
-                                                       f"{MAX_TOLERANCE_NATS:g}-nat bound suites enforce"),
+                                                       f"{MAX_NATS:g}-nat bound suites enforce"),
                    default=3.0, help=f"recommended tolerance = observed max x SAFETY (default 3, 1..{MAX_SAFETY:g})")
     p.add_argument("--regressions", nargs="?", const="default", default=None, metavar="LIST",
                    help="also measure constructed regressions (KIND:VALUE list out of weights, rope_theta, "

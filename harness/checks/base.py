@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from harness.judge.compare import GOLDEN_SIDES, Sides
-from harness.suites.names import MAX_NAME_LENGTH, check_id_problem
+from harness.suites.names import check_id_problem
 from harness.models.variants import ALL_KEYS, VariantSpec
 
 if TYPE_CHECKING:
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
     from harness.models.devices import Device
     from harness.golden import GoldenStore
     from harness.models.pool import Loaded, ModelPool
-
-
-# Ids name golden files: ``harness.suites.names`` holds the rule (and its length limit) for every golden name.
-MAX_ID_LENGTH = MAX_NAME_LENGTH
 
 
 class CheckSpec(BaseModel):

@@ -35,7 +35,7 @@ from harness.checks.consistency import ConsistencySpec, Findings, encoded_prompt
 
 if TYPE_CHECKING:
     from harness.checks.consistency import Prompt
-    from harness.judge.compare import Observation
+    from harness.observe.observation import Observation
 
 CacheMode = Literal["dynamic", "static"]
 
@@ -75,7 +75,7 @@ class CacheCheck(Check[CacheSpec]):
             runs: dict[CacheMode, Observation] = {}
             for cache in self.spec.caches:
                 try:
-                    runs[cache] = greedy(model, tokenizer, prompt, self.spec.max_new_tokens, **cache_kwargs(cache))
+                    runs[cache] = greedy(model, tokenizer, prompt, self.spec.max_new_tokens, **cache_mode_kwargs(cache))
                 except Exception as exc:  # noqa: BLE001 - the real error is the verdict's reason
                     errors.append(f"prompt {prompt.label}, {cache} cache: {type(exc).__name__}: "
                                   f"{(str(exc).splitlines() or [''])[0][:300]}")
@@ -127,7 +127,7 @@ def no_cache_run(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int
     return greedy(model, tokenizer, prompt, max_new_tokens, use_cache=False)
 
 
-def cache_kwargs(cache: CacheMode) -> dict[str, Any]:
+def cache_mode_kwargs(cache: CacheMode) -> dict[str, Any]:
     return {} if cache == "dynamic" else {"cache_implementation": cache}
 
 

@@ -21,13 +21,15 @@ from harness.checks.base import CheckSpec
 from harness.observe.prompts import (
     CHATS_HELP, PROMPTS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
-from harness.judge.compare import ToleranceSpec
+from harness.judge.tolerance import ToleranceSpec
 from harness.judge.tolerance import TOLERANCE_HELP
 from harness.errors import CheckFailure
 
 if TYPE_CHECKING:
     from harness.checks.base import CheckContext
-    from harness.judge.compare import Observation, Sides, Step, Tolerance, Verdict
+    from harness.judge.compare import Sides, Verdict
+    from harness.judge.tolerance import Tolerance
+    from harness.observe.observation import Observation, Step
 
 DEFAULT_PROMPTS: tuple[str, ...] = ("The capital of France is",)
 
@@ -65,7 +67,7 @@ EXACT_SOURCE = "exact: the two runs must be bit-identical"
 
 def exact_tolerance() -> Tolerance:
     """No noise allowed: two runs of the same weights and kernels on one machine."""
-    from harness.judge.compare import Tolerance
+    from harness.judge.tolerance import Tolerance
 
     return Tolerance(mean_abs_dlogp=0.0, max_abs_dlogp=0.0, tie_gap=0.0, source=EXACT_SOURCE)
 
@@ -102,7 +104,7 @@ def _short(text: str) -> str:
 
 
 def greedy(model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int, **generate_kwargs: Any) -> Observation:
-    from harness.judge.compare import observe_greedy
+    from harness.observe.observation import observe_greedy
 
     return observe_greedy(model, tokenizer, prompt.ids, max_new_tokens, **generate_kwargs)
 

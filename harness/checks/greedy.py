@@ -1,9 +1,7 @@
 """``greedy``: greedy-generation snapshots per variant and device class, judged up to numerical noise.
 
-A golden (format 2) holds what a reviewer reads first, the text and the token
-ids, then the effective generation settings and one trace line per step: the
-chosen token's log-probability and the top-k alternatives with theirs, from the
-scores decoding actually used. A run passes when it is the same behaviour up to
+The golden's format is ``harness.golden.greedy_format``, its judge ``harness.judge.greedy``;
+this module observes and records. A run passes when it is the same behaviour up to
 the noise of its variant (``harness.judge.compare``): identical ids with log-probs
 within tolerance, or a reported near-tie whose remaining golden tokens still
 score within tolerance under the model.
@@ -11,10 +9,8 @@ score within tolerance under the model.
 
 from __future__ import annotations
 
-import difflib
-import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,26 +19,22 @@ from pydantic import Field, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.observe.prompts import (
     IF_NO_CHAT_TEMPLATE_HELP, MESSAGES_HELP, PROMPT_HELP, ChatMessages, PromptText, assert_fits_context,
-    describe_token, encode_or_skip, greedy_generate,
+    encode_or_skip, greedy_generate,
 )
 from harness.judge import path_noise
-from harness.judge.allowance import Allowance, NoiseRecordError, PathNoise, as_allowance, recorded_allowance
-from harness.judge.compare import GOLDEN_SIDES, Sides, Verdict, compare, render_tokens
-from harness.judge.tolerance import (
-    CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec,
+from harness.judge.allowance import (
+    Allowance, NoiseRecordError, PathNoise, as_allowance, flat_allowance, recorded_allowance,
 )
+from harness.judge.compare import render_tokens
+from harness.judge.greedy import GoldenJudgement, describe
+from harness.judge.tolerance import DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec
 from harness.models.introspect import compute_dtype
 from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import judged_record, meta_path
-from harness.observe.observation import (
-    DEFAULT_TOP_K, Observation, Step, TraceError, from_trace, generation_settings, observe_greedy, to_trace,
-)
+from harness.golden.greedy_format import golden_record, parsed_golden
+from harness.observe.observation import Observation, Step, generation_settings, observe_greedy
 from harness.observe.scores import free_run_of, path_scores, processors_act, standing_for, teacher_force, top2_margin
-
-FORMAT = 2
-GOLDEN_KEYS = frozenset({"format", "text", "new_token_ids", "prompt_tokens", "max_new_tokens", "stop",
-                         "generation", "top_k", "trace"})
 
 
 class GreedySpec(CheckSpec):
@@ -76,9 +68,9 @@ class GreedySpec(CheckSpec):
         return "tie_gap" in override or any(isinstance(v, dict) and "tie_gap" in v for v in override.values())
 
     def judging(self, variant_key: str | None, *, cross_device: bool, half: str = "float16") -> Tolerance:
-        """This check's tolerance; ``match: exact`` accepts no near-tie (log-probs still within noise)."""
+        """This check's tolerance, named with its ``match:`` (``Allowance.exact`` is what refuses every flip)."""
         tol = self.noise_model(half=half).tolerance(variant_key, cross_device=cross_device)
-        return replace(tol, tie_gap=0.0, source=f"{tol.source}, match: exact") if self.match == "exact" else tol
+        return replace(tol, source=f"{tol.source}, match: exact") if self.match == "exact" else tol
 
 
 @register_check("greedy")
@@ -126,7 +118,7 @@ class _Run:
         __tracebackhide__ = True
         ctx, path = self.ctx, self.ctx.golden_path()
         golden_data = ctx.goldens.peek(path)
-        golden = _parsed(golden_data)
+        golden = parsed_golden(golden_data)
         update = ctx.goldens.update
         noise, noise_note = (None, "")
         if golden is not None and update:  # this machine's noise around the golden's own path
@@ -190,22 +182,23 @@ class _Run:
         key = self.ctx.variant.key if self.ctx.variant else None
         cross = self.other is not None
         flat = self.spec.judging(key, cross_device=cross, half=self.ctx.half)
+        exact = self.spec.match == "exact"
         if noise is None:
-            return flat
+            steps = len(self.golden.steps) if self.golden is not None else self.spec.max_new_tokens
+            return flat_allowance(flat, steps, exact=True) if exact else flat
         chosen = [step.logprob for step in self.golden.steps] if self.golden is not None else None
         built_in = DEFAULT_TOLERANCES[self.ctx.variant.quant if self.ctx.variant else "fp16"]
         return recorded_allowance(noise, chosen_logprobs=chosen, overrides=flat if flat.where else None,
                                   built_in=built_in,
-                                  exact=self.spec.match == "exact",
-                                  scale=CROSS_DEVICE_FACTOR if cross else 1.0,
-                                  scale_label=CROSS_DEVICE_LABEL if cross else "")
+                                  exact=exact,
+                                  cross_device=cross)
 
     def rule(self) -> Any:
         quant = self.ctx.variant.quant if self.ctx.variant else "fp16"
         return fingerprint_noise(quant, dtype=compute_dtype(self.model), cross_device=self.other is not None)
 
     def measure(self, recorded: Observation, *, repeat: Observation | None = None) -> PathNoise:
-        return path_noise.measure(
+        return path_noise.measure_path_noise(
             self.model, self.tokenizer, self.prompt_ids, recorded, processors_act=self.processors_act, repeat=repeat,
             environment=path_noise.environment(self.model))
 
@@ -272,16 +265,6 @@ def fragile_steps(golden: Observation, noise: PathNoise) -> list[int]:
     return [i for i, step in enumerate(golden.steps[: len(noise)]) if top2_margin(step) < allowance.margin_bound(i)]
 
 
-def _parsed(data: Any) -> Observation | None:
-    """A golden's observation where this version reads it; None lets the store name what is wrong."""
-    if data is None:
-        return None
-    try:
-        return parse_golden(data)
-    except GoldenFormatError:
-        return None
-
-
 def recorded_path_noise(sidecar: Path | None, steps: int, *, gate: bool = False) -> tuple[PathNoise | None, str]:
     """The noise record a golden's sidecar holds, or None with a note saying why it is judged with the defaults.
 
@@ -317,25 +300,6 @@ def recorded_path_noise(sidecar: Path | None, steps: int, *, gate: bool = False)
     return None, f"{problem}: judged with the built-in defaults; re-record with --snapshot-update"
 
 
-def describe(tol: Tolerance | Allowance) -> str:
-    if isinstance(tol, Allowance):
-        steps, margins = tol.step, tol.margin
-        return (f"per step |Δ log p| {min(steps):.3g}-{max(steps):.3g}, margin {min(margins):.3g}-{max(margins):.3g}"
-                f"{tol.describe()}")
-    return (f"mean |Δ log p| {tol.mean_abs_dlogp:g}, per step {tol.max_abs_dlogp:g}, tie gap {tol.tie_gap:g}"
-            f"{tol.describe()}")
-
-
-def environment_changes(recorded: Any, current: Any) -> list[str]:
-    """Where the golden's noise was measured vs this run: the numerics' context, shown on failure."""
-    if not isinstance(recorded, dict) or not isinstance(current, dict):
-        return []
-    changed = [f"{k} {recorded.get(k, '(not recorded)')} -> {current.get(k, '(not recorded)')}"
-               for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
-    return [f"  numerics: recorded with {', '.join(changed)} (within the recorded noise only where the change is benign)"] \
-        if changed else []
-
-
 def refuse_nonfinite(observed: Observation, subject: str) -> None:
     """A golden is never recorded from NaN or infinite scores."""
     __tracebackhide__ = True
@@ -346,185 +310,6 @@ def refuse_nonfinite(observed: Observation, subject: str) -> None:
             "no golden was recorded: NaN never becomes a reference. Fix the model (fp16 overflow, a broken "
             "kernel or attention mask), then record again."
         )
-
-
-def golden_record(observed: Observation, tokenizer: Any, *, settings: dict[str, Any], max_new_tokens: int,
-                  top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
-    """The golden file's content (format 2)."""
-    ids = list(observed.token_ids)
-    return {
-        "format": FORMAT,
-        "text": tokenizer.decode(ids, skip_special_tokens=False),
-        "new_token_ids": ids,
-        "prompt_tokens": len(observed.prompt_ids),
-        "max_new_tokens": max_new_tokens,
-        "stop": observed.stop,
-        "generation": settings,
-        "top_k": top_k,
-        "trace": to_trace(observed, tokenizer),
-    }
-
-
-class GoldenFormatError(ValueError):
-    """A golden this version cannot judge: an older or newer format, or a damaged trace."""
-
-
-class OtherFormat(GoldenFormatError):
-    """A golden written by another version of the harness: re-recorded by an update, named otherwise."""
-
-
-def parse_golden(data: Any) -> Observation:
-    """The golden's observation; a GoldenFormatError says why it cannot be judged and what to do."""
-    if not isinstance(data, dict):
-        raise GoldenFormatError(f"the golden is a JSON {type(data).__name__}, not an object")
-    version = data.get("format", 1)
-    if version == 1 or "trace" not in data:
-        raise OtherFormat(
-            "this golden was recorded in format 1 by an earlier harness (token ids only, no per-step "
-            "log-probabilities, so numerical noise cannot be told from a regression); re-record it with "
-            "--snapshot-update and review the diff (the token ids should not change)"
-        )
-    if version != FORMAT:
-        raise OtherFormat(f"this golden was recorded in format {version!r}; this harness reads format "
-                                f"{FORMAT}. Upgrade the harness, or re-record with --snapshot-update and review")
-    extra, missing = sorted(set(data) - GOLDEN_KEYS), sorted(GOLDEN_KEYS - set(data))
-    if extra or missing:
-        what = f"has key {extra[0]!r}, which this check does not record" if extra else f"lacks key {missing[0]!r}"
-        raise GoldenFormatError(f"the golden {what} (edited by hand?); restore it from version control or "
-                                "re-record it with --snapshot-update and review")
-    ids, trace, top_k = data.get("new_token_ids"), data.get("trace"), data.get("top_k")
-    if not isinstance(ids, list) or not isinstance(trace, list) or not isinstance(top_k, int) \
-            or not all(isinstance(i, int) for i in ids):
-        raise GoldenFormatError("its new_token_ids, trace or top_k have the wrong type (edited by hand?); "
-                                "restore it from version control or re-record it")
-    try:
-        steps = from_trace(trace, top_k=top_k)
-    except TraceError as exc:
-        raise GoldenFormatError(f"its trace does not parse ({exc}); restore it or re-record it") from None
-    traced = [s.token_id for s in steps]
-    if traced != ids:
-        at = next((i for i, (a, b) in enumerate(zip(ids, traced)) if a != b), min(len(ids), len(traced)))
-        raise GoldenFormatError(
-            f"its new_token_ids and its trace disagree at new token {at} (edited by hand?): the trace's "
-            "log-probabilities belong to the recorded tokens; restore it or re-record it")
-    stop = data.get("stop")
-    if stop not in ("eos", "length"):
-        raise GoldenFormatError(f"its stop is {stop!r}, expected 'eos' or 'length'")
-    return Observation(prompt_ids=(), steps=steps, stop=stop)
-
-
-@dataclass
-class GoldenJudgement:
-    """Judges a greedy golden and explains the verdict (once per golden: the store asks again)."""
-
-    observed: Observation
-    tokenizer: Any
-    tol: Tolerance | Allowance
-    rescore: Any
-    judged_against: str | None = None
-    golden: Any = None  # the golden file read (named in a format error)
-    update: bool = False
-    sides: Sides = GOLDEN_SIDES  # how messages name the two runs (reference mode: OLD and NEW)
-    localize: Callable[[], str] | None = None  # one line: where the model first changed (computed on failure only)
-    recorded_environment: Any = None  # where the golden's noise was measured (kernel, ISA, threads, dtypes)
-    environment: Any = None  # the same for this run
-    expected: Observation | None = None
-    verdict: Verdict | None = None
-    problem: str | None = None
-    passed: bool = False
-    changes: list[str] = field(default_factory=list)
-    _judged: tuple[str, tuple[int, ...]] | None = None
-
-    def judge(self, expected: Any, actual: dict[str, Any]) -> bool:
-        key = (json.dumps(expected, sort_keys=True, default=str), tuple(actual.get("new_token_ids", ())),
-               json.dumps(actual.get("generation"), sort_keys=True, default=str))  # a settings change is judged too
-        if self._judged == key:
-            return self.passed
-        self._judged = key
-        self.verdict, self.problem, self.changes = None, None, []
-        try:
-            self.expected = parse_golden(expected)
-        except OtherFormat as exc:
-            if self.golden is not None and not self.update:
-                raise GoldenError(f"Golden file {self.golden} cannot be judged: {exc}.") from None
-            self.problem = str(exc)
-            self.passed = False
-            return False
-        except GoldenFormatError as exc:
-            self.problem = str(exc)
-            self.passed = False
-            return False
-        self.changes = [f"{k}: {self.sides.expected_short} {expected.get(k)}, {self.sides.actual_short} {actual[k]}"
-                        for k in ("prompt_tokens", "max_new_tokens") if expected.get(k) != actual[k]]
-        self.verdict = compare(self.expected, self.observed, self.tol, rescore=self.rescore, sides=self.sides)
-        same_ids = self.expected.token_ids == self.observed.token_ids
-        if same_ids and expected.get("text") != actual["text"]:
-            self.changes.append("the token ids are identical but the decoded text differs: the tokenizer's "
-                                "decoding changed")
-        settings = setting_changes(expected.get("generation"), actual["generation"], self.sides)
-        self.passed = self.verdict.ok and not self.changes and not settings  # a changed setting fails, named
-        return self.passed
-
-    def explain(self, expected: Any, actual: dict[str, Any]) -> str:
-        if self.problem is not None:
-            return f"golden not judged: {self.problem}."
-        lines = setting_changes(expected.get("generation"), actual["generation"], self.sides)
-        lines += self.changes
-        if self.verdict is not None and self.expected is not None:
-            lines += [render_tokens(r, self.tokenizer) for r in self.verdict.reasons]
-            lines += self._divergence_context()
-            lines += [render_tokens(t.describe(sides=self.sides), self.tokenizer) for t in self.verdict.accepted_ties]
-            lines.append(self.verdict.summary())
-            if self.verdict.ok:
-                lines.append("(the log-probabilities agree within noise)")
-            else:
-                lines.append(f"tolerance: {describe(self.tol)}")
-                lines += environment_changes(self.recorded_environment, self.environment)
-            if self.localize is not None:
-                lines.append(self.localize())
-        if self.judged_against:
-            lines.append(f"judged against {self.judged_against} goldens, with the {CROSS_DEVICE_LABEL} tolerance")
-        lines += text_diff(str(expected.get("text", "")), actual["text"])
-        return "\n".join(line for line in lines if line)
-
-    def _divergence_context(self) -> list[str]:
-        """The first differing step's top-k in both runs, as a reviewer reads them."""
-        assert self.expected is not None and self.verdict is not None
-        first = int(self.verdict.stats.get("first_divergence", -1))
-        if first < 0 or first >= min(len(self.expected.steps), len(self.observed.steps)):
-            return []
-        def top(step: Any) -> str:
-            return ", ".join(f"{describe_token(self.tokenizer, t)} {lp:.3f}" for t, lp in step.top)
-        return [f"  {self.sides.expected_short} top-{len(self.expected.steps[first].top)} at new token {first}: "
-                f"{top(self.expected.steps[first])}",
-                f"  {self.sides.actual_of} top-{len(self.observed.steps[first].top)}: {top(self.observed.steps[first])}"]
-
-
-def setting_changes(recorded: Any, current: dict[str, Any], sides: Sides = GOLDEN_SIDES) -> list[str]:
-    """Effective generation settings that differ from the golden's, named (they apply under greedy too)."""
-    if not isinstance(recorded, dict):
-        return []
-    def plain(name: str, value: Any) -> Any:
-        return [value] if name == "eos_token_id" and isinstance(value, int) else value
-
-    lines = []
-    for name in sorted(set(recorded) | set(current)):
-        if plain(name, recorded.get(name)) != plain(name, current.get(name)):
-            lines.append(f"generation setting {name} changed: {sides.expected_short} {recorded.get(name)!r}, "
-                         f"{sides.actual_short} {current.get(name)!r} (from the model's generation_config; it applies under greedy "
-                         "decoding too, so it can explain this failure)")
-    return lines
-
-
-def text_diff(expected: str, actual: str) -> list[str]:
-    diff = list(difflib.unified_diff(expected.splitlines(), actual.splitlines(), "expected", "actual",
-                                     lineterm="", n=1))
-    if not diff:
-        return []
-    lines = ["text diff:"] + ["  " + d for d in diff[:24]]
-    if len(diff) > 24:
-        lines.append(f"  ... ({len(diff) - 24} more diff lines)")
-    return lines
 
 
 def generate_greedy(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], Any]:

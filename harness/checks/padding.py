@@ -41,7 +41,8 @@ from pydantic import Field, field_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.observe.prompts import assert_fits_context
-from harness.judge.compare import Sides, Tolerance, ToleranceSpec, Verdict, compare, compare_distributions, render_tokens
+from harness.judge.compare import Sides, Verdict, compare, compare_distributions, render_tokens
+from harness.judge.tolerance import Tolerance, ToleranceSpec
 from harness.judge.tolerance import TOLERANCE_HELP
 from harness.errors import CheckFailure
 from harness.observe.observation import Observation, Step, observe_greedy_batch

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.diff.activations import capture, layer_index
+from harness.judge.tolerance import CROSS_DEVICE_FACTOR
 
 FINGERPRINT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # 2: no noise record, judged with the constants
@@ -58,9 +59,6 @@ PROJECTIONS = 3
 FINGERPRINT_NOISE = {"fp16": 2e-2, "nf4": 1.5e-1}
 NOISE_FACTOR = 3.0
 NOISE_FLOOR = {"float32": 4e-3, "float16": 4e-3, "bfloat16": 2.5e-2}  # float32: not measured
-# Judged against another device class (--golden-device): other kernels, other rounding; a guess
-# (not measured on a GPU yet), so the line names the recording device class.
-CROSS_DEVICE_FACTOR = 3.0
 NOTE = "localization"
 
 

@@ -9,7 +9,6 @@ per-module activations.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -238,18 +237,16 @@ def _noise(model: Any, sequences: Any, reference: list[dict[str, Any]]) -> tuple
     """Per prompt and module: how far OLD moves when only its attention kernel changes."""
     from harness.diff.activations import capture, relative_difference
     from harness.models.introspect import KernelSwitchError, other_attention
+    from harness.judge.noise import finite_or_zero
 
     try:
         with other_attention(model) as method:
             noise = []
             for seq, acts in zip(sequences, reference):
                 again = capture(model, seq)
-                noise.append({name: _finite_or_zero(relative_difference(acts[name], again[name]))
+                noise.append({name: finite_or_zero(relative_difference(acts[name], again[name]))
                               for name in acts if name in again})
     except KernelSwitchError as exc:  # no second kernel: fall back to the dtype floor alone
         return [{} for _ in sequences], f"dtype floor only: {exc}"
     return noise, f"OLD run twice, attention kernel {method}"
 
-
-def _finite_or_zero(value: float) -> float:
-    return value if math.isfinite(value) else 0.0

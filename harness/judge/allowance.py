@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.judge.tolerance import CROSS_DEVICE_FACTOR, MAX_NATS, MEAN_CALIBRATED_STEPS, ROUNDING, Tolerance
+from harness.judge.tolerance import CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL, MAX_NATS, ROUNDING, Tolerance
 
 FACTOR = 4.0
 POOL = 1.5
@@ -45,6 +45,9 @@ MEAN_FACTOR = 1.0
 MARGIN_MEAN_FACTOR = 1.5
 FLIP_ALPHA = 0.01
 NOISE_VERSION = 1
+# Mean bounds were calibrated as the worst per-prompt mean over paths of about
+# this many steps; a mean over fewer steps varies more (its spread grows as 1/sqrt(steps)).
+MEAN_CALIBRATED_STEPS = 16
 # bits of mantissa: one unit in the last place of x is 2 ** (floor(log2 |x|) - bits)
 MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}
 
@@ -282,8 +285,8 @@ def widened_by_record(noise: PathNoise, built_in: Tolerance) -> tuple[str, ...]:
 
 
 def recorded_allowance(noise: PathNoise, *, chosen_logprobs: Sequence[float] | None = None,
-                       overrides: Tolerance | None = None, exact: bool = False, scale: float = 1.0,
-                       scale_label: str = "", built_in: Tolerance | None = None) -> Allowance:
+                       overrides: Tolerance | None = None, exact: bool = False, cross_device: bool = False,
+                       built_in: Tolerance | None = None) -> Allowance:
     """Per-step bounds from a golden's own noise; fields a suite or check set replace theirs (and are listed if wider).
 
     A step's unit is the largest of: its recorded noise, one unit in the last place of its score
@@ -291,8 +294,10 @@ def recorded_allowance(noise: PathNoise, *, chosen_logprobs: Sequence[float] | N
     certain, the share of the margin's noise that reaches its log-prob: d log p / d margin is
     1 - p, so a near-tie's chosen log-prob moves with its margin (``chosen_logprobs``, the
     golden's own, give p). ``built_in``: the flat default of the variant's quantization, against
-    which the record itself is listed where it is wider (``widened_by_record``).
+    which the record itself is listed where it is wider (``widened_by_record``). ``cross_device``
+    scales every bound by ``CROSS_DEVICE_FACTOR``, as ``NoiseModel.tolerance`` does the flat ones.
     """
+    scale, scale_label = (CROSS_DEVICE_FACTOR, CROSS_DEVICE_LABEL) if cross_device else (1.0, "")
     n = len(noise)
     floors = [ulp(score, noise.logits_dtype) for score in noise.score]
     pooled = POOL * (sum(noise.dlogp) / n if n else 0.0)

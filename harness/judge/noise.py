@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.judge.compare import Tolerance, Verdict, compare
+from harness.judge.compare import Verdict, compare
 from harness.judge.path_noise import Move, moves
+from harness.judge.tolerance import Tolerance
 from harness.observe.observation import DEFAULT_TOP_K, Observation, Step, observe_greedy
 from harness.observe.scores import forward_scores, free_run_of, teacher_force, teacher_force_batch, top2_margin
 
@@ -207,14 +208,15 @@ def recommend(noises: Sequence[Noise], *, safety: float = 3.0, floors: dict[str,
     observed = {
         "mean_abs_dlogp": max((n.mean_abs_dlogp for n in finite), default=0.0),
         "max_abs_dlogp": max((n.max_abs_dlogp for n in finite), default=0.0),
-        "tie_gap": max((max(n.max_gap_shift, _finite_or_zero(n.max_flip_gap)) for n in finite), default=0.0),
+        "tie_gap": max((max(n.max_gap_shift, finite_or_zero(n.max_flip_gap)) for n in finite), default=0.0),
         "max_margin_shift": max((n.max_gap_shift for n in finite), default=0.0),
     }
     values = {k: _round_up(max(floors[k], safety * v)) for k, v in observed.items()}
     return Recommendation(observed=observed, **values)
 
 
-def _finite_or_zero(value: float) -> float:
+def finite_or_zero(value: float) -> float:
+    """A measured spread where it is finite; 0 where a NaN or inf run made it meaningless (named elsewhere)."""
     return value if math.isfinite(value) else 0.0
 
 

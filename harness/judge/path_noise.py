@@ -4,7 +4,7 @@ The path is scored by ``harness.observe.scores`` (one forward pass where no logi
 acts, forced through ``generate`` where one does); ``moves`` is the one per-step comparison of
 two scorings of a path, which both this record and calibration (``harness.judge.noise``) fold.
 
-Recording a golden measures its noise on the recording machine (``measure``): the same path
+Recording a golden measures its noise on the recording machine (``measure_path_noise``): the same path
 scored under benign changes, per step. The conditions are the ones any machine can run in
 one process:
 
@@ -126,7 +126,7 @@ def logits_dtype(model: Any) -> str:
     return compute_dtype(model)
 
 
-def measure(model: Any, tokenizer: Any, prompt_ids: Sequence[int], recorded: Observation, *,
+def measure_path_noise(model: Any, tokenizer: Any, prompt_ids: Sequence[int], recorded: Observation, *,
             processors_act: bool, repeat: Observation | None = None,
             environment: dict[str, Any] | None = None) -> PathNoise:
     """How far benign changes move ``recorded``'s path, per step (see the module docstring).

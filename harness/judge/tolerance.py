@@ -10,7 +10,9 @@ Overrides layer field by field: the built-in default, then the suite's ``default
 check, each at flat, quantization (``nf4``) and variant (``nf4-lora``) level, the more specific
 winning. Every field remembers where it was set, so a widened tolerance can be listed with its
 place. Values are bounded: no noise moves a log-probability by more than ``MAX_NATS``, so a
-larger value is a typo or a wish to turn the check off, and a suite error either way.
+larger value is a typo or a wish to turn the check off, and a suite error either way. The same
+bound holds wherever a tolerance comes from: ``tolerance_problem`` checks ``harness-calibrate``'s
+advice against it, so the calibrator never prints a value a suite would refuse.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 TOLERANCE_FIELDS = ("mean_abs_dlogp", "max_abs_dlogp", "tie_gap", "max_margin_shift")
 # More than any numerical noise could move a log-probability: a bound above this judges nothing.
@@ -27,9 +29,6 @@ MAX_NATS = 5.0
 # The golden's trace prints log-probabilities with 4 decimals: two printed values of the same
 # number differ by up to this much, so every bound allows it (``match: exact`` included).
 ROUNDING = 1e-4
-# The defaults' mean bounds were calibrated as the worst per-prompt mean over paths of about
-# this many steps; a mean over fewer steps varies more (its spread grows as 1/sqrt(steps)).
-MEAN_CALIBRATED_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -49,17 +48,6 @@ class Tolerance:
     @property
     def margin_shift(self) -> float:
         return self.tie_gap if self.max_margin_shift is None else self.max_margin_shift
-
-    def mean_bound(self, steps: int) -> float:
-        """The bound on a mean over ``steps``: the calibrated mean, widened as 1/sqrt for short paths.
-
-        A mean over one step is a per-step bound, so it never needs to be tighter than... nor
-        may it be looser than the per-step bound.
-        """
-        if steps <= 0:
-            return self.mean_abs_dlogp
-        widened = self.mean_abs_dlogp * max(1.0, (MEAN_CALIBRATED_STEPS / steps) ** 0.5)
-        return max(self.mean_abs_dlogp, min(widened, self.max_abs_dlogp))
 
 
 # Defaults, for goldens without a noise record and the consistency kinds; measured on
@@ -102,7 +90,8 @@ def builtin_of(tol: Tolerance) -> tuple[str, Tolerance]:
 
 # Goldens of another device class (GPU vs CPU kernels, other accumulation orders) are judged
 # with every bound scaled by this. ASSUMED, not measured: no GPU run has measured it yet, and
-# every message that uses it says so.
+# every message that uses it says so. The one definition: flat tolerances (``NoiseModel.tolerance``),
+# recorded allowances (``recorded_allowance(cross_device=True)``) and fingerprint thresholds use it.
 CROSS_DEVICE_FACTOR = 3.0
 CROSS_DEVICE_LABEL = f"cross-device x{CROSS_DEVICE_FACTOR:g} (assumed, not measured)"
 
@@ -169,6 +158,27 @@ def _at_most_max_nats(value: float | None) -> float | None:
 
 
 Nats = Annotated[float | None, AfterValidator(_at_most_max_nats)]
+
+
+def tolerance_problem(values: Mapping[str, float]) -> str | None:
+    """Why ``values`` (mean_abs_dlogp, max_abs_dlogp, tie_gap, max_margin_shift) cannot be a suite's tolerance.
+
+    A recommendation is validated through the suite's own model, so the calibrator never prints a
+    value a suite would refuse (``tie_gap: 1600`` from a huge ``--safety``).
+    """
+    over = {key: value for key, value in values.items() if value > MAX_NATS}
+    if over:
+        key, value = next(iter(over.items()))
+        return (f"{key} = {value:g} is above {MAX_NATS:g} nats, the largest tolerance a suite accepts "
+                "(a log-probability that moves that far is another answer, not noise)")
+    try:
+        ToleranceValues.model_validate(dict(values), strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where} = {err.get('input')!r}: {err['msg']}"
+    return None
+
 
 def _defaults(name: str) -> str:
     """A field's built-in defaults, for the suite reference: ``fp16 default 0.017, nf4 0.12``."""

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from harness.run.machine import NUMERICS_KEY, numerics_changes
-from harness.run.machine import library_versions as library_versions  # its home is machine; callers import it here
 from harness.models.sources import cache_dir
 
 TOKENIZER_FILES = (

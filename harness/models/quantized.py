@@ -58,10 +58,6 @@ def is_4bit(module: Any) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def has_4bit_layers(model: Any) -> bool:
-    return any(is_4bit(m) for m in model.modules())
-
-
 def layout(layer: Any) -> Layout:
     """Which layout a 4-bit layer's weight is in now (it can change at the first forward)."""
     state = getattr(getattr(layer, "weight", None), "quant_state", None)

@@ -133,18 +133,6 @@ def observe_greedy_batch(model: Any, tokenizer: Any, input_ids: Any, attention_m
     return observations
 
 
-def __getattr__(name: str) -> Any:
-    """Teacher forcing moved to ``harness.observe.scores``; older imports from here still resolve.
-
-    Lazily, because ``scores`` imports this module: a plain re-export would be an import cycle.
-    """
-    if name in ("teacher_force", "teacher_force_batch"):
-        from harness.observe import scores
-
-        return getattr(scores, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def to_trace(observation: Observation, tokenizer: Any = None) -> list[str]:
     """One line per step: chosen token first, then the rest of the top-k; texts after ``#``."""
     lines: list[str] = []
@@ -194,13 +182,3 @@ def from_trace(lines: Sequence[str], *, top_k: int) -> tuple[Step, ...]:
         steps.append(Step(token_id=chosen[0], logprob=chosen[1], top=top))
     return tuple(steps)
 
-
-def near_ties(observation: Observation, tie_gap: float) -> list[tuple[int, float]]:
-    """Steps whose two best tokens are closer than ``tie_gap`` in log-prob: where noise can flip the path."""
-    found: list[tuple[int, float]] = []
-    for index, step in enumerate(observation.steps):
-        if len(step.top) >= 2:
-            gap = step.top[0][1] - step.top[1][1]
-            if gap < tie_gap:
-                found.append((index, gap))
-    return found

@@ -24,7 +24,7 @@ from harness.observe.observation import DEFAULT_TOP_K, Observation, Step, genera
 
 
 @dataclass(frozen=True)
-class Scored:
+class ScoredPath:
     """A path scored by one model: per step the processed distribution's top-k and the golden token's score."""
 
     steps: tuple[Step, ...]
@@ -89,7 +89,7 @@ def teacher_force_batch(model: Any, input_ids: Any, attention_mask: Any, paths: 
 
 # -- one forward pass ----------------------------------------------------------------------------
 def forward_scores(model: Any, prompt_ids: Sequence[int], path: Sequence[int], *, top_k: int = DEFAULT_TOP_K,
-                   pad: int | None = None, pad_token_id: int = 0) -> Scored:
+                   pad: int | None = None, pad_token_id: int = 0) -> ScoredPath:
     """``path`` scored in one forward pass over prompt + path (no cache), optionally after ``pad`` left pads.
 
     Raw scores: no logits processor acts. With ``pad``, the row sits in a batch of two next to a
@@ -114,7 +114,7 @@ def forward_scores(model: Any, prompt_ids: Sequence[int], path: Sequence[int], *
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
     start = len(prompt_ids) - 1
     rows = [logits[start + i] for i in range(len(path))]
-    return Scored(steps=tuple(step_from_scores(r, t, top_k=top_k) for r, t in zip(rows, path)),
+    return ScoredPath(steps=tuple(step_from_scores(r, t, top_k=top_k) for r, t in zip(rows, path)),
                   scores=tuple(float(r[t]) for r, t in zip(rows, path)))
 
 
