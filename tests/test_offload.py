@@ -81,7 +81,7 @@ def test_which_device_held_what_comes_from_the_device_map():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.checks.memory import MemoryFigures
+    from harness.measure.footprint import MemoryFigures
     from harness.measure import PeakMemory
     from harness.models.placement import placement_bytes
 

@@ -412,7 +412,8 @@ def test_a_check_run_on_both_says_whether_old_held_it(fails_on, expected):
 def test_memory_is_judged_as_a_ratio_to_old():
     from types import SimpleNamespace
 
-    from harness.checks.memory import MemoryFigures, VersusReference, _versus_old
+    from harness.checks.memory import VersusReference, _versus_old
+    from harness.measure.footprint import MemoryFigures
     from harness.measure import PeakMemory
 
     def figures(weights: int, peak: int) -> MemoryFigures:

@@ -14,12 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from harness.models.introspect import KernelSwitchError, base_model, compute_dtype, other_attention
-
-__all__ = [
-    "KINDS", "KernelSwitchError", "base_model", "capture", "capturing", "compute_dtype", "decoder_layers",
-    "layer_index", "module_kind", "named_modules", "other_attention", "relative_difference",
-]
+from harness.models.introspect import base_model
 
 KINDS = ("embedding", "norm", "attention", "mlp", "output", "head")
 
