@@ -123,6 +123,10 @@ def _one_line(detail: str, report: pytest.TestReport) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+ONE_PASS_LABEL = ("--one-pass-goldens: greedy goldens judged from one forward pass only, not the gate's verdict "
+                  "(the default decodes every item the one pass does not decide)")
+
+
 def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord) -> None:
     pool = state._pool
     if pool is None and not record.outcomes and not record.worker_loads and not record.worker_threads:
@@ -131,6 +135,8 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
     if state.options.reference is not None:
         reporter.write_line(f"reference mode: NEW {state.model_name} vs OLD {state.reference_name} (every check "
                             "judged against a live run of OLD in this session; golden files neither read nor written)")
+    if state.options.one_pass_goldens:
+        reporter.write_line(ONE_PASS_LABEL)
     side = "NEW " if state.options.reference is not None else ""
     if state._resolved is not None:
         reporter.write_line(f"{side}model {state.model_name}: {state._resolved.source}; device {state.device.description}")
@@ -304,7 +310,8 @@ def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -
     """A short Markdown report of a live session, pasteable as a pull-request comment: no path of this
     machine in it (paths under the rootdir are shown relative to it)."""
     text = render_markdown(session_header(state, record), record, exitstatus=exitstatus,
-                           seconds=time.time() - record.started, appendix=golden_folder_lines(state))
+                           seconds=time.time() - record.started, appendix=golden_folder_lines(state),
+                           preface=[f"- {ONE_PASS_LABEL}", ""] if state.options.one_pass_goldens else None)
     return relative_paths(text, state.options.rootdir)
 
 
