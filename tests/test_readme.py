@@ -20,11 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MAX_README_LINES = 300
 
-# Rows written ahead of the options that are being added on other branches now; the allowance
-# goes when they land.
-ALLOWED_EXTRAS = frozenset({"--one-pass-goldens"})
-# Options the code still has while their removal lands; README no longer documents them.
-BEING_REMOVED = frozenset({"--decode-goldens"})
 
 # Each console script, the module it runs, the arguments that print its options, and where
 # its options are documented (a docs page, or README's section of that title).
@@ -100,10 +95,10 @@ def test_every_harness_option_has_exactly_one_row_in_readmes_table():
     rows = _table_rows(README.read_text(encoding="utf-8"))
     twice = sorted({row for row in rows if rows.count(row) > 1})
     assert not twice, f"README's options table has more than one row for {twice}"
-    missing = sorted(group - set(rows) - BEING_REMOVED)
+    missing = sorted(group - set(rows))
     assert not missing, f"options of the harness group without a row in README's options table: {missing}"
     known = set(re.findall(r"^\s+(--[a-z][\w-]*)", help_text, re.M))
-    unknown = sorted(set(rows) - known - ALLOWED_EXTRAS)
+    unknown = sorted(set(rows) - known)
     assert not unknown, f"README's options table has rows for options pytest does not have: {unknown}"
 
 

@@ -114,7 +114,7 @@ class CheckContext:
     # reference mode runs a check on OLD too: its figures and notes are told apart from NEW's
     figure_prefix: str = ""
     note_prefix: str = ""
-    decode_goldens: bool = False  # --decode-goldens: judge greedy goldens by decoding, not from one pass
+    one_pass_goldens: bool = False  # --one-pass-goldens: greedy goldens judged from one pass, never decoded
 
     def record(self, **figures: Any) -> None:
         """Figures (MB, tokens/s, KL...) for the session report and JUnit properties."""

@@ -93,7 +93,7 @@ class GreedyCheck(Check[GreedySpec]):
 
 @dataclass
 class _Run:
-    """One greedy item: score the golden's path (one forward) and decode freely only where needed."""
+    """One greedy item: score the golden's path (one forward); decode wherever that pass does not decide."""
 
     ctx: CheckContext
     spec: GreedySpec
@@ -133,6 +133,8 @@ class _Run:
         if scored is not None:  # the golden's path in one pass: judged without decoding where it passes
             observed = free_run_of(scored, golden, self.prompt_ids)  # type: ignore[arg-type]
             judgement = self.judgement(noise, observed, rescore=lambda _ids: scored)
+            if not self.ctx.one_pass_goldens and path_noise.undecided(scored, golden, as_allowance(judgement.tol, len(scored))):
+                judgement = None  # not decisive: only a real decode's verdict counts
         if judgement is None or not judgement.judge(golden_data, self.record(observed)):  # type: ignore[arg-type]
             observed = self.free_run()  # decode step by step: the verdict and its evidence come from the real run
             judgement = self.judgement(noise, observed)
@@ -153,9 +155,8 @@ class _Run:
 
     # -- pieces ----------------------------------------------------------------------------------
     def scored_path(self, golden: Observation | None) -> tuple[Step, ...] | None:
-        """The model's scores of the golden's whole path in one pass (None: nothing to score, or
-        ``--decode-goldens``: the verdict comes from a real decode)."""
-        if self.ctx.decode_goldens or golden is None or not 0 < len(golden.steps) <= self.spec.max_new_tokens:
+        """The model's scores of the golden's whole path in one pass (None: nothing to score)."""
+        if golden is None or not 0 < len(golden.steps) <= self.spec.max_new_tokens:
             return None
         return standing_for(path_scores(self.model, self.tokenizer, self.prompt_ids, golden.token_ids,
                                         processors_act=self.processors_act), len(golden.steps))

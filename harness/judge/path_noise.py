@@ -29,12 +29,56 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from harness.judge.allowance import MANTISSA_BITS, PathNoise
+from harness.judge.allowance import MANTISSA_BITS, POOL, Allowance, PathNoise
 from harness.judge.compare import margin_shift
+from harness.judge.tolerance import ROUNDING
 from harness.observe.observation import Observation, Step
-from harness.observe.scores import forward_scores, teacher_force
+from harness.observe.scores import forward_scores, teacher_force, top2_margin
 
 DITHER_SEED = 1234
+
+
+# The share of a bound one pass may use and still decide: the rest is left for the decode's own noise.
+# A per-step or margin bound is at least 3 noise units (recorded: FACTOR 4 x the step's noise; flat:
+# the calibration's x3 over the worst benign condition); a mean bound at least POOL x the path's mean noise.
+HEADROOM = 1.0 - 1.0 / 3.0
+MEAN_HEADROOM = 1.0 - 1.0 / POOL
+
+
+def undecided(scored: Sequence[Step], golden: Observation, allowance: Allowance) -> str | None:
+    """Why one pass over the golden's path does not decide its verdict (then a real decode does), or None.
+
+    One pass decides where, at every step, it prefers the golden token by more than the step's
+    near-tie gap (its margin allowance, or the flat ``tie_gap`` if wider) and uses at most
+    ``HEADROOM`` of each per-step bound (|Δ log p|, margin shift) and ``MEAN_HEADROOM`` of the
+    mean's. Then a real decode reproduces the golden and passes too, by induction over the steps:
+    at step i the decode has the golden's prefix (true at step 0), so its scores are the pass's
+    up to the cache-vs-recompute difference ("no KV cache", one of the benign conditions each
+    bound covers: a golden's noise record measures it, the flat defaults were calibrated x3 over
+    it). That difference moves a margin by at most a third of the margin allowance, which is
+    below the gap the pass's margin clears: the decode picks the golden token, so step i+1 has
+    the golden's prefix again, and the stop (eos or length) follows the tokens. It moves each
+    log-prob, and their mean, by at most the share of the bound the headroom leaves free. A
+    flip, a margin within the gap, or a bound used beyond its headroom: the decode may differ.
+    """
+    steps = golden.steps
+    if len(scored) != len(steps):
+        return "the one pass does not cover the golden's path"
+    deltas = []
+    for i, (got, want) in enumerate(zip(scored, steps)):
+        if got.best[0] != want.token_id:
+            return f"at new token {i} the one pass prefers another token"
+        gap = max(allowance.margin_bound(i), allowance.tie_gap or 0.0)
+        if not top2_margin(got) > gap + ROUNDING:
+            return f"at new token {i} the top-2 margin {top2_margin(got):.3g} is within the near-tie gap {gap:.3g}"
+        delta, shift = abs(got.logprob - want.logprob), margin_shift(want, got)
+        if delta > HEADROOM * allowance.step_bound(i) or (shift is not None and
+                                                          shift > HEADROOM * allowance.margin_bound(i)):
+            return f"at new token {i} the one pass uses more than {HEADROOM:.0%} of the step's allowance"
+        deltas.append(delta)
+    if deltas and sum(deltas) / len(deltas) > MEAN_HEADROOM * allowance.mean_bound(list(range(len(deltas)))):
+        return f"the mean |Δ log p| uses more than {MEAN_HEADROOM:.0%} of its bound"
+    return None
 
 
 # -- the rounding dither ------------------------------------------------------------------------

@@ -18,6 +18,10 @@ from harness.report.record import Outcome, SessionRecord, forgiveness_counts, go
 from harness.run.machine import NUMERICS_KEY, describe, expand_groups, markdown_lines, summary_lines
 from harness.run.session import HarnessSession
 
+# Said once in the terminal summary and once in the report of a --one-pass-goldens session.
+ONE_PASS_LABEL = ("--one-pass-goldens: greedy goldens judged from one forward pass only, not the gate's verdict "
+                  "(the default decodes every item the one pass does not decide)")
+
 _SYMBOL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skip"}
 
 
@@ -75,7 +79,8 @@ def markdown(state: HarnessSession, record: SessionRecord, *, exitstatus: int) -
     """A short Markdown report of a live session, pasteable as a pull-request comment: no path of this
     machine in it (paths under the rootdir are shown relative to it)."""
     text = render_markdown(session_header(state, record), record, exitstatus=exitstatus,
-                           seconds=time.time() - record.started, appendix=golden_folder_lines(state))
+                           seconds=time.time() - record.started, appendix=golden_folder_lines(state),
+                           preface=[f"- {ONE_PASS_LABEL}", ""] if state.options.one_pass_goldens else None)
     return relative_paths(text, state.options.rootdir)
 
 

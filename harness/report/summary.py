@@ -12,10 +12,12 @@ import pytest
 
 from harness.models.variants import RUN_ORDER
 from harness.report.display import shown_path
+from harness.report.markdown import ONE_PASS_LABEL
 from harness.report.record import SessionRecord, forgiveness_counts, goldens_recorded, pool_loads
 from harness.run.machine import expand_groups, summary_lines
 from harness.run.session import HarnessSession
 from harness.run.threads import summary_line
+
 
 
 def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord) -> None:
@@ -26,6 +28,8 @@ def terminal_summary(reporter: Any, state: HarnessSession, record: SessionRecord
     if state.options.reference is not None:
         reporter.write_line(f"reference mode: NEW {state.model_name} vs OLD {state.reference_name} (every check "
                             "judged against a live run of OLD in this session; golden files neither read nor written)")
+    if state.options.one_pass_goldens:
+        reporter.write_line(ONE_PASS_LABEL)
     side = "NEW " if state.options.reference is not None else ""
     if state._resolved is not None:
         reporter.write_line(f"{side}model {state.model_name}: {state._resolved.source}; device {state.device.description}")

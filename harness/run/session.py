@@ -56,7 +56,7 @@ class Options:
     max_memory: dict[str | int, str | int] | None = None
     offload_folder: Path | None = None
     result: Path | None = None  # --harness-result: the machine-readable result file
-    decode_goldens: bool = False  # --decode-goldens: greedy goldens judged by a real decode, never one pass
+    one_pass_goldens: bool = False  # --one-pass-goldens: greedy goldens judged from one pass only (not the gate's verdict)
 
 
 class HarnessSession:
@@ -278,7 +278,7 @@ class HarnessSession:
         ctx = CheckContext(
             suite=suite.name, suite_path=suite.path, check_id=entry.check.spec.id, variant=variant,
             pool=self.pool, goldens=self.goldens, device=self.device, request=request,
-            decode_goldens=self.options.decode_goldens,
+            one_pass_goldens=self.options.one_pass_goldens,
         )
         golden = ctx.golden_path()
         heard = len(self.pool.logit_alarms)
@@ -351,7 +351,7 @@ class HarnessSession:
         def context(pool: ModelPool, goldens: Any, **side: str) -> CheckContext:
             return CheckContext(suite=suite.name, suite_path=suite.path, check_id=entry.check.spec.id,
                                 variant=variant, pool=pool, goldens=goldens, device=self.device, request=request,
-                                sides=sides, decode_goldens=self.options.decode_goldens, **side)
+                                sides=sides, one_pass_goldens=self.options.one_pass_goldens, **side)
 
         recorder = Recorder()
         live = LiveReference(records=recorder.records, label=f"{sides.actual} vs {sides.expected}",
