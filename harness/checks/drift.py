@@ -30,11 +30,11 @@ figures recorded beside. NEW's own budgets (where its name has them) still apply
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.checks.base import Check, CheckContext, CheckSpec, ReferenceRun, register_check
 from harness.observe.prompts import (
     CHATS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
@@ -47,9 +47,6 @@ from harness.measure.drift import (
     DriftReference, DriftResult, compare_to_reference, default_reference, reference_observation, token_logprobs,
 )
 from harness.models.variants import ALL_KEYS, VariantSpec
-
-if TYPE_CHECKING:
-    from harness.run.reference import ReferencePair
 
 ADAPTER_MIN_MEAN_KL = 1e-4
 
@@ -242,7 +239,7 @@ class DriftCheck(Check[DriftSpec]):
                 + (f"\n{detail}" if detail else "")
             )
 
-    def run_against_reference(self, pair: ReferencePair) -> None:
+    def run_against_reference(self, pair: ReferenceRun) -> None:
         """NEW's variant against OLD's same variant, within the variant's noise; NEW's own budgets too."""
         __tracebackhide__ = True
         import pytest

@@ -23,11 +23,11 @@ sampling and the paired test ``expect_sampling.py``'s.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.checks.base import Check, CheckContext, CheckSpec, ReferenceRun, register_check
 from harness.checks.expect_assertions import Answer, Assertion, judge
 from harness.checks.expect_sampling import Sampling, paired_drop, sample_rows
 from harness.observe.prompts import (
@@ -35,9 +35,6 @@ from harness.observe.prompts import (
     encode_or_skip, greedy_generate,
 )
 from harness.errors import CheckFailure
-
-if TYPE_CHECKING:
-    from harness.run.reference import ReferencePair
 
 
 class ExpectSpec(CheckSpec):
@@ -114,7 +111,7 @@ class ExpectCheck(Check[ExpectSpec]):
         """Each assertion the answer breaks, with what the answer has instead."""
         return [reason for a in self.spec.expect if (reason := judge(a, answer, self.spec.ignore_case))]
 
-    def run_against_reference(self, pair: ReferencePair) -> None:
+    def run_against_reference(self, pair: ReferenceRun) -> None:
         """Greedy: run on both (a failure says whether OLD held it). Sampled: the paired test."""
         __tracebackhide__ = True
         if self.spec.sample is None:

@@ -15,11 +15,11 @@ freed (``vs_reference``).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.checks.base import Check, CheckContext, CheckSpec, ReferenceRun, register_check
 from harness.judge.budgets import (
     BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
@@ -28,9 +28,6 @@ from harness.errors import CheckFailure
 from harness.measure import MIB, mib, parallel_conflict, parallel_note
 from harness.measure.footprint import MemoryFigures, Workload, measure_memory
 from harness.models.variants import VariantSpec
-
-if TYPE_CHECKING:
-    from harness.run.reference import ReferencePair
 
 
 class MemoryBudget(Budget):
@@ -126,7 +123,7 @@ class MemoryCheck(Check[MemorySpec]):
         problems, missing = self._judge(ctx, mine)
         self._finish(ctx, problems, missing)
 
-    def run_against_reference(self, pair: ReferencePair) -> None:
+    def run_against_reference(self, pair: ReferenceRun) -> None:
         """NEW's budgets as in a normal run, and NEW over OLD (same variant), each measured alone."""
         __tracebackhide__ = True
         variant = pair.new.variant

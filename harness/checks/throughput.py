@@ -15,11 +15,11 @@ variant, timed in this session on the same per-step clock (``vs_reference``).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.checks.base import Check, CheckContext, CheckSpec, register_check
+from harness.checks.base import Check, CheckContext, CheckSpec, ReferenceRun, register_check
 from harness.observe.prompts import assert_fits_context
 from harness.errors import CheckFailure
 from harness.judge.budgets import (
@@ -31,9 +31,6 @@ from harness.measure import (
     RoundTiming, Shape, ThroughputFigures, measure_throughput, parallel_conflict, throughput_inputs, timed_round,
 )
 from harness.models.variants import VariantSpec
-
-if TYPE_CHECKING:
-    from harness.run.reference import ReferencePair
 
 METRICS = {"decode": "decode_tokens_per_s", "prefill": "prefill_tokens_per_s"}
 
@@ -148,7 +145,7 @@ class ThroughputCheck(Check[ThroughputSpec]):
         problems, missing = self._judge(ctx, figures, timer)
         self._finish(ctx, problems, missing)
 
-    def run_against_reference(self, pair: ReferencePair) -> None:
+    def run_against_reference(self, pair: ReferenceRun) -> None:
         """NEW's floors as in a normal run, and NEW's tokens/s over OLD's (same variant, same clock)."""
         __tracebackhide__ = True
         spec = self.spec
