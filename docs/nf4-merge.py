@@ -44,7 +44,7 @@ def report(model_name: str | None) -> str:
     from harness.models.devices import pick_device
     from harness.observe.observation import observe_greedy
     from harness.models.pool import ModelPool
-    from harness.run.machine import library_versions
+    from harness.models.machine import library_versions
     from harness.models.quantized import MERGE_PATH_NAMES, MERGE_PATHS
     from harness.models.registry import load_registry
     from harness.models.sources import resolve

@@ -428,7 +428,7 @@ def test_savings_entries_say_what_they_compare(tmp_path: Path, entry: str, messa
 
 
 def test_budget_lookup_prefers_the_exact_device_class_of_the_model() -> None:
-    from harness.judge.budgets import budget_for, device_keys
+    from harness.checks.budgets import budget_for, device_keys
 
     assert device_keys("cuda-sm90") == ["cuda-sm90", "cuda", "any"]
     table = {"m": {"cuda": {"nf4": 1}, "cuda-sm90": {"nf4": 2}, "any": {"fp16": 3}}, "other": {"cpu": {"nf4": 4}}}

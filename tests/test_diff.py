@@ -144,7 +144,7 @@ def test_unusable_arguments_exit_2_with_one_actionable_line(tmp_path: Path, caps
 
 
 def test_a_difference_below_noise_is_named_but_not_called_a_change() -> None:
-    from harness.diff.localize import ModuleDiff
+    from harness.judge.localize import ModuleDiff
     from harness.diff.run import ModelDiff, PromptResult
     from harness.diff.weights import WeightsDiff
 

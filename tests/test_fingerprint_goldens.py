@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import add_noise, copy_model, gen_suite
-from harness.diff.fingerprints import (
+from harness.judge.fingerprints import (
     FINGERPRINT_VERSION, differences, fingerprint, fingerprint_noise, localize, recorded_noise, sidecar_fingerprint,
     sidecar_localization, with_noise,
 )
@@ -22,7 +22,7 @@ from harness.diff.fingerprints import (
 LAYER = 14
 SUITE = gen_suite(joke=4, capital=4)
 COUNTING = """
-import harness.diff.fingerprints as fp
+import harness.judge.fingerprints as fp
 
 calls = []
 original = fp.fingerprint

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from harness.run import machine
+from harness.models import machine
 from harness.golden.sidecars import provenance_lines, recorded_provenance
-from harness.run.machine import (
+from harness.models.machine import (
     DEQUANT_NATIVE, DEQUANT_TORCH, FIELDS, FUSED_KERNELS, FUSED_NATIVE, NOT_RECORDED, NUMERICS_KEY, REFERENCE_PACKED,
 )
 from harness.models.provenance import describe_changes
-from harness.run.machine import library_versions
+from harness.models.machine import library_versions
 from harness.report.markdown import Header, Side
 
 HERE = {"cpu": "AMD EPYC", "avx512f": False, "avx512_bf16": False, "amx": False, "torch_cpu_capability": "AVX2",
@@ -65,7 +65,7 @@ def test_threads_are_read_when_asked_not_when_first_described():
 
 def test_aten_cpu_capability_is_honoured_and_said():
     """torch dispatches to the kernels ATEN_CPU_CAPABILITY names; a run forced so says it."""
-    code = ("import json, torch; from harness.run import machine; "
+    code = ("import json, torch; from harness.models import machine; "
             "print(json.dumps([machine.torch_cpu_capability(), machine.describe({'torch_cpu_capability': "
             "machine.torch_cpu_capability(), 'aten_cpu_capability': __import__('os').environ['ATEN_CPU_CAPABILITY']})]))")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}

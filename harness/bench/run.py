@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace, *, synthetic: dict[str, Any] | None) -> dict[
     from harness.errors import HarnessError
     from harness.models.pool import VariantUnavailable
     from harness.models.provenance import adapter_fingerprint, model_fingerprint
-    from harness.run.machine import library_versions
+    from harness.models.machine import library_versions
     from harness.run.session import HarnessSession, Options
     from harness.models.variants import RUN_ORDER, VariantSpec
 

@@ -13,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.calibrate.conditions import Context, CrossDevice, default_envs, perturbations, regression_scores
+from harness.calibrate.conditions import default_envs, perturbations, regression_scores
+from harness.calibrate.context import Context, CrossDevice
 from harness.cli import golden_dirs
 from harness.judge.tolerance import tolerance_problem
 from harness.judge.noise import (
@@ -64,7 +65,7 @@ def run_calibration(args: argparse.Namespace) -> dict[str, Any]:
     from harness.models.devices import pick_device
     from harness.models.pool import ModelPool
     from harness.models.provenance import attn_implementation
-    from harness.run.machine import library_versions
+    from harness.models.machine import library_versions
     from harness.models.registry import check_attn_implementation, load_registry
     from harness.models.sources import resolve
     from harness.models.variants import parse_variants

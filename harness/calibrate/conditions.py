@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.calibrate.context import Context
 from harness.calibrate.worker import in_subprocess
 from harness.judge.noise import Item, Scored, forced, forced_batch, score_single_pass
 
@@ -35,27 +35,6 @@ def default_envs(device: Any) -> list[str]:
 
     capability = torch.backends.cpu.get_cpu_capability()
     return ["ATEN_CPU_CAPABILITY=avx2"] if capability.upper().startswith("AVX512") else []
-
-
-@dataclass
-class Context:
-    """What every condition needs: the resolved model, the device, the prompts and their paths."""
-
-    resolved: Any
-    device: Any
-    items: list[Item]
-    reference_attn: str | None
-    regressions: list[Any]
-    cross: CrossDevice | None = None
-
-
-@dataclass(frozen=True)
-class CrossDevice:
-    """``--golden-device``: whose goldens to score on this device, and where they are."""
-
-    root: Path
-    model: str
-    golden_class: str
 
 
 def perturbations(ctx: Context, pool: Any, variant: Any, paths: list[list[int]], conditions: list[str],

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from harness.judge.noise import Item, Scored, forced, paths_from_json, paths_to_json
 
 if TYPE_CHECKING:
-    from harness.calibrate.conditions import Context
+    from harness.calibrate.context import Context
 
 
 def in_subprocess(ctx: Context, variant: Any, paths: list[list[int]], setting: str) -> list[Scored]:

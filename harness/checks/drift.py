@@ -39,7 +39,7 @@ from harness.observe.prompts import (
     CHATS_HELP, ChatMessages, PromptText, assert_fits_context, encode_chat_or_why, encode_prompt, leave_out_refused,
 )
 from harness.errors import CheckFailure
-from harness.judge.budgets import (
+from harness.checks.budgets import (
     Budget, NoBudgetWarning, budget_for, missing_budget, nothing_judged, observation_key, validate_device_table,
     validate_model_table,
 )

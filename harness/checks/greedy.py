@@ -29,7 +29,7 @@ from harness.judge.compare import render_tokens
 from harness.judge.greedy import GoldenJudgement, describe
 from harness.judge.tolerance import DEFAULT_TOLERANCES, TOLERANCE_HELP, Tolerance, ToleranceSpec
 from harness.models.introspect import compute_dtype
-from harness.diff.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
+from harness.judge.fingerprints import fingerprint_noise, sidecar_fingerprint, sidecar_localization
 from harness.errors import CheckFailure, GoldenError
 from harness.golden import judged_record, meta_path
 from harness.golden.greedy_format import golden_record, parsed_golden

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.checks.base import Check, CheckContext, CheckSpec, ReferenceRun, register_check
-from harness.judge.budgets import (
+from harness.checks.budgets import (
     BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, ReferenceRun, register_check
 from harness.observe.prompts import assert_fits_context
 from harness.errors import CheckFailure
-from harness.judge.budgets import (
+from harness.checks.budgets import (
     BUDGETS_HELP, DEVICES_HELP, Budget, NoBudgetWarning, VariantComparison, budget_for, missing_budget, nothing_judged, observation_key,
     skip_unless_device, validate_budget_table, validate_device_list,
 )

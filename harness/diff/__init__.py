@@ -6,6 +6,6 @@
 
 from __future__ import annotations
 
-from harness.diff.fingerprints import fingerprint, localize
+from harness.judge.fingerprints import fingerprint, localize
 
 __all__ = ["fingerprint", "localize"]

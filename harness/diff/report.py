@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harness.diff.activations import layer_index
-from harness.diff.localize import DTYPE_FLOOR, FACTOR
+from harness.observe.activations import layer_index
+from harness.judge.localize import DTYPE_FLOOR, FACTOR
 from harness.diff.run import ModelDiff
 from harness.report.outputs import strict_json
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.diff.files import FileChange, diff_folders
-from harness.diff.localize import ModuleDiff, compare_modules, describe, first_change, merge_worst
+from harness.judge.localize import ModuleDiff, compare_modules, describe, first_change, merge_worst
 from harness.diff.prompts import SuitePrompt
 from harness.diff.weights import Side, WeightsDiff, diff_weights
 from harness.models.sources import ResolvedModel
@@ -146,7 +146,7 @@ def run_diff(old: DiffSide, new: DiffSide, *, prompts: list[SuitePrompt], device
 def _behaviour(result: ModelDiff, prompts: list[SuitePrompt], *, device: Any, quant: str, new_tokens: int,
                progress: Progress) -> None:
     from harness.measure.drift import DriftReference, compare_to_reference, reference_observation
-    from harness.diff.activations import capture
+    from harness.observe.activations import capture
     from harness.models.introspect import compute_dtype
     from harness.models.pool import ModelPool
     from harness.models.variants import VariantSpec
@@ -235,7 +235,7 @@ def _vocab_size(model: Any) -> int:
 
 def _noise(model: Any, sequences: Any, reference: list[dict[str, Any]]) -> tuple[list[dict[str, float]], str]:
     """Per prompt and module: how far OLD moves when only its attention kernel changes."""
-    from harness.diff.activations import capture, relative_difference
+    from harness.observe.activations import capture, relative_difference
     from harness.models.introspect import KernelSwitchError, other_attention
     from harness.judge.noise import finite_or_zero
 

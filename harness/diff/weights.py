@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.diff.activations import layer_index
+from harness.observe.activations import layer_index
 
 
 @dataclass(frozen=True)

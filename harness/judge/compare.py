@@ -21,7 +21,7 @@ Rules of ``compare``:
   judged the same way;
 - a sequence that stops earlier or later than the golden diverges at that step.
 
-Over 400 lines on purpose: ``compare`` and ``compare_distributions`` share one ``_Judged``
+It is over 400 lines because ``compare`` and ``compare_distributions`` share one ``_Judged``
 accumulator and the same reason writers (tolerance, margin shift, flip budget), so splitting
 them would export those private helpers across modules; the verdict and message types
 (``Verdict``, ``AcceptedTie``, ``Sides``) are small and used with the engine. What did separate,

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from harness.run.machine import NUMERICS_KEY, numerics_changes
+from harness.models.machine import NUMERICS_KEY, numerics_changes
 from harness.models.sources import cache_dir
 
 TOKENIZER_FILES = (

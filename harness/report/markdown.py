@@ -15,7 +15,7 @@ from typing import Any
 from harness.models.variants import RUN_ORDER
 from harness.report.display import relative_paths
 from harness.report.record import Outcome, SessionRecord, forgiveness_counts, goldens_recorded
-from harness.run.machine import NUMERICS_KEY, describe, expand_groups, markdown_lines, summary_lines
+from harness.models.machine import NUMERICS_KEY, describe, expand_groups, markdown_lines, summary_lines
 from harness.run.session import HarnessSession
 
 # Said once in the terminal summary and once in the report of a --one-pass-goldens session.
@@ -42,7 +42,7 @@ class Header:
     """Who was tested where; ``reference`` is OLD in reference mode (the report then reads NEW vs OLD).
 
     ``recorded``: what the sidecars of the goldens the run compared with recorded (device, attention
-    kernel, versions, numerics), grouped with a count each (``harness.run.machine.recorded_groups``).
+    kernel, versions, numerics), grouped with a count each (``harness.models.machine.recorded_groups``).
     """
 
     model: Side

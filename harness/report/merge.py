@@ -264,7 +264,7 @@ def gate_rule(shards: list[ShardResult]) -> bool:
 
 
 def _markdown(merged: Merged) -> str:
-    from harness.run.machine import shard_note
+    from harness.models.machine import shard_note
     from harness.report.markdown import Header, Side, render_markdown
 
     headers = [s.data.get("header") for s in merged.shards if s.data.get("header")]

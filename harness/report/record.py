@@ -135,7 +135,7 @@ def goldens_recorded(state: HarnessSession, record: SessionRecord) -> list[dict[
     if state.options.reference is not None or not record.goldens_used:
         return []
     from harness.golden.sidecars import recorded_provenance
-    from harness.run.machine import recorded_groups
+    from harness.models.machine import recorded_groups
 
     return recorded_groups(recorded_provenance(Path(p) for p in record.goldens_used))
 

@@ -14,7 +14,7 @@ from harness.models.variants import RUN_ORDER
 from harness.report.display import shown_path
 from harness.report.markdown import ONE_PASS_LABEL
 from harness.report.record import SessionRecord, forgiveness_counts, goldens_recorded, pool_loads
-from harness.run.machine import expand_groups, summary_lines
+from harness.models.machine import expand_groups, summary_lines
 from harness.run.session import HarnessSession
 from harness.run.threads import summary_line
 

@@ -223,7 +223,7 @@ class HarnessSession:
 
     def provenance(self, *, reference: bool = False) -> dict[str, Any]:
         """Where the model (or, with ``reference``, OLD in reference mode) comes from, for sidecars and reports."""
-        from harness.run.machine import NUMERICS_KEY
+        from harness.models.machine import NUMERICS_KEY
         from harness.models.provenance import (
             adapter_fingerprint, attn_implementation, library_versions, model_fingerprint, tokenizer_fingerprint,
         )
@@ -247,7 +247,7 @@ class HarnessSession:
     def numerics(self) -> dict[str, Any]:
         """This machine's numerics as the model sees them: an xdist controller, which loads no model, takes a
         worker's (the CPU is the same, the threads are the worker's) rather than importing bitsandbytes."""
-        from harness.run.machine import numerics
+        from harness.models.machine import numerics
 
         return self.worker_numerics if self.worker_numerics is not None else numerics(self.device.klass.split("-")[0])
 

@@ -8,7 +8,7 @@ module's NEW-vs-OLD difference counts as a change only above
 ``max(FACTOR * noise at that module, dtype floor)``; the floor covers modules where
 the two kernels agree exactly (the embedding, the first norm).
 
-The same module names serve a golden-only localization (``harness.diff.fingerprints``).
+The same module names serve a golden-only localization (``harness.judge.fingerprints``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from harness.diff.activations import layer_index, module_kind
+from harness.observe.activations import layer_index, module_kind
 
 FACTOR = 5.0
 # Relative differences below these are rounding of the compute dtype, whatever the kernel.
@@ -51,7 +51,7 @@ def threshold(noise: float, dtype: str) -> float:
 def compare_modules(expected: dict[str, Any], actual: dict[str, Any], noise: dict[str, float],
                     dtype: str) -> list[ModuleDiff]:
     """Per module (in the expected run's execution order): relative difference vs its threshold."""
-    from harness.diff.activations import relative_difference
+    from harness.observe.activations import relative_difference
 
     rows: list[ModuleDiff] = []
     for name, tensor in expected.items():

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.diff.activations import capture, layer_index
+from harness.observe.activations import capture, layer_index
 from harness.judge.tolerance import CROSS_DEVICE_FACTOR
 
 FINGERPRINT_VERSION = 3
@@ -224,7 +224,7 @@ def differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[tuple[
 
 def localize(fp_expected: dict[str, Any], fp_actual: dict[str, Any], rule: NoiseRule) -> str:
     """"behaviour first changes at layer 14 (mlp) ...", "before layer 0: ..." or "no change ..."."""
-    from harness.diff.localize import describe
+    from harness.judge.localize import describe
 
     if fp_expected.get("ids_sha256") != fp_actual.get("ids_sha256"):
         return "before layer 0: the tokenizer (the prompt encodes to different token ids)"

@@ -342,7 +342,7 @@ def shard_note(headers: list[tuple[int, dict[str, Any]]]) -> list[str]:
 
 
 def main() -> None:
-    """``python -m harness.run.machine``: this machine's numerics and libraries, as Markdown (a CI step summary)."""
+    """``python -m harness.models.machine``: this machine's numerics and libraries, as Markdown (a CI step summary)."""
     values = numerics("cpu")
     print("### Where this ran")
     print("")
