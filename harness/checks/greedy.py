@@ -311,16 +311,3 @@ def refuse_nonfinite(observed: Observation, subject: str) -> None:
             "no golden was recorded: NaN never becomes a reference. Fix the model (fp16 overflow, a broken "
             "kernel or attention mask), then record again."
         )
-
-
-def generate_greedy(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], Any]:
-    """Greedy decoding until eos or ``max_new_tokens``; returns new ids and per-step logits."""
-    import torch
-
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], device=device)
-    out = greedy_generate(model, tokenizer, input_ids, torch.ones_like(input_ids), max_new_tokens,
-                          return_dict_in_generate=True, output_logits=True)
-    new_ids = out.sequences[0, len(prompt_ids):].tolist()
-    logits = torch.stack([step[0].float().cpu() for step in out.logits]) if out.logits else None
-    return new_ids, logits
