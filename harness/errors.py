@@ -32,7 +32,8 @@ class SuiteError(HarnessError):
             text += f"{self.key}: "
         text += self.message.rstrip(".") + "."
         if self.hint:
-            text += f" Fix: {self.hint.rstrip('.')}."
+            hint = self.hint.rstrip(".")
+            text += f" Fix: {hint}" + ("" if hint.endswith("?") else ".")
         return text
 
     def __str__(self) -> str:

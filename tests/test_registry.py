@@ -23,7 +23,7 @@ def _load(tmp_path: Path, body: str) -> str:
 
 def test_misspelled_key_gets_did_you_mean(tmp_path):
     message = _load(tmp_path, HEAD + "    hub: org/m\n    revison: main\n")
-    assert message == f"{tmp_path}/models.yaml:5: models.m.revison: unknown key. Fix: did you mean 'revision'?."
+    assert message == f"{tmp_path}/models.yaml:5: models.m.revison: unknown key. Fix: did you mean 'revision'?"
 
 
 def test_revision_read_as_octal_number_is_reported_with_the_text_written(tmp_path):

@@ -186,7 +186,7 @@ def _cross_device(args: argparse.Namespace, resolved: Any, device: Any) -> Cross
 def _measure_cross_device(ctx: Context, pool: Any, variant: Any, same: list[Noise], *,
                           safety: float) -> dict[str, Any]:
     """The other class's goldens scored by this variant here, and the factors against ``same``."""
-    from harness.judge.compare import NoiseModel
+    from harness.judge.tolerance import NoiseModel
     from harness.calibrate.crossdevice import factors, golden_paths, score_goldens, verdicts
     from harness.judge.tolerance import builtin_tolerances
 
@@ -220,7 +220,7 @@ def _summary(noise: Noise) -> str:
 def _tolerances(rec: Recommendation, variant_key: str, *, half: str) -> dict[str, Any]:
     """The recommended tolerance and the engine's built-in default (for a model running in ``half``), to judge
     conditions against."""
-    from harness.judge.compare import NoiseModel, Tolerance
+    from harness.judge.tolerance import NoiseModel, Tolerance
     from harness.judge.tolerance import builtin_tolerances
 
     return {"recommended": Tolerance(**rec.as_tolerance(), source="recommended"),

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from harness.checks.base import Check, CheckContext, CheckSpec, register_check
 from harness.observe.prompts import (
     IF_NO_CHAT_TEMPLATE_HELP, MESSAGES_HELP, PROMPT_HELP, ChatMessages, PromptText, assert_fits_context,
-    encode_or_skip, greedy_generate,
+    encode_or_skip,
 )
 from harness.judge import path_noise
 from harness.judge.allowance import (

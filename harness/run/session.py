@@ -223,9 +223,9 @@ class HarnessSession:
 
     def provenance(self, *, reference: bool = False) -> dict[str, Any]:
         """Where the model (or, with ``reference``, OLD in reference mode) comes from, for sidecars and reports."""
-        from harness.models.machine import NUMERICS_KEY
+        from harness.models.machine import NUMERICS_KEY, library_versions
         from harness.models.provenance import (
-            adapter_fingerprint, attn_implementation, library_versions, model_fingerprint, tokenizer_fingerprint,
+            adapter_fingerprint, attn_implementation, model_fingerprint, tokenizer_fingerprint,
         )
 
         resolved = self.resolve_reference() if reference else self.resolve()
