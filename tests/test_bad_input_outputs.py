@@ -24,7 +24,7 @@ from harness.report.outputs import (
 HARNESS_READS = {  # options of the harness group that name no output (models, registries, selections, modes)
     "--model", "--reference", "--registry", "--variants", "--adapter", "--device", "--attn-implementation",
     "--device-map", "--max-memory", "--golden-dir", "--golden-device", "--allow-cross-device-in-ci", "--shard",
-    "--one-pass-goldens", "--allow-update-in-ci",
+    "--one-pass-goldens", "--allow-update-in-ci", "--reference-adapter",
 }
 HARNESS_OWN_RULE = {"--harness-obtained"}  # stricter: may not contain the golden folder either (golden.overlap_problem)
 PYTEST_WRITERS = {**PYTEST_OUTPUTS, **PYTEST_PREFIX_OUTPUTS, **PYTEST_ERASED_OUTPUTS}

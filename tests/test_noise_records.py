@@ -200,7 +200,7 @@ def test_the_environment_names_the_4bit_kernel_bitsandbytes_picks_on_this_cpu():
     elsewhere: the sidecar says which, and a changed kernel is named when a golden fails."""
     import torch
 
-    from harness.checks import greedy
+    from harness.judge import greedy
     from harness.judge.path_noise import nf4_cpu_kernel
 
     class Layer4bit(torch.nn.Linear):
