@@ -1,7 +1,7 @@
 """Bad input, checks: every kind validates its prompts, chats and parameters at collection; an assertion that
 cannot fail (or cannot pass) is a suite error; numbers follow one rule; a check that cannot judge is never green.
 
-Issue 18's examples are marked "example"; the other cases are invented ones of the same classes.
+Examples found by trying the harness from outside are marked "example"; the other cases are invented ones of the same classes.
 """
 
 from __future__ import annotations

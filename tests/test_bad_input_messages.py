@@ -1,6 +1,6 @@
 """Bad input, messages: each names what is actually wrong (the adapter, the variable, the option given).
 
-Issue 18's examples are marked "example"; the other cases are invented ones of the same classes.
+Examples found by trying the harness from outside are marked "example"; the other cases are invented ones of the same classes.
 YAML merge keys, ``defaults: {id: ...}`` and orphan sidecars are in test_bad_input_checks.py and
 test_bad_input_writers.py.
 """

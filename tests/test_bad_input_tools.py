@@ -3,7 +3,7 @@ one paragraph, nothing prints a traceback, exit codes mean what the README says,
 
 Exit codes (harness/cli.py, README "Exit codes"): 0 done, 1 the tool's negative finding (diff: changed;
 calibrate: no tolerance could be recommended; bench: a variant failed to load), 2 nothing could be done,
-3 an unexpected error inside the harness, 130 interrupted. Issue 18's examples are marked "example".
+3 an unexpected error inside the harness, 130 interrupted. Examples found by trying the harness from outside are marked "example".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bad input, writers: nothing but ``--snapshot-update`` writes into the golden folder, one suite file owns a
 suite name's goldens across runs, and a gate run does not judge against a golden its sidecar does not vouch for.
 
-Issue 18's examples are marked "example"; the other cases are invented ones of the same classes.
+Examples found by trying the harness from outside are marked "example"; the other cases are invented ones of the same classes.
 """
 
 from __future__ import annotations
