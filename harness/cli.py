@@ -45,6 +45,16 @@ class ToolParser(argparse.ArgumentParser):
         self.exit(EXIT_UNUSABLE, f"{self.prog}: {message.rstrip('.')}. Nothing was run. Fix: see {self.prog} --help.\n")
 
 
+def progress(prog: str) -> Callable[[str], None]:
+    """The tool's progress printer: one line on stderr, named by the tool, so a long run is readable
+    and stdout (or the report file) stays the tool's output alone."""
+
+    def say(line: str) -> None:
+        print(f"{prog}: {line}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def run_tool(prog: str, body: Callable[[], int]) -> int:
     """Run a tool's body; whatever escapes it becomes one paragraph on stderr and an exit code."""
     try:

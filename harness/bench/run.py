@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from harness.cli import (
     EXIT_FINDING, EXIT_OK, ToolParser, check_adapter, check_out_folder, check_registry, check_variants,
-    golden_dir_argument, golden_dirs, run_tool, some_text, whole_number,
+    golden_dir_argument, golden_dirs, progress, run_tool, some_text, whole_number,
 )
 from harness.bench.report import render_markdown, write_outputs
 from harness.measure import (
@@ -45,6 +44,8 @@ DEFAULT_PROMPTS = [
     "Three tips for staying healthy are",
 ]
 DRIFT_KEY = "bench:drift-reference"
+
+_say = progress("harness-bench")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,16 +137,12 @@ def _main(args: argparse.Namespace) -> int:
     report = run_bench(args)
     write_outputs(report, out)
     print(render_markdown(report))
-    print(f"harness-bench: wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'memory.png'}", file=sys.stderr)
+    _say(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'memory.png'}")
     failed = [row["variant"] for row in report["variants"] if row.get("status") == "failed"]
     if failed:
-        print(f"harness-bench: {', '.join(failed)} failed to load: the report is incomplete", file=sys.stderr)
+        _say(f"{', '.join(failed)} failed to load: the report is incomplete")
         return EXIT_FINDING
     return EXIT_OK
-
-
-def _say(line: str) -> None:
-    print(f"harness-bench: {line}", file=sys.stderr, flush=True)
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:

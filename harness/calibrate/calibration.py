@@ -8,23 +8,20 @@ The result is one plain dictionary (``calibration.json``), so rendering never re
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from harness.calibrate.conditions import default_envs, perturbations, regression_scores
 from harness.calibrate.context import Context, CrossDevice
-from harness.cli import golden_dirs
+from harness.cli import golden_dirs, progress
 from harness.judge.tolerance import tolerance_problem
 from harness.judge.noise import (
     FLOORS, Item, Noise, Recommendation, Scored, measure, recommend, reference_paths, smallest_margins,
 )
 
-
-def say(line: str) -> None:
-    """Progress on stderr, one line each, so a long run is readable and stdout stays the report."""
-    print(f"harness-calibrate: {line}", file=sys.stderr, flush=True)
+say = progress("harness-calibrate")
+"""Progress on stderr, one line each (the calibration's steps are long)."""
 
 
 def suite_items(paths: list[str], tokenizer: Any, *, max_new_tokens: int | None, max_prompts: int | None) -> list[Item]:

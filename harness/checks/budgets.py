@@ -144,7 +144,7 @@ def validate_device_table(table: Any, *, where: str) -> Any:
     for device_key, per_variant in table.items():
         device_key = str(device_key)
         if not re.fullmatch(DEVICE_KEY_PATTERN, device_key):
-            hint = f" (variants go one level down: {{cpu: {{nf4: {{...}}}}}})" if device_key in ALL_KEYS else ""
+            hint = " (variants go one level down: {cpu: {nf4: {...}}})" if device_key in ALL_KEYS else ""
             raise ValueError(
                 f"{where}: {device_key!r} is not a device class; use cpu, cuda, cuda-smXY "
                 f"(e.g. cuda-sm90, as the report header shows) or any{hint}"

@@ -16,9 +16,11 @@ from harness.errors import HarnessError
 
 from harness.cli import (
     EXIT_FINDING, EXIT_OK, ToolParser, check_out_folder, check_registry, golden_dir_argument, golden_dirs, run_tool,
-    whole_number,
+    progress, whole_number,
 )
 from harness.diff.run import DiffSide
+
+_say = progress("harness-diff")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,10 +79,6 @@ def _main(args: argparse.Namespace) -> int:
         print(line)
     _say("wrote " + ", ".join(str(p) for p in written))
     return EXIT_OK if diff.unchanged else EXIT_FINDING
-
-
-def _say(line: str) -> None:
-    print(f"harness-diff: {line}", file=sys.stderr, flush=True)
 
 
 def _registry(path: Path):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Field, create_model
-from pydantic.json_schema import GenerateJsonSchema, NoDefault
+from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
 from harness.checks import CheckSpec, get_check, known_kinds
