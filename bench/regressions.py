@@ -30,7 +30,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs"))
 
-OUTCOME = re.compile(r"^(FAILED|ERROR) \S+?\[(?P<variant>[\w-]+)\]")
+OUTCOME = re.compile(r"^(?P<outcome>FAILED|ERROR) (?P<node>\S+?)(\[(?P<variant>[\w-]+)\])?( - |$)")
+MODEL_LEVEL = "model"  # an item without a variant (tokenizer, chat template)
+
+
+def count_outcomes(stdout: str) -> tuple[Counter[str], Counter[str]]:
+    """Failed and errored items per variant, from pytest's short summary (``-rfE``)."""
+    failed: Counter[str] = Counter()
+    errored: Counter[str] = Counter()
+    for line in stdout.splitlines():
+        match = OUTCOME.match(line)
+        if match:
+            counts = failed if match.group("outcome") == "FAILED" else errored
+            counts[match.group("variant") or MODEL_LEVEL] += 1
+    return failed, errored
 
 
 def _run(suite: str, registry: Path, variants: str) -> tuple[Counter[str], Counter[str], str, float]:
@@ -40,12 +53,7 @@ def _run(suite: str, registry: Path, variants: str) -> tuple[Counter[str], Count
                            "--registry", str(registry), "--golden-dir", str(REPO / "golden"),
                            "--variants", variants], cwd=REPO, text=True, capture_output=True)
     seconds = time.perf_counter() - start
-    failed: Counter[str] = Counter()
-    errored: Counter[str] = Counter()
-    for line in done.stdout.splitlines():
-        match = OUTCOME.match(line)
-        if match:
-            (failed if match.group(1) == "FAILED" else errored)[match.group("variant")] += 1
+    failed, errored = count_outcomes(done.stdout)
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr.strip()[-300:]
     return failed, errored, last, seconds
 
@@ -75,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             registry.write_text(json.dumps({"default": name, "models": {name: {
                 **settings, "path": str(changed_model), "adapter": str(changed_adapter or adapter)}}}))
             failed, errored, last, seconds = _run(args.suite, registry, variants)
-            cells = " / ".join(f"{failed[v]}" + (f" (+{errored[v]} errored)" if errored[v] else "")
-                               for v in variants.split(","))
+            columns = variants.split(",") + [MODEL_LEVEL] * bool(failed[MODEL_LEVEL] or errored[MODEL_LEVEL])
+            cells = " / ".join(f"{failed[v]}" + (f" (+{errored[v]} errored)" if errored[v] else "") for v in columns)
             rows.append(f"| {regression.kind}:{regression.value:g} | {variants} | {cells} | {seconds:.0f} s | {last} |")
             print(rows[-1], flush=True)
     print("\n| regression | variants | items failed (in the variants' order) | wall | pytest |\n|---|---|---|---|---|")
