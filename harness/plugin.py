@@ -40,8 +40,12 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "harness: an item generated from a YAML suite")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with a reason where none is")
-    # noise from dependencies' imports (torch.jit in bitsandbytes/peft), not from the model under test
+    # set on every item for `-n N --dist loadgroup`; pytest-xdist registers it only where it is installed
+    config.addinivalue_line("markers", "xdist_group(name): items pytest-xdist keeps on one worker (one load a variant)")
+    # noise from dependencies, not from the model under test: torch.jit in bitsandbytes/peft's imports;
+    # peft asking a transformers 5 model `is_gradient_checkpointing` whenever it wraps one in an adapter
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
     config.stash[SESSION_KEY] = HarnessSession(options_from_config(config))
     config.stash[_RECORD] = SessionRecord()
     config.pluginmanager.register(_Recorder(config.stash[_RECORD], config.stash[SESSION_KEY]), "harness-recorder")

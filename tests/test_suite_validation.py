@@ -177,3 +177,12 @@ def test_items_are_named_by_check_and_variant_and_report_the_yaml_line(project):
     result.stdout.fnmatch_lines(["suites/good.yaml::capital[[]fp16[]]", "suites/good.yaml::capital[[]nf4[]]"])
     selected = project.run("--variants", "fp16,nf4", "--collect-only", "-q", "-k", "nf4")
     selected.stdout.fnmatch_lines(["suites/good.yaml::capital[[]nf4[]]", "*1/2 tests collected (1 deselected)*"])
+
+
+def test_items_carry_no_unknown_mark_without_pytest_xdist(project):
+    """The main job installs no pytest-xdist; the load-group mark every item carries is still a known one."""
+    project.suite("good", GOOD)
+    result = project.run("--variants", "fp16", "--collect-only", "-q", "-p", "no:xdist",
+                         "-W", "error::pytest.PytestUnknownMarkWarning")
+    assert result.ret == 0, result.stdout.str()
+    assert "PytestUnknownMarkWarning" not in result.stdout.str()
