@@ -3,7 +3,7 @@
 ``harness-calibrate --regressions`` scores regressions against the noise it measures; this runs
 each one through the real thing a user runs, ``pytest SUITE`` with the gate's default rule (one
 pass, and a real decode wherever the pass does not decide), against ``golden/``. Each regression
-is a modified copy of the registry's default model or of its adapter
+is a modified copy of the registry's default model or of its registry adapter
 (``harness.calibrate.regressions``), loaded under the default model's registry name so its goldens
 are the ones compared. A row says how many items failed per variant, and any that errored (an
 error is not a verdict: it is listed, never counted as caught).
@@ -28,7 +28,6 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "docs"))
 
 OUTCOME = re.compile(r"^(?P<outcome>FAILED|ERROR) (?P<node>\S+?)(\[(?P<variant>[\w-]+)\])?( - |$)")
 MODEL_LEVEL = "model"  # an item without a variant (tokenizer, chat template)
@@ -67,11 +66,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: fp16-lora,nf4-lora for adapter regressions, all four otherwise")
     args = parser.parse_args(argv)
 
+    sys.path.insert(0, str(REPO / "docs"))
     from generate import default_model
     from harness.calibrate.regressions import apply, parse
+    from harness.models.registry import load_registry
+    from harness.models.sources import adapter_folder
 
     name, model, settings = default_model()
-    adapter = REPO / "fixtures" / "adapters" / "smollm2-135m-pirate"
+    adapter = adapter_folder(None, load_registry(REPO / "models.yaml").models[name].adapter, REPO)
     rows = []
     with tempfile.TemporaryDirectory(prefix="harness-regressions-") as tmp:
         for regression in parse(args.regressions):
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / f"{regression.kind}-{regression.value}"
             changed_model, changed_adapter = apply(regression, model=model, adapter=adapter, workdir=work)
             registry = work / "models.yaml"
-            registry.write_text(json.dumps({"default": name, "models": {name: {
-                **settings, "path": str(changed_model), "adapter": str(changed_adapter or adapter)}}}))
+            entry = {**settings, "path": str(changed_model)}
+            if changed_adapter or adapter:
+                entry["adapter"] = str(changed_adapter or adapter)
+            registry.write_text(json.dumps({"default": name, "models": {name: entry}}))
             failed, errored, last, seconds = _run(args.suite, registry, variants)
             columns = variants.split(",") + [MODEL_LEVEL] * bool(failed[MODEL_LEVEL] or errored[MODEL_LEVEL])
             cells = " / ".join(f"{failed[v]}" + (f" (+{errored[v]} errored)" if errored[v] else "") for v in columns)

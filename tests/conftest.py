@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -245,6 +246,15 @@ def add_noise(name: str, scale: float, *, seed: int = 0) -> Callable[[dict[str, 
         tensors[name] = (weight.float() + noise * scale).to(weight.dtype)
 
     return edit
+
+
+def bench_module(name: str) -> Any:
+    """A script of ``bench/`` imported as a module (``bench/`` is no package: its scripts run by path)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass or pickle inside the script looks its module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def suite_error(folder: Path, text: str, *, name: str = "bad.yaml") -> str:

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from conftest import bench_module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bare():
-    spec = importlib.util.spec_from_file_location("bare_greedy", REPO / "bench" / "bare_greedy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_bare_script_generates_what_the_greedy_checks_of_the_suite_declare():
-    checks = _bare().greedy_checks(REPO / "suites" / "generation.yaml")
+    checks = bench_module("bare_greedy").greedy_checks(REPO / "suites" / "generation.yaml")
     by_id = {c["id"]: c for c in checks}
     assert "generation-settings" not in by_id  # a generation_config check decodes nothing
     assert by_id["chicken-joke"]["max_new_tokens"] == 40

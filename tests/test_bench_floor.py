@@ -5,22 +5,11 @@ The behaviour does not depend on a trained model: a tiny random Llama stands in.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import bench_module
 
 
 @pytest.fixture()
@@ -37,7 +26,7 @@ def test_the_log_counts_a_wrapped_model_once_with_its_shape_and_kind(tiny, tmp_p
     import torch
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-    log = _module("forward_log")
+    log = bench_module("forward_log")
     out = (tmp_path / "log.jsonl").open("w")
     log._STATE.update(item="suite::check[fp16]", depth=0, out=out)
 
@@ -65,7 +54,7 @@ def test_the_log_counts_a_wrapped_model_once_with_its_shape_and_kind(tiny, tmp_p
     assert {r["kind"] for r in rows} == {"float32"}
     assert rows[0]["item"] == "suite::check[fp16]" and rows[0]["seconds"] > 0
 
-    floor = _module("forward_floor")
+    floor = bench_module("forward_floor")
     summary = floor.summarize(rows + [{"item": "x", "kind": "nf4", "shape": [1, 1], "seconds": 0.5}])
     assert summary["float32"]["forwards"] == 2 and summary["float32"]["tokens"] == 17
     assert summary["nf4"] == {"forwards": 1, "tokens": 1, "seconds": 0.5}
@@ -78,12 +67,12 @@ def test_the_fit_recovers_a_per_forward_and_a_per_token_cost():
         def __call__(self, input_ids, attention_mask):
             time.sleep(0.020 + 0.001 * input_ids.shape[1])
 
-    per_forward, per_token = _module("forward_floor").fit(Timed(), lengths=(1, 8, 32), repeats=1)
+    per_forward, per_token = bench_module("forward_floor").fit(Timed(), lengths=(1, 8, 32), repeats=1)
     assert per_forward == pytest.approx(0.020, abs=0.006)
     assert per_token == pytest.approx(0.001, abs=0.0003)
 
 
 def test_the_fit_never_gives_a_negative_cost(tiny):
-    per_forward, per_token = _module("forward_floor").fit(tiny, lengths=(1, 8, 32), repeats=1)
+    per_forward, per_token = bench_module("forward_floor").fit(tiny, lengths=(1, 8, 32), repeats=1)
     assert per_forward >= 0 and per_token >= 0
     assert per_forward + 32 * per_token < 1.0  # a 2-layer model of width 16

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 SUMMARY = """\
 =========================== short test summary info ============================
@@ -19,15 +16,8 @@ PASSED suites/generation.yaml::multi-turn[fp16-lora]
 """
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_regressions", REPO / "bench" / "regressions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_failures_and_errors_are_counted_apart_per_variant():
-    bench = _bench()
+    bench = bench_module("regressions")
     failed, errored = bench.count_outcomes(SUMMARY)
     assert failed == {"fp16-lora": 1, "nf4-lora": 2, bench.MODEL_LEVEL: 1}
     assert errored == {"nf4-lora": 1}
